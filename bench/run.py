@@ -1,0 +1,43 @@
+"""Run benchmarks by name and save each result to ``bench/results/<file>.json``.
+
+    python -m bench.run basics            # phase 01: copy bandwidth, launch overhead
+    python -m bench.run all
+    python -m bench.run basics --out DIR  # e.g. $OUT on the device machine
+
+Needs a GPU: on a CPU machine the kernels would run in the simulator and the figures would mean nothing.
+"""
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import kernels  # noqa: F401  -- choose numba's backend before anything imports numba
+
+from bench._harness import RESULTS, save
+
+BENCHMARKS = {"basics": ("bench.basics", "01_basics")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run minivllm benchmarks on the GPU.")
+    parser.add_argument("names", nargs="+", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench.run: no GPU here; run it on the GPU machine (results from the simulator mean nothing)")
+        return 2
+    names = list(BENCHMARKS) if "all" in args.names else args.names
+    for name in names:
+        module, file = BENCHMARKS[name]
+        print(f"== {name}")
+        data = importlib.import_module(module).run()
+        print(f"saved {save(file, data, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""One place that decides where a kernel call runs, and launches it there.
+
+A launcher in ``kernels/*.py`` asks :func:`resolve_backend` where to go:
+
+==============  ==================================================================================
+``"gpu"``       CUDA tensors: the numba kernel on the GPU, on torch's current stream (so a
+                ``torch.cuda.CUDAGraph`` capture records it).
+``"simulator"`` CPU tensors while numba's CUDA simulator is on (tests, notebooks without a GPU):
+                the same kernel source, run thread by thread in Python. Slow: keep shapes tiny.
+``"torch"``     the PyTorch reference: CPU tensors without the simulator, or on request.
+==============  ==================================================================================
+
+:func:`launch` then converts torch tensors to numba arrays without copying and starts the kernel.
+On the GPU the conversions and launch configurations are cached: wrapping a tensor costs ~100 µs,
+a cached view ~1 µs (measured on the H200; see bench/results/01_basics.json).
+"""
+
+from collections import OrderedDict
+from typing import Literal
+
+import torch
+
+from kernels._env import simulator_enabled
+
+Backend = Literal["gpu", "simulator", "torch"]
+BACKEND_CHOICES = ("auto", "numba", "torch")
+
+_VIEW_CACHE_SIZE = 1024
+_views: OrderedDict = OrderedDict()
+_streams: dict[int, object] = {}
+_configs: dict[tuple, object] = {}
+
+
+def resolve_backend(backend: str = "auto", *tensors: torch.Tensor) -> Backend:
+    """Where a call on ``tensors`` runs. ``backend`` is ``"auto"``, ``"numba"`` or ``"torch"``.
+
+    ``"numba"`` insists on the numba kernel (GPU or simulator) and raises if neither can run it.
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop() if devices else torch.device("cpu")
+    if backend == "torch":
+        return "torch"
+    if device.type == "cuda":
+        if simulator_enabled():
+            raise RuntimeError("CUDA tensors were passed while numba's CUDA simulator is on")
+        return "gpu"
+    if device.type != "cpu":
+        raise ValueError(f"unsupported device {device}: kernels take CUDA or CPU tensors")
+    if simulator_enabled():
+        return "simulator"
+    if backend == "numba":
+        raise RuntimeError(
+            "numba kernels on CPU tensors need the CUDA simulator: set NUMBA_ENABLE_CUDASIM=1 "
+            "before numba is imported (importing `kernels` first does this when no GPU is present)"
+        )
+    return "torch"
+
+
+def host_array(t: torch.Tensor):
+    """A numpy view of a CPU tensor (no copy), as the simulator wants it. bf16 via ml_dtypes."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def device_array(t: torch.Tensor):
+    """A numba device-array view of a CUDA tensor (no copy), cached by pointer, shape, stride, dtype.
+
+    The view does not keep the tensor alive (``owner=None``): an entry can only be found again
+    through a live tensor with the same pointer and layout, which is then the same memory.
+    """
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device.index)
+    view = _views.get(key)
+    if view is None:
+        from numba import cuda
+
+        view = cuda.from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
+        _views[key] = view
+        if len(_views) > _VIEW_CACHE_SIZE:
+            _views.popitem(last=False)
+    return view
+
+
+def current_stream():
+    """torch's current CUDA stream as a numba stream (cached by handle)."""
+    handle = torch.cuda.current_stream().cuda_stream
+    stream = _streams.get(handle)
+    if stream is None:
+        from numba import cuda
+
+        stream = _streams[handle] = cuda.external_stream(handle)
+    return stream
+
+
+def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) -> None:
+    """Launch ``kernel[grid, block]`` on ``args``; torch tensors are converted for the backend."""
+    grid = grid if isinstance(grid, tuple) else (int(grid),)
+    block = block if isinstance(block, tuple) else (int(block),)
+    if backend == "gpu":
+        stream = current_stream()
+        key = (kernel, grid, block, stream.handle.value, shared_mem)
+        configured = _configs.get(key)
+        if configured is None:
+            configured = _configs[key] = kernel[grid, block, stream, shared_mem]
+        configured(*[device_array(a) if isinstance(a, torch.Tensor) else a for a in args])
+    elif backend == "simulator":
+        from kernels import _simulator
+
+        _simulator.install()
+        kernel[grid, block, 0, shared_mem](*[host_array(a) if isinstance(a, torch.Tensor) else a for a in args])
+    else:
+        raise ValueError(f"launch() runs numba kernels; backend {backend!r} has no kernel to launch")
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: how many blocks of ``b`` cover ``a``."""
+    return -(-a // b)

@@ -1,0 +1,75 @@
+"""Warp intrinsics for numba's CUDA simulator.
+
+The simulator runs each CUDA thread of a block as a Python thread, but it has no ``shfl_*_sync``,
+``syncwarp`` or ``activemask``. This module adds them to its fake ``cuda`` module, built on the block
+barrier the simulator already has: every thread writes its value to a mailbox, waits at the barrier,
+reads the value of its source lane, and waits again so the next exchange cannot overwrite a value
+not yet read.
+
+Limit (documented in notebook 01): inside a simulated kernel, **every thread of the block** must make
+the same warp calls in the same order, as in the full-warp reductions our kernels use. On a GPU,
+only the threads of one warp take part; a kernel that relies on that difference would deadlock here.
+"""
+
+import threading
+
+_FULL_MASK = 0xFFFFFFFF
+
+
+def _exchange(module, value, source_lane) -> object:
+    """Publish ``value`` for this thread, then return what lane ``source_lane(lane)`` published."""
+    me = threading.current_thread()
+    box = module.__dict__.setdefault("_warp_mailbox", {})
+    lane = me.thread_id % 32
+    base = me.thread_id - lane
+    box[me.thread_id] = value
+    me.syncthreads()
+    src = source_lane(lane)
+    out = box.get(base + src, value) if 0 <= src < 32 else value
+    me.syncthreads()
+    return out
+
+
+def _shfl_sync(self, mask, value, src_lane):
+    return _exchange(self, value, lambda lane: src_lane % 32)
+
+
+def _shfl_up_sync(self, mask, value, delta):
+    return _exchange(self, value, lambda lane: lane - delta)
+
+
+def _shfl_down_sync(self, mask, value, delta):
+    return _exchange(self, value, lambda lane: lane + delta)
+
+
+def _shfl_xor_sync(self, mask, value, lane_mask):
+    return _exchange(self, value, lambda lane: lane ^ lane_mask)
+
+
+def _syncwarp(self, mask=_FULL_MASK):
+    threading.current_thread().syncthreads()
+
+
+def _activemask(self):
+    return _FULL_MASK
+
+
+def _lanemask_lt(self):
+    return (1 << (threading.current_thread().thread_id % 32)) - 1
+
+
+def install() -> None:
+    """Add the warp intrinsics to the simulator's fake ``cuda`` module (idempotent)."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAModule
+
+    for name, fn in {
+        "shfl_sync": _shfl_sync,
+        "shfl_up_sync": _shfl_up_sync,
+        "shfl_down_sync": _shfl_down_sync,
+        "shfl_xor_sync": _shfl_xor_sync,
+        "syncwarp": _syncwarp,
+        "activemask": _activemask,
+        "lanemask_lt": _lanemask_lt,
+    }.items():
+        if not hasattr(FakeCUDAModule, name):
+            setattr(FakeCUDAModule, name, fn)

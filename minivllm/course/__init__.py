@@ -1,0 +1,23 @@
+"""Helpers for the course notebooks: environment set-up, exercise checks, plots, saved results.
+
+Notebooks import these instead of redefining them, so every notebook checks and plots the same way:
+
+>>> from minivllm import course
+>>> course.setup()                         # simulator if no GPU; prints what runs where
+>>> add = course.check(my_add, kernels.basics.add_ref, cases)   # learner's version or the reference
+"""
+
+from minivllm.course.checks import CheckFailed, check, is_stub, require_solutions
+from minivllm.course.environment import Environment, setup
+from minivllm.course.results import load_result, results_dir
+
+__all__ = [
+    "CheckFailed",
+    "Environment",
+    "check",
+    "is_stub",
+    "load_result",
+    "require_solutions",
+    "results_dir",
+    "setup",
+]

@@ -1,0 +1,1 @@
+"""Plots shared by the notebooks. (Filled in by phase 01.)"""

@@ -1,0 +1,42 @@
+"""Test set-up: choose numba's backend (the CUDA simulator when there is no GPU) before numba loads.
+
+The kernels of notebooks run by nbval inherit this environment. The summary at the end lists how
+long each notebook took, since every notebook must stay well under a minute on a 2-core CPU.
+"""
+
+import collections
+
+import pytest
+
+from kernels._env import configure_numba
+
+configure_numba()
+
+_notebook_seconds: dict[str, float] = collections.defaultdict(float)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.nodeid.split("::")[0].endswith(".ipynb"):
+        _notebook_seconds[report.nodeid.split("::")[0]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _notebook_seconds:
+        terminalreporter.section("notebook times (sum of cell times)")
+        for path, seconds in sorted(_notebook_seconds.items()):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {path}")
