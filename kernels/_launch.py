@@ -76,27 +76,39 @@ def device_array(t: torch.Tensor):
     The view does not keep the tensor alive (``owner=None``): an entry can only be found again
     through a live tensor with the same pointer and layout, which is then the same memory.
     """
-    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device.index)
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.get_device())
     view = _views.get(key)
     if view is None:
         from numba import cuda
 
-        view = cuda.from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
+        if t.dtype == torch.bfloat16:  # numba reads torch's "<V2" typestr as raw bytes: retype it
+            import ml_dtypes
+
+            raw = t.view(torch.int16).__cuda_array_interface__
+            view = cuda.from_cuda_array_interface(raw, owner=None, sync=False).view(ml_dtypes.bfloat16)
+        else:
+            view = cuda.from_cuda_array_interface(t.__cuda_array_interface__, owner=None, sync=False)
         _views[key] = view
         if len(_views) > _VIEW_CACHE_SIZE:
             _views.popitem(last=False)
     return view
 
 
-def current_stream():
-    """torch's current CUDA stream as a numba stream (cached by handle)."""
-    handle = torch.cuda.current_stream().cuda_stream
+def _raw_stream(device: int) -> int:
+    # torch's own fast path (used by Triton's launcher too): no Python Stream object per call
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return getter(device) if getter else torch.cuda.current_stream(device).cuda_stream
+
+
+def current_stream() -> tuple[int, object]:
+    """torch's current CUDA stream: its handle, and the numba stream wrapping it (cached by handle)."""
+    handle = _raw_stream(torch.cuda.current_device())
     stream = _streams.get(handle)
     if stream is None:
         from numba import cuda
 
         stream = _streams[handle] = cuda.external_stream(handle)
-    return stream
+    return handle, stream
 
 
 def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) -> None:
@@ -104,8 +116,8 @@ def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) ->
     grid = grid if isinstance(grid, tuple) else (int(grid),)
     block = block if isinstance(block, tuple) else (int(block),)
     if backend == "gpu":
-        stream = current_stream()
-        key = (kernel, grid, block, stream.handle.value, shared_mem)
+        handle, stream = current_stream()
+        key = (kernel, grid, block, handle, shared_mem)
         configured = _configs.get(key)
         if configured is None:
             configured = _configs[key] = kernel[grid, block, stream, shared_mem]

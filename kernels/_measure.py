@@ -1,7 +1,8 @@
 """Phase 01's measurements, shared by ``bench/`` (saved to ``bench/results/``) and notebook 01 (live on a GPU).
 
 * :func:`bandwidth_sweep` -- GB/s of a copy (bytes read + bytes written per second) across sizes:
-  ``torch``'s ``copy_`` against our numba copy kernel with 4-byte and 16-byte accesses.
+  ``torch``'s ``copy_`` against our numba copy kernel with 4-byte and 16-byte accesses, timed so
+  that the figure is the GPU's own, not the host's launch cost (see :func:`_device_ms`).
 * :func:`launch_overhead` -- microseconds per call of tiny kernels issued back to back: a torch op,
   a numba launch given raw torch tensors, given pre-wrapped numba arrays, through ``kernels._launch``,
   and one kernel replayed from a captured CUDA graph.
@@ -32,13 +33,26 @@ def bandwidth_sweep(sizes: list[int] = DEFAULT_SIZES, *, progress: bool = True) 
             "numba copy, 4 B/thread": lambda: basics.copy(src, dst, vector_bytes=4),
             "numba copy, 16 B/thread": lambda: basics.copy(src, dst, vector_bytes=16),
         }
-        iters = 20 if size >= 1 << 26 else 100
         for name, fn in fns.items():
-            t = bench(fn, warmup=5, iters=iters)
-            series[name].append(moved / (t.median_ms * 1e-3) / 1e9)
+            series[name].append(moved / (_device_ms(fn, size) * 1e-3) / 1e9)
         assert torch.equal(dst, src)
         del src, dst
     return {"bytes": list(sizes), "series": series}
+
+
+def _device_ms(fn, size: int) -> float:
+    """Milliseconds of GPU time per call of ``fn``, without the host's launch cost.
+
+    Small copies finish before the host can launch the next one, so they are replayed from a CUDA
+    graph. Large ones (>= 64 MiB, longer than a launch) run back to back between two events instead:
+    inside a graph torch turns a big ``copy_`` into a copy-engine memcpy node, a different thing.
+    """
+    if size < 1 << 26:
+        reps = min(100, (1 << 28) // size)
+        graph = capture_graph(lambda: [fn() for _ in range(reps)])
+        return bench(graph.replay, warmup=2, iters=10).median_ms / reps
+    reps = 10
+    return bench(lambda: [fn() for _ in range(reps)], warmup=1, iters=5).median_ms / reps
 
 
 def launch_overhead() -> dict[str, float]:
