@@ -30,7 +30,7 @@ class Compiled:
 def kernel_modules() -> list[str]:
     import kernels
 
-    return [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__) if not m.name.startswith("_")]
+    return [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__) if m.name != "_ptx"]
 
 
 def _dispatchers(module) -> dict[str, object]:

@@ -58,10 +58,28 @@ def _lanemask_lt(self):
     return (1 << (threading.current_thread().thread_id % 32)) - 1
 
 
+def _bitcast(value, src, dst):
+    import numpy as np
+
+    return np.array(value).astype(src).view(dst)[()]
+
+
+def _install_libdevice_casts() -> None:
+    """The simulator's ``libdevice`` functions are stubs: give the bit casts real bodies."""
+    import numpy as np
+    from numba.cuda import libdevice
+
+    libdevice.int_as_float = lambda x: _bitcast(np.int64(x) & 0xFFFFFFFF, np.uint32, np.float32)
+    libdevice.float_as_int = lambda x: _bitcast(x, np.float32, np.int32)
+    libdevice.double_as_longlong = lambda x: _bitcast(x, np.float64, np.int64)
+    libdevice.longlong_as_double = lambda x: _bitcast(x, np.int64, np.float64)
+
+
 def install() -> None:
-    """Add the warp intrinsics to the simulator's fake ``cuda`` module (idempotent)."""
+    """Add warp intrinsics and libdevice bit casts to the simulator (idempotent)."""
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
+    _install_libdevice_casts()
     for name, fn in {
         "shfl_sync": _shfl_sync,
         "shfl_up_sync": _shfl_up_sync,

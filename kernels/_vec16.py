@@ -1,0 +1,101 @@
+"""16-byte loads and stores for kernels on bf16 and fp32 rows, as four 32-bit words.
+
+A load instruction moves at most 16 bytes per thread. A kernel that reads one bf16 (2 bytes) per
+instruction needs eight times as many instructions as one that reads 16 bytes, and on the H200 a
+4-byte-per-thread copy reaches only about half of HBM bandwidth (bench/results/01_basics.json) while
+a 16-byte one reaches it. numba has no bf16x8 vector type, so we view a row as ``complex128`` (one
+16-byte element), split each element into four 32-bit words with ``libdevice`` bit casts, and unpack
+each word into two bf16 (or one fp32) values -- and the reverse for stores.
+
+    word  = [ hi bf16 | lo bf16 ]     lo = element 2k, hi = element 2k+1 (little endian)
+    bf16 -> fp32: the 16 bits become the top half of the fp32 (exact)
+    fp32 -> bf16: round to nearest even, keep the top 16 bits
+
+numba's simulator implements ``libdevice`` only as stubs; kernels._simulator gives it these casts.
+"""
+
+import numba
+from numba import cuda
+from numba.cuda import libdevice
+
+_LOW32 = 0xFFFFFFFF
+_HIGH16 = -65536  # 0xFFFF0000 as an int32
+
+
+@cuda.jit(device=True, inline=True)
+def load_words(chunks, j):
+    """The four 32-bit words of the 16-byte element ``chunks[j]`` (a complex128 array)."""
+    z = chunks[j]
+    a = libdevice.double_as_longlong(z.real)
+    b = libdevice.double_as_longlong(z.imag)
+    return (numba.int32(a & _LOW32), numba.int32(a >> 32), numba.int32(b & _LOW32), numba.int32(b >> 32))
+
+
+@cuda.jit(device=True, inline=True)
+def store_words(chunks, j, w0, w1, w2, w3):
+    """Write four 32-bit words as the 16-byte element ``chunks[j]``."""
+    a = (numba.int64(w1) << 32) | (numba.int64(w0) & _LOW32)
+    b = (numba.int64(w3) << 32) | (numba.int64(w2) & _LOW32)
+    chunks[j] = complex(libdevice.longlong_as_double(a), libdevice.longlong_as_double(b))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_lo(word):
+    """The fp32 value of the low bf16 in ``word``."""
+    return libdevice.int_as_float(numba.int32(word << 16))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_hi(word):
+    """The fp32 value of the high bf16 in ``word``."""
+    return libdevice.int_as_float(numba.int32(word & _HIGH16))
+
+
+@cuda.jit(device=True, inline=True)
+def bf16_bits(x):
+    """fp32 ``x`` rounded to the nearest bf16 (ties to even), as 16 bits in an int32."""
+    bits = libdevice.float_as_int(x)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16) & 0xFFFF
+
+
+@cuda.jit(device=True, inline=True)
+def pack_bf16(lo, hi):
+    """One word holding fp32 ``lo`` and ``hi`` rounded to bf16."""
+    return numba.int32(bf16_bits(lo) | (bf16_bits(hi) << 16))
+
+
+@cuda.jit(device=True, inline=True)
+def f32(word):
+    return libdevice.int_as_float(word)
+
+
+@cuda.jit(device=True, inline=True)
+def f32_word(x):
+    return libdevice.float_as_int(x)
+
+
+@cuda.jit
+def _roundtrip_kernel(src, dst, scale):
+    """Test kernel: dst = bf16(src * scale), 8 bf16 per thread, through words."""
+    j = cuda.grid(1)
+    if j < src.size:
+        w0, w1, w2, w3 = load_words(src, j)
+        w0 = pack_bf16(bf16_lo(w0) * scale, bf16_hi(w0) * scale)
+        w1 = pack_bf16(bf16_lo(w1) * scale, bf16_hi(w1) * scale)
+        w2 = pack_bf16(bf16_lo(w2) * scale, bf16_hi(w2) * scale)
+        w3 = pack_bf16(bf16_lo(w3) * scale, bf16_hi(w3) * scale)
+        store_words(dst, j, w0, w1, w2, w3)
+
+
+SIGNATURES = {
+    load_words: ["UniTuple(int32, 4)(complex128[::1], int64)"],
+    store_words: ["void(complex128[::1], int64, int32, int32, int32, int32)"],
+    bf16_lo: ["float32(int32)"],
+    bf16_hi: ["float32(int32)"],
+    bf16_bits: ["int32(float32)"],
+    pack_bf16: ["int32(float32, float32)"],
+    f32: ["float32(int32)"],
+    f32_word: ["int32(float32)"],
+    _roundtrip_kernel: ["void(complex128[::1], complex128[::1], float32)"],
+}
