@@ -1,6 +1,7 @@
 """Run benchmarks by name and save each result to ``bench/results/<file>.json``.
 
     python -m bench.run basics            # phase 01: copy bandwidth, launch overhead
+    python -m bench.run kernels           # phases 03-05: RMSNorm, RoPE, SwiGLU vs eager and torch.compile
     python -m bench.run all
     python -m bench.run basics --out DIR  # e.g. $OUT on the device machine
 
@@ -16,7 +17,7 @@ import kernels  # noqa: F401  -- choose numba's backend before anything imports 
 
 from bench._harness import RESULTS, save
 
-BENCHMARKS = {"basics": ("bench.basics", "01_basics")}
+BENCHMARKS = {"basics": ("bench.basics", "01_basics"), "kernels": ("bench.kernels", "03_05_kernels")}
 
 
 def main(argv: list[str] | None = None) -> int:

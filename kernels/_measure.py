@@ -14,7 +14,7 @@ import torch
 
 from kernels import basics
 from kernels._launch import device_array, launch
-from kernels._timing import bench, bench_loop, capture_graph
+from kernels._timing import bench, bench_loop, capture_graph, graph_time
 
 DEFAULT_SIZES = [1 << p for p in range(12, 31, 2)]  # bytes per tensor: 4 KiB ... 1 GiB
 
@@ -48,9 +48,7 @@ def _device_ms(fn, size: int) -> float:
     inside a graph torch turns a big ``copy_`` into a copy-engine memcpy node, a different thing.
     """
     if size < 1 << 26:
-        reps = min(100, (1 << 28) // size)
-        graph = capture_graph(lambda: [fn() for _ in range(reps)])
-        return bench(graph.replay, warmup=2, iters=10).median_ms / reps
+        return graph_time(fn, reps=min(100, (1 << 28) // size)).median_ms
     reps = 10
     return bench(lambda: [fn() for _ in range(reps)], warmup=1, iters=5).median_ms / reps
 

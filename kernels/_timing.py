@@ -6,6 +6,7 @@ Two questions, two functions:
   synchronised); use it for bandwidth.
 * :func:`bench_loop` -- how long a call takes when issued back to back (events around a loop); when
   the kernels are tiny, this is the *launch overhead* the host pays per call.
+* :func:`graph_time` -- the GPU's own time per call, with the launches replayed from a CUDA graph.
 
 :func:`capture_graph` records a callable into a ``torch.cuda.CUDAGraph``; replaying it launches all
 the recorded kernels with one host call.
@@ -74,6 +75,16 @@ def bench_loop(fn: Callable[[], object], *, warmup: int = 10, iters: int = 200, 
                 fn()
         samples.append((time.perf_counter() - t0) * 1e3 / iters)
     return Timing(statistics.median(samples), min(samples), repeats * iters)
+
+
+def graph_time(fn: Callable[[], object], *, reps: int = 20, iters: int = 10) -> Timing:
+    """GPU time per call of ``fn`` alone: ``reps`` calls captured in one CUDA graph, replayed.
+
+    Replaying removes the host's launch cost, so short kernels show their own duration.
+    """
+    graph = capture_graph(lambda: [fn() for _ in range(reps)])
+    t = bench(graph.replay, warmup=2, iters=iters)
+    return Timing(t.median_ms / reps, t.min_ms / reps, t.n * reps)
 
 
 def capture_graph(fn: Callable[[], object], *, warmup: int = 3) -> "torch.cuda.CUDAGraph":

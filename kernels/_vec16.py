@@ -9,7 +9,7 @@ each word into two bf16 (or one fp32) values -- and the reverse for stores.
 
     word  = [ hi bf16 | lo bf16 ]     lo = element 2k, hi = element 2k+1 (little endian)
     bf16 -> fp32: the 16 bits become the top half of the fp32 (exact)
-    fp32 -> bf16: round to nearest even, keep the top 16 bits
+    fp32 -> bf16: round to nearest even, keep the top 16 bits (inf stays inf; NaN payloads are not kept)
 
 numba's simulator implements ``libdevice`` only as stubs; kernels._simulator gives it these casts.
 """
