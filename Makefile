@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	@touch $@
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/ $(LAB_ARGS)
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests notebooks solutions --nbval-lax --nbval-current-env \

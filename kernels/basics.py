@@ -123,12 +123,13 @@ def sum_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _grid_for(n: int, threads: int, blocks: int | None, backend: str) -> int:
+def _grid_for(n: int, threads: int, blocks: int | None, backend: str, gpu_cap: int = 2**31 - 1) -> int:
     if blocks is not None:
         return blocks
     # A simulated thread costs ~0.2 ms: cap the simulator's grid and let the grid-stride loop work.
-    # On the GPU one thread per element keeps the most loads in flight.
-    cap = 4 if backend == "simulator" else 2**31 - 1
+    # On the GPU a copy wants one thread per element (the most loads in flight); a sum wants a few
+    # blocks per SM (every block ends in one atomic add), which ``gpu_cap`` sets.
+    cap = 4 if backend == "simulator" else gpu_cap
     return max(1, min(cdiv(n, threads), cap))
 
 
@@ -176,7 +177,7 @@ def _sum(kernel, x: torch.Tensor, threads: int, blocks: int | None, backend: str
     if where == "torch":
         return sum_ref(x)
     out = torch.zeros(1, dtype=torch.float32, device=x.device)
-    launch(kernel, _grid_for(x.numel(), threads, blocks, where), threads, x, out, backend=where)
+    launch(kernel, _grid_for(x.numel(), threads, blocks, where, gpu_cap=132 * 8), threads, x, out, backend=where)
     return out
 
 

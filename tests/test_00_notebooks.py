@@ -41,7 +41,8 @@ def test_solutions_require_every_check_to_pass(path):
     learner = json.loads((ROOT / "notebooks" / path.name).read_text())["cells"]
     n_solutions = sum(c.count("### BEGIN SOLUTION") for c in code)
     n_stubs = sum("".join(c["source"]).count(STUB) for c in learner if c["cell_type"] == "code")
-    assert n_stubs == n_solutions
+    shown_stubs = sum(c.count(STUB) for c in code)  # a solution may show a stub on purpose (notebook 00)
+    assert n_solutions > 0 and n_stubs - shown_stubs == n_solutions
 
 
 def test_strip_solutions_replaces_blocks_at_their_indentation():
@@ -78,7 +79,7 @@ def test_check_continues_with_the_reference_when_not_attempted(capsys):
 
 
 def test_check_fails_loudly_on_a_wrong_answer():
-    with pytest.raises(course.CheckFailed, match=r"case 1/2 .* max \|err\| 0.001"):
+    with pytest.raises(course.CheckFailed, match=r"case 1/2 .*max \|err\| 0\.001"):
         course.check(_wrong, _double, CASES)
     with pytest.raises(course.CheckFailed, match="shape"):
         course.check(lambda x: x.flatten(), _double, [torch.randn(2, 2)])
