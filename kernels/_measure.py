@@ -44,10 +44,10 @@ def _device_ms(fn, size: int) -> float:
     """Milliseconds of GPU time per call of ``fn``, without the host's launch cost.
 
     Small copies finish before the host can launch the next one, so they are replayed from a CUDA
-    graph. Large ones (>= 64 MiB, longer than a launch) run back to back between two events instead:
-    inside a graph torch turns a big ``copy_`` into a copy-engine memcpy node, a different thing.
+    graph. Large ones (>= 256 MiB: ~130 us, several launches long) run back to back between two
+    events instead: inside a graph torch turns a big ``copy_`` into a copy-engine memcpy node.
     """
-    if size < 1 << 26:
+    if size < 1 << 28:
         return graph_time(fn, reps=min(100, (1 << 28) // size)).median_ms
     reps = 10
     return bench(lambda: [fn() for _ in range(reps)], warmup=1, iters=5).median_ms / reps
