@@ -63,8 +63,9 @@ def compile_all(cc: tuple[int, int] = SM90) -> tuple[list[Compiled], list[str]]:
                 missing.append(f"{name}.{attr}")
         for disp, sigs in signatures.items():
             device = bool(disp.targetoptions.get("device"))
+            fastmath = bool(disp.targetoptions.get("fastmath", False))  # compile the flavour that runs
             for sig in sigs:
-                ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=cc, device=device)
+                ptx, _ = cuda.compile_ptx(disp.py_func, sig, cc=cc, device=device, fastmath=fastmath)
                 done.append(Compiled(name, disp.py_func.__name__, sig, len(ptx)))
     return done, missing
 

@@ -9,7 +9,7 @@ each word into two bf16 (or one fp32) values -- and the reverse for stores.
 
     word  = [ hi bf16 | lo bf16 ]     lo = element 2k, hi = element 2k+1 (little endian)
     bf16 -> fp32: the 16 bits become the top half of the fp32 (exact)
-    fp32 -> bf16: round to nearest even, keep the top 16 bits (inf stays inf; NaN payloads are not kept)
+    fp32 -> bf16: round to nearest even, keep the top 16 bits (inf stays inf; every NaN becomes the quiet NaN 0x7FC0)
 
 numba's simulator implements ``libdevice`` only as stubs; kernels._simulator gives it these casts.
 """
@@ -55,6 +55,8 @@ def bf16_hi(word):
 def bf16_bits(x):
     """fp32 ``x`` rounded to the nearest bf16 (ties to even), as 16 bits in an int32."""
     bits = libdevice.float_as_int(x)
+    if (bits & 0x7FFFFFFF) > 0x7F800000:  # NaN: the rounding add below would overflow into the sign
+        return 0x7FC0  # an integer test: under fastmath a float `x != x` is optimised away
     bits += 0x7FFF + ((bits >> 16) & 1)
     return (bits >> 16) & 0xFFFF
 

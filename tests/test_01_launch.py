@@ -204,3 +204,25 @@ def test_bf16_words_round_trip_with_round_to_nearest_even():
     launch(_vec16._roundtrip_kernel, 1, 8, x.view(torch.complex128), y.view(torch.complex128), 1.7,
            backend=resolve_backend("numba", x))
     torch.testing.assert_close(y, (x.float() * 1.7).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_bf16_packing_keeps_nan_and_inf():
+    from kernels import _vec16
+
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 16, device=_device()).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    launch(_vec16._roundtrip_kernel, 1, 8, x.view(torch.complex128), y.view(torch.complex128), 1.0,
+           backend=resolve_backend("numba", x))
+    assert y[0::4].isnan().all() and (y[1::4] == float("inf")).all() and (y[2::4] == -float("inf")).all()
+    assert (y[3::4] == 1.0).all()
+
+
+def test_bf16_packing_of_a_computed_nan():
+    # inf * 0 is NaN; a GPU produces it as 0xFFFFFFFF or 0x7FFFFFFF, whose rounding add overflows
+    from kernels import _vec16
+
+    x = torch.full((64,), float("inf"), device=_device()).to(torch.bfloat16)
+    y = torch.empty_like(x)
+    launch(_vec16._roundtrip_kernel, 1, 8, x.view(torch.complex128), y.view(torch.complex128), 0.0,
+           backend=resolve_backend("numba", x))
+    assert y.isnan().all()

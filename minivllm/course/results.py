@@ -17,5 +17,6 @@ def load_result(name: str) -> dict:
     """Load ``bench/results/<name>.json``; its ``meta`` says when, where and how it was measured."""
     path = results_dir() / f"{name}.json"
     if not path.exists():
-        raise FileNotFoundError(f"no saved result {path.name}; produce it with `python -m bench.run {name}` on a GPU")
+        raise FileNotFoundError(f"no saved result {path.name}; produce it on a GPU with `python -m bench.run` "
+                                "(bench/run.py lists which benchmark writes which file)")
     return json.loads(path.read_text())
