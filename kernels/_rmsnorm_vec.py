@@ -1,0 +1,240 @@
+"""RMSNorm's 16-byte kernels: each thread moves 16 bytes per load and store, and reads every value once.
+
+The rows are viewed as ``complex128`` (one 16-byte chunk = 8 bf16/fp16 or 4 fp32 values) and split
+into four 32-bit words. A thread keeps the words of its chunks in registers (a local array indexed by
+constants once the loops unroll), so the row is read from memory once:
+
+    loads:  the thread's chunks j = lane, lane + group, ... of the row, ALL issued before any is used,
+            so their memory latencies overlap instead of adding up
+    pass 1: unpack to fp32, sum of squares; the ``group`` threads of the row add their sums
+            (kernels.rmsnorm.group_reduce_sum)
+    pass 2: load the weight's chunks (from cache), unpack the row again, scale by 1/rms and the
+            weight, pack, store 16 bytes
+
+Measured on the H200 (bf16, 16,384 tokens): up to 4 chunks per thread (~80 registers) beat 8 (~170),
+and loading the weight after the reduction beat holding it in registers from the start.
+
+On the GPU the 16-byte loads and stores are single ``ld.global.v4.u32`` / ``st.global.v4.u32``
+instructions (:func:`load16`, :func:`store16`); numba's own complex128 access compiles to two 8-byte
+ones. In the simulator they are kernels._vec16's ``load_words`` / ``store_words``.
+
+Limits: a row must be whole chunks (width * element size % 16 == 0), every tensor 16-byte aligned,
+and at most ``MAX_CHUNKS`` chunks per thread in groups of at most 256 threads (rmsnorm.VEC_MAX_GROUP):
+rows up to 1024 chunks (8,192 bf16 values). The launcher in kernels.rmsnorm checks this and takes
+the scalar kernels otherwise.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import config, cuda
+
+from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
+from kernels.rmsnorm import WARP, group_reduce_sum
+
+MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words
+
+
+# ----------------------------------------------------------------------------- 16-byte load and store
+if config.ENABLE_CUDASIM:
+    load16, store16 = load_words, store_words
+else:
+    from llvmlite import ir
+    from numba.cuda import cgutils, types
+    from numba.cuda.extending import intrinsic
+
+    _V4 = ir.VectorType(ir.IntType(32), 4)
+
+    def _pointer(context, builder, array_type, array, index):
+        array = context.make_array(array_type)(context, builder, array)
+        ptr = cgutils.get_item_pointer(context, builder, array_type, array, [index])
+        return builder.bitcast(ptr, _V4.as_pointer())
+
+    @intrinsic
+    def load16(typingctx, chunks, j):
+        """The four 32-bit words of ``chunks[j]`` (complex128, 16-byte aligned) in one instruction."""
+
+        def codegen(context, builder, sig, args):
+            vec = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1]), align=16)
+            words = [builder.extract_element(vec, ir.Constant(ir.IntType(32), i)) for i in range(4)]
+            return context.make_tuple(builder, sig.return_type, words)
+
+        return types.UniTuple(types.int32, 4)(chunks, j), codegen
+
+    @intrinsic
+    def store16(typingctx, chunks, j, w0, w1, w2, w3):
+        """Write four int32 words as ``chunks[j]`` in one instruction."""
+
+        def codegen(context, builder, sig, args):
+            vec = ir.Constant(_V4, None)
+            for i in range(4):
+                word = context.cast(builder, args[2 + i], sig.args[2 + i], types.int32)
+                vec = builder.insert_element(vec, word, ir.Constant(ir.IntType(32), i))
+            builder.store(vec, _pointer(context, builder, sig.args[0], args[0], args[1]), align=16)
+            return context.get_dummy_value()
+
+        return types.void(chunks, j, w0, w1, w2, w3), codegen
+
+
+# ----------------------------------------------------------------------------- words <-> fp32 values
+@cuda.jit(device=True, inline=True)
+def unpack_bf16(w, at, vals):
+    """The 8 bf16 in words ``w[at:at + 4]`` as fp32, into ``vals[0:8]``."""
+    for i in range(4):
+        vals[2 * i], vals[2 * i + 1] = bf16_lo(w[at + i]), bf16_hi(w[at + i])
+
+
+@cuda.jit(device=True, inline=True)
+def pack_bf16x8(vals, w, at):
+    """``vals[0:8]`` rounded to bf16 (to nearest even), into words ``w[at:at + 4]``."""
+    for i in range(4):
+        w[at + i] = pack_bf16(vals[2 * i], vals[2 * i + 1])
+
+
+@cuda.jit(device=True, inline=True)
+def unpack_f16(w, at, vals):
+    """The 8 fp16 in ``w[at:at + 4]`` as fp32: a local array reinterprets the bits (in registers)."""
+    words = cuda.local.array(4, numba.int32)
+    for i in range(4):
+        words[i] = w[at + i]
+    halves = words.view(np.float16)
+    for i in range(8):
+        vals[i] = numba.float32(halves[i])
+
+
+@cuda.jit(device=True, inline=True)
+def pack_f16x8(vals, w, at):
+    words = cuda.local.array(4, numba.int32)
+    halves = words.view(np.float16)
+    for i in range(8):
+        halves[i] = vals[i]  # rounded to nearest fp16
+    for i in range(4):
+        w[at + i] = words[i]
+
+
+@cuda.jit(device=True, inline=True)
+def unpack_f32(w, at, vals):
+    for i in range(4):
+        vals[i] = f32(w[at + i])
+
+
+@cuda.jit(device=True, inline=True)
+def pack_f32x4(vals, w, at):
+    for i in range(4):
+        w[at + i] = f32_word(vals[i])
+
+
+# ----------------------------------------------------------------------------- kernels
+def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_CHUNKS):
+    """The RMSNorm and fused add+RMSNorm kernels for one dtype (``per_chunk`` values in 16 bytes)."""
+    n_words = 4 * max_chunks
+
+    @cuda.jit(device=True, inline=True)
+    def load_row(src, valid, lane, group, w):
+        """The words of this thread's chunks of the row ``src`` (1-D) into ``w``: loads only, no use."""
+        for k in range(max_chunks):  # unrolled: ``w`` is indexed by constants and stays in registers
+            j = lane + k * group
+            if valid and j < src.size:
+                w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3] = load16(src, j)
+
+    @cuda.jit(device=True, inline=True)
+    def sum_squares(w, vals, chunks, lane, group):
+        acc = numba.float32(0.0)
+        for k in range(max_chunks):
+            if lane + k * group < chunks:
+                unpack(w, 4 * k, vals)
+                for i in range(per_chunk):
+                    acc += vals[i] * vals[i]
+        return acc
+
+    @cuda.jit(device=True, inline=True)
+    def scale_store(w, wt, vals, wvals, inv_rms, dst, row, valid, lane, group):
+        """dst[row] <- (values in ``w``) * inv_rms * (weight in ``wt``), packed back to the dtype."""
+        for k in range(max_chunks):
+            j = lane + k * group
+            if valid and j < dst.shape[1]:
+                unpack(w, 4 * k, vals)
+                unpack(wt, 4 * k, wvals)
+                for i in range(per_chunk):
+                    vals[i] = (vals[i] * inv_rms) * wvals[i]
+                pack(vals, w, 4 * k)
+                store16(dst[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
+
+    def rms_norm_vec(x, out, weight, eps, group):
+        # x, out: (rows, chunks) complex128; weight: (chunks,) complex128; ``group`` threads per row
+        w = cuda.local.array(n_words, numba.int32)  # this thread's chunks of the row, as words
+        wt = cuda.local.array(n_words, numba.int32)  # ... and of the weight
+        vals = cuda.local.array(8, numba.float32)
+        wvals = cuda.local.array(8, numba.float32)
+        partials = cuda.shared.array(WARP, numba.float32)
+        rows, chunks = x.shape
+        per_block = cuda.blockDim.x // group
+        lane = cuda.threadIdx.x % group
+        inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)
+        first = cuda.blockIdx.x * per_block
+        while first < rows:  # the same trip count for every thread of the block (shuffles, barriers)
+            row = first + cuda.threadIdx.x // group
+            load_row(x[min(row, rows - 1)], row < rows, lane, group, w)
+            acc = sum_squares(w, vals, chunks, lane, group) if row < rows else numba.float32(0.0)
+            total = group_reduce_sum(acc, group, partials)
+            load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
+            inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
+            scale_store(w, wt, vals, wvals, inv_rms, out, row, row < rows, lane, group)
+            first += cuda.gridDim.x * per_block
+
+    def fused_add_rms_norm_vec(x, residual, weight, eps, group):
+        # x, residual: (rows, chunks) complex128, both updated in place; weight: (chunks,) complex128
+        w = cuda.local.array(n_words, numba.int32)
+        r = cuda.local.array(n_words, numba.int32)
+        wt = cuda.local.array(n_words, numba.int32)
+        vals = cuda.local.array(8, numba.float32)
+        wvals = cuda.local.array(8, numba.float32)
+        partials = cuda.shared.array(WARP, numba.float32)
+        rows, chunks = x.shape
+        per_block = cuda.blockDim.x // group
+        lane = cuda.threadIdx.x % group
+        inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)
+        first = cuda.blockIdx.x * per_block
+        while first < rows:
+            row = first + cuda.threadIdx.x // group
+            valid = row < rows
+            load_row(x[min(row, rows - 1)], valid, lane, group, w)  # min: a valid view even past the last row
+            load_row(residual[min(row, rows - 1)], valid, lane, group, r)
+            for k in range(max_chunks):  # residual <- x + residual, rounded to the dtype
+                j = lane + k * group
+                if valid and j < chunks:
+                    unpack(w, 4 * k, vals)
+                    unpack(r, 4 * k, wvals)
+                    for i in range(per_chunk):
+                        vals[i] += wvals[i]
+                    pack(vals, w, 4 * k)  # ``w`` now holds the new residual: normalize it
+                    store16(residual[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
+            acc = sum_squares(w, vals, chunks, lane, group) if valid else numba.float32(0.0)
+            total = group_reduce_sum(acc, group, partials)
+            load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
+            inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
+            scale_store(w, wt, vals, wvals, inv_rms, x, row, valid, lane, group)
+            first += cuda.gridDim.x * per_block
+
+    rms_norm_vec.__name__ = rms_norm_vec.__qualname__ = f"rms_norm_{name}_kernel"
+    fused_add_rms_norm_vec.__name__ = fused_add_rms_norm_vec.__qualname__ = f"fused_add_rms_norm_{name}_kernel"
+    return cuda.jit(rms_norm_vec), cuda.jit(fused_add_rms_norm_vec)
+
+
+rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8, 8, "bf16")
+rms_norm_f16_kernel, fused_add_rms_norm_f16_kernel = make_kernels(unpack_f16, pack_f16x8, 8, "f16")
+rms_norm_f32_kernel, fused_add_rms_norm_f32_kernel = make_kernels(unpack_f32, pack_f32x4, 4, "f32")
+NORM_KERNELS = {torch.bfloat16: rms_norm_bf16_kernel, torch.float16: rms_norm_f16_kernel,
+                torch.float32: rms_norm_f32_kernel}
+FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: fused_add_rms_norm_f16_kernel,
+                 torch.float32: fused_add_rms_norm_f32_kernel}
+
+_ROWS, _VEC = "complex128[:, ::1]", "complex128[::1]"
+SIGNATURES = {
+    **{f: ["void(int32[::1], int64, float32[::1])"] for f in (unpack_bf16, unpack_f16, unpack_f32)},
+    **{f: ["void(float32[::1], int32[::1], int64)"] for f in (pack_bf16x8, pack_f16x8, pack_f32x4)},
+    **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32, int64)"]
+       for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
+}
