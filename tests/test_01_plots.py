@@ -20,6 +20,24 @@ RESULT = {
 }
 
 
+def _kernel_row(kernel: str, tokens: int, numba_us: float, eager_us: float, compile_us: float | None) -> dict:
+    """One row of bench/results/03_05_kernels.json (made-up times: the tests check the drawing, not the GPU)."""
+    moved = 4 * tokens * 1024  # bf16 in and out of a (tokens, 1024) tensor
+    row = {"kernel": kernel, "tokens": tokens, "dtype": "bfloat16", "bytes": moved, "graph_us": None}
+    for key, us in (("numba", numba_us), ("eager", eager_us), ("compile", compile_us)):
+        row[f"{key}_us"], row[f"{key}_gbps"] = us, None if us is None else moved / us / 1e3
+    return row
+
+
+KERNELS = {"meta": dict(META, command="python -m bench.run kernels"), "results": [
+    _kernel_row("rms_norm", 4096, 4.0, 40.0, 5.0), _kernel_row("rms_norm", 1, 1.0, 9.0, 1.5),
+    _kernel_row("rope", 16, 1.0, 8.0, 1.0), _kernel_row("rope", 4096, 8.0, 100.0, 9.0),
+    _kernel_row("rms_norm", 256, 1.2, 10.0, 1.4),
+    _kernel_row("silu_and_mul", 4096, 1.0, 1.0, 1.0),  # not asked for below: never drawn
+]}
+SERIES = ["numba kernel", "eager PyTorch", "torch.compile"]
+
+
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
@@ -87,3 +105,53 @@ def test_launch_overhead_draws_one_labelled_bar_per_way_in_order():
 def test_provenance_names_gpu_date_and_command():
     assert plots.provenance(META) == "NVIDIA H200, 2026-11-28  ·  `python -m bench.run basics`"
     assert plots.provenance({}) == "unknown GPU, unknown date"
+
+
+def _gbps(kernel: str, key: str) -> list[float]:
+    rows = sorted((r for r in KERNELS["results"] if r["kernel"] == kernel), key=lambda r: r["tokens"])
+    return [r[f"{key}_gbps"] for r in rows]
+
+
+def test_kernel_bandwidth_draws_one_panel_per_kernel_with_three_series_and_the_peak():
+    fig = plots.kernel_bandwidth(KERNELS, ["rms_norm", "rope"])
+    assert len(fig.axes) == 2
+    for ax, kernel, tokens in zip(fig.axes, ["rms_norm", "rope"], [[1, 256, 4096], [16, 4096]]):
+        assert ax.get_title() == f"{kernel} (bfloat16)"
+        lines = ax.get_lines()
+        series = [ln for ln in lines if ln.get_linestyle() != "--"]
+        assert [ln.get_label() for ln in series] == SERIES
+        for ln, key in zip(series, ["numba", "eager", "compile"]):
+            assert list(ln.get_xdata()) == tokens  # sorted by tokens, only this kernel's rows
+            assert list(ln.get_ydata()) == pytest.approx(_gbps(kernel, key))
+        peak = [ln for ln in lines if ln.get_linestyle() == "--"]
+        assert len(peak) == 1 and list(peak[0].get_ydata()) == [4300.0, 4300.0]
+        assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+        assert [t.get_text() for t in ax.get_xticklabels()] == [f"{t:,}" for t in tokens]
+    left, right = fig.axes
+    assert left.get_shared_y_axes().joined(left, right) and right.get_ylim() == left.get_ylim()
+    assert left.get_ylim()[1] >= 4300.0  # the peak fits
+    assert "GB/s" in left.get_ylabel()
+    suptitle = fig._suptitle.get_text()
+    assert suptitle.startswith("rms_norm, rope")
+    assert "NVIDIA H200, 2026-11-28" in suptitle and "bench.run kernels" in suptitle
+
+
+def test_kernel_bandwidth_takes_a_title_and_a_peak_and_skips_what_was_not_measured():
+    result = {"meta": {"gpu": "some GPU", "date": "2026-01-01", "hbm_peak_gbps": None},
+              "results": [_kernel_row("qk_norm", 16, 1.0, 2.0, None), _kernel_row("qk_norm", 1, 1.0, 2.0, 1.0)]}
+    fig = plots.kernel_bandwidth(result, ("rms_norm", "fused_add_rms_norm", "qk_norm"), title="RMSNorm kernels")
+    assert len(fig.axes) == 1  # rms_norm and fused_add_rms_norm have no rows
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == SERIES[:2]  # compile missing at 16 tokens
+    assert fig._suptitle.get_text() == "RMSNorm kernels\nmeasured on some GPU, 2026-01-01"
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert dashed == []  # no known peak: no line
+    fig = plots.kernel_bandwidth(result, ["qk_norm"], peak_gbps=3000.0)
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == 3000.0
+
+
+def test_kernel_bandwidth_refuses_kernels_without_results_and_a_bare_name():
+    with pytest.raises(ValueError, match="no results for any of the kernels"):
+        plots.kernel_bandwidth(KERNELS, ["qk_norm"])
+    with pytest.raises(TypeError, match="sequence of kernel names"):
+        plots.kernel_bandwidth(KERNELS, "rope")

@@ -10,47 +10,11 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from minivllm.course import norm_plots  # noqa: E402
 
-META = {"gpu": "NVIDIA H200", "date": "2026-11-28T20:00:00+00:00", "command": "python -m bench.run kernels",
-        "hbm_peak_gbps": 4300.0}
-
-
-def _row(kernel, tokens, numba, eager=300.0, compile_=3000.0):
-    return {"kernel": kernel, "tokens": tokens, "dtype": "bfloat16", "numba_gbps": numba, "eager_gbps": eager,
-            "compile_gbps": compile_}
-
-
-RESULT = {"meta": META, "results": [
-    _row("rms_norm", 4096, 2500.0), _row("rms_norm", 16, 40.0), _row("qk_norm", 16, 30.0),
-    _row("qk_norm", 4096, 2600.0), _row("rope", 4096, 9999.0),  # another phase's kernel: not drawn
-]}
-
 
 @pytest.fixture(autouse=True)
 def _close_figures():
     yield
     plt.close("all")
-
-
-def test_norm_bandwidth_draws_one_panel_per_kernel_present_with_sorted_tokens():
-    fig = norm_plots.norm_bandwidth(RESULT)
-    assert [ax.get_title() for ax in fig.axes] == ["rms_norm (bfloat16)", "qk_norm (bfloat16)"]
-    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
-    assert list(lines["numba kernel"].get_xdata()) == [16, 4096]
-    assert list(lines["numba kernel"].get_ydata()) == [40.0, 2500.0]
-    assert {"eager PyTorch", "torch.compile"} <= set(lines)
-    peak = [ln for ln in fig.axes[1].get_lines() if ln.get_linestyle() == "--"]
-    assert len(peak) == 1 and peak[0].get_ydata()[0] == 4300.0
-    assert fig.axes[0].get_xscale() == "log"
-    assert "NVIDIA H200, 2026-11-28" in fig._suptitle.get_text()
-    assert max(max(ln.get_ydata()) for ln in fig.axes[1].get_lines()) < 9999.0  # rope is not on it
-
-
-def test_norm_bandwidth_skips_a_missing_series_and_refuses_no_data():
-    result = {"meta": {}, "results": [_row("fused_add_rms_norm", 256, 900.0, compile_=None)]}
-    fig = norm_plots.norm_bandwidth(result)
-    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["numba kernel", "eager PyTorch"]
-    with pytest.raises(ValueError, match="no results"):
-        norm_plots.norm_bandwidth({"meta": {}, "results": [_row("rope", 1, 1.0)]})
 
 
 def test_add_norm_traffic_counts_five_transfers_against_four():

@@ -10,14 +10,6 @@ import pytest  # noqa: E402
 
 from minivllm.course import rope_plots  # noqa: E402
 
-META = {"gpu": "NVIDIA H200", "date": "2026-11-29T10:00:00+00:00", "command": "python -m bench.run kernels"}
-_ROW = {"dtype": "bfloat16"}
-RESULT = {"meta": META, "results": [  # made-up numbers: the test checks the drawing, not the GPU
-    dict(_ROW, kernel="rope", tokens=4096, numba_gbps=3300.0, eager_gbps=250.0, compile_gbps=2400.0),
-    dict(_ROW, kernel="rope", tokens=1, numba_gbps=5.0, eager_gbps=0.4, compile_gbps=5.0),
-    dict(_ROW, kernel="rms_norm", tokens=1, numba_gbps=9.0, eager_gbps=9.0, compile_gbps=9.0),
-]}
-
 
 @pytest.fixture(autouse=True)
 def _close_figures():
@@ -51,20 +43,3 @@ def test_relative_scores_are_constant_along_diagonals_and_the_curves_coincide():
     a, b = (line.get_ydata() for line in right.get_lines())
     np.testing.assert_allclose(a, b, atol=1e-3)
     np.testing.assert_allclose(a, scores[:, 0], atol=1e-3)  # query at m = distance, key at n = 0
-
-
-def test_kernel_bandwidth_draws_the_kernels_rows_sorted_by_tokens_with_the_peak():
-    ax = rope_plots.kernel_bandwidth(RESULT, "rope", peak_gbps=4300.0).axes[0]
-    lines = {ln.get_label(): ln for ln in ax.get_lines()}
-    assert list(lines["numba kernel"].get_xdata()) == [1, 4096]
-    assert list(lines["numba kernel"].get_ydata()) == [5.0, 3300.0]
-    assert list(lines["eager PyTorch"].get_ydata()) == [0.4, 250.0]
-    assert list(lines["torch.compile"].get_ydata()) == [5.0, 2400.0]
-    peak = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
-    assert len(peak) == 1 and peak[0].get_ydata()[0] == 4300.0
-    assert ax.get_xscale() == "log" and "NVIDIA H200, 2026-11-29" in ax.get_title()
-
-
-def test_kernel_bandwidth_refuses_a_kernel_without_results():
-    with pytest.raises(ValueError, match="no results for kernel 'silu_and_mul'"):
-        rope_plots.kernel_bandwidth(RESULT, "silu_and_mul")

@@ -10,23 +10,6 @@ import pytest  # noqa: E402
 
 from minivllm.course import swiglu_plots  # noqa: E402
 
-META = {"gpu": "NVIDIA H200", "date": "2026-11-29T10:00:00+00:00", "command": "python -m bench.run kernels",
-        "hbm_peak_gbps": 4300.0}
-
-
-def _row(kernel: str, tokens: int, numba: float, eager: float, compiled: float) -> dict:
-    moved = 3 * tokens * 3072 * 2
-    row = {"kernel": kernel, "tokens": tokens, "dtype": "bfloat16", "bytes": moved, "graph_us": None}
-    for key, us in (("numba", numba), ("eager", eager), ("compile", compiled)):
-        row[f"{key}_us"], row[f"{key}_gbps"] = us, moved / us / 1e3
-    return row
-
-
-RESULT = {"meta": META, "results": [
-    _row("silu_and_mul", 4096, 21.0, 178.0, 21.0), _row("rms_norm", 4096, 5.0, 9.0, 6.0),
-    _row("silu_and_mul", 1, 1.5, 6.0, 1.2), _row("silu_and_mul", 256, 2.5, 14.0, 2.5),
-]}
-
 
 @pytest.fixture(autouse=True)
 def _close_figures():
@@ -66,20 +49,3 @@ def test_memory_traffic_bars_stack_reads_and_writes_in_megabytes():
     assert widths == [round(v * half_mb, 3) for v in (*reads, *writes)]
     assert [t.get_text() for t in ax.get_yticklabels()] == list(swiglu_plots.traffic_bytes(1, 1))
     assert "1.67× fewer bytes" in ax.get_title()
-
-
-def test_kernel_bandwidth_plots_only_that_kernel_sorted_by_tokens_with_the_peak():
-    fig = swiglu_plots.kernel_bandwidth(RESULT)
-    t_ax, bw_ax = fig.axes
-    series = {ln.get_label(): ln for ln in bw_ax.get_lines()}
-    assert list(series["numba kernel"].get_xdata()) == [1, 256, 4096]
-    assert list(t_ax.get_lines()[0].get_ydata()) == [1.5, 2.5, 21.0]
-    assert series["eager PyTorch"].get_ydata()[-1] == pytest.approx(3 * 4096 * 3072 * 2 / 178.0 / 1e3)
-    assert any(ln.get_linestyle() == "--" and ln.get_ydata()[0] == 4300.0 for ln in bw_ax.get_lines())
-    assert t_ax.get_xscale() == "log" and "GB/s" in bw_ax.get_ylabel()
-    assert "NVIDIA H200, 2026-11-29" in fig._suptitle.get_text()
-
-
-def test_kernel_bandwidth_refuses_a_kernel_that_was_not_measured():
-    with pytest.raises(ValueError, match="no results for kernel 'rope'"):
-        swiglu_plots.kernel_bandwidth(RESULT, kernel="rope")

@@ -1,55 +1,16 @@
-"""Notebook 03's plots: how a block reduces a row, what fusing the residual add saves, and how fast the
-RMSNorm kernels run. Each function returns a matplotlib ``Figure`` and shows nothing.
+"""Notebook 03's plots: how a block reduces a row and what fusing the residual add saves. Each function
+returns a matplotlib ``Figure`` and shows nothing.
 
-:func:`norm_bandwidth` reads measurements in ``bench/results/03_05_kernels.json``'s schema:
-``{"meta": {...}, "results": [{"kernel", "tokens", "numba_gbps", "eager_gbps", "compile_gbps", ...}]}``.
+How fast the RMSNorm kernels run is drawn by :func:`minivllm.course.plots.kernel_bandwidth` (shared with
+phases 04 and 05), for the kernels in :data:`NORM_KERNELS`.
 """
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 
-from minivllm.course.plots import provenance
-
 NORM_KERNELS = ("rms_norm", "fused_add_rms_norm", "qk_norm")
-_SERIES = {"numba": ("numba kernel", "#4C72B0"), "eager": ("eager PyTorch", "#DD8452"),
-           "compile": ("torch.compile", "#55A868")}
 _WARP_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
-
-
-def norm_bandwidth(result: dict, kernels: tuple[str, ...] = NORM_KERNELS, peak_gbps: float | None = None) -> Figure:
-    """GB/s against tokens, one panel per kernel in ``kernels`` that ``result`` has: numba, eager, torch.compile.
-
-    ``peak_gbps`` (default ``meta["hbm_peak_gbps"]``) draws the reachable HBM bandwidth as a dashed line.
-    """
-    meta = result.get("meta", {})
-    peak = peak_gbps or meta.get("hbm_peak_gbps")
-    panels = {k: sorted((r for r in result["results"] if r["kernel"] == k), key=lambda r: r["tokens"])
-              for k in kernels}
-    panels = {k: rows for k, rows in panels.items() if rows}
-    if not panels:
-        raise ValueError(f"no results for any of {kernels}")
-    top = max([peak or 0, *(r.get(f"{s}_gbps") or 0 for rows in panels.values() for r in rows for s in _SERIES)])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False, sharey=True)
-    for ax, (kernel, rows) in zip(axes[0], panels.items()):
-        tokens = [r["tokens"] for r in rows]
-        for key, (label, color) in _SERIES.items():
-            if all(r.get(f"{key}_gbps") is not None for r in rows):
-                ax.plot(tokens, [r[f"{key}_gbps"] for r in rows], marker="o", color=color, label=label)
-        if peak:
-            ax.axhline(peak, linestyle="--", color="gray", label=f"reachable HBM ({peak:,.0f} GB/s)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(tokens, [f"{t:,}" for t in tokens])
-        ax.set_xlabel("tokens in the batch")
-        ax.set_ylim(0, 1.12 * top)
-        ax.grid(True, alpha=0.3)
-        ax.set_title(f"{kernel} ({rows[0].get('dtype', '')})", fontsize=10)
-    axes[0][0].set_ylabel("GB/s (bytes read + written per second)")
-    axes[0][0].legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"RMSNorm kernels, GPU time per call (CUDA-graph replay)\nmeasured on {provenance(meta)}",
-                 fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def add_norm_traffic(hidden: int = 1024, dtype_bytes: int = 2) -> Figure:

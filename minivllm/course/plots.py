@@ -2,15 +2,20 @@
 
 Phase 01: :func:`thread_hierarchy` and :func:`reduction_tree` (pictures of CUDA ideas), and
 :func:`bandwidth` / :func:`launch_overhead` for measurements in the ``bench/results`` schema
-(``{"meta": {...}, "bandwidth": {...}, "launch_us": {...}}``). A measurement's plot always names
-where and when it was taken, read from ``meta`` (:func:`provenance`).
+(``{"meta": {...}, "bandwidth": {...}, "launch_us": {...}}``). Phases 03-05: :func:`kernel_bandwidth`
+for ``bench/results/03_05_kernels.json`` (``{"meta": {...}, "results": [{"kernel", "tokens",
+"numba_gbps", "eager_gbps", "compile_gbps", ...}]}``). A measurement's plot always names where and
+when it was taken, read from ``meta`` (:func:`provenance`).
 """
+
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch, Rectangle
 
 _BLOCK_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
+_KERNEL_SERIES = {"numba": "numba kernel", "eager": "eager PyTorch", "compile": "torch.compile"}  # key -> label
 
 
 def provenance(meta: dict) -> str:
@@ -135,6 +140,49 @@ def launch_overhead(result: dict) -> Figure:
     ax.set_xlabel("µs per call (calls issued back to back)")
     ax.set_xlim(0, max(us) * 1.18)
     ax.set_title(f"launch overhead\nmeasured on {provenance(meta)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def kernel_bandwidth(result: dict, kernels: Sequence[str], *, title: str | None = None,
+                     peak_gbps: float | None = None) -> Figure:
+    """GB/s against tokens, one panel per kernel of ``kernels`` that ``result`` has (a phase 03-05 result),
+    on a shared y axis: the numba kernel, eager PyTorch and ``torch.compile`` of the reference.
+
+    A series is drawn only where every row of the panel has it. ``peak_gbps`` (default
+    ``meta["hbm_peak_gbps"]``) draws the reachable HBM bandwidth as a dashed line; ``title`` (default:
+    the kernels drawn and how they were timed) heads the figure, above the measurement's provenance.
+    """
+    if isinstance(kernels, str):
+        raise TypeError(f"kernels must be a sequence of kernel names, e.g. [{kernels!r}], not a string")
+    meta = result.get("meta", {})
+    peak = peak_gbps or meta.get("hbm_peak_gbps")
+    panels = {k: sorted((r for r in result["results"] if r["kernel"] == k), key=lambda r: r["tokens"])
+              for k in kernels}
+    panels = {k: rows for k, rows in panels.items() if rows}
+    if not panels:
+        raise ValueError(f"no results for any of the kernels {list(kernels)}")
+    top = max([peak or 0, *(r.get(f"{s}_gbps") or 0 for rows in panels.values() for r in rows
+                            for s in _KERNEL_SERIES)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 5.0 * len(panels)), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, (kernel, rows) in zip(axes[0], panels.items()):
+        tokens = [r["tokens"] for r in rows]
+        for (key, label), color in zip(_KERNEL_SERIES.items(), _BLOCK_COLORS):
+            if all(r.get(f"{key}_gbps") is not None for r in rows):
+                ax.plot(tokens, [r[f"{key}_gbps"] for r in rows], marker="o", color=color, label=label)
+        if peak:
+            ax.axhline(peak, linestyle="--", color="gray", label=f"reachable HBM bandwidth ({peak:,.0f} GB/s)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(tokens, [f"{t:,}" for t in tokens])
+        ax.set_xlabel("tokens in the batch")
+        ax.set_ylim(0, 1.12 * top or 1.0)
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"{kernel} ({rows[0].get('dtype', '')})", fontsize=10)
+    axes[0][0].set_ylabel("GB/s (bytes read + written per second)")
+    axes[0][0].legend(loc="center left", fontsize=8)  # small batches sit near 0 GB/s: the left is free
+    heading = title or f"{', '.join(panels)}: GPU time per call (CUDA-graph replay)"
+    fig.suptitle(f"{heading}\nmeasured on {provenance(meta)}", fontsize=9)
     fig.tight_layout()
     return fig
 

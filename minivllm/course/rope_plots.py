@@ -1,9 +1,8 @@
-"""Notebook 04's plots: what RoPE does to a vector, why attention then sees relative positions, and
-how fast the kernel runs. Each function returns a matplotlib ``Figure`` and shows nothing.
+"""Notebook 04's plots: what RoPE does to a vector and why attention then sees relative positions. Each
+function returns a matplotlib ``Figure`` and shows nothing.
 
-The first two compute with the package's reference, :func:`kernels.rope.apply_rope_ref`, so they draw what
-the engine does. :func:`kernel_bandwidth` reads measurements in ``bench/results/03_05_kernels.json``'s
-schema: ``{"meta": {...}, "results": [{"kernel", "tokens", "numba_gbps", "eager_gbps", "compile_gbps", ...}]}``.
+Both compute with the package's reference, :func:`kernels.rope.apply_rope_ref`, so they draw what the engine
+does. How fast the kernel runs is drawn by :func:`minivllm.course.plots.kernel_bandwidth` (phases 03-05).
 """
 
 import matplotlib.pyplot as plt
@@ -12,10 +11,6 @@ import torch
 from matplotlib.figure import Figure
 
 from kernels.rope import apply_rope_ref, rope_cache
-from minivllm.course.plots import provenance
-
-_SERIES = {"numba": ("numba kernel", "#4C72B0"), "eager": ("eager PyTorch", "#DD8452"),
-           "compile": ("torch.compile", "#55A868")}
 
 
 def rotate_one(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
@@ -82,35 +77,5 @@ def relative_scores(head_dim: int = 64, theta: float = 10_000.0, n_positions: in
     right.set_title("the same curve wherever the pair sits in the sequence", fontsize=10)
     right.grid(True, alpha=0.3)
     right.legend()
-    fig.tight_layout()
-    return fig
-
-
-def kernel_bandwidth(result: dict, kernel: str = "rope", peak_gbps: float | None = None) -> Figure:
-    """GB/s against tokens for ``kernel``'s rows of a phase 03-05 result: numba, eager, torch.compile.
-
-    ``peak_gbps`` (default: ``meta["hbm_peak_gbps"]``) draws the reachable HBM bandwidth as a dashed line.
-    """
-    rows = sorted((r for r in result["results"] if r["kernel"] == kernel), key=lambda r: r["tokens"])
-    if not rows:
-        raise ValueError(f"no results for kernel {kernel!r}")
-    meta = result.get("meta", {})
-    peak = peak_gbps or meta.get("hbm_peak_gbps")
-    tokens = [r["tokens"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, (label, color) in _SERIES.items():
-        if all(r.get(f"{key}_gbps") is not None for r in rows):
-            ax.plot(tokens, [r[f"{key}_gbps"] for r in rows], marker="o", color=color, label=label)
-    if peak:
-        ax.axhline(peak, linestyle="--", color="gray", label=f"reachable HBM bandwidth ({peak:,.0f} GB/s)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(tokens, [f"{t:,}" for t in tokens])
-    ax.set_xlabel("tokens in the batch")
-    ax.set_ylabel("GB/s (bytes read + written per second)")
-    ax.set_ylim(0, 1.12 * max([peak or 0, *(r[f"{k}_gbps"] or 0 for r in rows for k in _SERIES)]))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left")
-    ax.set_title(f"{kernel}, {rows[0].get('dtype', '')}: GPU time per call (CUDA-graph replay)\n"
-                 f"measured on {provenance(meta)}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -3,7 +3,8 @@
 * :func:`activation_curves` -- SiLU beside ReLU and GELU, and SwiGLU's gate ``silu(g) * u`` as a map.
 * :func:`memory_traffic` -- bytes moved by silu-then-mul (two kernels), by the eager fp32 reference, and by
   the fused kernel (:func:`traffic_bytes` gives the numbers).
-* :func:`kernel_bandwidth` -- time and GB/s per call from a saved GPU run (``bench/results/03_05_kernels.json``).
+
+GB/s per call from a saved GPU run is drawn by :func:`minivllm.course.plots.kernel_bandwidth` (phases 03-05).
 """
 
 import math
@@ -12,10 +13,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
-from minivllm.course.plots import provenance
-
 SILU_MIN_X = -1.2784645  # where d/dx x*sigmoid(x) = 0: 1 + x * (1 - sigmoid(x)) = 0
-SERIES = (("numba", "numba kernel"), ("eager", "eager PyTorch"), ("compile", "torch.compile"))
 
 
 def activation_curves(lo: float = -6.0, hi: float = 4.0) -> Figure:
@@ -93,37 +91,5 @@ def memory_traffic(tokens: int = 4096, inter: int = 3072, dtype_bytes: int = 2) 
     ax.legend(loc="lower right")
     ax.set_title(f"{tokens} tokens × inter {inter}, {dtype_bytes} bytes per value\nthe fused kernel moves "
                  f"{totals[0] / totals[-1]:.2f}× fewer bytes than silu, then mul", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def kernel_bandwidth(result: dict, kernel: str = "silu_and_mul") -> Figure:
-    """Time per call (left) and GB/s (right) against tokens, numba vs eager vs ``torch.compile``.
-
-    ``result`` is a saved run (``{"meta": ..., "results": [{"kernel", "tokens", "numba_us", ...}]}``);
-    ``meta["hbm_peak_gbps"]``, when present, is drawn as the reachable bandwidth.
-    """
-    rows = sorted((r for r in result["results"] if r["kernel"] == kernel), key=lambda r: r["tokens"])
-    if not rows:
-        raise ValueError(f"no results for kernel {kernel!r} in this file")
-    meta = result.get("meta", {})
-    tokens = [r["tokens"] for r in rows]
-    fig, (t_ax, bw_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in SERIES:
-        t_ax.plot(tokens, [r[f"{key}_us"] for r in rows], marker="o", label=label)
-        bw_ax.plot(tokens, [r[f"{key}_gbps"] for r in rows], marker="o", label=label)
-    peak = meta.get("hbm_peak_gbps")
-    if peak:
-        bw_ax.axhline(peak, linestyle="--", color="gray", label=f"reachable HBM bandwidth ({peak:,.0f} GB/s)")
-    for ax in (t_ax, bw_ax):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens")
-        ax.grid(True, alpha=0.3)
-    t_ax.set_yscale("log")
-    t_ax.set_ylabel("µs per call (GPU time, CUDA-graph replay)")
-    bw_ax.set_ylabel("GB/s (bytes read + written per second)")
-    bw_ax.set_ylim(0, 1.12 * max([peak or 0, *(r[f"{k}_gbps"] for r in rows for k, _ in SERIES)]))
-    bw_ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"{kernel}, {rows[0].get('dtype', '')}\nmeasured on {provenance(meta)}", fontsize=9)
     fig.tight_layout()
     return fig
