@@ -19,6 +19,14 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def _command() -> str:
+    """How this process was started, as a user would retype it (``python -m bench.X ...``)."""
+    script = Path(sys.argv[0]).resolve()
+    if script.parent == Path(__file__).resolve().parent:
+        return shlex.join(["python", "-m", f"bench.{script.stem}", *sys.argv[1:]])
+    return shlex.join([script.name, *sys.argv[1:]])
+
+
 def meta(name: str) -> dict:
     """When, where, with what and by which command a result was produced."""
     import torch
@@ -27,13 +35,12 @@ def meta(name: str) -> dict:
     return {
         "name": name,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.run " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("run.py")
-        else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _command(),
         "gpu": gpu,
         "cuda": torch.version.cuda,
         "host": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
         "versions": {d: _version(d) for d in ("torch", "numba", "numba-cuda", "numpy", "minivllm")},
-        "hbm_peak_gbps": HBM_PEAK_GBPS,
+        "hbm_peak_gbps": HBM_PEAK_GBPS if gpu else None,
     }
 
 
