@@ -1,0 +1,98 @@
+"""The ``minivllm`` command. One subcommand per job; each lives in a ``_cmd_*`` function.
+
+    minivllm generate "What is the capital of France?"            # the embedded default model
+    minivllm generate "Hi" --model ~/models/Qwen3-0.6B --max-tokens 64 --temperature 0.7 --seed 1
+
+``generate`` applies the model's chat template, streams the answer to stdout as it is produced, and with
+``--stats`` reports load time and speed on stderr. ``serve`` arrives with phase 13: it will be one more
+``subparsers.add_parser`` call in :func:`build_parser`.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from minivllm.model.config import UnsupportedModelError
+from minivllm.model.weights import WeightLoadError
+
+USER_ERRORS = (FileNotFoundError, UnsupportedModelError, WeightLoadError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minivllm", description="A small LLM inference engine for Qwen3.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="answer one prompt (chat template applied) and print the answer",
+                              description="Answer one prompt with the model, streaming the text to stdout.")
+    gen.add_argument("prompt", help="the user's message")
+    _add_model_arguments(gen)
+    gen.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for temperature > 0")
+    gen.add_argument("--system", default=None, help="a system message (default: the template's own, if any)")
+    gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as given")
+    gen.add_argument("--stats", action="store_true", help="report load time and tokens/s on stderr")
+    gen.set_defaults(run=_cmd_generate)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every model-running subcommand shares (``serve`` will take them too)."""
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face checkpoint directory or a .gguf file (default: the embedded "
+                             "SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer that comes with a checkpoint directory or GGUF file."""
+    from minivllm.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_gguf(path)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from minivllm.generate import GenerationOutput, stream
+    from minivllm.model import load_model, resolve_model_path
+
+    start = time.perf_counter()
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, device=args.device)
+    load_seconds = time.perf_counter() - start
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": args.prompt}]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    out = GenerationOutput([], "length", len(prompt_ids))
+    text = tokenizer.detokenizer()
+    for token_id in stream(model, prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature,
+                           eos_token_ids=tokenizer.eos_token_ids, seed=args.seed, output=out):
+        sys.stdout.write(text.push(token_id))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
+    if args.stats:
+        print(f"[{path.name} on {model.device}, {str(model.dtype).removeprefix('torch.')}] loaded in "
+              f"{load_seconds:.1f} s; {out.prompt_tokens} prompt tokens in {out.prefill_seconds:.2f} s; "
+              f"{len(out.token_ids)} tokens generated ({out.finish_reason}), "
+              f"{out.decode_tokens_per_second:.1f} tokens/s decoding", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as e:
+        print(f"minivllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The model's element-wise layers, routed to the ``kernels`` launchers: RMSNorm, RoPE, SiLU·mul.
+
+Each function here calls the launcher of its kernel module (``kernels.rmsnorm``, ``kernels.rope``,
+``kernels.activation``) when that module exists, and otherwise the same math in plain PyTorch (the
+references, until a phase's kernel lands). Where a call runs:
+
+* CUDA tensors: the launcher's default, i.e. the numba kernel on the GPU;
+* CPU tensors: always ``backend="torch"``, the launcher's PyTorch reference. The CUDA simulator runs a
+  kernel thread by thread in Python: fine for a 4 x 64 tensor in a test, hopeless for a whole model.
+
+The launchers are imported on first use (importing numba costs seconds), once per module.
+What is left out: attention (``minivllm.model.attention``) and the matmuls (PyTorch, i.e. cuBLAS).
+"""
+
+import functools
+import importlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def launcher(module: str, name: str) -> Callable | None:
+    """``kernels.<module>.<name>``, or None while that kernel does not exist yet."""
+    try:
+        return getattr(importlib.import_module(f"kernels.{module}"), name, None)
+    except ModuleNotFoundError as e:
+        if e.name not in ("kernels", f"kernels.{module}"):
+            raise  # the module exists but something it imports is missing: say so
+        return None
+
+
+def _backend(t: torch.Tensor) -> str:
+    return "auto" if t.is_cuda else "torch"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dimension, in fp32; x: (..., n) -> same shape and dtype."""
+    fn = launcher("rmsnorm", "rms_norm")
+    rows = x.reshape(-1, x.shape[-1])  # (rows, n): the kernel's layout
+    if fn is not None:
+        return fn(rows, weight, eps, backend=_backend(x)).view(x.shape)
+    xf = rows.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * out.to(x.dtype)).view(x.shape)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x``, then ``x = rms_norm(residual)``, both IN PLACE; x, residual: (tokens, n)."""
+    fn = launcher("rmsnorm", "fused_add_rms_norm")
+    if fn is not None:
+        return fn(x, residual, weight, eps, backend=_backend(x))
+    residual.add_(x)
+    return x.copy_(rms_norm(residual, weight, eps)), residual
+
+
+def rope_cache(head_dim: int, max_position: int, theta: float, device: torch.device | str) -> torch.Tensor:
+    """The float32 (max_position, head_dim) table: row p = cos(p * inv_freq) | sin(p * inv_freq)."""
+    fn = launcher("rope", "rope_cache")
+    if fn is not None:
+        return fn(head_dim, max_position, theta, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)  # (d/2,)
+    angles = torch.arange(max_position, device=device).float()[:, None] * inv_freq  # (max_position, d/2)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (tokens, q_heads, d) and k (tokens, kv_heads, d) IN PLACE, half-split layout."""
+    fn = launcher("rope", "apply_rope")
+    if fn is not None:
+        return fn(q, k, positions, cos_sin, backend=_backend(q))
+    cos, sin = cos_sin[positions][:, None, :].chunk(2, dim=-1)  # (tokens, 1, d/2) each
+    for x in (q, k):
+        x1, x2 = x.float().chunk(2, dim=-1)
+        x.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+    return q, k
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: (tokens, 2 * n) holding [gate | up] -> silu(gate) * up, (tokens, n)."""
+    fn = launcher("activation", "silu_and_mul")
+    if fn is not None:
+        return fn(gate_up, backend=_backend(gate_up))
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
