@@ -12,9 +12,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minivllm.model.config import UnsupportedModelError
 from minivllm.model.weights import WeightLoadError
+
+if TYPE_CHECKING:
+    from minivllm.gguf_file import GGUFFile
 
 USER_ERRORS = (FileNotFoundError, UnsupportedModelError, WeightLoadError, ValueError)
 
@@ -45,21 +49,25 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
 
-def load_tokenizer(path: Path):
-    """The tokenizer that comes with a checkpoint directory or GGUF file."""
+def load_tokenizer(source: "Path | GGUFFile"):
+    """The tokenizer that comes with a checkpoint directory or a GGUF file (a path or an open ``GGUFFile``)."""
     from minivllm.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(path) if path.is_dir() else Tokenizer.from_gguf(path)
+    if isinstance(source, Path) and source.is_dir():
+        return Tokenizer.from_pretrained(source)
+    return Tokenizer.from_gguf(source)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from minivllm.generate import GenerationOutput, stream
+    from minivllm.gguf_file import GGUFFile
     from minivllm.model import load_model, resolve_model_path
 
     start = time.perf_counter()
     path = resolve_model_path(args.model)
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, device=args.device)
+    source = path if path.is_dir() else GGUFFile(path)  # a GGUF file is parsed once, for both
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, device=args.device)
     load_seconds = time.perf_counter() - start
     if args.raw:
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)

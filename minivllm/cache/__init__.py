@@ -1,17 +1,32 @@
-"""KV-cache bookkeeping: the block allocator (phase 08) and the radix-tree prefix cache (phase 09).
+"""The KV cache: the paged pool, block tables and slot mapping, the block allocator (phase 08), and the
+radix-tree prefix cache (phase 09).
 
-Both work on block ids only, on the CPU; the KV tensors the ids point into come with the paged KV cache.
+The allocator, block tables and radix cache work on block ids, on the CPU; the KV tensors the ids point
+into are the pool (:class:`PagedKVCache`).
 """
 
 from minivllm.cache.block_allocator import BlockAllocator, OutOfBlocksError
+from minivllm.cache.block_table import (BlockTable, block_tables_tensor, blocks_needed, decode_slot_mapping,
+                                        slot_mapping)
+from minivllm.cache.kv_cache import BLOCK_SIZE, PagedKVCache, blocks_for_budget, bytes_per_block, gpu_kv_budget
 from minivllm.cache.radix import CacheStats, InsertResult, MatchResult, RadixCache, RadixNode
 
 __all__ = [
+    "BLOCK_SIZE",
     "BlockAllocator",
+    "BlockTable",
     "CacheStats",
     "InsertResult",
     "MatchResult",
     "OutOfBlocksError",
+    "PagedKVCache",
     "RadixCache",
     "RadixNode",
+    "block_tables_tensor",
+    "blocks_for_budget",
+    "blocks_needed",
+    "bytes_per_block",
+    "decode_slot_mapping",
+    "gpu_kv_budget",
+    "slot_mapping",
 ]

@@ -4,8 +4,10 @@
 >>> model = load_model()                       # the embedded SmolLM2-135M-Instruct (GGUF)
 >>> hidden = model(input_ids, positions)       # (tokens,) each -> (tokens, hidden_size)
 >>> logits = model.compute_logits(hidden[-1:]) # (1, vocab_size)
+>>> file = GGUFFile(path); model = load_model(file); tok = Tokenizer.from_gguf(file)  # one parse, both
 """
 
+from minivllm.gguf_file import GGUFFile, GGUFFormatError
 from minivllm.model.attention import AttentionMetadata, KVCache
 from minivllm.model.config import ModelConfig, UnsupportedModelError
 from minivllm.model.loader import load_config, load_model, resolve_model_path
@@ -14,6 +16,8 @@ from minivllm.model.weights import WeightLoadError, checkpoint_to_param
 
 __all__ = [
     "AttentionMetadata",
+    "GGUFFile",
+    "GGUFFormatError",
     "KVCache",
     "ModelConfig",
     "Qwen3ForCausalLM",

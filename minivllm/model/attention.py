@@ -52,13 +52,18 @@ class AttentionMetadata:
     context_len: int
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-              meta: AttentionMetadata | None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta) -> torch.Tensor:
     """Causal attention of q over this step's and the cached keys; returns (tokens, q_heads * head_dim).
 
     q: (tokens, q_heads, d); k, v: (tokens, kv_heads, d). ``meta=None``: no cache, the tokens are a
     whole sequence. With a cache, k and v are first stored in rows ``context_len - tokens ..`` of ``layer``.
+    A :class:`~minivllm.model.paged_attention.PagedAttentionMetadata` (the engine's batches, phase 12)
+    goes to the paged path.
     """
+    if meta is not None and not isinstance(meta, AttentionMetadata):
+        from minivllm.model.paged_attention import paged_attention
+
+        return paged_attention(q, k, v, layer, meta)
     tokens = q.shape[0]
     if meta is not None:
         start, end = meta.context_len - tokens, meta.context_len

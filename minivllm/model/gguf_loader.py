@@ -2,7 +2,7 @@
 
 A GGUF file holds metadata (``llama.block_count``, ``tokenizer.ggml.tokens``, ...) and tensors named
 the llama.cpp way (``blk.0.attn_q.weight``), most of them quantized in blocks (Q4_1: 32 weights share a
-scale and a minimum). :func:`read_gguf` opens it with :class:`~minivllm.model.gguf_file.GGUFFile`,
+scale and a minimum). :func:`read_gguf` opens it with :class:`~minivllm.gguf_file.GGUFFile` (or takes one already open),
 dequantizes one tensor at a time with the ``gguf`` package, renames it to the Hugging Face name
 (:data:`GGUF_TO_HF`), and, for the Llama family, undoes the row permutation that llama.cpp's converter
 applies to Q and K (:func:`unpermute_qk`).
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minivllm.gguf_file import GGUFFile
 from minivllm.model.config import ModelConfig, UnsupportedModelError
-from minivllm.model.gguf_file import GGUFFile
 
 GGUF_TO_HF = {  # llama.cpp's name (after "blk.N.") -> Hugging Face's (after "model.layers.N.")
     "attn_norm": "input_layernorm",
@@ -60,13 +60,13 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))  # (heads, 2, d/2, ...): halves again
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
-    """Open ``path``: its config, its number of tensors, and an iterator of (HF name, float32 tensor)."""
+def read_gguf(path: str | Path | GGUFFile) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
+    """A GGUF path or open file: its config, its number of tensors, and an iterator of (HF name, float32 tensor)."""
     import gguf
 
-    file = GGUFFile(path)  # memory-mapped: a tensor is read when it is dequantized
+    file = path if isinstance(path, GGUFFile) else GGUFFile(path)  # memory-mapped: read when dequantized
     if "token_embd.weight" not in file.tensors:
-        raise UnsupportedModelError(f"{path}: no token_embd.weight tensor; is this a language model?")
+        raise UnsupportedModelError(f"{file.path}: no token_embd.weight tensor; is this a language model?")
     config = ModelConfig.from_gguf(file.metadata, tied="output.weight" not in file.tensors,
                                    vocab_size=file.tensors["token_embd.weight"].shape[0])
 

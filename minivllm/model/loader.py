@@ -6,6 +6,9 @@ time (a tqdm bar on stderr counts them): each tensor is read (memory-mapped safe
 GGUF), copied into its parameter, converted on the way, and dropped, so at no point is there a second
 full copy of the model in memory.
 
+A GGUF file may also be given already open (a :class:`~minivllm.gguf_file.GGUFFile`), so that the
+tokenizer (``Tokenizer.from_gguf``) and the model share one parse of it.
+
 Defaults: on a machine with a CUDA GPU the model goes there in bf16; otherwise it stays on the CPU in
 fp32. Left out: ``pytorch_model.bin`` checkpoints (pickles), downloading from the Hugging Face hub.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minivllm.gguf_file import GGUFFile
 from minivllm.model.config import ModelConfig
 from minivllm.model.qwen3 import Qwen3ForCausalLM
 
@@ -86,8 +90,12 @@ def _count_safetensors(files: list[Path]) -> int:
     return total
 
 
-def load_config(model: ModelPath = None) -> ModelConfig:
-    """The config of a checkpoint directory or GGUF file, without loading weights."""
+def load_config(model: ModelPath | GGUFFile = None) -> ModelConfig:
+    """The config of a checkpoint directory or GGUF file (a path or an open one), without loading weights."""
+    if isinstance(model, GGUFFile):
+        from minivllm.model.gguf_loader import read_gguf
+
+        return read_gguf(model)[0]
     path = resolve_model_path(model)
     if path.is_dir():
         return ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
@@ -96,10 +104,11 @@ def load_config(model: ModelPath = None) -> ModelConfig:
     return read_gguf(path)[0]
 
 
-def load_model(model: ModelPath = None, *, device: torch.device | str | None = None,
+def load_model(model: ModelPath | GGUFFile = None, *, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, progress: bool = True) -> Qwen3ForCausalLM:
-    """Build the model of ``model`` (directory, ``.gguf`` file, or None for the default) with its weights."""
-    path = resolve_model_path(model)
+    """Build the model of ``model`` (directory, ``.gguf`` path, open ``GGUFFile``, or None for the default)
+    with its weights."""
+    path = model.path if isinstance(model, GGUFFile) else resolve_model_path(model)
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but PyTorch sees no CUDA GPU here")
@@ -111,7 +120,7 @@ def load_model(model: ModelPath = None, *, device: torch.device | str | None = N
     else:
         from minivllm.model.gguf_loader import read_gguf
 
-        config, total, weights = read_gguf(path)
+        config, total, weights = read_gguf(model if isinstance(model, GGUFFile) else path)
     model = Qwen3ForCausalLM(config, device=device, dtype=dtype)
     bar = tqdm(weights, total=total, desc=f"loading {path.name}", unit=" tensors", disable=not progress, leave=False)
     model.load_weights(bar)

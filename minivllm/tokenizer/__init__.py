@@ -5,7 +5,7 @@
 >>> stream = tok.detokenizer(); text = "".join(stream.push(i) for i in ids) + stream.flush()
 
 Modules: ``bpe`` (byte-level BPE: regexes, ranks, a slow reference), ``loaders`` (GGUF, tokenizer.json,
-tiktoken names), ``gguf_metadata`` (fast GGUF metadata reader), ``chat`` (Jinja chat templates),
+tiktoken names; GGUF files are read by :mod:`minivllm.gguf_file`), ``chat`` (Jinja chat templates),
 ``detokenize`` (incremental detokenization), ``tokenizer`` (the ``Tokenizer`` class).
 """
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import tiktoken
 
+from minivllm.gguf_file import GGUFFile
 from minivllm.tokenizer.bpe import GPT2_PATTERN, PRE_TOKENIZERS, SMOLLM_PATTERN, mergeable_ranks
-from minivllm.tokenizer.gguf_metadata import metadata_from_reader, read_metadata
 
 _CONTROL, _USER_DEFINED = 3, 4  # GGUF token types (llama.cpp's llama_token_type)
 
@@ -27,14 +27,15 @@ def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: dict[s
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials), ranks
 
 
-def gguf_metadata(source: Any) -> dict[str, Any]:
-    """Metadata of a GGUF path (fast reader) or of an already-open ``gguf.GGUFReader``."""
-    if hasattr(source, "fields"):
-        return metadata_from_reader(source)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"no GGUF file at {path}")
-    return read_metadata(path)
+def gguf_metadata(source: str | Path | GGUFFile | Any) -> dict[str, Any]:
+    """Metadata of a GGUF path, of an open :class:`~minivllm.gguf_file.GGUFFile` (not parsed again), or of an
+    open ``gguf.GGUFReader`` (its fields' values)."""
+    if isinstance(source, GGUFFile):
+        return source.metadata
+    if hasattr(source, "fields"):  # gguf.GGUFReader
+        return {k: f.contents() for k, f in source.fields.items() if not k.startswith("GGUF.")}
+    with GGUFFile(source) as file:
+        return file.metadata
 
 
 def from_gguf_metadata(meta: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import regex
 import tiktoken
 
+from minivllm.gguf_file import GGUFFile
 from minivllm.tokenizer import bpe, loaders
 from minivllm.tokenizer.chat import render_chat
 from minivllm.tokenizer.detokenize import IncrementalDetokenizer, complete_utf8_prefix
@@ -56,8 +57,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_gguf(cls, path: "str | Path | Any") -> "Tokenizer":
-        """From a GGUF file's ``tokenizer.*`` metadata (a path, or an open ``gguf.GGUFReader``)."""
+    def from_gguf(cls, path: str | Path | GGUFFile | Any) -> "Tokenizer":
+        """From a GGUF file's ``tokenizer.*`` metadata: a path, or an open :class:`~minivllm.gguf_file.GGUFFile`
+        (the one :func:`~minivllm.model.load_model` reads too, so the file is parsed once) or ``gguf.GGUFReader``."""
         return cls(**loaders.from_gguf_metadata(loaders.gguf_metadata(path)))
 
     @classmethod

@@ -1,0 +1,149 @@
+"""The paged KV cache: one pre-allocated pool of fixed-size token blocks per layer.
+
+Every layer gets one tensor
+
+    kv[layer]: (num_blocks, 2, block_size, num_kv_heads, head_dim)      # 2 = (K, V)
+
+Block ``b`` holds K and V of ``block_size`` consecutive tokens of *some* sequence; which sequence, and
+which of its tokens, is the block table's business (``minivllm.cache.block_table``). Token slot
+``s = b * block_size + offset`` is the unit the KV-store kernel writes to.
+
+Why this layout (vLLM's FlashAttention layout, with K and V of one block side by side):
+
+* a block's K (and its V) is one contiguous ``block_size * num_kv_heads * head_dim`` run, so the decode
+  kernel reads a whole page with long coalesced loads, and one pointer per layer addresses everything;
+* one tensor per layer (not one for the whole model) keeps each layer's pool contiguous and lets the
+  model hand a layer exactly its own pool.
+
+How many blocks: on a GPU, whatever is left of ``gpu_memory_utilization * total`` once the weights are
+loaded and a profiling forward pass has reached its peak activation memory (:func:`gpu_kv_budget`);
+on a CPU, a budget in bytes. Either way :func:`blocks_for_budget` turns bytes into blocks.
+
+Left out: which blocks are free (``BlockAllocator``), per-sequence tables and slot mapping
+(``block_table``), writing K/V (``kernels.store_kv``) and reading them (``kernels.paged_attention``).
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from minivllm.model.config import ModelConfig
+
+BLOCK_SIZE = 16  # tokens per block: vLLM's default
+
+
+def bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+    """Bytes one block costs across all layers: layers x 2 (K, V) x block_size x kv_heads x head_dim x itemsize."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * itemsize
+
+
+def blocks_for_budget(config: ModelConfig, budget_bytes: int, dtype: torch.dtype,
+                      block_size: int = BLOCK_SIZE) -> int:
+    """How many whole blocks (each in every layer) fit in ``budget_bytes``; raises if not even one does."""
+    if budget_bytes < 0:
+        raise ValueError(f"budget_bytes must be non-negative, got {budget_bytes}")
+    per_block = bytes_per_block(config, dtype, block_size)
+    num_blocks = int(budget_bytes) // per_block
+    if num_blocks == 0:
+        raise ValueError(f"a KV budget of {budget_bytes:,} bytes holds no block ({per_block:,} bytes each: "
+                         f"{config.num_hidden_layers} layers x {block_size} tokens); raise gpu_memory_utilization "
+                         f"or the memory budget, or use a smaller model")
+    return num_blocks
+
+
+def gpu_kv_budget(device: torch.device | str, gpu_memory_utilization: float = 0.9,
+                  profile: Callable[[], object] | None = None) -> int:
+    """Bytes left for the KV cache on ``device``, after the weights (already loaded) and ``profile``'s peak.
+
+    ``profile`` runs a forward pass of the largest batch the engine will schedule; its peak memory
+    (weights + activations, as torch's allocator saw it) is what the KV cache must leave room for.
+    Memory used by other processes on the GPU counts against the budget too.
+    """
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"gpu_kv_budget measures a CUDA device, got {device}; on a CPU pass a budget in bytes")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    if profile is not None:
+        with torch.inference_mode():
+            profile()
+        torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    ours_now = torch.cuda.memory_reserved(device)
+    others = total - free - ours_now  # other processes (and the CUDA context)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    return max(0, int(total * gpu_memory_utilization) - others - peak)
+
+
+class PagedKVCache:
+    """The pool: ``kv[layer]`` is a ``(num_blocks, 2, block_size, num_kv_heads, head_dim)`` tensor."""
+
+    __slots__ = ("kv", "block_size", "num_blocks", "num_kv_heads", "head_dim")
+
+    def __init__(self, kv: list[torch.Tensor]) -> None:
+        if not kv:
+            raise ValueError("a PagedKVCache needs at least one layer")
+        shape = kv[0].shape
+        if len(shape) != 5 or shape[1] != 2:
+            raise ValueError(f"each layer must be (num_blocks, 2, block_size, kv_heads, head_dim), got {tuple(shape)}")
+        if any(t.shape != shape or t.dtype != kv[0].dtype or t.device != kv[0].device for t in kv):
+            raise ValueError("every layer's pool must have the same shape, dtype and device")
+        self.kv = kv
+        self.num_blocks, _, self.block_size, self.num_kv_heads, self.head_dim = shape
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_blocks: int, *, block_size: int = BLOCK_SIZE,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "PagedKVCache":
+        """Zero-filled pools of ``num_blocks`` blocks for every layer of ``config``."""
+        if not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        shape = (num_blocks, 2, block_size, config.num_key_value_heads, config.head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)])
+
+    @classmethod
+    def from_budget(cls, config: ModelConfig, budget_bytes: int, *, block_size: int = BLOCK_SIZE,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "PagedKVCache":
+        """As many blocks as ``budget_bytes`` holds (see :func:`blocks_for_budget` and :func:`gpu_kv_budget`)."""
+        num_blocks = blocks_for_budget(config, budget_bytes, dtype, block_size)
+        return cls.allocate(config, num_blocks, block_size=block_size, device=device, dtype=dtype)
+
+    def __repr__(self) -> str:
+        return (f"PagedKVCache(layers={len(self.kv)}, num_blocks={self.num_blocks}, block_size={self.block_size}, "
+                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
+                f"{self.nbytes / 2**20:.1f} MiB)")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+    def key(self, layer: int) -> torch.Tensor:
+        """K of ``layer`` as a (num_blocks, block_size, kv_heads, head_dim) view (not contiguous)."""
+        return self.kv[layer][:, 0]
+
+    def value(self, layer: int) -> torch.Tensor:
+        """V of ``layer`` as a (num_blocks, block_size, kv_heads, head_dim) view (not contiguous)."""
+        return self.kv[layer][:, 1]

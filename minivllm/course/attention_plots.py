@@ -1,0 +1,128 @@
+"""Notebook 07's plots: what naive attention moves through memory against a tiled kernel, and the masks of a
+packed variable-length batch. Each plotting function returns a matplotlib ``Figure`` and shows nothing.
+
+The byte counts are a model, not a measurement: they count HBM traffic with no cache reuse between blocks.
+"""
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+_SEQ_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
+
+
+def attention_bytes(n: int, *, n_heads: int = 16, head_dim: int = 128, dtype_bytes: int = 2,
+                    rows: int = 64) -> dict[str, int]:
+    """HBM bytes of one sequence of ``n`` tokens' attention (no mask), three ways.
+
+    ``naive``: read Q, K, V; write the fp32 scores S (n x n per head), read S back for the softmax, write P
+    in the dtype, read P for P @ V, write O. ``tiled``: read Q and write O once, read K and V once per tile
+    of ``rows`` queries from HBM (no cache at all); S and P never leave the chip. ``tiled_l2``: the same
+    kernel when the re-reads of K and V hit the L2 cache (one head's K and V, 8 MB at 16k tokens in bf16,
+    fit in an H200's 50 MB L2): every tensor crosses HBM once.
+    """
+    if n < 1 or rows < 1:
+        raise ValueError(f"n and rows must be >= 1, got n={n}, rows={rows}")
+    vec = n * head_dim * dtype_bytes  # one (n, head_dim) tensor of one head
+    naive = 4 * vec + n * n * (4 + 4 + 2 * dtype_bytes)
+    tiled = 2 * vec + 2 * -(-n // rows) * vec
+    return {"naive": naive * n_heads, "tiled": tiled * n_heads, "tiled_l2": 4 * vec * n_heads}
+
+
+def attention_traffic(seq_lens: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384), *, n_heads: int = 16,
+                      head_dim: int = 128, dtype_bytes: int = 2, rows: int = 64) -> Figure:
+    """Bytes moved vs sequence length (log-log): naive, tiled without and with L2 reuse (:func:`attention_bytes`)."""
+    data = [attention_bytes(n, n_heads=n_heads, head_dim=head_dim, dtype_bytes=dtype_bytes, rows=rows)
+            for n in seq_lens]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for name, label, color in [("naive", "naive: S and P written to HBM", "#C44E52"),
+                               ("tiled", f"tiled, K and V re-read from HBM per {rows} queries", "#DD8452"),
+                               ("tiled_l2", "tiled, re-reads hit L2: each tensor once", "#4C72B0")]:
+        ys = [d[name] / 1e9 for d in data]
+        ax.plot(seq_lens, ys, "o-", color=color, label=label)
+        ax.annotate(f"{ys[-1]:,.3g} GB", (seq_lens[-1], ys[-1]), textcoords="offset points", xytext=(-10, 6),
+                    ha="right", fontsize=8, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("GB moved through HBM")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ratio = data[-1]["naive"] / data[-1]["tiled_l2"]
+    ax.set_title(f"one layer's attention, {n_heads} heads x {head_dim}, {dtype_bytes} B values: "
+                 f"{ratio:.0f}x less traffic tiled (L2 reuse) at {seq_lens[-1]:,}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def mask_matrix(q_lens: list[int], k_lens: list[int], causal: bool = True) -> np.ndarray:
+    """(total_q, total_k) int array: 0 where masked, b + 1 where a query of sequence b sees the key."""
+    if len(q_lens) != len(k_lens):
+        raise ValueError(f"q_lens and k_lens must have one entry per sequence, got {len(q_lens)} and {len(k_lens)}")
+    m = np.zeros((sum(q_lens), sum(k_lens)), dtype=np.int64)
+    qo = ko = 0
+    for b, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        i = np.arange(ql)[:, None]
+        j = np.arange(kl)[None, :]
+        allowed = j <= i + (kl - ql) if causal else np.ones((ql, kl), dtype=bool)
+        m[qo:qo + ql, ko:ko + kl] = np.where(allowed, b + 1, 0)
+        qo, ko = qo + ql, ko + kl
+    return m
+
+
+def attention_mask(q_lens: list[int], k_lens: list[int] | None = None, causal: bool = True) -> Figure:
+    """The mask of a packed batch: one block per sequence on the diagonal, causal (end-aligned) inside it.
+
+    With ``k_lens`` longer than ``q_lens`` the queries are the last tokens of their sequence (earlier
+    context in the cache): their triangle is shifted right by ``k_len - q_len`` columns.
+    """
+    k_lens = list(q_lens) if k_lens is None else list(k_lens)
+    m = mask_matrix(list(q_lens), k_lens, causal)
+    colors = ["#EEEEEE"] + [_SEQ_COLORS[b % len(_SEQ_COLORS)] for b in range(len(q_lens))]
+    fig, ax = plt.subplots(figsize=(min(10, 3.5 + 0.35 * m.shape[1]), min(7, 2.0 + 0.35 * m.shape[0])))
+    ax.imshow(m, cmap=ListedColormap(colors), vmin=-0.5, vmax=len(q_lens) + 0.5, interpolation="nearest")
+    qo = ko = 0
+    for b, (ql, kl) in enumerate(zip(q_lens, k_lens)):
+        ax.add_patch(plt.Rectangle((ko - 0.5, qo - 0.5), kl, ql, fill=False, edgecolor="black", linewidth=1))
+        ax.text(m.shape[1] - 0.2, qo + ql / 2 - 0.5, f"seq {b}: {ql} q x {kl} k", fontsize=8, va="center",
+                color=colors[b + 1])
+        qo, ko = qo + ql, ko + kl
+    ax.set_xlabel("key (packed: cu_seqlens_k)")
+    ax.set_ylabel("query (packed: cu_seqlens_q)")
+    ax.set_xlim(-0.5, m.shape[1] + 3.5)
+    ax.set_xticks(range(0, m.shape[1], max(1, m.shape[1] // 10)))
+    ax.set_title(f"{'causal' if causal else 'full'} attention of a packed batch:\n"
+                 f"{int((m > 0).sum())} of {m.size} scores computed", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def online_softmax_trace(scores: np.ndarray, tile: int) -> Figure:
+    """The running max ``m`` and normalizer ``l`` of one row's online softmax after each tile of keys."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or scores.size == 0 or tile < 1:
+        raise ValueError("scores must be a non-empty 1-D array and tile >= 1")
+    ms, ls, edges, m, l = [], [], [], -np.inf, 0.0
+    for start in range(0, scores.size, tile):
+        s = scores[start:start + tile]
+        m_new = max(m, s.max())
+        l = l * np.exp(m - m_new) + np.exp(s - m_new).sum()
+        m = m_new
+        edges.append(start - 0.5)
+        ms.append(m)
+        ls.append(l)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3))
+    ax0.bar(range(scores.size), scores, color="#BBBBBB")
+    ax0.step(edges + [scores.size - 0.5], ms + ms[-1:], where="post", color="#C44E52",
+             label="running max m after each tile")
+    ax0.set_xlabel("key")
+    ax0.set_ylabel("score")
+    ax0.legend(fontsize=8)
+    ax1.plot(range(1, len(ls) + 1), ls, "o-", color="#4C72B0", label="l = sum of exp(s - m), rescaled as m grows")
+    ax1.axhline(np.exp(scores - scores.max()).sum(), color="gray", linestyle=":", label="exact, all keys at once")
+    ax1.set_xlabel(f"after tile (of {tile} keys)")
+    ax1.legend(fontsize=8)
+    fig.suptitle("online softmax: one pass, the state rescaled whenever the max grows", fontsize=10)
+    fig.tight_layout()
+    return fig

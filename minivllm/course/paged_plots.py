@@ -1,0 +1,149 @@
+"""Phase 08's pictures: why paging, and what a block table is.
+
+:func:`simulate_fragmentation` runs one arrival/departure process of requests against a KV memory of
+``num_slots`` token slots under three allocation schemes, and reports, at every moment a request is
+refused, what the memory held; :func:`fragmentation_plot` draws the averages as stacked bars.
+:func:`draw_block_tables` draws sequences' logical blocks and the physical pool they map into.
+Each returns a matplotlib ``Figure`` already closed in pyplot, so it shows once: as a cell's last expression.
+"""
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+SCHEMES = ("contiguous, reserve max_len", "contiguous, exact size", "paged")
+PARTS = ("holds tokens", "reserved, still empty", "free, but the next request does not fit")
+PART_COLORS = ("#4C72B0", "#DD8452", "#C44E52")
+SEQ_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
+
+
+@dataclass(slots=True, frozen=True)
+class Fragmentation:
+    """Fractions of the memory, averaged over the moments a request was refused (they sum to <= 1)."""
+
+    scheme: str
+    holds_tokens: float
+    reserved_empty: float  # inside a sequence's allocation, not (yet) holding a token
+    unusable_free: float  # free slots, yet the refused request does not fit (holes, or too few in all)
+    refusals: int
+
+
+def _first_fit(holes: list[list[int]], size: int) -> int | None:
+    for h in holes:
+        if h[1] >= size:
+            start = h[0]
+            h[0] += size
+            h[1] -= size
+            return start
+    return None
+
+
+def simulate_fragmentation(num_slots: int = 4096, max_len: int = 1024, block_size: int = 16,
+                           requests: int = 2000, seed: int = 0) -> list[Fragmentation]:
+    """Each request has a final length uniform in ``16 .. max_len``; requests arrive until one is
+    refused, then a random running one finishes. Contiguous schemes place an allocation first-fit in
+    the holes of one address range; *reserve max_len* must reserve the longest possible sequence (the
+    output length is unknown at admission); paged allocates ``ceil(length / block_size)`` blocks anywhere.
+    Lengths are final lengths: a snapshot of every sequence when fully grown, the kindest case for contiguous.
+    """
+    results = []
+    for scheme in SCHEMES:
+        rng = random.Random(seed)
+        lengths = [rng.randint(16, max_len) for _ in range(requests)]
+        running: list[tuple[int, int, int]] = []  # (start, reserved, length)
+        holes = [[0, num_slots]]  # contiguous: [start, size] of free ranges, by start
+        free_blocks = num_slots // block_size
+        sums, refusals, i = [0.0, 0.0, 0.0], 0, 0
+        while i < len(lengths):
+            n = lengths[i]
+            size = max_len if scheme == SCHEMES[0] else n
+            if scheme == SCHEMES[2]:
+                size = -(-n // block_size) * block_size
+                start = 0 if free_blocks * block_size >= size else None
+                if start is not None:
+                    free_blocks -= size // block_size
+            else:
+                start = _first_fit(holes, size)
+            if start is not None:
+                running.append((start, size, n))
+                i += 1
+                continue
+            held = sum(r[2] for r in running)
+            reserved = sum(r[1] for r in running)
+            sums[0] += held / num_slots
+            sums[1] += (reserved - held) / num_slots
+            sums[2] += (num_slots - reserved) / num_slots
+            refusals += 1
+            start, size, _ = running.pop(rng.randrange(len(running)))
+            if scheme == SCHEMES[2]:
+                free_blocks += size // block_size
+            else:
+                holes.append([start, size])
+                holes.sort()
+                merged = [holes[0]]
+                for h in holes[1:]:  # join neighbouring holes
+                    if merged[-1][0] + merged[-1][1] == h[0]:
+                        merged[-1][1] += h[1]
+                    else:
+                        merged.append(h)
+                holes[:] = merged
+        results.append(Fragmentation(scheme, *(s / max(refusals, 1) for s in sums), refusals))
+    return results
+
+
+def fragmentation_plot(results: Sequence[Fragmentation]) -> Figure:
+    """Stacked horizontal bars: what the KV memory held when a request was refused, per scheme."""
+    fig, ax = plt.subplots(figsize=(9, 2.8))
+    for y, r in enumerate(results):
+        left = 0.0
+        for part, value, color in zip(PARTS, (r.holds_tokens, r.reserved_empty, r.unusable_free), PART_COLORS):
+            ax.barh(y, value, left=left, color=color, label=part if y == 0 else None)
+            if value > 0.06:
+                ax.text(left + value / 2, y, f"{value:.0%}", ha="center", va="center", color="white", fontsize=9)
+            left += value
+    ax.set_yticks(range(len(results)), [r.scheme for r in results])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of the KV memory when the next request does not fit")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, frameon=False)
+    ax.set_title("Where KV memory goes: contiguous vs paged allocation")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def draw_block_tables(tables: Mapping[str, Sequence[int]], lengths: Mapping[str, int], num_blocks: int,
+                      block_size: int) -> Figure:
+    """Top: each sequence's logical blocks (filled slots shaded); bottom: the physical pool, each block
+    coloured by the sequence that owns it; a line joins every logical block to its physical block."""
+    width = max(num_blocks, max((len(t) for t in tables.values()), default=0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * width + 2), 1.0 + 0.7 * len(tables) + 1.2))
+    pool_y = -1.6
+    owner: dict[int, int] = {}
+    for row, (name, table) in enumerate(tables.items()):
+        color = SEQ_COLORS[row % len(SEQ_COLORS)]
+        y = row * 0.9
+        ax.text(-0.3, y + 0.3, f"{name} ({lengths[name]} tokens)", ha="right", va="center", fontsize=9)
+        for j, block in enumerate(table):
+            filled = min(max(lengths[name] - j * block_size, 0), block_size) / block_size
+            ax.add_patch(Rectangle((j, y), 0.9, 0.6, facecolor="white", edgecolor=color))
+            ax.add_patch(Rectangle((j, y), 0.9 * filled, 0.6, facecolor=color, alpha=0.45, edgecolor="none"))
+            ax.text(j + 0.45, y + 0.3, str(block), ha="center", va="center", fontsize=8)
+            ax.plot([j + 0.45, block + 0.45], [y, pool_y + 0.6], color=color, lw=0.8, alpha=0.6)
+            owner[block] = row
+    for b in range(num_blocks):
+        color = SEQ_COLORS[owner[b] % len(SEQ_COLORS)] if b in owner else "#EEEEEE"
+        ax.add_patch(Rectangle((b, pool_y), 0.9, 0.6, facecolor=color, edgecolor="black", lw=0.5, gid=f"pool{b}"))
+        ax.text(b + 0.45, pool_y - 0.25, str(b), ha="center", va="center", fontsize=7)
+    ax.text(-0.3, pool_y + 0.3, "physical pool", ha="right", va="center", fontsize=9)
+    ax.set_xlim(-0.2, width + 0.1)
+    ax.set_ylim(pool_y - 0.5, 0.9 * len(tables) + 0.2)
+    ax.axis("off")
+    ax.set_title(f"Block tables map each sequence's logical blocks to physical blocks ({block_size} tokens each)")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

@@ -1,0 +1,336 @@
+"""Continuous batching: which sequences compute which tokens in the next step.
+
+Each step the :class:`Scheduler` fills a token budget (``max_num_batched_tokens``) with at most
+``max_num_seqs`` sequences: first one decode token for every running sequence that is generating, then
+prefill chunks of running sequences whose prompt is not done, then new (or preempted) sequences from the
+waiting queue, first come first served. A long prompt is split into chunks across steps (chunked
+prefill) and shares each step with the decodes. At admission the radix cache gives the longest cached
+prefix: those blocks are locked and not recomputed (a fully cached prompt still computes its last
+token). When KV blocks run out, cached blocks are evicted first; then the newest running sequence is
+preempted (its blocks released, recomputed later) and goes back to the front of the waiting queue.
+
+Reference rules (the :class:`BlockAllocator`'s counts): a live sequence holds one reference to each
+block of its block table; the radix cache holds its own. So after any sequence of operations every
+block is free, held by the radix cache, or held by a live sequence.
+
+Left out: the model (``postprocess`` takes the sampled token ids), sampling, stop strings (the
+detokenizer's; :attr:`Scheduler.stop_checker` is the hook), swapping KV to the CPU, priorities.
+"""
+
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from minivllm.cache import BlockAllocator, RadixCache
+from minivllm.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # the token budget of one step (decodes + prefill chunks)
+    max_num_seqs: int = 64  # at most this many running sequences (so at most this many per step)
+    block_size: int = 16  # token slots per KV block
+    enable_prefix_caching: bool = True  # reuse cached prompt prefixes at admission
+    enable_chunked_prefill: bool = True  # split long prompts across steps (always on here)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence's decode token must fit in one step")
+        if not self.enable_chunked_prefill:
+            raise ValueError("enable_chunked_prefill=False is not supported: this scheduler always chunks prefills")
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step: 1 for a decode, the chunk length for a prefill
+    start: int  # position of the first of them (the sequence's num_computed_tokens before the step)
+    is_prefill: bool
+    needs_sample: bool  # the step computes the last known token: its logits give the next token
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's work. Rows of the flattened arrays follow ``scheduled`` (decodes first)."""
+
+    step: int
+    scheduled: list[ScheduledSequence]
+    input_ids: list[int]  # (num_batched_tokens,)
+    positions: list[int]  # (num_batched_tokens,)
+    slot_mapping: list[int]  # (num_batched_tokens,) KV slot = block * block_size + offset
+    cu_seqlens_q: list[int]  # (num_seqs + 1,) where each sequence's tokens start in the flat arrays
+    seq_lens: list[int]  # (num_seqs,) context length after the step (start + num_new_tokens)
+    block_tables: list[list[int]]  # (num_seqs, blocks) a copy of each block table
+    sample_indices: list[int]  # flat rows whose logits are sampled, in order of ``scheduled``
+    preempted: list[int] = field(default_factory=list)  # seq ids preempted while scheduling this step
+    finished: list[int] = field(default_factory=list)  # seq ids finished ("length") because the cache cannot hold them
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled if not s.is_prefill)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled if s.is_prefill)
+
+    @property
+    def sampled_seqs(self) -> list[Sequence]:
+        return [s.seq for s in self.scheduled if s.needs_sample]
+
+
+class Scheduler:
+    """Waiting and running queues over one :class:`BlockAllocator` (and a :class:`RadixCache`, optional).
+
+    ``schedule()`` plans a step; the model runs it; ``postprocess(output, sampled)`` appends one sampled
+    token per ``output.sample_indices`` row and finishes sequences. Policy hooks a subclass may override:
+    :meth:`select_victim` (whom to preempt), :meth:`prefill_chunk` (how much of a prompt to compute) and
+    :meth:`max_cached_tokens` (how much of a prompt the prefix cache may serve).
+    """
+
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, cache: RadixCache | None = None,
+                 eos_token_ids: Iterable[int] = ()) -> None:
+        if cache is None and config.enable_prefix_caching:
+            cache = RadixCache(allocator, config.block_size)
+        if cache is not None and cache.block_size != config.block_size:
+            raise ValueError(f"the radix cache's block_size ({cache.block_size}) != config.block_size "
+                             f"({config.block_size})")
+        self.config = config
+        self.allocator = allocator
+        self.cache = cache if config.enable_prefix_caching else None
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: list[Sequence] = []  # FCFS: sorted by arrival (preempted sequences go back in order)
+        self.running: list[Sequence] = []  # sorted by arrival
+        self.stop_checker: Callable[[Sequence], bool | str | None] | None = None  # the detokenizer's stop-string hook
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self._seqs: dict[int, Sequence] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (raises if it can never fit in the KV cache)."""
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"sequence id {seq.seq_id} is already in use")
+        if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
+            raise ValueError(f"sequence {seq.seq_id} is not new (status {seq.status.value})")
+        capacity = self.allocator.num_blocks * self.config.block_size
+        max_tokens = seq.max_tokens
+        need = seq.num_tokens + (max_tokens - 1 if max_tokens else 0)  # the last sampled token is never cached
+        if need > capacity:
+            raise ValueError(f"sequence {seq.seq_id} needs up to {need} KV slots ({seq.num_tokens} prompt tokens + "
+                             f"max_tokens {max_tokens}) but the whole cache holds {capacity}: it could never finish")
+        self._seqs[seq.seq_id] = seq
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+
+    def abort(self, seq_id: int) -> Sequence:
+        """Finish a sequence now with reason ``abort``; every KV block it held is released."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise KeyError(f"no live sequence with id {seq_id}")
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq, cache_blocks=False)
+        self._finish(seq, FinishReason.ABORT)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ policy hooks
+    def select_victim(self) -> Sequence:
+        """The running sequence to preempt when blocks run out: the newest (FCFS keeps the oldest going)."""
+        return max(self.running, key=lambda s: s.arrival)
+
+    def max_cached_tokens(self, seq: Sequence) -> int:
+        """How many of ``seq``'s tokens the prefix cache may serve at admission: all but the last (its logits are needed)."""
+        return seq.num_tokens - 1
+
+    def prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """How many of ``seq``'s uncomputed tokens to compute this step, given ``budget`` tokens left."""
+        return min(seq.num_tokens - seq.num_computed_tokens, budget)
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step: decodes, then prefill chunks of running sequences, then admissions."""
+        budget = self.config.max_num_batched_tokens
+        plan: dict[int, ScheduledSequence] = {}
+        preempted: list[int] = []
+        finished: list[int] = []
+        decodes = [s for s in self.running if not s.is_prefill]
+        prefills = [s for s in self.running if s.is_prefill]
+        for seq in decodes + prefills:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this step
+            n = 1 if not seq.is_prefill else self.prefill_chunk(seq, budget)
+            if n <= 0:
+                continue
+            while True:
+                fit = self._fit(seq, n)
+                if fit == n or (seq.is_prefill and fit > 0):
+                    break
+                if len(self.running) == 1:  # alone and still no room: the cache can never hold it
+                    self.running.remove(seq)
+                    self._release(seq, cache_blocks=True)
+                    self._finish(seq, FinishReason.LENGTH)
+                    finished.append(seq.seq_id)
+                    fit = 0
+                    break
+                victim = self.select_victim()
+                if victim.seq_id in plan:
+                    budget += plan.pop(victim.seq_id).num_new_tokens
+                self._preempt(victim)
+                preempted.append(victim.seq_id)
+                if victim is seq:
+                    fit = 0
+                    break
+            if fit > 0:
+                self._grow(seq, fit)
+                plan[seq.seq_id] = self._entry(seq, fit)
+                budget -= fit
+        if not preempted:  # NOTE: no admissions in a step that had to preempt (the memory is short)
+            self._admit(plan, budget)
+        scheduled = sorted(plan.values(), key=lambda e: (e.is_prefill, e.seq.arrival))
+        self.num_steps += 1
+        return self._build(scheduled, preempted, finished)
+
+    def _admit(self, plan: dict[int, ScheduledSequence], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if self.cache is not None:  # the last token is always computed: its logits give the next one
+                limit = min(self.max_cached_tokens(seq), seq.num_tokens - 1)
+                match = self.cache.match_prefix(seq.token_ids, max_tokens=limit)
+                self.cache.lock(match.node)
+                self.allocator.ref(match.blocks)
+                seq.block_table, seq.radix_node = list(match.blocks), match.node
+                seq.num_computed_tokens = seq.num_cached_tokens = match.num_tokens
+            fit = self._fit(seq, self.prefill_chunk(seq, budget))
+            if fit <= 0:  # FCFS: nobody overtakes the head of the queue
+                self._release(seq, cache_blocks=False)
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            self._grow(seq, fit)
+            plan[seq.seq_id] = self._entry(seq, fit)
+            budget -= fit
+
+    def _fit(self, seq: Sequence, n: int) -> int:
+        """How many of ``n`` new tokens fit in ``seq``'s blocks plus free (or evictable) blocks."""
+        bs = self.config.block_size
+        have = len(seq.block_table) * bs - seq.num_computed_tokens
+        need_blocks = -(-(n - have) // bs) if n > have else 0
+        free = self.allocator.num_free
+        if need_blocks > free and self.cache is not None:
+            self.cache.evict(need_blocks - free)
+            free = self.allocator.num_free
+        return min(n, have + free * bs)
+
+    def _grow(self, seq: Sequence, n: int) -> None:
+        bs = self.config.block_size
+        need = -(-(seq.num_computed_tokens + n) // bs) - len(seq.block_table)
+        if need > 0:
+            seq.block_table += self.allocator.allocate(need)
+
+    def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        return ScheduledSequence(seq, n, start, seq.is_prefill, start + n == seq.num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq, cache_blocks=True)
+        seq.status = SequenceStatus.PREEMPTED
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+
+    def _release(self, seq: Sequence, cache_blocks: bool) -> None:
+        """Give back every block ``seq`` holds; with ``cache_blocks``, its full computed blocks go to the cache first."""
+        table = seq.block_table
+        if cache_blocks and self.cache is not None and seq.num_computed_tokens >= self.config.block_size:
+            done = seq.num_computed_tokens
+            cached = self.cache.insert(seq.token_ids[:done], table).blocks  # our refs may move to these
+            table = cached + table[len(cached):]
+        if seq.radix_node is not None:
+            self.cache.unlock(seq.radix_node)
+        self.allocator.free(table)
+        seq.block_table, seq.radix_node = [], None
+        seq.num_computed_tokens = 0
+
+    def _build(self, scheduled: list[ScheduledSequence], preempted: list[int], finished: list[int]) -> SchedulerOutput:
+        bs = self.config.block_size
+        out = SchedulerOutput(self.num_steps, scheduled, [], [], [], [0], [], [], [], preempted, finished)
+        for e in scheduled:
+            tokens, table = e.seq.token_ids, e.seq.block_table
+            for pos in range(e.start, e.start + e.num_new_tokens):
+                out.input_ids.append(tokens[pos])
+                out.positions.append(pos)
+                out.slot_mapping.append(table[pos // bs] * bs + pos % bs)
+            out.cu_seqlens_q.append(len(out.input_ids))
+            out.seq_lens.append(e.start + e.num_new_tokens)
+            out.block_tables.append(list(table))
+            if e.needs_sample:
+                out.sample_indices.append(len(out.input_ids) - 1)
+        return out
+
+    # ------------------------------------------------------------------ after the model ran
+    def postprocess(self, output: SchedulerOutput, sampled_token_ids: Iterable[int]) -> list[Sequence]:
+        """Record the step: advance computed tokens, append one sampled token per sampled row, finish sequences.
+
+        Returns the sequences that finished in this step."""
+        sampled = list(sampled_token_ids)
+        if len(sampled) != len(output.sample_indices):
+            raise ValueError(f"expected {len(output.sample_indices)} sampled token ids (one per sample row), "
+                             f"got {len(sampled)}")
+        tokens = iter(sampled)
+        done = []
+        for e in output.scheduled:
+            seq = e.seq
+            token = next(tokens) if e.needs_sample else None
+            if seq.status is not SequenceStatus.RUNNING or seq.num_computed_tokens != e.start:
+                continue  # aborted (or preempted) since the step was planned: drop its result
+            seq.num_computed_tokens += e.num_new_tokens
+            if token is None:
+                continue
+            seq.output_token_ids.append(int(token))
+            reason = self._check_stop(seq)
+            if reason is not None:
+                self.running.remove(seq)
+                self._release(seq, cache_blocks=True)
+                self._finish(seq, reason)
+                done.append(seq)
+        return done
+
+    def _check_stop(self, seq: Sequence) -> FinishReason | None:
+        params, token = seq.sampling_params, seq.output_token_ids[-1]
+        n = seq.num_output_tokens
+        # NOTE: the hook sees every new token (the engine's detokenizer needs them all); it returns a truthy
+        # value (the stop string) only once min_tokens are out
+        hook = self.stop_checker(seq) if self.stop_checker is not None else None
+        if n >= getattr(params, "min_tokens", 0):
+            if token in (getattr(params, "stop_token_ids", None) or ()):
+                seq.stop_reason = token
+                return FinishReason.STOP
+            if token in self.eos_token_ids and not getattr(params, "ignore_eos", False):
+                return FinishReason.STOP
+            if hook:
+                seq.stop_reason = hook if isinstance(hook, str) else None
+                return FinishReason.STOP
+        max_tokens = seq.max_tokens
+        if max_tokens is not None and n >= max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        seq.num_computed_tokens = 0
+        del self._seqs[seq.seq_id]

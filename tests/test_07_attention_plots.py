@@ -1,0 +1,66 @@
+"""Notebook 07's plots (minivllm.course.attention_plots): each draws what its data says."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from minivllm.course import attention_plots as ap  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_attention_bytes_counts_by_hand():
+    # n=64, one head of 2 values, 1-byte values, tiles of 32 queries
+    got = ap.attention_bytes(64, n_heads=1, head_dim=2, dtype_bytes=1, rows=32)
+    vec = 64 * 2
+    assert got == {"naive": 4 * vec + 64 * 64 * 10, "tiled": 2 * vec + 2 * 2 * vec, "tiled_l2": 4 * vec}
+    with pytest.raises(ValueError, match="n and rows"):
+        ap.attention_bytes(0)
+
+
+def test_attention_traffic_plots_both_curves_and_the_ratio():
+    ax = ap.attention_traffic((1024, 4096), n_heads=2, head_dim=64, rows=64).axes[0]
+    naive, tiled, tiled_l2 = ax.get_lines()[:3]
+    want = [ap.attention_bytes(n, n_heads=2, head_dim=64, rows=64) for n in (1024, 4096)]
+    np.testing.assert_allclose(naive.get_ydata(), [w["naive"] / 1e9 for w in want])
+    np.testing.assert_allclose(tiled.get_ydata(), [w["tiled"] / 1e9 for w in want])
+    np.testing.assert_allclose(tiled_l2.get_ydata(), [w["tiled_l2"] / 1e9 for w in want])
+    ratio = want[-1]["naive"] / want[-1]["tiled_l2"]
+    assert f"{ratio:.0f}x less traffic" in ax.get_title() and ratio > 10
+
+
+def test_mask_matrix_is_block_diagonal_and_end_aligned():
+    m = ap.mask_matrix([2, 3], [4, 3])
+    assert m.shape == (5, 7)
+    np.testing.assert_array_equal(m[:2, :4], [[1, 1, 1, 0], [1, 1, 1, 1]])  # 2 queries after 2 context keys
+    np.testing.assert_array_equal(m[2:, 4:], [[2, 0, 0], [2, 2, 0], [2, 2, 2]])
+    assert (m[:2, 4:] == 0).all() and (m[2:, :4] == 0).all()  # sequences never see each other
+    assert (ap.mask_matrix([2], [3], causal=False) == 1).all()
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        ap.mask_matrix([1, 2], [1])
+
+
+def test_attention_mask_shows_the_matrix_and_counts_scores():
+    ax = ap.attention_mask([2, 3], [4, 3]).axes[0]
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), ap.mask_matrix([2, 3], [4, 3]))
+    assert "13 of 35 scores" in ax.get_title()
+    assert {"seq 0: 2 q x 4 k", "seq 1: 3 q x 3 k"} <= {t.get_text() for t in ax.texts}
+
+
+def test_online_softmax_trace_ends_at_the_exact_normalizer():
+    scores = np.array([0.5, 3.0, -1.0, 4.0, 2.0])
+    fig = ap.online_softmax_trace(scores, tile=2)
+    ax0, ax1 = fig.axes
+    np.testing.assert_allclose(ax0.get_lines()[0].get_ydata()[:-1], [3.0, 4.0, 4.0])  # running max per tile
+    l_final = ax1.get_lines()[0].get_ydata()[-1]
+    np.testing.assert_allclose(l_final, np.exp(scores - 4.0).sum())
+    with pytest.raises(ValueError, match="non-empty"):
+        ap.online_softmax_trace(np.array([]), 2)

@@ -1,0 +1,199 @@
+"""The paged KV cache's pure-torch side and the KV-store kernel, against brute-force answer keys.
+
+Pool sizing (bytes -> blocks), block tables grown through the allocator, the padded batch tensor,
+slot mapping (tensor ops) against a per-token Python model, and ``kernels.store_kv`` (simulator on CPU)
+against a dense per-token copy.
+"""
+
+import random
+
+import pytest
+import torch
+
+from kernels.store_kv import store_kv, store_kv_ref
+from minivllm.cache import (BlockAllocator, BlockTable, OutOfBlocksError, PagedKVCache, block_tables_tensor,
+                            blocks_for_budget, bytes_per_block, decode_slot_mapping, slot_mapping)
+from minivllm.model.config import ModelConfig
+
+
+def _config(layers=2, kv_heads=2, head_dim=8) -> ModelConfig:
+    return ModelConfig(architecture="qwen3", vocab_size=32, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=layers, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads,
+                       head_dim=head_dim)
+
+
+# ----------------------------------------------------------------------------- the pool
+def test_bytes_per_block_counts_every_layer_k_and_v():
+    qwen3_06b = _config(layers=28, kv_heads=8, head_dim=128)
+    assert bytes_per_block(qwen3_06b, torch.bfloat16) == 28 * 2 * 16 * 8 * 128 * 2  # 1.75 MiB, 112 KiB a token
+    assert bytes_per_block(_config(), torch.float32, block_size=4) == 2 * 2 * 4 * 2 * 8 * 4
+
+
+def test_blocks_for_budget_is_the_floor_and_refuses_a_budget_below_one_block():
+    cfg = _config()
+    per = bytes_per_block(cfg, torch.float16)
+    assert blocks_for_budget(cfg, 10 * per, torch.float16) == 10
+    assert blocks_for_budget(cfg, 11 * per - 1, torch.float16) == 10
+    with pytest.raises(ValueError, match="holds no block"):
+        blocks_for_budget(cfg, per - 1, torch.float16)
+    with pytest.raises(ValueError, match="non-negative"):
+        blocks_for_budget(cfg, -1, torch.float16)
+
+
+def test_pool_has_one_tensor_per_layer_in_the_documented_layout():
+    cfg = _config(layers=3)
+    cache = PagedKVCache.from_budget(cfg, 7 * bytes_per_block(cfg, torch.float32) + 5)
+    assert cache.num_layers == 3 and cache.num_blocks == 7 and cache.num_slots == 7 * 16
+    assert all(t.shape == (7, 2, 16, 2, 8) and t.is_contiguous() for t in cache.kv)
+    assert cache.nbytes == 7 * bytes_per_block(cfg, torch.float32)
+    cache.kv[1][3, 1, 5] = 1.0
+    assert cache.value(1)[3, 5].eq(1).all() and cache.key(1).eq(0).all() and cache.kv[0].eq(0).all()
+    with pytest.raises(ValueError, match="num_blocks must be a positive int"):
+        PagedKVCache.allocate(cfg, 0)
+    with pytest.raises(ValueError, match="same shape"):
+        PagedKVCache([torch.zeros(2, 2, 4, 1, 8), torch.zeros(3, 2, 4, 1, 8)])
+
+
+@pytest.mark.gpu
+def test_gpu_budget_leaves_room_for_the_profiled_peak():
+    from minivllm.cache.kv_cache import gpu_kv_budget
+
+    free, total = torch.cuda.mem_get_info()
+    without = gpu_kv_budget("cuda", 0.9)
+    with_peak = gpu_kv_budget("cuda", 0.9, profile=lambda: torch.empty(1 << 30, dtype=torch.uint8, device="cuda"))
+    assert 0 < with_peak <= without - (1 << 30) + (1 << 21) and without <= 0.9 * total
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        gpu_kv_budget("cuda", 1.5)
+
+
+# ----------------------------------------------------------------------------- block tables
+def test_block_table_grows_one_block_at_a_time_and_releases_everything():
+    alloc = BlockAllocator(6)
+    table = BlockTable(block_size=4)
+    assert table.grow(1, alloc) and len(table.block_ids) == 1
+    assert table.grow(3, alloc) == [] and table.num_tokens == 4  # the first block is now full
+    assert len(table.grow(5, alloc)) == 2 and table.num_tokens == 9  # 9 tokens need 3 blocks
+    assert table.blocks_to_grow(3) == 0 and table.blocks_to_grow(4) == 1
+    with pytest.raises(OutOfBlocksError):
+        table.grow(4 * 4, alloc)
+    assert table.num_tokens == 9 and len(table.block_ids) == 3  # nothing changed
+    held = list(table.block_ids)
+    assert table.release(alloc) == held and alloc.num_free == 6 and table.block_ids == []
+
+
+def test_block_table_slots_follow_the_formula():
+    table = BlockTable(block_size=4, block_ids=[7, 2, 5], num_tokens=10)
+    assert table.slots(0, 10) == [28, 29, 30, 31, 8, 9, 10, 11, 20, 21]
+    with pytest.raises(ValueError, match="outside a table"):
+        table.slots(0, 13)
+    with pytest.raises(ValueError, match="cannot hold"):
+        BlockTable(block_size=4, block_ids=[1], num_tokens=5)
+
+
+def test_block_tables_tensor_pads_shorter_rows():
+    t = block_tables_tensor([[3, 1], [], [0, 4, 2]])
+    assert t.dtype == torch.int32 and t.tolist() == [[3, 1, -1], [-1, -1, -1], [0, 4, 2]]
+    assert block_tables_tensor([[1]], width=4, pad=0).tolist() == [[1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        block_tables_tensor([[1, 2]], width=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_slot_mapping_matches_a_per_token_model_on_random_batches(seed):
+    rng = random.Random(seed)
+    bs = rng.choice([1, 4, 16])
+    lens = [rng.randint(1, 300) for _ in range(rng.randint(1, 8))]
+    alloc = BlockAllocator(sum(-(-n // bs) for n in lens) + 5)
+    alloc.free(alloc.allocate(alloc.num_blocks)[::-1])  # hand blocks out in a shuffled order
+    shuffled = alloc.allocate(alloc.num_blocks)
+    rng.shuffle(shuffled)
+    alloc.free(shuffled)
+    tables = [BlockTable(bs) for _ in lens]
+    for table, n in zip(tables, lens):
+        table.grow(n, alloc)
+    # a prefill chunk of each sequence: a random span of its positions, plus padding tokens
+    seq_index, positions, want = [], [], []
+    for s, (table, n) in enumerate(zip(tables, lens)):
+        a = rng.randint(0, n - 1)
+        b = rng.randint(a + 1, n)
+        seq_index += [s] * (b - a) + [0]
+        positions += list(range(a, b)) + [-1]
+        want += [table.block_ids[p // bs] * bs + p % bs for p in range(a, b)] + [-1]
+    bt = block_tables_tensor([t.block_ids for t in tables])
+    got = slot_mapping(bt, torch.tensor(positions), bs, torch.tensor(seq_index))
+    assert got.dtype == torch.int64 and got.tolist() == want
+    decode = decode_slot_mapping(bt, torch.tensor(lens, dtype=torch.int32), bs)
+    assert decode.tolist() == [t.slots(n - 1, n)[0] for t, n in zip(tables, lens)]
+
+
+def test_slot_mapping_of_one_sequence_and_bad_positions():
+    table = torch.tensor([5, 0, -1], dtype=torch.int32)
+    assert slot_mapping(table, torch.tensor([0, 3, 4, -1]), 4).tolist() == [20, 23, 0, -1]
+    with pytest.raises(ValueError, match="padding entry"):
+        slot_mapping(table, torch.tensor([8]), 4)
+    with pytest.raises(ValueError, match="past its block table"):
+        slot_mapping(table, torch.tensor([12]), 4)
+    with pytest.raises(ValueError, match="seq_index"):
+        slot_mapping(table.view(1, 3).expand(2, 3), torch.tensor([1]), 4)
+
+
+# ----------------------------------------------------------------------------- the KV-store kernel
+def _store_case(seed: int, dtype: torch.dtype, tokens: int = 7, heads: int = 2, dim: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(6, 2, 4, heads, dim, generator=g).to(dtype)
+    key = torch.randn(tokens, heads, dim, generator=g).to(dtype)
+    value = torch.randn(tokens, heads, dim, generator=g).to(dtype)
+    slots = torch.randperm(24, generator=g)[:tokens]
+    slots[::3] = -1  # padding tokens are skipped
+    return key, value, cache, slots
+
+
+def _store_model(key, value, cache, slots):
+    out = cache.clone()
+    for t, s in enumerate(slots.tolist()):  # brute force: one token at a time
+        if s >= 0:
+            out[s // cache.shape[2], 0, s % cache.shape[2]] = key[t]
+            out[s // cache.shape[2], 1, s % cache.shape[2]] = value[t]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_store_kv_writes_each_token_to_its_slot(dtype, backend):
+    key, value, cache, slots = _store_case(1, dtype)
+    want = _store_model(key, value, cache, slots)
+    assert store_kv(key, value, cache, slots, backend=backend) is cache
+    assert torch.equal(cache, want)
+
+
+def test_store_kv_kernel_covers_more_elements_than_threads():
+    key, value, cache, slots = _store_case(2, torch.float32, tokens=12, heads=2, dim=16)  # 384 > 4 x 64
+    want = _store_model(key, value, cache, slots)
+    store_kv(key, value, cache, slots, backend="numba")
+    assert torch.equal(cache, want)
+
+
+def test_store_kv_rejects_bad_arguments():
+    key, value, cache, slots = _store_case(3, torch.float32)
+    with pytest.raises(TypeError, match="slot_mapping must have dtype in \\(int64\\)"):
+        store_kv(key, value, cache, slots.int())
+    with pytest.raises(ValueError, match="kv_cache must have shape"):
+        store_kv(key, value, cache[:, :, :, :1], slots)
+    with pytest.raises(TypeError, match="kv_cache must have dtype"):
+        store_kv(key, value, cache.half(), slots)
+    with pytest.raises(ValueError, match="slot_mapping must hold -1"):
+        store_kv(key, value, cache, torch.full_like(slots, 24))
+    with pytest.raises(ValueError, match="value has shape"):
+        store_kv(key, value[:1], cache, slots)
+
+
+@pytest.mark.gpu
+def test_gpu_store_kv_bf16_matches_torch():
+    key, value = (torch.randn(300, 8, 128, device="cuda").to(torch.bfloat16) for _ in range(2))
+    cache = torch.zeros(40, 2, 16, 8, 128, dtype=torch.bfloat16, device="cuda")
+    slots = torch.randperm(640, device="cuda")[:300]
+    slots[::7] = -1
+    want = cache.clone()
+    store_kv_ref(key, value, want, slots)
+    store_kv(key, value, cache, slots)
+    assert torch.equal(cache, want)
