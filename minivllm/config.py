@@ -1,0 +1,95 @@
+"""``EngineConfig``: every knob of the engine, validated once, frozen, read by each component.
+
+Config flows one way: ``LLM(model, **kwargs)`` -> ``EngineConfig(**kwargs)`` -> the scheduler, the
+runner and the KV cache read what they need. Values only known once the model is loaded (the KV block
+count, the EOS ids, the context length) live on the engine, set in one place
+(:meth:`minivllm.engine.LLMEngine.__init__`), not written back here.
+
+Left out: tensor/pipeline parallelism, quantization, LoRA, speculative decoding, swap space.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minivllm.model.config import ModelConfig
+
+ATTENTION_BACKENDS = ("auto", "numba", "torch")
+DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    # what to run
+    model: str | Path | ModelConfig | None = None  # a checkpoint directory, a .gguf, None = the embedded default;
+    #                                               a ModelConfig builds a random-weight model (benchmarks)
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on a CPU
+    seed: int = 0  # random weights (ModelConfig) and the sampler's shared generator
+    max_model_len: int | None = None  # longest prompt + output; None: the model's max positions
+    # scheduling (see minivllm.scheduler)
+    max_num_seqs: int = 64  # sequences in flight at once
+    max_num_batched_tokens: int = 2048  # tokens computed per step (decodes + prefill chunks)
+    block_size: int = 16  # tokens per KV block
+    enable_prefix_caching: bool = True  # reuse cached prompt prefixes (radix cache)
+    # KV cache size: GPU -> gpu_memory_utilization of the device; CPU -> kv_cache_memory bytes;
+    # num_kv_blocks overrides both (tests force preemption with a tiny pool)
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int = 512 * 2**20
+    num_kv_blocks: int | None = None
+    # execution
+    attention_backend: str = "auto"  # "auto": the fastest correct one per phase; "numba": our kernels; "torch"
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
+    cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "cuda_graph_max_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("max_model_len", "num_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs})")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device != "auto":
+            device = torch.device(self.device)  # raises on nonsense
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} was asked for, but PyTorch sees no CUDA GPU here")
+            if device.type not in ("cuda", "cpu"):
+                raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: Any = None, **kwargs: Any) -> "EngineConfig":
+        """``EngineConfig`` from ``LLM(...)``-style keyword arguments; unknown names are a clear error."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known - {'model'})}")
+        return cls(model=model, **kwargs)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = DTYPES[self.dtype]
+        if dtype is None:
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return dtype

@@ -1,0 +1,124 @@
+"""Attention over the paged KV cache, for a batch that mixes decodes and prefill chunks (phase 12).
+
+The engine's step is one flat batch of tokens. The scheduler orders it **decodes first**: rows
+``0 .. num_decodes - 1`` are one token each of a generating sequence, the rest are prefill chunks (a
+prompt, a piece of a long prompt, or the tail of a prompt whose head came from the prefix cache).
+Each layer then
+
+1. stores this step's K and V in their slots (``kernels.store_kv``; slot -1 = a padding row, skipped);
+2. decodes: one query per sequence over its whole context, read through its block table
+   (``kernels.paged_attention`` on a GPU: one launch, no host sync, capturable in a CUDA graph;
+   on a CPU a batched gather + SDPA);
+3. prefills: each chunk's queries over its context, causal and aligned to the end: on a GPU
+   ``scaled_dot_product_attention`` (tensor cores; ``attention_backend="numba"`` takes our
+   ``kernels.flash_attention_paged`` instead), the keys gathered from the cache only when part of the
+   context was computed in an earlier step.
+
+:class:`PagedAttentionMetadata` carries the batch's layout, built once per step by the runner and
+passed down explicitly. Host-side copies of the lengths avoid a device sync per layer.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minivllm.cache.kv_cache import PagedKVCache
+from minivllm.model.layers import launcher
+
+
+@dataclass(slots=True)
+class PagedAttentionMetadata:
+    kv_cache: PagedKVCache
+    slot_mapping: torch.Tensor  # (tokens,) int64, -1 = do not store (padding)
+    block_tables: torch.Tensor  # (seqs, width) int32, -1 padded
+    context_lens: torch.Tensor  # (seqs,) int32: each sequence's length after this step
+    num_decodes: int  # the first num_decodes rows (and sequences) are single-token decodes
+    max_context_len: int  # >= every context length (a CUDA graph fixes it once)
+    query_lens: list[int]  # (seqs - num_decodes,) host copies, prefill sequences only
+    prefill_context_lens: list[int]  # (seqs - num_decodes,)
+    backend: str = "auto"  # "auto" | "numba" | "torch"
+
+
+def _gpu(meta: PagedAttentionMetadata, x: torch.Tensor) -> bool:
+    return x.is_cuda and meta.backend != "torch"
+
+
+def store(k: torch.Tensor, v: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> None:
+    kv = meta.kv_cache.kv[layer]  # (blocks, 2, block_size, kv_heads, d)
+    k, v = k.contiguous(), v.contiguous()
+    if _gpu(meta, k):
+        launcher("store_kv", "store_kv")(k, v, kv, meta.slot_mapping)
+        return
+    slots = meta.slot_mapping
+    keep = slots >= 0
+    if not bool(keep.all()):
+        k, v, slots = k[keep], v[keep], slots[keep]
+    flat = kv.view(kv.shape[0], 2, kv.shape[2], -1)  # (blocks, 2, block_size, kv_heads * d)
+    blocks, offsets = slots // kv.shape[2], slots % kv.shape[2]
+    flat[blocks, 0, offsets] = k.reshape(k.shape[0], -1)
+    flat[blocks, 1, offsets] = v.reshape(v.shape[0], -1)
+
+
+def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.Tensor:
+    """q: (decodes, q_heads, d) -> (decodes, q_heads, d)."""
+    n = meta.num_decodes
+    kv = meta.kv_cache.kv[layer]
+    tables, lens = meta.block_tables[:n], meta.context_lens[:n]
+    if _gpu(meta, q):
+        return launcher("paged_attention", "paged_attention")(q, kv, tables, lens,
+                                                              max_context_len=meta.max_context_len)
+    width = -(-meta.max_context_len // kv.shape[2])
+    tables = tables[:, :width].clamp(min=0).long()  # (n, width)
+    pages = kv[tables]  # (n, width, 2, block_size, kv_heads, d)
+    k = pages[:, :, 0].flatten(1, 2).transpose(1, 2)  # (n, kv_heads, width * block_size, d)
+    v = pages[:, :, 1].flatten(1, 2).transpose(1, 2)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]  # (n, keys)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :],
+                                         enable_gqa=True)  # (n, q_heads, 1, d)
+    return out[:, :, 0]
+
+
+def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+            meta: PagedAttentionMetadata) -> torch.Tensor:
+    """The prefill rows: q (tokens, q_heads, d) with this step's k, v (tokens, kv_heads, d)."""
+    kv = meta.kv_cache.kv[layer]
+    if q.is_cuda and meta.backend == "numba":
+        n = meta.num_decodes
+        cu = torch.tensor([0, *torch.tensor(meta.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
+        return launcher("flash_attention", "flash_attention_paged")(
+            q, kv, cu, meta.block_tables[n:], meta.context_lens[n:])
+    out = torch.empty_like(q)
+    bs = kv.shape[2]
+    row = 0
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.prefill_context_lens)):
+        qi = q[row: row + q_len].transpose(0, 1).unsqueeze(0)  # (1, q_heads, q_len, d)
+        if ctx == q_len:  # the whole context is new: this step's k and v are all of it
+            ki, vi = k[row: row + q_len], v[row: row + q_len]
+            mask = None
+        else:  # earlier tokens are in the cache (a prefix hit or an earlier chunk): read them all back
+            table = meta.block_tables[meta.num_decodes + i, : -(-ctx // bs)].long()
+            pages = kv[table]  # (blocks, 2, block_size, kv_heads, d)
+            ki, vi = pages[:, 0].flatten(0, 1)[:ctx], pages[:, 1].flatten(0, 1)[:ctx]
+            keys = torch.arange(ctx, device=q.device)
+            mask = keys[None, :] <= keys[ctx - q_len:, None]  # (q_len, ctx): query i sees keys <= its position
+        ki, vi = ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=mask is None and q_len > 1,
+                                           enable_gqa=True)
+        out[row: row + q_len] = o[0].transpose(0, 1)
+        row += q_len
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                    meta: PagedAttentionMetadata) -> torch.Tensor:
+    """q: (tokens, q_heads, d), k, v: (tokens, kv_heads, d) -> (tokens, q_heads * d)."""
+    store(k, v, layer, meta)
+    n = meta.num_decodes
+    if n == q.shape[0]:
+        return decode(q, layer, meta).reshape(q.shape[0], -1)
+    out = torch.empty_like(q)
+    if n:
+        out[:n] = decode(q[:n], layer, meta)
+    out[n:] = prefill(q[n:], k[n:], v[n:], layer, meta)
+    return out.reshape(q.shape[0], -1)
