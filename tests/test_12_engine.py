@@ -191,3 +191,23 @@ def test_default_model_stop_strings_are_trimmed_and_streamed(default_pair):
     assert cut.finish_reason == "stop"
     assert "".join(llm.stream(prompt, SamplingParams(temperature=0, max_tokens=20, stop=["."]))) == cut.text
     llm.engine.check_no_leaks()
+
+
+# ----------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "numba"])
+def test_gpu_engine_with_cuda_graphs_equals_transformers(tiny, backend):
+    """fp32 on the GPU: the numba kernels (store_kv, paged decode attention, norms, RoPE, SwiGLU) in captured
+    CUDA graphs, and prefill through SDPA ("auto") or our flash kernel ("numba"), against transformers on the CPU."""
+    hf, directory = tiny
+    llm = LLM(str(directory), device="cuda", dtype="float32", num_kv_blocks=24, max_num_seqs=8,
+              max_num_batched_tokens=48, attention_backend=backend, max_model_len=256)
+    assert llm.engine.runner.graph_batch == 8
+    prompts = random_prompts(seed=6)
+    lengths = [8 + 3 * i for i in range(len(prompts))]
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=n, **GREEDY) for n in lengths], use_tqdm=False)
+    for prompt, n, out in zip(prompts, lengths, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, n)
+    assert any(r.graph for r in llm.engine.step_log), "decode steps should have replayed a CUDA graph"
+    assert llm.engine.scheduler.num_preemptions > 0
+    llm.engine.check_no_leaks()

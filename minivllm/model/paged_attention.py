@@ -7,7 +7,7 @@ Each layer then
 
 1. stores this step's K and V in their slots (``kernels.store_kv``; slot -1 = a padding row, skipped);
 2. decodes: one query per sequence over its whole context, read through its block table
-   (``kernels.paged_attention`` on a GPU: one launch, no host sync, capturable in a CUDA graph;
+   (``kernels.paged_attention_warp`` on a GPU: one launch, no host sync, capturable in a CUDA graph;
    on a CPU a batched gather + SDPA);
 3. prefills: each chunk's queries over its context, causal and aligned to the end: on a GPU
    ``scaled_dot_product_attention`` (tensor cores; ``attention_backend="numba"`` takes our
@@ -66,8 +66,8 @@ def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.T
     kv = meta.kv_cache.kv[layer]
     tables, lens = meta.block_tables[:n], meta.context_lens[:n]
     if _gpu(meta, q):
-        return launcher("paged_attention", "paged_attention")(q, kv, tables, lens,
-                                                              max_context_len=meta.max_context_len)
+        return launcher("paged_attention_warp", "paged_attention_warp")(q, kv, tables, lens,
+                                                                        max_context_len=meta.max_context_len)
     width = -(-meta.max_context_len // kv.shape[2])
     tables = tables[:, :width].clamp(min=0).long()  # (n, width)
     pages = kv[tables]  # (n, width, 2, block_size, kv_heads, d)
