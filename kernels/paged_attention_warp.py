@@ -36,6 +36,7 @@ import torch
 from numba import cuda
 
 from kernels._launch import cdiv, launch, resolve_backend
+from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, paged_attention_ref, paged_attention_reduce_kernel
 
 WARPS = 4  # warps per block
@@ -144,6 +145,111 @@ def _kernel(group: int, dim: int, warps: int, unroll: int = 4):
     return kernel
 
 
+@functools.cache
+def _kernel16(group: int, dim: int, warps: int):
+    """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
+    warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
+    its own online softmax. The pool and queries arrive as complex128 views (one 16-byte element each)."""
+    lpr = dim // 8  # lanes per row
+    tpw = 32 // lpr  # tokens per warp per trip
+    slots = warps * tpw  # online-softmax states per block
+    gd = group * 8
+    offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
+
+    @cuda.jit(fastmath=True)
+    def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
+               tokens_per_split, num_splits):
+        # q: (seqs, q_heads, dim // 8) complex128; kv_cache: (blocks, 2, block_size, kv_heads, dim // 8) complex128
+        sm_m = cuda.shared.array((slots, group), numba.float32)
+        sm_l = cuda.shared.array((slots, group), numba.float32)
+        sm_acc = cuda.shared.array((slots, group, dim), numba.float32)
+        qr = cuda.local.array(gd, numba.float32)
+        acc = cuda.local.array(gd, numba.float32)
+        kf = cuda.local.array(8, numba.float32)
+        vf = cuda.local.array(8, numba.float32)
+        m = cuda.local.array(group, numba.float32)
+        l = cuda.local.array(group, numba.float32)
+
+        seq, kvh, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        lane, warp = tid % 32, tid // 32
+        c = lane % lpr  # this lane's 16-byte chunk of a row: elements 8c .. 8c + 7
+        slot = warp * tpw + lane // lpr
+        block_size = kv_cache.shape[2]
+        start = split * tokens_per_split
+        end = min(context_lens[seq], start + tokens_per_split)
+        for g in range(group):
+            m[g] = NEG_INF
+            l[g] = 0.0
+            w0, w1, w2, w3 = load_words(q[seq, kvh * group + g], c)
+            qr[g * 8 + 0], qr[g * 8 + 1] = bf16_lo(w0) * scale, bf16_hi(w0) * scale
+            qr[g * 8 + 2], qr[g * 8 + 3] = bf16_lo(w1) * scale, bf16_hi(w1) * scale
+            qr[g * 8 + 4], qr[g * 8 + 5] = bf16_lo(w2) * scale, bf16_hi(w2) * scale
+            qr[g * 8 + 6], qr[g * 8 + 7] = bf16_lo(w3) * scale, bf16_hi(w3) * scale
+            for i in range(8):
+                acc[g * 8 + i] = 0.0
+
+        for first in range(start, end, slots):  # the same trips for every thread (see the simulator NOTE)
+            t = first + slot
+            ok = t < end
+            b, o = 0, 0
+            if ok:
+                b = block_tables[seq, t // block_size]
+                o = t % block_size
+            w0, w1, w2, w3 = load_words(kv_cache[b, 0, o, kvh], c)
+            x0, x1, x2, x3 = load_words(kv_cache[b, 1, o, kvh], c)
+            kf[0], kf[1], kf[2], kf[3] = bf16_lo(w0), bf16_hi(w0), bf16_lo(w1), bf16_hi(w1)
+            kf[4], kf[5], kf[6], kf[7] = bf16_lo(w2), bf16_hi(w2), bf16_lo(w3), bf16_hi(w3)
+            vf[0], vf[1], vf[2], vf[3] = bf16_lo(x0), bf16_hi(x0), bf16_lo(x1), bf16_hi(x1)
+            vf[4], vf[5], vf[6], vf[7] = bf16_lo(x2), bf16_hi(x2), bf16_lo(x3), bf16_hi(x3)
+            for g in range(group):
+                s = numba.float32(0.0)
+                for i in range(8):
+                    s += qr[g * 8 + i] * kf[i]
+                for offset in offsets:  # the sum over the row's lanes, left in each of them
+                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                if not ok:
+                    continue
+                m_new = max(m[g], s)
+                alpha = math.exp(m[g] - m_new)
+                p = math.exp(s - m_new)
+                l[g] = l[g] * alpha + p
+                m[g] = m_new
+                for i in range(8):
+                    acc[g * 8 + i] = acc[g * 8 + i] * alpha + p * vf[i]
+
+        for g in range(group):
+            if c == 0:
+                sm_m[slot, g] = m[g]
+                sm_l[slot, g] = l[g]
+            for i in range(8):
+                sm_acc[slot, g, c * 8 + i] = acc[g * 8 + i]
+        cuda.syncthreads()
+        for i in range(tid, group * dim, warps * 32):
+            g, d = i // dim, i % dim
+            big = numba.float32(NEG_INF)
+            for w in range(slots):
+                big = max(big, sm_m[w, g])
+            num = numba.float32(0.0)
+            den = numba.float32(0.0)
+            for w in range(slots):
+                if sm_l[w, g] > 0.0:
+                    e = math.exp(sm_m[w, g] - big)
+                    num += sm_acc[w, g, d] * e
+                    den += sm_l[w, g] * e
+            value = num / den if den > 0.0 else numba.float32(0.0)
+            h = kvh * group + g
+            if num_splits == 1:
+                out[seq, h, d] = value
+            else:
+                partial_out[seq, h, split, d] = value
+                if d == 0:
+                    max_logits[seq, h, split] = big
+                    exp_sums[seq, h, split] = den
+
+    return kernel
+
+
 _TYPES = ("float32", "float16", "bfloat16")
 SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_dim 128), SmolLM2 (3, 64)
     _kernel(group, dim, WARPS): [
@@ -151,12 +257,19 @@ SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_di
         f"float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)" for t in _TYPES]
     for group, dim in ((2, 128), (3, 64))
 }
+SIGNATURES.update({
+    _kernel16(group, dim, WARPS): [
+        "void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
+        "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)"]
+    for group, dim in ((2, 128), (3, 64))
+})
 
 
 def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
-                         warps: int = WARPS, unroll: int = UNROLL, backend: str = "auto") -> torch.Tensor:
+                         warps: int = WARPS, unroll: int = UNROLL, wide: bool = True,
+                         backend: str = "auto") -> torch.Tensor:
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
@@ -185,8 +298,13 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         partial = torch.empty((seqs, q_heads, splits, dim), dtype=torch.float32, device=q.device)
         m = torch.empty((seqs, q_heads, splits), dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
-    kernel = _kernel(q_heads // kv_heads, dim, warps, unroll)
-    launch(kernel, (seqs, kv_heads, splits), warps * 32, q, kv_cache, block_tables, context_lens,
+    if wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0:  # 16-byte loads
+        kernel = _kernel16(q_heads // kv_heads, dim, warps)
+        q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.complex128)
+    else:
+        kernel = _kernel(q_heads // kv_heads, dim, warps, unroll)
+        q_in, kv_in = q, kv_cache
+    launch(kernel, (seqs, kv_heads, splits), warps * 32, q_in, kv_in, block_tables, context_lens,
            numba.float32(scale), out, partial, m, l, tokens_per_split, splits, backend=where)
     if splits > 1:
         launch(paged_attention_reduce_kernel, (seqs, q_heads), 32 if where == "simulator" else min(dim, 128),
@@ -213,10 +331,10 @@ def _main() -> None:
         line = f"seqs {seqs:3d} ctx {ctx:6d} |err| {err:.1e}"
         if on_gpu:
             kv_bytes = 2 * seqs * ctx * kvh * dim * q.element_size()
-            for warps, unroll in ((4, 1), (8, 1), (4, 2), (2, 2)):
+            for warps, wide in ((4, True), (8, True), (2, True), (4, False)):
                 us = graph_time(lambda: paged_attention_warp(q, cache, tables, lens, max_context_len=ctx, warps=warps,
-                                                             unroll=unroll)).median_us
-                line += f" | w{warps}u{unroll} {us:7.1f} us {kv_bytes / us / 4.3e6:4.0%}"
+                                                             wide=wide)).median_us
+                line += f" | w{warps}{'x16B' if wide else 'x2B'} {us:7.1f} us {kv_bytes / us / 4.3e6:4.0%}"
             v1 = graph_time(lambda: paged_attention(q, cache, tables, lens, max_context_len=ctx)).median_us
             line += f" | v1 {v1:8.1f} us"
         print(line, flush=True)

@@ -44,3 +44,11 @@ def test_warp_kernel_on_gpu_bf16_long_contexts(seqs, max_len):
     torch.testing.assert_close(paged_attention_warp(q, cache, tables, lens).float(), ref, atol=2e-2, rtol=2e-2)
     graphed = paged_attention_warp(q, cache, tables, lens, max_context_len=max_len)  # the CUDA-graph call
     torch.testing.assert_close(graphed.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(2, 1, 128), (3, 1, 64)])
+def test_wide_bf16_kernel_matches_reference_in_the_simulator(q_heads, kv_heads, dim):
+    """16-byte loads (8 bf16 per lane, several tokens per warp), checked against the fp32 answer key."""
+    q, cache, tables, lens = _case(2, q_heads, kv_heads, dim, max_len=13, dtype=torch.bfloat16, seed=dim)
+    got = paged_attention_warp(q, cache, tables, lens, warps=2, wide=True)
+    torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=1e-2, rtol=1e-2)
