@@ -2,6 +2,8 @@
 
     python -m bench.run basics            # phase 01: copy bandwidth, launch overhead
     python -m bench.run kernels           # phases 03-05: RMSNorm, RoPE, SwiGLU vs eager and torch.compile
+    python -m bench.run attention         # phase 07: prefill attention, ours vs SDPA's flash backend
+    python -m bench.run paged_attention   # phase 08: decode attention vs the HBM floor and gather + SDPA; store_kv
     python -m bench.run all
     python -m bench.run basics --out DIR  # e.g. $OUT on the device machine
 
@@ -17,7 +19,10 @@ import kernels  # noqa: F401  -- choose numba's backend before anything imports 
 
 from bench._harness import RESULTS, save
 
-BENCHMARKS = {"basics": ("bench.basics", "01_basics"), "kernels": ("bench.kernels", "03_05_kernels")}
+# name -> ("module" or "module:function" returning the data, results file)
+BENCHMARKS = {"basics": ("bench.basics", "01_basics"), "kernels": ("bench.kernels", "03_05_kernels"),
+              "attention": ("bench.attention:run_prefill", "07_attention"),
+              "paged_attention": ("bench.attention:run_decode", "08_paged_attention")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = list(BENCHMARKS) if "all" in args.names else args.names
     for name in names:
-        module, file = BENCHMARKS[name]
+        target, file = BENCHMARKS[name]
+        module, _, function = target.partition(":")
         print(f"== {name}")
-        data = importlib.import_module(module).run()
+        data = getattr(importlib.import_module(module), function or "run")()
         print(f"saved {save(file, data, args.out)}")
     return 0
 

@@ -64,3 +64,34 @@ def test_online_softmax_trace_ends_at_the_exact_normalizer():
     np.testing.assert_allclose(l_final, np.exp(scores - 4.0).sum())
     with pytest.raises(ValueError, match="non-empty"):
         ap.online_softmax_trace(np.array([]), 2)
+
+
+def _prefill_result():
+    rows = []
+    for n, numba_ms, paged_ms in [(512, 1.0, 1.2), (1024, 4.0, None), (2048, None, None)]:
+        flops = 2 * 16 * 128 * n * (n + 1)
+        sdpa_ms = n / 1e4
+        rows.append({"tokens": n, "flops": flops, "sdpa_ms": sdpa_ms, "sdpa_tflops": flops / sdpa_ms / 1e9,
+                     "numba_ms": numba_ms, "numba_tflops": numba_ms and flops / numba_ms / 1e9,
+                     "numba_paged_ms": paged_ms, "numba_paged_tflops": paged_ms and flops / paged_ms / 1e9})
+    return {"meta": {"gpu": "H200", "date": "2026-01-02T03:04:05"}, "peaks": {"bf16_tensor_tflops": 989.0,
+                                                                              "fp32_fma_tflops": 67.0},
+            "prefill": rows[::-1]}  # any order
+
+
+def test_prefill_speed_draws_each_series_where_it_was_measured():
+    result = _prefill_result()
+    ax_ms, ax_tf = ap.prefill_speed(result).axes
+    by_label = {line.get_label(): line for line in ax_ms.get_lines()}
+    numba = by_label["ours (numba, scalar FMAs)"]
+    np.testing.assert_array_equal(numba.get_xdata(), [512, 1024])  # 2048 was skipped (null)
+    np.testing.assert_allclose(numba.get_ydata(), [1.0, 4.0])
+    np.testing.assert_array_equal(by_label["ours, K/V from the paged pool"].get_xdata(), [512])
+    sdpa = {line.get_label(): line for line in ax_tf.get_lines()}["SDPA flash backend (tensor cores)"]
+    rows = sorted(result["prefill"], key=lambda r: r["tokens"])
+    np.testing.assert_allclose(sdpa.get_ydata(), [r["sdpa_tflops"] for r in rows])
+    peaks = sorted(line.get_ydata()[0] for line in ax_tf.get_lines() if "peak" in line.get_label())
+    assert peaks == [67.0, 989.0]
+    assert "H200, 2026-01-02" in ax_ms.figure.texts[0].get_text()
+    with pytest.raises(ValueError, match="no prefill rows"):
+        ap.prefill_speed({"prefill": []})

@@ -56,3 +56,40 @@ def test_block_table_picture_colours_each_physical_block_by_its_owner():
     assert len(ax.lines) == 5  # one line per logical block
     texts = [t.get_text() for t in ax.texts]
     assert "A (40 tokens)" in texts and "B (20 tokens)" in texts
+
+
+def _decode_result():
+    rows = []
+    for batch in (1, 32):
+        for ctx in (512, 2048):
+            floor = batch * ctx / 100
+            row = {"batch": batch, "context": ctx, "floor_us": floor, "paged_us": 10 * floor, "warp_us": 2 * floor,
+                   "gather_sdpa_us": 4 * floor, "sdpa_us": 1.5 * floor}
+            for k in ("paged", "warp"):
+                row[f"{k}_floor_frac"] = floor / row[f"{k}_us"]
+            rows.append(row)
+    return {"meta": {"gpu": "H200", "date": "2026-01-02"}, "floor_target": 0.6, "decode": rows}
+
+
+def test_decode_vs_floor_draws_fractions_per_batch_and_times_at_one_batch():
+    result = _decode_result()
+    ax_f, ax_t = paged_plots.decode_vs_floor(result, batch=32).axes
+    lines = {line.get_gid(): line for line in ax_f.get_lines() if line.get_gid()}
+    assert set(lines) == {"paged:1", "paged:32", "warp:1", "warp:32"}
+    assert list(lines["warp:32"].get_xdata()) == [512, 2048]
+    assert list(lines["warp:32"].get_ydata()) == pytest.approx([0.5, 0.5])
+    assert list(lines["paged:1"].get_ydata()) == pytest.approx([0.1, 0.1])
+    assert any(line.get_ydata()[0] == 0.6 for line in ax_f.get_lines() if not line.get_gid())  # the target
+    times = {line.get_gid(): list(line.get_ydata()) for line in ax_t.get_lines()}
+    at32 = [r for r in result["decode"] if r["batch"] == 32]
+    for key in ("floor", "paged", "warp", "gather_sdpa", "sdpa"):
+        assert times[key] == pytest.approx([r[f"{key}_us"] for r in at32])
+
+
+def test_decode_vs_floor_leaves_out_a_kernel_that_was_not_measured():
+    result = _decode_result()
+    for r in result["decode"]:
+        r["warp_us"] = r["warp_floor_frac"] = None
+    ax_f, ax_t = paged_plots.decode_vs_floor(result, batch=1).axes
+    assert {line.get_gid() for line in ax_f.get_lines() if line.get_gid()} == {"paged:1", "paged:32"}
+    assert "warp" not in {line.get_gid() for line in ax_t.get_lines()}

@@ -1,5 +1,6 @@
-"""Notebook 07's plots: what naive attention moves through memory against a tiled kernel, and the masks of a
-packed variable-length batch. Each plotting function returns a matplotlib ``Figure`` and shows nothing.
+"""Notebook 07's plots: what naive attention moves through memory against a tiled kernel, the masks of a
+packed variable-length batch, and the measured prefill speed (:func:`prefill_speed`, from
+``bench/results/07_attention.json``). Each plotting function returns a matplotlib ``Figure`` and shows nothing.
 
 The byte counts are a model, not a measurement: they count HBM traffic with no cache reuse between blocks.
 """
@@ -124,5 +125,46 @@ def online_softmax_trace(scores: np.ndarray, tile: int) -> Figure:
     ax1.set_xlabel(f"after tile (of {tile} keys)")
     ax1.legend(fontsize=8)
     fig.suptitle("online softmax: one pass, the state rescaled whenever the max grows", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def prefill_speed(result: dict) -> Figure:
+    """``bench/results/07_attention.json`` drawn: time per call (left) and TFLOP/s (right) against prompt length,
+    our numba kernel (dense and paged) and SDPA's flash backend; the right panel marks the spec-sheet peaks of
+    scalar fp32 FMAs and of bf16 tensor cores. A series is drawn at the sizes where it was measured."""
+    from minivllm.course.plots import provenance
+
+    rows = sorted(result["prefill"], key=lambda r: r["tokens"])
+    if not rows:
+        raise ValueError("the result has no prefill rows")
+    peaks = result.get("peaks", {})
+    fig, (ax_ms, ax_tf) = plt.subplots(1, 2, figsize=(11, 4))
+    series = [("numba", "ours (numba, scalar FMAs)", "#C44E52", "o-"),
+              ("numba_paged", "ours, K/V from the paged pool", "#DD8452", "s--"),
+              ("sdpa", "SDPA flash backend (tensor cores)", "#4C72B0", "o-")]
+    for key, label, color, style in series:
+        pts = [(r["tokens"], r[f"{key}_ms"], r[f"{key}_tflops"]) for r in rows if r.get(f"{key}_ms") is not None]
+        if not pts:
+            continue
+        n, ms, tf = zip(*pts)
+        ax_ms.plot(n, ms, style, color=color, label=label)
+        ax_tf.plot(n, tf, style, color=color, label=label)
+    for name, label, color in [("fp32_fma_tflops", "fp32 FMA peak", "#C44E52"),
+                               ("bf16_tensor_tflops", "bf16 tensor-core peak", "#4C72B0")]:
+        if peaks.get(name):
+            ax_tf.axhline(peaks[name], linestyle=":", color=color, label=f"{label} ({peaks[name]:,.0f})")
+    tokens = [r["tokens"] for r in rows]
+    for ax in (ax_ms, ax_tf):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(tokens, [f"{t:,}" for t in tokens])
+        ax.set_xlabel("prompt length (tokens, one causal sequence)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_ms.set_ylabel("ms per call")
+    ax_tf.set_ylabel("TFLOP/s (useful causal flops)")
+    ax_ms.legend(fontsize=8)
+    ax_tf.legend(fontsize=8, loc="center right")  # between the two families of curves
+    fig.suptitle(f"prefill attention, one layer\nmeasured on {provenance(result.get('meta', {}))}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -1,9 +1,10 @@
-"""Phase 08's pictures: why paging, and what a block table is.
+"""Phase 08's pictures: why paging, what a block table is, and how fast decode attention reads the cache.
 
 :func:`simulate_fragmentation` runs one arrival/departure process of requests against a KV memory of
 ``num_slots`` token slots under three allocation schemes, and reports, at every moment a request is
 refused, what the memory held; :func:`fragmentation_plot` draws the averages as stacked bars.
 :func:`draw_block_tables` draws sequences' logical blocks and the physical pool they map into.
+:func:`decode_vs_floor` draws ``bench/results/08_paged_attention.json`` (``bench/attention.py``).
 Each returns a matplotlib ``Figure`` already closed in pyplot, so it shows once: as a cell's last expression.
 """
 
@@ -144,6 +145,62 @@ def draw_block_tables(tables: Mapping[str, Sequence[int]], lengths: Mapping[str,
     ax.set_ylim(pool_y - 0.5, 0.9 * len(tables) + 0.2)
     ax.axis("off")
     ax.set_title(f"Block tables map each sequence's logical blocks to physical blocks ({block_size} tokens each)")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+DECODE_SERIES = {"paged": ("ours, v1 (a thread per key row)", "#C44E52"),
+                 "warp": ("ours, v2 (a warp per key row)", "#DD8452"),
+                 "gather_sdpa": ("gather + SDPA", "#55A868"),
+                 "sdpa": ("SDPA on pre-gathered K/V", "#4C72B0")}
+
+
+def decode_vs_floor(result: dict, *, batch: int = 32) -> Figure:
+    """``bench/results/08_paged_attention.json`` drawn. Left: each decode kernel's fraction of the bandwidth
+    floor (K and V bytes / HBM bandwidth, divided by the measured time) against context length, one line per
+    batch size, and the target. Right: µs per call at ``batch`` sequences, every method and the floor itself."""
+    from minivllm.course.plots import provenance
+
+    rows = result["decode"]
+    if not rows:
+        raise ValueError("the result has no decode rows")
+    kernels = [k for k in ("paged", "warp") if any(r.get(f"{k}_us") is not None for r in rows)]
+    batches = sorted({r["batch"] for r in rows})
+    fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 4.3))
+    for k, style in zip(kernels, ("--", "-")):
+        for i, b in enumerate(batches):
+            pts = sorted((r["context"], r[f"{k}_floor_frac"]) for r in rows
+                         if r["batch"] == b and r.get(f"{k}_us") is not None)
+            if pts:
+                ctx, frac = zip(*pts)
+                ax_f.plot(ctx, frac, style, marker="o", ms=3, color=SEQ_COLORS[i % len(SEQ_COLORS)],
+                          label=f"{k}, batch {b}", gid=f"{k}:{b}")
+    target = result.get("floor_target")
+    if target:
+        ax_f.axhline(target, color="gray", linestyle=":", label=f"target {target:.0%}")
+    ax_f.set_ylim(0, 1.05)
+    ax_f.set_ylabel("fraction of the bandwidth floor")
+    ax_f.legend(fontsize=7, ncol=2)
+    ax_f.set_title("decode kernels against the HBM floor", fontsize=10)
+    at = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["context"])
+    if at:
+        ctx = [r["context"] for r in at]
+        ax_t.plot(ctx, [r["floor_us"] for r in at], "k:", label="floor: K/V bytes / HBM bandwidth", gid="floor")
+        for key, (label, color) in DECODE_SERIES.items():
+            if all(r.get(f"{key}_us") is not None for r in at):
+                ax_t.plot(ctx, [r[f"{key}_us"] for r in at], "o-", color=color, label=label, gid=key)
+        ax_t.set_yscale("log")
+        ax_t.legend(fontsize=8)
+    ax_t.set_ylabel("µs per call (CUDA-graph replay)")
+    ax_t.set_title(f"batch {batch}: time per decode attention call", fontsize=10)
+    contexts = sorted({r["context"] for r in rows})
+    for ax in (ax_f, ax_t):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+        ax.set_xlabel("context length (tokens per sequence)")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"paged decode attention, one layer\nmeasured on {provenance(result.get('meta', {}))}", fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig
