@@ -276,6 +276,7 @@ class LLMEngine:
             new_ids = seq.output_token_ids[s.sent_tokens:]
             s.sent_tokens = seq.num_output_tokens
             text = s.stop.text[: s.stop.sent]
+            # NOTE: copies: the server reads outputs on another thread while this one appends
             outs.append(CompletionOutput(s.index, text, list(seq.output_token_ids), reason, seq.stop_reason,
                                          list(s.logprobs) if s.logprobs is not None else None,
                                          s.delta_text, new_ids))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 class CompletionOutput:
     index: int  # which of the request's n samples
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # all output tokens so far (a copy)
     finish_reason: str | None = None  # "stop", "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} (sampled + top-k)

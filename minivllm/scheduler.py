@@ -65,7 +65,7 @@ class SchedulerOutput:
     slot_mapping: list[int]  # (num_batched_tokens,) KV slot = block * block_size + offset
     cu_seqlens_q: list[int]  # (num_seqs + 1,) where each sequence's tokens start in the flat arrays
     seq_lens: list[int]  # (num_seqs,) context length after the step (start + num_new_tokens)
-    block_tables: list[list[int]]  # (num_seqs, blocks) a copy of each block table
+    block_tables: list[list[int]]  # (num_seqs, blocks) each sequence's block table (live: read it before the next step)
     sample_indices: list[int]  # flat rows whose logits are sampled, in order of ``scheduled``
     preempted: list[int] = field(default_factory=list)  # seq ids preempted while scheduling this step
     finished: list[int] = field(default_factory=list)  # seq ids finished ("length") because the cache cannot hold them
@@ -277,7 +277,7 @@ class Scheduler:
                 out.slot_mapping.append(table[pos // bs] * bs + pos % bs)
             out.cu_seqlens_q.append(len(out.input_ids))
             out.seq_lens.append(e.start + e.num_new_tokens)
-            out.block_tables.append(list(table))
+            out.block_tables.append(table)  # NOTE: the live table; the runner reads it before the next schedule()
             if e.needs_sample:
                 out.sample_indices.append(len(out.input_ids) - 1)
         return out

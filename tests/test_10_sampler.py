@@ -419,3 +419,16 @@ def test_stop_strings_are_not_matched_before_min_tokens():
     assert checker.push("xEN", check=False) == "x"  # a possible beginning is still held back
     assert checker.push("D", check=False) == "END"  # no match looked for: released once it can't grow
     assert checker.push(" END") == " " and checker.stopped and checker.text == "xEND "
+
+
+def test_extreme_repetition_penalty_stays_finite_and_samples_a_seen_token():
+    """repetition_penalty=1e-40 divides positive logits of seen tokens by 1e-40: +inf before the clamp, NaN
+    probabilities after it (found by the server's schemathesis run). The seen token must win, finitely."""
+    from minivllm.sampler import Sampler, SamplingBatch, make_generator
+    from minivllm.sampling_params import SamplingParams
+
+    logits = torch.tensor([[0.5, 2.0, 1.0, -1.0]])
+    params = [SamplingParams(repetition_penalty=1e-40, seed=0)]
+    batch = SamplingBatch.from_requests(params, output_token_ids=[[0]], prompt_token_ids=[[0]],
+                                        generators=[make_generator(0)])
+    assert Sampler()(logits, batch).token_ids.tolist() == [0]

@@ -38,7 +38,7 @@ def _backend(t: torch.Tensor) -> str:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dimension, in fp32; x: (..., n) -> same shape and dtype."""
     fn = launcher("rmsnorm", "rms_norm")
-    rows = x.reshape(-1, x.shape[-1])  # (rows, n): the kernel's layout
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, n): the kernel's layout (one kv head: a strided view)
     if fn is not None:
         return fn(rows, weight, eps, backend=_backend(x)).view(x.shape)
     xf = rows.float()

@@ -41,7 +41,10 @@ def apply_penalties(logits: torch.Tensor, prompt_token_ids: torch.Tensor, output
     seen = in_output | (_token_counts(prompt_token_ids, vocab) > 0)
     rep = torch.where(seen, repetition.unsqueeze(1), 1.0)
     logits = torch.where(logits > 0, logits / rep, logits * rep)
-    return logits - frequency.unsqueeze(1) * output_counts - presence.unsqueeze(1) * in_output
+    logits = logits - frequency.unsqueeze(1) * output_counts - presence.unsqueeze(1) * in_output
+    # NOTE: a tiny repetition penalty overflows to +-inf, and inf - inf is NaN in the softmax: stay finite
+    big = torch.finfo(logits.dtype).max
+    return logits.clamp(min=-big, max=big)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
