@@ -2,6 +2,7 @@
 #
 #   make lab     set up, then open the course in JupyterLab
 #   make test    set up, then run the whole suite (unit tests + every notebook, learner and solution)
+#   make serve   set up, then serve the default model (OpenAI API + chat page) on http://127.0.0.1:8000
 #
 # torch: CPU machines get the CPU build (torch==2.13.0). On a GPU machine, install a CUDA build of
 # torch into .venv first (python3 -m venv .venv && .venv/bin/pip install torch), or pass
@@ -15,8 +16,9 @@ STAMP := $(VENV)/.minivllm-installed
 TORCH ?= torch==2.13.0
 LAB_ARGS ?=
 PYTEST_ARGS ?=
+SERVE_ARGS ?=
 
-.PHONY: setup lab test clean
+.PHONY: setup lab serve test clean
 
 setup: $(STAMP)
 
@@ -33,6 +35,9 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+serve: setup
+	$(BIN)/minivllm serve $(SERVE_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest tests notebooks solutions --nbval-lax --nbval-current-env \

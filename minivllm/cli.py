@@ -3,9 +3,12 @@
     minivllm generate "What is the capital of France?"            # the embedded default model
     minivllm generate "Hi" --model ~/models/Qwen3-0.6B --max-tokens 64 --temperature 0.7 --seed 1
 
+    minivllm serve                                                 # OpenAI-compatible API on 127.0.0.1:8000
+    minivllm serve --model ~/models/Qwen3-0.6B --port 8080 --max-num-seqs 128
+
 ``generate`` applies the model's chat template, streams the answer to stdout as it is produced, and with
-``--stats`` reports load time and speed on stderr. ``serve`` arrives with phase 13: it will be one more
-``subparsers.add_parser`` call in :func:`build_parser`.
+``--stats`` reports load time and speed on stderr. ``serve`` loads the model once and answers HTTP requests
+(``/v1/completions``, ``/v1/chat/completions``, a chat page at ``/``) until Ctrl-C.
 """
 
 import argparse
@@ -38,11 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template: continue the prompt text as given")
     gen.add_argument("--stats", action="store_true", help="report load time and tokens/s on stderr")
     gen.set_defaults(run=_cmd_generate)
+
+    srv = commands.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible API, chat page at /)",
+                              description="Serve the model: OpenAI's /v1/completions and /v1/chat/completions "
+                                          "(streaming too), /v1/models, /health, /metrics, and a chat page at /.")
+    _add_model_arguments(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
+                                                          "machine only; 0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
+                                                                "checkpoint directory's or GGUF file's name)")
+    srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences in flight at once (default: 64)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
+    srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
+                                                                      "model's)")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="share of GPU memory for weights, activations and the KV cache (default: 0.9)")
+    srv.add_argument("--max-queued-requests", type=int, default=256,
+                     help="requests waiting beyond --max-num-seqs before the server answers 429 (default: 256)")
+    srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    srv.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator (default: 0)")
+    srv.set_defaults(run=_cmd_serve)
     return parser
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every model-running subcommand shares (``serve`` will take them too)."""
+    """Options every model-running subcommand shares."""
     parser.add_argument("--model", default=None,
                         help="a Hugging Face checkpoint directory or a .gguf file (default: the embedded "
                              "SmolLM2-135M-Instruct)")
@@ -87,6 +111,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"{load_seconds:.1f} s; {out.prompt_tokens} prompt tokens in {out.prefill_seconds:.2f} s; "
               f"{len(out.token_ids)} tokens generated ({out.finish_reason}), "
               f"{out.decode_tokens_per_second:.1f} tokens/s decoding", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from minivllm.server import serve
+
+    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+          max_queued_requests=args.max_queued_requests, device=args.device or "auto",
+          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+          max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+          enforce_eager=args.enforce_eager, seed=args.seed)
     return 0
 
 

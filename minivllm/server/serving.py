@@ -1,0 +1,273 @@
+"""``OpenAIServing``: OpenAI requests in, engine requests through the async front, OpenAI responses out.
+
+For each request: check the model name and unsupported fields, turn the prompt (text, token ids, a batch,
+or chat messages through the chat template) into token ids, check them against the context, build
+``SamplingParams``, and queue one engine request per prompt. Then either collect the final outputs into
+one JSON body, or stream Server-Sent Events as the engine produces text::
+
+    data: {"id": "chatcmpl-...", "object": "chat.completion.chunk", "choices": [{"delta": {"content": "Par"}}]}
+    data: {"id": "chatcmpl-...", "choices": [{"delta": {}, "finish_reason": "stop"}]}
+    data: {"id": "chatcmpl-...", "choices": [], "usage": {...}}          (with stream_options.include_usage)
+    data: [DONE]
+
+A client that goes away (mid-stream, or while waiting for a non-streaming answer) aborts its requests,
+which frees their KV blocks. Choice ``index`` = prompt number * ``n`` + sample number, as in OpenAI.
+
+Left out: tool calls, ``echo`` with logprobs of the prompt, ``best_of`` > ``n``.
+"""
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from minivllm.outputs import CompletionOutput, RequestOutput
+from minivllm.sampling_params import SamplingParams
+from minivllm.server import protocol as p
+from minivllm.server.async_engine import AsyncLLMEngine, EngineRequestError, RequestStream
+from minivllm.server.errors import OpenAIError, from_exception
+from minivllm.server.metrics import ServerMetrics, TokenTimer
+
+MAX_PROMPTS = 64  # prompts in one completions batch
+T = TypeVar("T")
+
+
+class OpenAIServing:
+    def __init__(self, front: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
+        self.front, self.engine = front, front.engine
+        self.tokenizer = front.engine.tokenizer
+        self.model_name, self.metrics = model_name, metrics
+
+    # ------------------------------------------------------------------ the two endpoints
+    async def completions(self, req: p.CompletionRequest, raw: Request) -> Response:
+        self._check(req)
+        prompts, texts = self._completion_prompts(req.prompt)
+        for ids in prompts:
+            self._check_length(ids, req.max_tokens, "prompt")
+        params = self._params(req, req.max_tokens, req.logprobs)
+        echo = [t if t is not None else self._decode(ids) for t, ids in zip(texts, prompts)] if req.echo else None
+        return await self._run(raw, req, prompts, params, chat=False, echo=echo)
+
+    async def chat(self, req: p.ChatCompletionRequest, raw: Request) -> Response:
+        self._check(req)
+        tok = self.tokenizer
+        if tok is None or not tok.chat_template:
+            raise OpenAIError("this model has no chat template: use /v1/completions", param="messages")
+        try:
+            ids = tok.apply_chat_template([m.as_dict() for m in req.messages],
+                                          add_generation_prompt=req.add_generation_prompt, tokenize=True)
+        except Exception as e:  # the template's raise_exception(...), or a jinja error
+            raise OpenAIError(f"the chat template refused these messages: {e}", param="messages") from None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        self._check_length(ids, max_tokens, "messages")
+        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        return await self._run(raw, req, [ids], params, chat=True, echo=None)
+
+    # ------------------------------------------------------------------ input
+    def _check(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
+        if req.model != self.model_name:
+            raise OpenAIError(f"the model {req.model!r} does not exist; this server has {self.model_name!r}", 404,
+                              param="model", code="model_not_found")
+        field = req.unsupported()
+        if field is not None:
+            raise OpenAIError(f"{field} is not supported by this server", param=field, code="unsupported_field")
+
+    def _completion_prompts(self, prompt) -> tuple[list[list[int]], list[str | None]]:
+        """Token ids of each prompt, and its text (None for token ids)."""
+        items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if not items:
+            raise OpenAIError("prompt is empty", param="prompt")
+        if len(items) > MAX_PROMPTS:
+            raise OpenAIError(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
+        prompts, texts = [], []
+        for item in items:
+            if isinstance(item, str):
+                if not item:
+                    raise OpenAIError("prompt is empty", param="prompt")
+                if self.tokenizer is None:
+                    raise OpenAIError("this model has no tokenizer: give the prompt as token ids", param="prompt")
+                prompts.append(self.tokenizer.encode(item, add_special_tokens=True))
+                texts.append(item)
+            else:
+                if not item:
+                    raise OpenAIError("prompt is empty", param="prompt")
+                prompts.append(list(item))
+                texts.append(None)
+        return prompts, texts
+
+    def _check_length(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+        limit = self.engine.max_model_len
+        if len(ids) >= limit:
+            raise OpenAIError(f"this model's maximum context length is {limit} tokens, and the prompt has "
+                              f"{len(ids)} (at least one generated token must fit too)", param=param,
+                              code="context_length_exceeded")
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise OpenAIError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                              f"and max_tokens is {max_tokens}", param="max_tokens", code="context_length_exceeded")
+
+    @staticmethod
+    def _params(req: p._SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except (ValueError, TypeError) as e:
+            raise from_exception(e) from None
+
+    # ------------------------------------------------------------------ running
+    async def _run(self, raw: Request, req, prompts: list[list[int]], params: SamplingParams, *, chat: bool,
+                   echo: list[str] | None) -> Response:
+        timer = TokenTimer(self.metrics, time.monotonic())
+        stream = await self.front.add(prompts, params)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if req.stream:
+            events = self._events(stream, rid, req, params.n, chat, echo, timer)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            finals = await _unless_disconnected(raw, _collect(stream, timer))
+        finally:
+            stream.close()
+        if finals is None:
+            return Response(status_code=499)  # the client left; nobody reads this
+        outs = [finals[i] for i in range(len(prompts))]
+        usage = _usage(outs)
+        if chat:
+            choices = [p.ChatChoice(index=o.index, message=p.AssistantMessage(content=o.text),
+                                    logprobs=self._chat_logprobs(o, 0, req) if req.logprobs else None,
+                                    finish_reason=o.finish_reason)
+                       for o in outs[0].outputs]
+            body: BaseModel = p.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        else:
+            choices = [p.CompletionChoice(index=i * params.n + o.index, text=(echo[i] if echo else "") + o.text,
+                                          logprobs=self._completion_logprobs(o, 0, req.logprobs),
+                                          finish_reason=o.finish_reason)
+                       for i, out in enumerate(outs) for o in out.outputs]
+            body = p.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
+        return JSONResponse(body.model_dump(mode="json"))
+
+    async def _events(self, stream: RequestStream, rid: str, req, n: int, chat: bool, echo: list[str] | None,
+                      timer: TokenTimer) -> AsyncIterator[str]:
+        """The SSE body of a streaming request."""
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        finals: dict[int, RequestOutput] = {}
+        try:
+            for i in range(len(stream.request_ids) * n):  # OpenAI's first chat chunk carries the role
+                if chat:
+                    yield self._chat_chunk(rid, [p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant",
+                                                                                               content=""))])
+                elif echo:
+                    yield _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[
+                        p.CompletionChoice(index=i, text=echo[i // n])]))
+            async for index, out in stream:
+                timer.tokens(sum(len(o.delta_token_ids) for o in out.outputs), time.monotonic())
+                if out.finished:
+                    finals[index] = out
+                for o in out.outputs:
+                    first = len(o.token_ids) - len(o.delta_token_ids)
+                    want_logprobs = (req.logprobs if chat else req.logprobs is not None) and o.delta_token_ids
+                    if not (o.delta_text or o.finish_reason or want_logprobs):
+                        continue
+                    i = index * n + o.index
+                    if chat:
+                        choice = p.ChatChunkChoice(index=i, delta=p.DeltaMessage(content=o.delta_text or None),
+                                                   logprobs=self._chat_logprobs(o, first, req) if want_logprobs
+                                                   else None, finish_reason=o.finish_reason)
+                        yield self._chat_chunk(rid, [choice])
+                    else:
+                        choice = p.CompletionChoice(index=i, text=o.delta_text, finish_reason=o.finish_reason,
+                                                    logprobs=self._completion_logprobs(o, first, req.logprobs))
+                        yield _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[choice]))
+            if include_usage:
+                usage = _usage([finals[i] for i in sorted(finals)])
+                yield (self._chat_chunk(rid, [], usage) if chat else
+                       _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[], usage=usage)))
+        except EngineRequestError as e:
+            yield "data: " + from_exception(e).response().body.decode() + "\n\n"
+        finally:
+            stream.close()
+        yield "data: [DONE]\n\n"
+
+    def _chat_chunk(self, rid: str, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> str:
+        return _sse(p.ChatCompletionChunk(id=rid, model=self.model_name, choices=choices, usage=usage))
+
+    # ------------------------------------------------------------------ logprobs
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def _token(self, token_id: int) -> tuple[str, list[int] | None]:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}", None
+        raw = self.tokenizer.encoding.decode_single_token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _entries(self, o: CompletionOutput, first: int, k: int):
+        """(token id, its logprob, the top-k (id, logprob)) of o's tokens from ``first`` on."""
+        for t, entry in zip(o.token_ids[first:], (o.logprobs or [])[first:]):
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+            yield t, _finite(entry.get(t, -math.inf)), [(i, _finite(v)) for i, v in top]
+
+    def _completion_logprobs(self, o: CompletionOutput, first: int, k: int | None) -> p.CompletionLogprobs | None:
+        if k is None:
+            return None
+        out, offset = p.CompletionLogprobs(), 0  # text offsets from the first token reported here
+        for t, logprob, top in self._entries(o, first, k):
+            text = self._token(t)[0]
+            out.tokens.append(text)
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append({self._token(i)[0]: v for i, v in top})
+            out.text_offset.append(offset)
+            offset += len(text)
+        return out
+
+    def _chat_logprobs(self, o: CompletionOutput, first: int, req: p.ChatCompletionRequest) -> p.ChatLogprobs:
+        content = []
+        for t, logprob, top in self._entries(o, first, req.top_logprobs or 0):
+            text, raw = self._token(t)
+            tops = [p.TopLogprob(token=s, logprob=v, bytes=b) for (s, b), v in ((self._token(i), v) for i, v in top)]
+            content.append(p.TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=tops))
+        return p.ChatLogprobs(content=content)
+
+
+def _finite(x: float) -> float:
+    return max(x, -9999.0)  # JSON has no -inf; OpenAI reports -9999.0 for "impossible"
+
+
+def _sse(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+def _usage(outs: list[RequestOutput]) -> p.Usage:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(o.num_generated_tokens for o in outs)
+    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def _collect(stream: RequestStream, timer: TokenTimer) -> dict[int, RequestOutput]:
+    finals = {}
+    async for index, out in stream:
+        timer.tokens(sum(len(o.delta_token_ids) for o in out.outputs), time.monotonic())
+        if out.finished:
+            finals[index] = out
+    return finals
+
+
+async def _unless_disconnected(raw: Request, work: Awaitable[T]) -> T | None:
+    """``await work``, unless the client disconnects first (then None; ``work`` is cancelled)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return task.result() if task in done else None
+    finally:
+        task.cancel()
+        watcher.cancel()
