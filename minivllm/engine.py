@@ -219,7 +219,7 @@ class LLMEngine:
         self.stats["generation_tokens"] += len(tokens)
         self.stats["prefill_tokens_computed"] += plan.num_prefill_tokens
         # prompt tokens the prefix cache served: counted at each admission's first chunk
-        cached = sum(e.start for e in plan.scheduled if e.is_prefill and e.start and e.start == e.seq.num_cached_tokens)
+        cached = sum(e.start for e in plan.scheduled if e.start and e.start == e.seq.num_cached_tokens)
         self.stats["cached_prompt_tokens"] += cached
         self.step_log.append(StepRecord(
             plan.step, start, time.monotonic(), plan.num_decode_tokens, plan.num_prefill_tokens, cached,

@@ -5,6 +5,11 @@ long each notebook took, since every notebook must stay well under a minute on a
 """
 
 import collections
+import os
+
+# OpenMP threads that spin while waiting make a 2-thread matmul 20-60x slower when the cores are shared
+# (pytest -n 2 on 2 cores); passive waiting fixes it. Set before torch loads; notebook kernels inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

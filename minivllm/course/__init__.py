@@ -7,7 +7,11 @@ Notebooks import these instead of redefining them, so every notebook checks and 
 >>> add = course.check(my_add, kernels.basics.add_ref, cases)   # learner's version or the reference
 """
 
-from minivllm.course.checks import CheckFailed, check, is_stub, require_solutions
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on shared cores (2-core CI)
+
+from minivllm.course.checks import CheckFailed, check, is_stub, require_solutions  # noqa: E402
 from minivllm.course.environment import Environment, setup
 from minivllm.course.results import load_result, results_dir
 

@@ -1,0 +1,128 @@
+"""Phase 12: latency of one request: decode time per token at batch 1, and time to first token (TTFT).
+
+    python -m bench.latency                           # GPU if there is one; saves 12_latency_<device>.json
+    python -m bench.latency --device cuda             # Qwen3-0.6B shapes, random bf16 weights
+    python -m bench.latency --config tiny --out /tmp  # a dry run on a tiny model (any device)
+
+Two measurements, each the median of ``--repeats`` runs after a warm-up run, each run on fresh random
+token ids (and prefix caching off, so nothing is served from the cache):
+
+* **decode**: a ``--prompt-len``-token prompt and ``--output-len`` output tokens (EOS ignored); the time
+  per output token *after the first* (``(last token time - first token time) / (tokens - 1)``), which
+  leaves the prefill out;
+* **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
+  token (tokenization is not included: the prompt is token ids).
+
+On a GPU both run twice: with CUDA graphs for decode (the default) and with ``enforce_eager=True``, to
+show what replaying a captured graph saves. On a CPU there are no graphs: the eager engine only.
+Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
+"""
+
+import argparse
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: see bench/throughput.py
+
+import torch  # noqa: E402
+
+from bench._harness import RESULTS, save  # noqa: E402
+from bench.throughput import engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa: E402
+
+TARGETS = {"cuda": {"decode_ms_per_token": 0.6, "ttft_1k_ms": 30.0}}
+
+
+def measure(llm, args: argparse.Namespace, rng: random.Random) -> dict:
+    from minivllm.sampling_params import SamplingParams
+
+    engine = llm.engine
+    vocab = engine.model.config.vocab_size
+
+    def one(prompt_len: int, max_tokens: int):
+        rid = engine.add_request(random_ids(rng, prompt_len, vocab),
+                                 SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        while True:
+            for out in engine.step():
+                if out.request_id == rid and out.finished:
+                    assert len(out.outputs[0].token_ids) == max_tokens
+                    return out.metrics
+
+    decode, ttft = [], []
+    for i in range(args.repeats + 1):  # run 0 is the warm-up
+        m = one(args.prompt_len, args.output_len)
+        if i:
+            decode.append((m.last_token_time - m.first_token_time) / (args.output_len - 1) * 1e3)
+        m = one(args.ttft_len, 1)
+        if i:
+            ttft.append(m.time_to_first_token * 1e3)
+    engine.check_no_leaks()
+    return {"decode_ms_per_token": round(statistics.median(decode), 4),
+            "decode_tokens_per_s": round(1e3 / statistics.median(decode), 1),
+            "ttft_ms": round(statistics.median(ttft), 3),
+            "runs": {"decode_ms_per_token": [round(x, 4) for x in decode], "ttft_ms": [round(x, 3) for x in ttft]}}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from minivllm.llm import LLM
+
+    device = resolve_device(args.device)
+    name, mc = model_spec(args.config, device)
+    block_size = 16
+    longest = max(args.prompt_len + args.output_len, args.ttft_len + 1)
+    options = dict(max_model_len=longest + block_size, max_num_seqs=args.max_num_seqs,
+                   max_num_batched_tokens=max(2048, args.ttft_len), enable_prefix_caching=False,
+                   num_kv_blocks=4 * -(-longest // block_size), block_size=block_size,
+                   cuda_graph_max_batch=args.max_num_seqs)
+    result: dict = {"device": device.type, "config": name, "dtype": "bfloat16" if device.type == "cuda" else "float32",
+                    "threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "output_len": args.output_len,
+                    "ttft_prompt_len": args.ttft_len, "repeats": args.repeats, "engine": options}
+    modes = {"cuda_graphs": False, "eager": True} if device.type == "cuda" else {"eager": True}
+    for mode, eager in modes.items():
+        start = time.perf_counter()
+        llm = LLM(**engine_config(name, mc, device, seed=args.seed, enforce_eager=eager, **options))
+        setup = time.perf_counter() - start
+        result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
+        del llm
+        free_memory()
+    if "cuda_graphs" in result:
+        result["graph_speedup_decode"] = round(result["eager"]["decode_ms_per_token"]
+                                               / result["cuda_graphs"]["decode_ms_per_token"], 2)
+    result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Batch-1 decode ms/token and time to first token, graphs vs eager")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config", choices=["default", "qwen3-0.6b", "tiny"], default=None,
+                   help="model: qwen3-0.6b (random; GPU default), default (embedded SmolLM2; CPU default), tiny")
+    p.add_argument("--prompt-len", type=int, default=16, help="decode run: prompt tokens")
+    p.add_argument("--output-len", type=int, default=256, help="decode run: output tokens")
+    p.add_argument("--ttft-len", type=int, default=1024, help="TTFT run: prompt tokens")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-num-seqs", type=int, default=8, help="also the largest captured graph")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    data = run(args)
+    for mode in ("cuda_graphs", "eager"):
+        if mode in data:
+            r = data[mode]
+            print(f"{data['config']} on {data['device']}, {mode:11s}: decode {r['decode_ms_per_token']:.3f} ms/token "
+                  f"({r['decode_tokens_per_s']:,.0f} tok/s), TTFT({data['ttft_prompt_len']}) {r['ttft_ms']:.1f} ms")
+    if "graph_speedup_decode" in data:
+        print(f"CUDA graphs: {data['graph_speedup_decode']}x faster decode")
+    tag = data["device"] if data["config"] != "tiny" else "tiny"
+    print(f"saved {save(f'12_latency_{tag}', data, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

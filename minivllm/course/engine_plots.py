@@ -1,0 +1,262 @@
+"""Phase 12's pictures and helpers: the step loop, timelines from the engine's own ``step_log``, benchmarks.
+
+:func:`step_loop` draws ``LLMEngine.step`` (schedule -> run -> sample -> postprocess). :func:`timeline` draws
+engine :class:`~minivllm.outputs.StepRecord` s as a Gantt chart in seconds (one row per sequence);
+:func:`as_sim_records` turns them into phase 11's records, so ``scheduler_plots.tokens_per_step`` and
+``memory_timeline`` draw them too. :func:`install_scheduler` swaps the engine's scheduler (a policy
+subclass, other limits) between runs; :func:`policy_outcome` runs requests under a policy and returns
+what a check compares. :func:`throughput`, :func:`latency` and :func:`prefix` plot ``bench/results/12_*``.
+Each plot returns a closed matplotlib ``Figure``. Left out: live (streaming) plots while the engine runs.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
+
+from minivllm.cache import RadixCache
+from minivllm.course import scheduler_plots as sp
+from minivllm.course.plots import provenance
+from minivllm.outputs import StepRecord
+from minivllm.scheduler import Scheduler
+
+PREFILL, DECODE, PREEMPT = sp.PREFILL, sp.DECODE, sp.PREEMPT
+_STAGES = (  # (name, call, module, centre)
+    ("schedule", "scheduler.schedule()", "who computes which tokens", (2.2, 4.3)),
+    ("run", "runner.execute(plan)", "one forward pass (a CUDA graph for decode)", (9.8, 4.3)),
+    ("sample", "sampler(logits, batch)", "one token per finished prompt / decode", (9.8, 1.2)),
+    ("postprocess", "scheduler.postprocess(plan, tokens)", "append, detokenize, stop, free blocks", (2.2, 1.2)),
+)
+_ARROWS = (("schedule", "run", "SchedulerOutput: input_ids, positions,\nslot_mapping, block_tables, sample rows"),
+           ("run", "sample", "logits\n(sampled rows, vocab)"), ("sample", "postprocess", "token ids"),
+           ("postprocess", "schedule", "next step"))
+
+
+def step_loop() -> Figure:
+    """``LLMEngine.step()``: the four moves of every step, what flows between them, requests in and out."""
+    fig = plt.figure(figsize=(12, 5.8))
+    plt.close(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set(xlim=(0, 12), ylim=(-0.5, 5.9))
+    ax.axis("off")
+    colors = (sp.PREFILL, "#8172B3", "#55A868", sp.DECODE)
+    for (name, call, what, (x, y)), color in zip(_STAGES, colors):
+        ax.add_patch(FancyBboxPatch((x - 1.95, y - 0.5), 3.9, 1.0, boxstyle="round,pad=0.02,rounding_size=0.15",
+                                    facecolor=color, edgecolor=color, gid="stage"))
+        ax.text(x, y + 0.18, f"{name}: {call}", ha="center", va="center", color="white", fontsize=9.5,
+                fontweight="bold", family="monospace")
+        ax.text(x, y - 0.2, what, ha="center", va="center", color="white", fontsize=8.5)
+    centre = {name: xy for name, _, _, xy in _STAGES}
+    for src, dst, label in _ARROWS:
+        (x1, y1), (x2, y2) = centre[src], centre[dst]
+        if y1 == y2:  # horizontal: leave and enter at the box sides
+            start, end = (x1 + 1.95 * (1 if x2 > x1 else -1), y1), (x2 - 1.95 * (1 if x2 > x1 else -1), y2)
+        else:
+            start, end = (x1, y1 + 0.5 * (1 if y2 > y1 else -1)), (x2, y2 - 0.5 * (1 if y2 > y1 else -1))
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=16, lw=1.6, color="#333333",
+                                     gid="flow"))
+        ax.text((start[0] + end[0]) / 2 + (0.15 if x1 == x2 else 0), (start[1] + end[1]) / 2 + (0.4 if y1 == y2 else 0),
+                label, ha="left" if x1 == x2 else "center", va="center", fontsize=8, family="monospace")
+    ax.text(6.0, 2.75, "LLMEngine.step()", ha="center", va="center", fontsize=13, fontweight="bold", color="#937860")
+    ax.text(6.0, 2.35, "once per iteration, for every request in flight", ha="center", fontsize=9, color="#937860")
+    ax.annotate("add_request(prompt, params)\n-> the waiting queue", xy=(1.0, 4.8), xytext=(0.3, 5.35),
+                fontsize=8.5, arrowprops=dict(arrowstyle="-|>", color="#4C72B0"), color="#4C72B0")
+    ax.annotate("RequestOutput per request that progressed\n(delta_text, delta_token_ids, finished)",
+                xy=(1.2, 0.7), xytext=(3.4, -0.3), fontsize=8.5, color="#4C72B0",
+                arrowprops=dict(arrowstyle="<|-", color="#4C72B0"))
+    return fig
+
+
+# ----------------------------------------------------------------------------- the engine's step log
+def since(engine, mark: int) -> list[StepRecord]:
+    """The engine's step records after the first ``mark`` (take ``mark = len(engine.step_log)`` before a run)."""
+    return list(engine.step_log)[mark:]
+
+
+def timeline(logs: Sequence[Sequence[StepRecord]], titles: Sequence[str]) -> Figure:
+    """One Gantt panel per log, in seconds from its first step: a row per sequence, a bar per step it computed in
+    (prefill chunk or decode), an x where it was preempted. Panels share the time axis."""
+    rows = max(len({s for r in log for s, _, _ in r.seqs} | {p for r in log for p in r.preempted}) for log in logs)
+    fig, axes = plt.subplots(len(logs), 1, figsize=(10, 1.0 + (0.28 * rows + 0.6) * len(logs)), squeeze=False,
+                             sharex=True)
+    plt.close(fig)
+    for ax, log, title in zip(axes[:, 0], logs, titles):
+        ids = sorted({s for r in log for s, _, _ in r.seqs} | {p for r in log for p in r.preempted})
+        row = {s: i for i, s in enumerate(ids)}
+        t0 = log[0].start if log else 0.0
+        for r in log:
+            for seq_id, _, is_prefill in r.seqs:
+                ax.barh(row[seq_id], r.end - r.start, left=r.start - t0, height=0.8, linewidth=0,
+                        color=PREFILL if is_prefill else DECODE)
+            for seq_id in r.preempted:
+                ax.plot(r.start - t0, row[seq_id], "x", color=PREEMPT, markersize=8, mew=2)
+        total = log[-1].end - t0 if log else 0.0
+        ax.set_title(f"{title}: {len(log)} steps, {total:.2f} s", fontsize=10)
+        ax.set_yticks(range(len(ids)), [str(i) for i in range(len(ids))], fontsize=7)
+        ax.set_ylabel("request")
+        ax.set_ylim(len(ids) - 0.5, -0.5)
+    axes[-1, 0].set_xlabel("seconds since the first step")
+    handles = [Patch(color=PREFILL, label="prefill (chunk)"), Patch(color=DECODE, label="decode"),
+               plt.Line2D([], [], color=PREEMPT, marker="x", ls="", mew=2, label="preempted")]
+    axes[0, 0].legend(handles=handles, loc="upper right", fontsize=8, ncol=3)
+    fig.tight_layout()
+    return fig
+
+
+def as_sim_records(log: Sequence[StepRecord]) -> list[sp.StepRecord]:
+    """Phase 11's records (step numbers from 0) for ``scheduler_plots``; ``used_blocks`` = every block not free."""
+    out = []
+    for i, r in enumerate(log):
+        rec = sp.StepRecord(i, preempted=list(r.preempted), used_blocks=r.kv_blocks_used,
+                            cache_hit_tokens=r.num_cached_prefill_tokens)
+        for seq_id, n, is_prefill in r.seqs:
+            (rec.prefill if is_prefill else rec.decode)[seq_id] = n
+        out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------- policies in the real engine
+def install_scheduler(engine, scheduler_cls: type[Scheduler] = Scheduler, **changes) -> Scheduler:
+    """Give ``engine`` a new ``scheduler_cls`` over the same KV blocks, its config with ``changes``
+    (``SchedulerConfig`` fields, e.g. ``max_num_seqs``). Only between runs: no request may be in flight."""
+    if engine.has_unfinished_requests():
+        raise RuntimeError("requests are in flight: install a scheduler between runs")
+    if changes.get("block_size", engine.scheduler.config.block_size) != engine.scheduler.config.block_size:
+        raise ValueError("block_size is fixed by the KV cache's layout")
+    old = engine.scheduler
+    config = dataclasses.replace(old.config, **changes)
+    if old.cache is not None:
+        old.cache.evict(old.cache.evictable_blocks)  # start from an empty cache: every block is free
+    cache = RadixCache(engine.allocator, config.block_size) if config.enable_prefix_caching else None
+    new = scheduler_cls(config, engine.allocator, cache, eos_token_ids=old.eos_token_ids)
+    new.stop_checker, new.num_steps = old.stop_checker, old.num_steps
+    engine.scheduler = new
+    engine.check_no_leaks()
+    return new
+
+
+class PolicyOutcome(NamedTuple):
+    tokens: list[list[int]]  # each request's output token ids
+    victims: list[int]  # request indices in the order they were preempted
+    recomputed_tokens: int  # prefill tokens computed beyond the prompts (recomputation after preemption)
+    disagreements: int = 0  # victims that differ from the ``reference`` policy's choice in the same state
+
+
+def policy_outcome(llm, scheduler_cls: type[Scheduler], prompts: Sequence, params, *,
+                   reference: type[Scheduler] | None = None, **changes) -> PolicyOutcome:
+    """Run ``prompts`` with ``scheduler_cls`` installed (the previous scheduler back after); what happened.
+
+    With ``reference``, every victim choice is also asked of ``reference.select_victim`` on the same running
+    sequences, and the choices that differ are counted."""
+    engine = llm.engine
+    previous, config = type(engine.scheduler), dataclasses.asdict(engine.scheduler.config)
+    differ = [0]
+    cls = scheduler_cls
+    if reference is not None:
+        class Compared(scheduler_cls):
+            def select_victim(self):
+                victim = scheduler_cls.select_victim(self)
+                differ[0] += victim is not reference.select_victim(self)
+                return victim
+
+        cls = Compared
+    install_scheduler(engine, cls, **changes)
+    mark, before = len(engine.step_log), engine.stats["prefill_tokens_computed"]
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        install_scheduler(engine, previous, **config)
+    log = since(engine, mark)
+    first = min(s for r in log for s, _, _ in r.seqs)  # seq ids are given in the order requests were added
+    recomputed = engine.stats["prefill_tokens_computed"] - before - sum(len(o.prompt_token_ids) for o in outs)
+    return PolicyOutcome([list(o.outputs[0].token_ids) for o in outs],
+                         [s - first for r in log for s in r.preempted], recomputed, differ[0])
+
+
+class CheapestFirst(Scheduler):
+    """The exercise's answer key: preempt the sequence with the fewest tokens (cheapest to recompute),
+    the newest among equals."""
+
+    def select_victim(self):
+        return min(self.running, key=lambda s: (s.num_tokens, -s.arrival))
+
+
+# ----------------------------------------------------------------------------- benchmark results
+def _where(result: dict) -> str:
+    meta = result.get("meta", {})
+    if meta.get("gpu"):
+        return provenance(meta).replace("  ·  ", "\n", 1)
+    return f"CPU, {result.get('threads', '?')} threads, {str(meta.get('date', ''))[:10]}\n`{meta.get('command', '')}`"
+
+
+def _bars(ax, labels: list[str], values: list[float], fmt: str, colors: Sequence[str]) -> None:
+    bars = ax.barh(labels, values, color=colors[: len(values)])
+    ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(values) * 1.3)
+
+
+def throughput(result: dict) -> Figure:
+    """Output tokens/s of the engine and its peers in one ``12_throughput_*`` result, speed-ups in the labels."""
+    rows = [("minivllm (all requests at once)", result["minivllm"]["output_tokens_per_s"], 1.0)]
+    for key, label in (("transformers", "transformers.generate"), ("llama_cpp", "llama.cpp")):
+        peer = result.get(key)
+        if peer and "error" not in peer:
+            how = "one at a time" if peer.get("batch", 1) == 1 else f"batches of {peer['batch']}"
+            rows.append((f"{label} ({how})", peer["output_tokens_per_s"], rows[0][1] / peer["output_tokens_per_s"]))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.6))
+    plt.close(fig)
+    bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=[DECODE, "#C44E52", "#55A868"][: len(rows)])
+    ax.bar_label(bars, labels=[f"{v:,.0f} tok/s" + (f"  (minivllm: {x:.1f}x)" if i else "")
+                               for i, (_, v, x) in enumerate(rows)], padding=3, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xscale("log" if rows[0][1] / min(r[1] for r in rows) > 30 else "linear")
+    ax.set_xlim(right=max(r[1] for r in rows) * (8 if ax.get_xscale() == "log" else 1.6))
+    if ax.get_xscale() == "linear":
+        ax.set_xlim(left=0)
+    w = result["workload"]
+    ax.set_xlabel("output tokens per second")
+    ax.set_title(f"{result['config']} ({result['dtype']}, {result['device']}): {w['requests']} requests, "
+                 f"{w['output_tokens']:,} output tokens\nmeasured on {_where(result)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def latency(result: dict) -> Figure:
+    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, eager), with targets."""
+    modes = [m for m in ("cuda_graphs", "eager") if m in result]
+    targets = result.get("targets") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(modes) + 2.2))
+    plt.close(fig)
+    for ax, key, target, what in ((axes[0], "decode_ms_per_token", targets.get("decode_ms_per_token"),
+                                   f"decode, batch 1: ms per token ({result['output_len']} tokens)"),
+                                  (axes[1], "ttft_ms", targets.get("ttft_1k_ms"),
+                                   f"time to first token, {result['ttft_prompt_len']}-token prompt: ms")):
+        _bars(ax, [m.replace("_", " ") for m in modes], [result[m][key] for m in modes], "{:.2f}", (DECODE, PREFILL))
+        if target:
+            ax.axvline(target, color="black", ls="--", lw=1, label=f"target {target}")
+            ax.set_xlim(0, max(ax.get_xlim()[1], target * 1.2))
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(what, fontsize=9)
+    fig.suptitle(f"{result['config']} ({result['dtype']})  ·  {_where(result)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def prefix(result: dict) -> Figure:
+    """Prefix caching on a shared prompt: prefill tokens computed and median TTFT, cache off vs on."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 2.6))
+    plt.close(fig)
+    labels = ["cache off", "cache on"]
+    for ax, key, what, fmt in ((axes[0], "prefill_tokens_computed", "prefill tokens computed", "{:,.0f}"),
+                               (axes[1], "ttft_ms_median", "median time to first token (ms)", "{:,.1f}")):
+        _bars(ax, labels, [result["cache_off"][key], result["cache_on"][key]], fmt, (PREFILL, DECODE))
+        ax.set_title(what, fontsize=9)
+    fig.suptitle(f"{result['config']}: {result['num_requests']} requests sharing a {result['shared_len']}-token prompt "
+                 f"(+{result['suffix_len']} own tokens): {result['prefill_tokens_saved']:.0%} fewer prefill tokens\n"
+                 f"{_where(result)}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,55 @@
+"""Phase 12's benchmarks, dry-run on a tiny random Qwen3 on the CPU: the GPU code path, seconds long.
+
+The numbers are not checked (timings), the bookkeeping is: every request ran to its max_tokens, the
+engine's greedy tokens equal ``transformers``' on the same weights, prefix caching computed exactly the
+tokens the cache could not serve, and the JSON files carry where and how they were measured.
+"""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from bench import latency, prefix, throughput  # noqa: E402
+
+
+def _load(path) -> dict:
+    data = json.loads(path.read_text())
+    assert {"date", "command", "host", "versions"} <= set(data["meta"])
+    return data
+
+
+def test_throughput_dry_run_matches_transformers(tmp_path):
+    assert throughput.main(["--config", "tiny", "--device", "cpu", "--num-requests", "6", "--peer-requests", "3",
+                            "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "12_throughput_tiny.json")
+    w, e = data["workload"], data["minivllm"]
+    assert w["requests"] == 6 and e["output_tokens"] == w["output_tokens"]
+    assert 4 <= w["prompt_len_range"][0] <= w["prompt_len_range"][1] <= 24
+    assert data["transformers"]["requests"] == 3 and data["transformers"]["batch"] == 3
+    # same random weights, greedy, fp32: left-padded batched transformers and the engine agree token for token
+    assert data["parity_vs_transformers"] == {"requests": 3, "same_first_8_tokens": 3, "same_all_tokens": 3}
+    assert e["steps"] >= max(3, w["max_tokens_range"][1]) and e["preemptions"] == 0
+
+
+def test_prefix_dry_run_computes_only_what_the_cache_cannot_serve(tmp_path):
+    n, shared, own = 5, 48, 7
+    assert prefix.main(["--config", "tiny", "--device", "cpu", "--num-requests", str(n), "--shared-len", str(shared),
+                        "--suffix-len", str(own), "--max-tokens", "3", "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "12_prefix_tiny.json")
+    off, on = data["cache_off"], data["cache_on"]
+    assert off["prefill_tokens_computed"] == n * (shared + own) and off["cached_prompt_tokens"] == 0
+    assert on["prefill_tokens_computed"] == n * own and on["cached_prompt_tokens"] == n * shared  # 48 = 3 blocks
+    assert data["prefill_tokens_saved"] == round(1 - own / (shared + own), 4)
+    assert data["same_outputs"] == n
+
+
+def test_latency_dry_run_reports_medians_of_the_runs(tmp_path):
+    assert latency.main(["--config", "tiny", "--device", "cpu", "--repeats", "2", "--output-len", "6",
+                         "--ttft-len", "40", "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "12_latency_tiny.json")
+    assert "cuda_graphs" not in data and data["targets"] is None
+    runs = data["eager"]["runs"]
+    assert len(runs["decode_ms_per_token"]) == len(runs["ttft_ms"]) == 2
+    assert min(runs["ttft_ms"]) <= data["eager"]["ttft_ms"] <= max(runs["ttft_ms"])

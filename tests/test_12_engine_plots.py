@@ -1,0 +1,108 @@
+"""Phase 12's pictures and policy helpers (minivllm.course.engine_plots): each draws what the log says."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.colors as mcolors  # noqa: E402
+import pytest  # noqa: E402
+
+from minivllm.course import engine_plots as ep  # noqa: E402
+from minivllm.llm import LLM  # noqa: E402
+from minivllm.model.config import ModelConfig  # noqa: E402
+from minivllm.outputs import StepRecord  # noqa: E402
+from minivllm.sampling_params import SamplingParams  # noqa: E402
+from minivllm.scheduler import Scheduler  # noqa: E402
+
+TINY = ModelConfig(architecture="qwen3", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512, qk_norm=True)
+
+
+def _rec(step, start, seqs, preempted=()):
+    return StepRecord(step, start, start + 0.5, sum(n for _, n, p in seqs if not p), sum(n for _, n, p in seqs if p),
+                      0, list(seqs), list(preempted), len(seqs), 0, 3, False)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(TINY, device="cpu", num_kv_blocks=12, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+def test_step_loop_draws_four_stages_joined_in_a_cycle():
+    ax = ep.step_loop().axes[0]
+    assert len([p for p in ax.patches if p.get_gid() == "stage"]) == 4
+    assert len([p for p in ax.patches if p.get_gid() == "flow"]) == 4
+    assert any("LLMEngine.step()" in t.get_text() for t in ax.texts)
+
+
+def test_timeline_puts_each_step_at_its_time_on_its_sequences_row():
+    log = [_rec(1, 10.0, [(7, 5, True)]), _rec(2, 10.5, [(7, 1, False), (9, 3, True)]),
+           _rec(3, 11.0, [(9, 1, False)], preempted=[7])]
+    ax = ep.timeline([log], ["run"]).axes[0]
+    bars = [(round(p.get_x(), 2), round(p.get_y() + p.get_height() / 2), mcolors.to_hex(p.get_facecolor()))
+            for p in ax.patches]
+    assert bars == [(0.0, 0, ep.PREFILL.lower()), (0.5, 0, ep.DECODE.lower()), (0.5, 1, ep.PREFILL.lower()),
+                    (1.0, 1, ep.DECODE.lower())]
+    marks = [(tuple(ln.get_xdata()), tuple(ln.get_ydata())) for ln in ax.get_lines() if ln.get_marker() == "x"]
+    assert marks == [((1.0,), (0,))]
+    assert ax.get_title() == "run: 3 steps, 1.50 s"
+
+
+def test_as_sim_records_splits_prefill_and_decode_per_sequence():
+    recs = ep.as_sim_records([_rec(5, 0.0, [(1, 1, False), (2, 6, True)], preempted=[3])])
+    assert recs[0].step == 0 and recs[0].decode == {1: 1} and recs[0].prefill == {2: 6}
+    assert recs[0].preempted == [3] and recs[0].used_blocks == 3
+
+
+def test_install_scheduler_swaps_policy_and_limits_between_runs(llm):
+    engine = llm.engine
+
+    class Marked(Scheduler):
+        pass
+
+    new = ep.install_scheduler(engine, Marked, max_num_seqs=2)
+    assert engine.scheduler is new and isinstance(new, Marked) and new.config.max_num_seqs == 2
+    out = llm.generate([[1, 2, 3]] * 3, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert max(r.num_running for r in list(engine.step_log)[-4:]) <= 2 and len(out) == 3
+    with pytest.raises(ValueError):
+        ep.install_scheduler(engine, block_size=8)
+    ep.install_scheduler(engine, Scheduler, max_num_seqs=8)
+    engine.check_no_leaks()
+
+
+def test_policy_outcome_counts_victims_and_recomputation_and_keeps_greedy_tokens(llm):
+    prompts = [[i + 1] * n for i, n in enumerate((3, 9, 3, 9))]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    roomy = ep.policy_outcome(llm, Scheduler, prompts, params, max_num_seqs=1)  # one at a time: no preemption
+    assert roomy.victims == [] and roomy.recomputed_tokens == 0
+    fcfs = ep.policy_outcome(llm, Scheduler, prompts, params)  # 4 x 4 blocks wanted, 12 in the pool
+    cheap = ep.policy_outcome(llm, ep.CheapestFirst, prompts, params)
+    assert fcfs.victims and cheap.victims and fcfs.tokens == cheap.tokens == roomy.tokens
+    assert fcfs.recomputed_tokens > 0 and cheap.recomputed_tokens > 0
+    compared = ep.policy_outcome(llm, ep.CheapestFirst, prompts, params, reference=ep.CheapestFirst)
+    assert compared == cheap._replace(disagreements=0)  # same run, and every pick equals the reference's
+    newest = ep.policy_outcome(llm, Scheduler, prompts, params, reference=ep.CheapestFirst)
+    # the two runs share every state up to their first different pick: a disagreement exactly when victims differ
+    assert newest.victims == fcfs.victims and (newest.disagreements > 0) == (fcfs.victims != cheap.victims)
+    assert type(llm.engine.scheduler) is Scheduler and llm.engine.scheduler.config.max_num_seqs == 8
+
+
+def test_benchmark_plots_label_every_system_and_setting():
+    thr = {"config": "tiny", "dtype": "float32", "device": "cpu", "threads": 2, "meta": {"date": "2026-01-01"},
+           "workload": {"requests": 4, "output_tokens": 40}, "minivllm": {"output_tokens_per_s": 300.0},
+           "transformers": {"output_tokens_per_s": 30.0, "batch": 1}, "llama_cpp": {"error": "not installed"}}
+    ax = ep.throughput(thr).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["minivllm (all requests at once)",
+                                                            "transformers.generate (one at a time)"]
+    assert "10.0x" in " ".join(t.get_text() for t in ax.texts)
+    lat = {"config": "q", "dtype": "bfloat16", "output_len": 256, "ttft_prompt_len": 1024, "meta": {"gpu": "H200"},
+           "targets": {"decode_ms_per_token": 0.6, "ttft_1k_ms": 30.0},
+           "cuda_graphs": {"decode_ms_per_token": 0.5, "ttft_ms": 20.0}, "eager": {"decode_ms_per_token": 3.0, "ttft_ms": 25.0}}
+    a, b = ep.latency(lat).axes
+    assert [round(p.get_width(), 2) for p in a.patches] == [0.5, 3.0]
+    assert any(ln.get_xdata()[0] == 30.0 for ln in b.get_lines())
+    pre = {"config": "q", "num_requests": 4, "shared_len": 64, "suffix_len": 8, "prefill_tokens_saved": 0.9,
+           "cache_off": {"prefill_tokens_computed": 288, "ttft_ms_median": 9.0},
+           "cache_on": {"prefill_tokens_computed": 32, "ttft_ms_median": 3.0}, "meta": {}}
+    a, b = ep.prefix(pre).axes
+    assert [p.get_width() for p in a.patches] == [288, 32] and [p.get_width() for p in b.patches] == [9.0, 3.0]
