@@ -228,6 +228,27 @@ def _check(q, kv_cache, block_tables, context_lens) -> None:
             raise ValueError(f"block_tables must hold blocks in 0..{num_blocks - 1} for every token in context")
 
 
+def split_buffers(q: torch.Tensor, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split-K partial results (fp32): outputs (seqs, q_heads, splits, d), max logits and exp sums
+    (seqs, q_heads, splits); one-element placeholders when there is a single split."""
+    if splits == 1:
+        partial = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+        m = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+        return partial, m, m
+    seqs, q_heads, dim = q.shape
+    partial = torch.empty((seqs, q_heads, splits, dim), dtype=torch.float32, device=q.device)
+    m = torch.empty((seqs, q_heads, splits), dtype=torch.float32, device=q.device)
+    return partial, m, torch.empty_like(m)
+
+
+def merge_splits(partial: torch.Tensor, m: torch.Tensor, l: torch.Tensor, context_lens: torch.Tensor,
+                 tokens_per_split: int, out: torch.Tensor, where: str) -> None:
+    """Launch :func:`paged_attention_reduce_kernel`: one block per (sequence, query head)."""
+    seqs, q_heads, dim = out.shape
+    launch(paged_attention_reduce_kernel, (seqs, q_heads), 32 if where == "simulator" else min(dim, 128),
+           partial, m, l, context_lens, tokens_per_split, out, backend=where)
+
+
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                     *, scale: float | None = None, out: torch.Tensor | None = None,
                     tokens_per_split: int | None = None, max_context_len: int | None = None,
@@ -260,18 +281,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch
         raise ValueError(f"tokens_per_split must be positive, got {tokens_per_split}")
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = longest if splits == 1 else tokens_per_split
-    if splits == 1:
-        partial = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
-        m = l = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
-    else:
-        partial = torch.empty((seqs, q_heads, splits, dim), dtype=torch.float32, device=q.device)
-        m = torch.empty((seqs, q_heads, splits), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+    partial, m, l = split_buffers(q, splits)
     launch(paged_attention_kernel, (seqs, kv_heads, splits), threads, q, kv_cache, block_tables, context_lens,
            numba.float32(scale), out, partial, m, l, tokens_per_split, backend=where)
     if splits > 1:
-        launch(paged_attention_reduce_kernel, (seqs, q_heads), 32 if where == "simulator" else min(dim, 128),
-               partial, m, l, context_lens, tokens_per_split, out, backend=where)
+        merge_splits(partial, m, l, context_lens, tokens_per_split, out, where)
     return out
 
 

@@ -37,12 +37,41 @@ from numba import cuda
 
 from kernels._launch import cdiv, launch, resolve_backend
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
-from kernels.paged_attention import _check, paged_attention_ref, paged_attention_reduce_kernel
+from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
 WARPS = 4  # warps per block
 UNROLL = 1  # tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
+
+
+@cuda.jit(device=True, inline=True)
+def _merge_states(sm_m, sm_l, sm_acc, states, group, dim, tid, threads, seq, kvh, split, num_splits, out, partial_out,
+                  max_logits, exp_sums):
+    """Merge the block's ``states`` online-softmax states (max, sum, accumulator per query head of the group,
+    in shared memory) into the output, or into this split's partial result:
+    ``out = sum_s l_s e^(m_s - M) acc_s / sum_s l_s e^(m_s - M)``."""
+    for i in range(tid, group * dim, threads):
+        g, d = i // dim, i % dim
+        big = numba.float32(NEG_INF)
+        for s in range(states):
+            big = max(big, sm_m[s, g])
+        num = numba.float32(0.0)
+        den = numba.float32(0.0)
+        for s in range(states):
+            if sm_l[s, g] > 0.0:  # a state that saw no token adds nothing (and no NaN)
+                e = math.exp(sm_m[s, g] - big)
+                num += sm_acc[s, g, d] * e
+                den += sm_l[s, g] * e
+        value = num / den if den > 0.0 else numba.float32(0.0)
+        h = kvh * group + g
+        if num_splits == 1:
+            out[seq, h, d] = value
+        else:
+            partial_out[seq, h, split, d] = value
+            if d == 0:
+                max_logits[seq, h, split] = big
+                exp_sums[seq, h, split] = den
 
 
 @functools.cache
@@ -120,27 +149,8 @@ def _kernel(group: int, dim: int, warps: int, unroll: int = 4):
             for j in range(epl):
                 sm_acc[warp, g, lane + 32 * j] = acc[g * epl + j]
         cuda.syncthreads()
-        for i in range(tid, group * dim, warps * 32):
-            g, d = i // dim, i % dim
-            big = numba.float32(NEG_INF)
-            for w in range(warps):
-                big = max(big, sm_m[w, g])
-            num = numba.float32(0.0)
-            den = numba.float32(0.0)
-            for w in range(warps):
-                if sm_l[w, g] > 0.0:  # a warp that saw no token adds nothing (and no NaN)
-                    e = math.exp(sm_m[w, g] - big)
-                    num += sm_acc[w, g, d] * e
-                    den += sm_l[w, g] * e
-            value = num / den if den > 0.0 else numba.float32(0.0)
-            h = kvh * group + g
-            if num_splits == 1:
-                out[seq, h, d] = value
-            else:
-                partial_out[seq, h, split, d] = value
-                if d == 0:
-                    max_logits[seq, h, split] = big
-                    exp_sums[seq, h, split] = den
+        _merge_states(sm_m, sm_l, sm_acc, warps, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
+                      partial_out, max_logits, exp_sums)
 
     return kernel
 
@@ -225,27 +235,8 @@ def _kernel16(group: int, dim: int, warps: int):
             for i in range(8):
                 sm_acc[slot, g, c * 8 + i] = acc[g * 8 + i]
         cuda.syncthreads()
-        for i in range(tid, group * dim, warps * 32):
-            g, d = i // dim, i % dim
-            big = numba.float32(NEG_INF)
-            for w in range(slots):
-                big = max(big, sm_m[w, g])
-            num = numba.float32(0.0)
-            den = numba.float32(0.0)
-            for w in range(slots):
-                if sm_l[w, g] > 0.0:
-                    e = math.exp(sm_m[w, g] - big)
-                    num += sm_acc[w, g, d] * e
-                    den += sm_l[w, g] * e
-            value = num / den if den > 0.0 else numba.float32(0.0)
-            h = kvh * group + g
-            if num_splits == 1:
-                out[seq, h, d] = value
-            else:
-                partial_out[seq, h, split, d] = value
-                if d == 0:
-                    max_logits[seq, h, split] = big
-                    exp_sums[seq, h, split] = den
+        _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
+                      partial_out, max_logits, exp_sums)
 
     return kernel
 
@@ -257,6 +248,9 @@ SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_di
         f"float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)" for t in _TYPES]
     for group, dim in ((2, 128), (3, 64))
 }
+SIGNATURES[_merge_states] = [
+    f"void(float32[:, ::1], float32[:, ::1], float32[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, "
+    f"int64, int64, {t}[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1])" for t in _TYPES]
 SIGNATURES.update({
     _kernel16(group, dim, WARPS): [
         "void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
@@ -291,13 +285,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         tokens_per_split = max(128, cdiv(longest, cdiv(4 * 132, seqs * kv_heads)))  # about 4 blocks per SM
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = longest if splits == 1 else tokens_per_split
-    if splits == 1:
-        partial = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
-        m = l = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
-    else:
-        partial = torch.empty((seqs, q_heads, splits, dim), dtype=torch.float32, device=q.device)
-        m = torch.empty((seqs, q_heads, splits), dtype=torch.float32, device=q.device)
-        l = torch.empty_like(m)
+    partial, m, l = split_buffers(q, splits)
     if wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0:  # 16-byte loads
         kernel = _kernel16(q_heads // kv_heads, dim, warps)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.complex128)
@@ -307,8 +295,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     launch(kernel, (seqs, kv_heads, splits), warps * 32, q_in, kv_in, block_tables, context_lens,
            numba.float32(scale), out, partial, m, l, tokens_per_split, splits, backend=where)
     if splits > 1:
-        launch(paged_attention_reduce_kernel, (seqs, q_heads), 32 if where == "simulator" else min(dim, 128),
-               partial, m, l, context_lens, tokens_per_split, out, backend=where)
+        merge_splits(partial, m, l, context_lens, tokens_per_split, out, where)
     return out
 
 
