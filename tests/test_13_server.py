@@ -178,7 +178,7 @@ BAD = [  # (path, raw body, status, param, code)
     ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "temperature": -1}, 400, "temperature", None),
     ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "top_p": 1.5}, 400, "top_p", None),
     ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 0}, 400, "max_tokens", None),
-    ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "repetition_penalty": 1e-40}, 400, "repetition_penalty",
+    ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "repetition_penalty": 0}, 400, "repetition_penalty",
      None),
     ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "min_tokens": 9, "max_tokens": 3}, 400, "min_tokens",
      None),

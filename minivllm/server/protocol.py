@@ -45,7 +45,7 @@ class _SamplingFields(_Strict):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     # NOTE: >= 0.01, not just > 0: the engine's sampler fails on tiny penalties (logits / 1e-40 overflow to inf)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
+    repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = Field(None, max_length=64)
