@@ -10,14 +10,9 @@ import time
 
 import torch
 
+from bench.models import QWEN3_06B
 from minivllm.llm import LLM
-from minivllm.model.config import ModelConfig
 from minivllm.sampling_params import SamplingParams
-
-QWEN3_06B = ModelConfig(architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                        rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
-                        tie_word_embeddings=True, qk_norm=True)
 
 
 def run(enforce_eager: bool, prompts, params, utilization: float) -> tuple[list[list[int]], float, float]:

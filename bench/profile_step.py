@@ -10,7 +10,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.gpu_engine_check import QWEN3_06B
+from bench.models import QWEN3_06B
 from minivllm.llm import LLM
 from minivllm.sampling_params import SamplingParams
 

@@ -30,11 +30,8 @@ from pathlib import Path
 import torch
 
 from bench._harness import RESULTS, save
-from bench.gpu_engine_check import QWEN3_06B
-from minivllm.model.config import ModelConfig
+from bench.models import RANDOM_MODELS
 
-TINY = ModelConfig("qwen3", 512, 64, 128, 2, 4, 2, 16, 1e-6, 1e6, 4096, True, True)
-RANDOM_MODELS = {"qwen3-0.6b": QWEN3_06B, "tiny": TINY}
 TOPICS = ["the sea", "a lighthouse", "autumn leaves", "a robot", "the moon", "bread", "a train", "chess",
           "a garden", "rain", "a violin", "mountains", "a lost key", "coffee", "a city at night", "owls"]
 

@@ -42,14 +42,7 @@ import torch  # noqa: E402
 from bench._harness import RESULTS, save  # noqa: E402
 from minivllm.model.config import ModelConfig  # noqa: E402
 
-QWEN3_06B = ModelConfig(architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                        rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
-                        tie_word_embeddings=True, qk_norm=True)
-TINY = ModelConfig(architecture="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6,
-                   max_position_embeddings=4096, tie_word_embeddings=True, qk_norm=True)
-RANDOM_MODELS = {"qwen3-0.6b": QWEN3_06B, "tiny": TINY}  # random weights; "default" = the embedded GGUF
+from bench.models import RANDOM_MODELS  # noqa: E402
 TARGETS = {"cuda": {"output_tokens_per_s": 20_000, "speedup_vs_transformers": 50},
            "cpu": {"speedup_vs_transformers": 10, "speedup_vs_llama_cpp": 2}}
 QUESTIONS = [
