@@ -5,18 +5,41 @@ runner and the KV cache read what they need. Values only known once the model is
 count, the EOS ids, the context length) live on the engine, set in one place
 (:meth:`minivllm.engine.LLMEngine.__init__`), not written back here.
 
-Left out: tensor/pipeline parallelism, quantization, LoRA, speculative decoding, swap space.
+Left out: tensor/pipeline parallelism, quantization beyond CPU fp16/int8 linears, LoRA, speculative decoding, swap space.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from minivllm.model.config import ModelConfig
+if TYPE_CHECKING:  # NOTE: not imported at run time: the scheduler reads this module and loads no model code
+    from minivllm.model.config import ModelConfig
 
 ATTENTION_BACKENDS = ("auto", "numba", "torch")
+QUANTIZATIONS = ("auto", "none", "fp16", "int8")  # see EngineConfig.quantization_method
+
+@dataclass(slots=True, frozen=True)
+class SchedulerConfig:
+    """The scheduler's knobs. ``EngineConfig.scheduler_config`` derives it; its defaults are the engine's."""
+
+    max_num_batched_tokens: int = 2048  # the token budget of one step (decodes + prefill chunks)
+    max_num_seqs: int = 64  # at most this many running sequences (so at most this many per step)
+    block_size: int = 16  # token slots per KV block
+    enable_prefix_caching: bool = True  # reuse cached prompt prefixes at admission
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}): every running sequence's decode token must fit in one step")
+
+
+_S = SchedulerConfig()
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -24,17 +47,21 @@ DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "float1
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     # what to run
-    model: str | Path | ModelConfig | None = None  # a checkpoint directory, a .gguf, None = the embedded default;
+    model: "str | Path | ModelConfig | None" = None  # a checkpoint directory, a .gguf, None = the embedded default;
     #                                               a ModelConfig builds a random-weight model (benchmarks)
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on a CPU
+    quantization: str = "auto"  # "auto": "fp16" on a CPU when dtype is "auto", else "none"; so dtype="float32"
+    #                             given explicitly is the exact fp32 path. "fp16": fbgemm fp16-weight linears,
+    #                             "int8": fbgemm int8 linears with dynamic activations (faster, less exact); CPU only.
+    #                             See quantization_method and minivllm.model.quant.
     seed: int = 0  # random weights (ModelConfig) and the sampler's shared generator
     max_model_len: int | None = None  # longest prompt + output; None: the model's max positions
     # scheduling (see minivllm.scheduler)
-    max_num_seqs: int = 64  # sequences in flight at once
-    max_num_batched_tokens: int = 2048  # tokens computed per step (decodes + prefill chunks)
-    block_size: int = 16  # tokens per KV block
-    enable_prefix_caching: bool = True  # reuse cached prompt prefixes (radix cache)
+    max_num_seqs: int = _S.max_num_seqs  # sequences in flight at once
+    max_num_batched_tokens: int = _S.max_num_batched_tokens  # tokens computed per step (decodes + prefill chunks)
+    block_size: int = _S.block_size  # tokens per KV block
+    enable_prefix_caching: bool = _S.enable_prefix_caching  # reuse cached prompt prefixes (radix cache)
     # KV cache size: GPU -> gpu_memory_utilization of the device; CPU -> kv_cache_memory bytes;
     # num_kv_blocks overrides both (tests force preemption with a tiny pool)
     gpu_memory_utilization: float = 0.9
@@ -46,23 +73,21 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "cuda_graph_max_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.scheduler_config  # validates the scheduling knobs (max_num_seqs, max_num_batched_tokens, block_size)
+        if not isinstance(self.cuda_graph_max_batch, int) or isinstance(self.cuda_graph_max_batch, bool) \
+                or self.cuda_graph_max_batch <= 0:
+            raise ValueError(f"cuda_graph_max_batch must be a positive int, got {self.cuda_graph_max_batch!r}")
         for name in ("max_model_len", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                             f"({self.max_num_seqs})")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        self.quantization_method  # validates quantization against the device
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto":
@@ -80,6 +105,27 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(known - {'model'})}")
         return cls(model=model, **kwargs)
+
+    @property
+    def scheduler_config(self) -> SchedulerConfig:
+        """What the scheduler reads: derived here, never written back."""
+        return SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+                               block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching)
+
+    @property
+    def quantization_method(self) -> str:
+        """``"none"``, ``"fp16"`` or ``"int8"``: what the engine runs. ``"auto"`` means fp16 on a CPU when the dtype was
+        left to ``"auto"`` too, "none" on a GPU or whenever a dtype was asked for (``dtype="float32"``: exact)."""
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        cpu = self.torch_device.type == "cpu"
+        if self.quantization == "auto":
+            return "fp16" if cpu and self.dtype == "auto" else "none"
+        if self.quantization != "none" and not cpu:
+            raise ValueError(f"quantization={self.quantization!r} runs on the CPU only (fbgemm); use device='cpu'")
+        if self.quantization != "none" and self.torch_dtype != torch.float32:
+            raise ValueError(f"quantization={self.quantization!r} computes in float32; drop dtype={self.dtype!r}")
+        return self.quantization
 
     @property
     def torch_device(self) -> torch.device:

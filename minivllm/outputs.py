@@ -70,3 +70,25 @@ class StepRecord:
     num_waiting: int
     kv_blocks_used: int
     graph: bool  # replayed a captured CUDA graph
+
+
+@dataclass(slots=True, frozen=True)
+class EngineSnapshot:
+    """A public view of the engine's state after a step (``LLMEngine.snapshot()``): what ``/metrics`` reads."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0  # not free: held by sequences or by the radix cache
+    kv_blocks_cached: int = 0  # held only by the radix cache (evictable)
+    num_kv_blocks: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cache_hit_rate: float = 0.0  # prompt tokens served by the radix cache / prompt tokens looked up
+    steps: int = 0
+    num_preemptions: int = 0
+    requests_finished: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks held by running sequences (cached-only blocks are free to reuse), 0..1."""
+        return (self.kv_blocks_used - self.kv_blocks_cached) / self.num_kv_blocks if self.num_kv_blocks else 0.0

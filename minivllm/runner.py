@@ -8,8 +8,9 @@ Two ways to run a step:
 * **eager** (every prefill or mixed step, and everything on a CPU): one forward pass, launched op by op;
 * **CUDA graph** (decode-only steps on a GPU): at start-up the decode forward pass is captured once per
   batch-size bucket (1, 2, 4, 8, 16, 32, ...) into a ``torch.cuda.CUDAGraph`` over static input buffers;
-  a step copies its inputs into the buffers of the smallest bucket that holds it (padding rows store
-  nothing, slot -1, and attend to one token) and replays the graph. A decode step of a small model is
+  a step copies its inputs into the buffers of the smallest bucket that holds it (a padding row is a
+  dummy one-token sequence in block 0: it stores nothing, slot -1, and its logits are dropped) and
+  replays the graph. A decode step of a small model is
   hundreds of kernel launches of a few microseconds of work each; replayed, the CPU cost of launching
   them (~30 µs per numba launch, ~8 µs per torch op) disappears.
 
@@ -20,10 +21,12 @@ prefill, and multi-GPU.
 import numpy as np
 import torch
 
+from minivllm.batch import SchedulerOutput
+from minivllm.cache.block_table import block_table_array
 from minivllm.cache.kv_cache import PagedKVCache
 from minivllm.model.paged_attention import PagedAttentionMetadata
 from minivllm.model.qwen3 import Qwen3ForCausalLM
-from minivllm.scheduler import SchedulerOutput
+from minivllm.utils import cdiv
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -40,20 +43,23 @@ class ModelRunner:
         self.device = model.device
         self.block_size = kv_cache.block_size
         self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // self.block_size)  # block-table width
+        self.max_blocks = cdiv(max_model_len, self.block_size)  # block-table width
         self.backend = attention_backend
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batch = 0
+        self.last_step_graph = False  # whether the latest execute() replayed a graph (the step log shows it)
         if use_cuda_graphs and self.device.type == "cuda":
             self.capture(cuda_graph_max_batch)
 
     # ------------------------------------------------------------------ eager
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Run one planned step; returns float logits (len(out.sample_indices), vocab)."""
-        num_seqs = len(out.scheduled)
-        num_decodes = sum(1 for e in out.scheduled if not e.is_prefill)
-        if num_decodes == num_seqs and 0 < num_seqs <= self.graph_batch:
+    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Run one planned step; returns float logits (len(out.sample_indices), vocab), None for an empty step."""
+        num_seqs, num_decodes = len(out.scheduled), out.num_decodes
+        self.last_step_graph = num_decodes == num_seqs and 0 < num_seqs <= self.graph_batch
+        if not num_seqs:
+            return None
+        if self.last_step_graph:
             return self._replay(out)
         dev = self.device
         input_ids = torch.tensor(out.input_ids, dtype=torch.long).to(dev, non_blocking=True)
@@ -61,7 +67,7 @@ class ModelRunner:
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=torch.tensor(out.slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(self._block_table_array(out.block_tables, num_seqs)).to(dev, non_blocking=True),
+            block_tables=torch.from_numpy(block_table_array(out.block_tables)).to(dev, non_blocking=True),
             context_lens=torch.tensor(out.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             num_decodes=num_decodes,
             max_context_len=max(out.seq_lens),
@@ -73,13 +79,6 @@ class ModelRunner:
         rows = torch.tensor(out.sample_indices, dtype=torch.long).to(dev, non_blocking=True)
         return self.model.compute_logits(hidden[rows]).float()
 
-    def _block_table_array(self, tables: list[list[int]], rows: int, width: int | None = None) -> np.ndarray:
-        width = width or max(map(len, tables), default=1) or 1
-        array = np.zeros((rows, width), dtype=np.int32)  # NOTE: padding points at block 0; never read past context
-        for i, table in enumerate(tables):
-            array[i, : len(table)] = table
-        return array
-
     # ------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()
     def capture(self, max_batch: int) -> None:
@@ -89,7 +88,7 @@ class ModelRunner:
             "input_ids": torch.zeros(n, dtype=torch.long, device=dev),
             "positions": torch.zeros(n, dtype=torch.long, device=dev),
             "slot_mapping": torch.full((n,), -1, dtype=torch.long, device=dev),
-            "block_tables": torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev),
+            "block_tables": torch.from_numpy(self._padding_tables(n, self.max_blocks)).to(dev),
             "context_lens": torch.ones(n, dtype=torch.int32, device=dev),
         }
         self.static_logits: dict[int, torch.Tensor] = {}
@@ -127,7 +126,14 @@ class ModelRunner:
         s["positions"][:b].copy_(torch.from_numpy(pos), non_blocking=True)
         s["slot_mapping"][:b].copy_(torch.from_numpy(slots), non_blocking=True)
         s["context_lens"][:b].copy_(torch.from_numpy(lens), non_blocking=True)
-        tables = self._block_table_array(out.block_tables, b)
+        tables = self._padding_tables(b, max(map(len, out.block_tables)), out.block_tables)
         s["block_tables"][:b, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
         self.graphs[b].replay()
         return self.static_logits[b][:n].float()
+
+    @staticmethod
+    def _padding_tables(rows: int, width: int, tables: list[list[int]] = ()) -> np.ndarray:
+        """``tables`` padded to (rows, width); each padding row a dummy one-token sequence in block 0."""
+        array = block_table_array(tables, rows=rows, width=width)
+        array[len(tables):, 0] = 0  # NOTE: padding rows read one slot of block 0 (context 1), in bounds
+        return array

@@ -9,89 +9,38 @@ prefix: those blocks are locked and not recomputed (a fully cached prompt still 
 token). When KV blocks run out, cached blocks are evicted first; then the newest running sequence is
 preempted (its blocks released, recomputed later) and goes back to the front of the waiting queue.
 
+After the model ran, :meth:`Scheduler.postprocess` appends the sampled tokens and ends sequences on the
+token-level rules of :func:`minivllm.stop.check_stop` (EOS, ``stop_token_ids``, ``max_tokens``). Stop
+*strings* live in the text, which is the output side's: it ends a sequence through :meth:`Scheduler.finish`.
+
 Reference rules (the :class:`BlockAllocator`'s counts): a live sequence holds one reference to each
 block of its block table; the radix cache holds its own. So after any sequence of operations every
 block is free, held by the radix cache, or held by a live sequence.
 
-Left out: the model (``postprocess`` takes the sampled token ids), sampling, stop strings (the
-detokenizer's; :attr:`Scheduler.stop_checker` is the hook), swapping KV to the CPU, priorities.
+Left out: the model (``postprocess`` takes the sampled token ids), sampling, text, swapping KV to the
+CPU, priorities.
 """
 
 import bisect
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-
+from collections.abc import Iterable
+from minivllm.batch import ScheduledSequence, SchedulerOutput
 from minivllm.cache import BlockAllocator, RadixCache
+from minivllm.cache.block_table import token_slots
+from minivllm.config import SchedulerConfig
 from minivllm.sequence import FinishReason, Sequence, SequenceStatus
+from minivllm.stop import check_stop
+from minivllm.utils import cdiv
 
-
-@dataclass(slots=True, frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 512  # the token budget of one step (decodes + prefill chunks)
-    max_num_seqs: int = 64  # at most this many running sequences (so at most this many per step)
-    block_size: int = 16  # token slots per KV block
-    enable_prefix_caching: bool = True  # reuse cached prompt prefixes at admission
-    enable_chunked_prefill: bool = True  # split long prompts across steps (always on here)
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                             f"({self.max_num_seqs}): every running sequence's decode token must fit in one step")
-        if not self.enable_chunked_prefill:
-            raise ValueError("enable_chunked_prefill=False is not supported: this scheduler always chunks prefills")
-
-
-@dataclass(slots=True)
-class ScheduledSequence:
-    seq: Sequence
-    num_new_tokens: int  # tokens computed this step: 1 for a decode, the chunk length for a prefill
-    start: int  # position of the first of them (the sequence's num_computed_tokens before the step)
-    is_prefill: bool
-    needs_sample: bool  # the step computes the last known token: its logits give the next token
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    """One step's work. Rows of the flattened arrays follow ``scheduled`` (decodes first)."""
-
-    step: int
-    scheduled: list[ScheduledSequence]
-    input_ids: list[int]  # (num_batched_tokens,)
-    positions: list[int]  # (num_batched_tokens,)
-    slot_mapping: list[int]  # (num_batched_tokens,) KV slot = block * block_size + offset
-    cu_seqlens_q: list[int]  # (num_seqs + 1,) where each sequence's tokens start in the flat arrays
-    seq_lens: list[int]  # (num_seqs,) context length after the step (start + num_new_tokens)
-    block_tables: list[list[int]]  # (num_seqs, blocks) each sequence's block table (live: read it before the next step)
-    sample_indices: list[int]  # flat rows whose logits are sampled, in order of ``scheduled``
-    preempted: list[int] = field(default_factory=list)  # seq ids preempted while scheduling this step
-    finished: list[int] = field(default_factory=list)  # seq ids finished ("length") because the cache cannot hold them
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled if not s.is_prefill)
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled if s.is_prefill)
-
-    @property
-    def sampled_seqs(self) -> list[Sequence]:
-        return [s.seq for s in self.scheduled if s.needs_sample]
+__all__ = ["ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 
 class Scheduler:
     """Waiting and running queues over one :class:`BlockAllocator` (and a :class:`RadixCache`, optional).
 
     ``schedule()`` plans a step; the model runs it; ``postprocess(output, sampled)`` appends one sampled
-    token per ``output.sample_indices`` row and finishes sequences. Policy hooks a subclass may override:
+    token per ``output.sample_indices`` row and finishes sequences (``finish`` ends one from outside, for a
+    stop string). The radix cache is built here (``config.enable_prefix_caching``) unless one is passed
+    in. Policy hooks a subclass may override:
     :meth:`select_victim` (whom to preempt), :meth:`prefill_chunk` (how much of a prompt to compute) and
     :meth:`max_cached_tokens` (how much of a prompt the prefix cache may serve).
     """
@@ -99,7 +48,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, cache: RadixCache | None = None,
                  eos_token_ids: Iterable[int] = ()) -> None:
         if cache is None and config.enable_prefix_caching:
-            cache = RadixCache(allocator, config.block_size)
+            cache = RadixCache(allocator, config.block_size)  # NOTE: the one place a RadixCache is built
         if cache is not None and cache.block_size != config.block_size:
             raise ValueError(f"the radix cache's block_size ({cache.block_size}) != config.block_size "
                              f"({config.block_size})")
@@ -109,24 +58,31 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []  # FCFS: sorted by arrival (preempted sequences go back in order)
         self.running: list[Sequence] = []  # sorted by arrival
-        self.stop_checker: Callable[[Sequence], bool | str | None] | None = None  # the detokenizer's stop-string hook
         self.num_steps = 0
         self.num_preemptions = 0
         self._seqs: dict[int, Sequence] = {}
 
+    @classmethod
+    def from_num_blocks(cls, config: SchedulerConfig, num_blocks: int, eos_token_ids: Iterable[int] = ()) -> "Scheduler":
+        """A scheduler over a new :class:`BlockAllocator` of ``num_blocks`` blocks (the engine's way)."""
+        return cls(config, BlockAllocator(num_blocks), eos_token_ids=eos_token_ids)
+
     # ------------------------------------------------------------------ requests
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raise ``ValueError`` if a sequence this long could never finish in the whole KV cache."""
+        capacity = self.allocator.num_blocks * self.config.block_size
+        need = num_prompt_tokens + (max_tokens - 1 if max_tokens else 0)  # the last sampled token is never cached
+        if need > capacity:
+            raise ValueError(f"a sequence needs up to {need} KV slots ({num_prompt_tokens} prompt tokens + "
+                             f"max_tokens {max_tokens}) but the whole cache holds {capacity}: it could never finish")
+
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (raises if it can never fit in the KV cache)."""
         if seq.seq_id in self._seqs:
             raise ValueError(f"sequence id {seq.seq_id} is already in use")
         if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} is not new (status {seq.status.value})")
-        capacity = self.allocator.num_blocks * self.config.block_size
-        max_tokens = seq.max_tokens
-        need = seq.num_tokens + (max_tokens - 1 if max_tokens else 0)  # the last sampled token is never cached
-        if need > capacity:
-            raise ValueError(f"sequence {seq.seq_id} needs up to {need} KV slots ({seq.num_tokens} prompt tokens + "
-                             f"max_tokens {max_tokens}) but the whole cache holds {capacity}: it could never finish")
+        self.check_fits(seq.num_tokens, seq.max_tokens)
         self._seqs[seq.seq_id] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
 
@@ -145,6 +101,11 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def num_blocks_used(self) -> int:
+        """KV blocks not free: held by sequences or by the radix cache."""
+        return self.allocator.num_blocks - self.allocator.num_free
 
     # ------------------------------------------------------------------ policy hooks
     def select_victim(self) -> Sequence:
@@ -228,7 +189,7 @@ class Scheduler:
         """How many of ``n`` new tokens fit in ``seq``'s blocks plus free (or evictable) blocks."""
         bs = self.config.block_size
         have = len(seq.block_table) * bs - seq.num_computed_tokens
-        need_blocks = -(-(n - have) // bs) if n > have else 0
+        need_blocks = cdiv(n - have, bs) if n > have else 0
         free = self.allocator.num_free
         if need_blocks > free and self.cache is not None:
             self.cache.evict(need_blocks - free)
@@ -237,13 +198,14 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, n: int) -> None:
         bs = self.config.block_size
-        need = -(-(seq.num_computed_tokens + n) // bs) - len(seq.block_table)
+        need = cdiv(seq.num_computed_tokens + n, bs) - len(seq.block_table)
         if need > 0:
             seq.block_table += self.allocator.allocate(need)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        return ScheduledSequence(seq, n, start, seq.is_prefill, start + n == seq.num_tokens)
+        return ScheduledSequence(seq=seq, num_new_tokens=n, start=start, is_prefill=seq.is_prefill,
+                                 needs_sample=start + n == seq.num_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -267,17 +229,15 @@ class Scheduler:
         seq.num_computed_tokens = 0
 
     def _build(self, scheduled: list[ScheduledSequence], preempted: list[int], finished: list[int]) -> SchedulerOutput:
-        bs = self.config.block_size
-        out = SchedulerOutput(self.num_steps, scheduled, [], [], [], [0], [], [], [], preempted, finished)
+        out = SchedulerOutput(step=self.num_steps, scheduled=scheduled, preempted=preempted, finished=finished)
         for e in scheduled:
-            tokens, table = e.seq.token_ids, e.seq.block_table
-            for pos in range(e.start, e.start + e.num_new_tokens):
-                out.input_ids.append(tokens[pos])
-                out.positions.append(pos)
-                out.slot_mapping.append(table[pos // bs] * bs + pos % bs)
+            end = e.start + e.num_new_tokens
+            out.input_ids += e.seq.token_ids[e.start:end]
+            out.positions += range(e.start, end)
+            out.slot_mapping += token_slots(e.seq.block_table, e.start, end, self.config.block_size)
             out.cu_seqlens_q.append(len(out.input_ids))
-            out.seq_lens.append(e.start + e.num_new_tokens)
-            out.block_tables.append(table)  # NOTE: the live table; the runner reads it before the next schedule()
+            out.seq_lens.append(end)
+            out.block_tables.append(e.seq.block_table)  # NOTE: the live table; the runner reads it before the next schedule()
             if e.needs_sample:
                 out.sample_indices.append(len(out.input_ids) - 1)
         return out
@@ -302,35 +262,31 @@ class Scheduler:
             if token is None:
                 continue
             seq.output_token_ids.append(int(token))
-            reason = self._check_stop(seq)
-            if reason is not None:
+            finish = check_stop(seq.sampling_params, seq.output_token_ids, self.eos_token_ids)
+            if finish is not None:
                 self.running.remove(seq)
                 self._release(seq, cache_blocks=True)
-                self._finish(seq, reason)
+                self._finish(seq, FinishReason(finish.reason), finish.stop_reason)
                 done.append(seq)
         return done
 
-    def _check_stop(self, seq: Sequence) -> FinishReason | None:
-        params, token = seq.sampling_params, seq.output_token_ids[-1]
-        n = seq.num_output_tokens
-        # NOTE: the hook sees every new token (the engine's detokenizer needs them all); it returns a truthy
-        # value (the stop string) only once min_tokens are out
-        hook = self.stop_checker(seq) if self.stop_checker is not None else None
-        if n >= getattr(params, "min_tokens", 0):
-            if token in (getattr(params, "stop_token_ids", None) or ()):
-                seq.stop_reason = token
-                return FinishReason.STOP
-            if token in self.eos_token_ids and not getattr(params, "ignore_eos", False):
-                return FinishReason.STOP
-            if hook:
-                seq.stop_reason = hook if isinstance(hook, str) else None
-                return FinishReason.STOP
-        max_tokens = seq.max_tokens
-        if max_tokens is not None and n >= max_tokens:
-            return FinishReason.LENGTH
-        return None
+    def finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        """End a running or waiting sequence from outside (the output side found a stop string in its text).
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        Its full computed blocks go to the radix cache. A sequence that ``postprocess`` just ended for
+        ``length`` takes the stop instead (the stop string was in its last token's text, as vLLM reports it).
+        """
+        if seq.is_finished:
+            if seq.finish_reason is FinishReason.LENGTH and reason is FinishReason.STOP:
+                seq.finish_reason, seq.stop_reason = reason, stop_reason
+            return
+        if self._seqs.get(seq.seq_id) is not seq:
+            raise KeyError(f"sequence {seq.seq_id} is not this scheduler's")
+        (self.running if seq in self.running else self.waiting).remove(seq)
+        self._release(seq, cache_blocks=True)
+        self._finish(seq, reason, stop_reason)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, reason, stop_reason
         seq.num_computed_tokens = 0
         del self._seqs[seq.seq_id]

@@ -5,17 +5,16 @@ their keys and values in the KV cache (``num_computed_tokens``), the block table
 the radix-cache node it locked at admission. Its ``status`` moves WAITING -> RUNNING -> FINISHED, with
 RUNNING -> PREEMPTED -> RUNNING when the scheduler needs its memory back (its KV is recomputed).
 
-Left out: sampling (``sampling_params`` is an opaque object here: the scheduler reads ``max_tokens``,
-``min_tokens``, ``ignore_eos`` and ``stop_token_ids`` from it with defaults), text and detokenization
-(stop strings are the detokenizer's), and several samples per prompt (``n > 1``).
+Left out: sampling (the scheduler reads only the stopping fields of ``sampling_params``: ``max_tokens``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``), text and detokenization (stop strings are the output
+side's), and several samples per prompt (``n > 1``: the engine makes one sequence per sample).
 """
 
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
-
 from minivllm.cache.radix import RadixNode
+from minivllm.sampling_params import SamplingParams
 
 _arrivals = itertools.count()
 
@@ -39,7 +38,7 @@ class Sequence:
 
     seq_id: int
     prompt_token_ids: list[int]
-    sampling_params: Any = None  # read with getattr and defaults (the sampler's SamplingParams plugs in)
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
     arrival: int = field(default_factory=lambda: next(_arrivals))  # FCFS order: smaller arrived earlier
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
@@ -83,7 +82,7 @@ class Sequence:
 
     @property
     def max_tokens(self) -> int | None:
-        return getattr(self.sampling_params, "max_tokens", 16) if self.sampling_params is not None else 16
+        return self.sampling_params.max_tokens
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "

@@ -1,8 +1,8 @@
 """When a request ends: stop tokens, lengths, and stop strings found in the streamed text.
 
-Tokens: :func:`check_stop` is vLLM's rule after each new token: ``max_tokens`` reached -> ``"length"``;
-then, once ``min_tokens`` are out, an EOS token (unless ``ignore_eos``) or one of ``stop_token_ids``
--> ``"stop"``. Those tokens stay in the output's token ids.
+Tokens: :func:`check_stop` is vLLM's rule after each new token (the scheduler applies it): once
+``min_tokens`` are out, an EOS token (unless ``ignore_eos``) or one of ``stop_token_ids`` -> ``"stop"``;
+otherwise ``max_tokens`` reached -> ``"length"``. Those tokens stay in the output's token ids.
 
 Strings: a stop string can span token boundaries ("\\n\\nUser" may arrive as "\\n", "\\n", "User"), so it is
 looked for in the decoded *text*. :func:`scan_stop_strings` is the pure step: given the text so far and the
@@ -29,17 +29,21 @@ class Finish(NamedTuple):
 
 def check_stop(params: SamplingParams, output_token_ids: Sequence[int], eos_token_ids: Collection[int] = (),
                *, max_model_len_reached: bool = False) -> Finish | None:
-    """Whether the request ends after its latest token (``output_token_ids[-1]``); None: it goes on."""
+    """Whether the request ends after its latest token (``output_token_ids[-1]``); None: it goes on.
+
+    The scheduler runs exactly this after every appended token. The order is vLLM's: once ``min_tokens``
+    are out, an EOS (unless ``ignore_eos``), then a stop token; only then the length. So an EOS sampled as
+    the ``max_tokens``-th token ends the request with ``"stop"``: the model finished its answer.
+    """
     n = len(output_token_ids)
+    if n and n >= params.min_tokens:
+        last = output_token_ids[-1]
+        if not params.ignore_eos and last in eos_token_ids:
+            return Finish("stop")
+        if last in params.stop_token_ids:
+            return Finish("stop", last)
     if max_model_len_reached or (params.max_tokens is not None and n >= params.max_tokens):
         return Finish("length")
-    if n == 0 or n < params.min_tokens:
-        return None
-    last = output_token_ids[-1]
-    if not params.ignore_eos and last in eos_token_ids:
-        return Finish("stop")
-    if last in params.stop_token_ids:
-        return Finish("stop", last)
     return None
 
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from kernels.store_kv import store_kv, store_kv_ref
-from minivllm.cache import (BlockAllocator, BlockTable, OutOfBlocksError, PagedKVCache, block_tables_tensor,
+from minivllm.cache import (BlockAllocator, BlockTable, KVShape, OutOfBlocksError, PagedKVCache, block_tables_tensor,
                             blocks_for_budget, bytes_per_block, decode_slot_mapping, slot_mapping)
 from minivllm.model.config import ModelConfig
 
 
-def _config(layers=2, kv_heads=2, head_dim=8) -> ModelConfig:
+def _config(layers=2, kv_heads=2, head_dim=8) -> KVShape:
     return ModelConfig(architecture="qwen3", vocab_size=32, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=layers, num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads,
-                       head_dim=head_dim)
+                       head_dim=head_dim).kv_shape
 
 
 # ----------------------------------------------------------------------------- the pool

@@ -360,7 +360,9 @@ def test_check_stop_follows_vllms_order():
     assert check_stop(p, [0], eos) is None  # EOS before min_tokens does not count
     assert check_stop(p, [4, 0], eos) == Finish("stop", None)
     assert check_stop(p, [4, 9], eos) == Finish("stop", 9)
-    assert check_stop(p, [4, 4, 4, 4, 0], eos) == Finish("length")  # length is checked first
+    assert check_stop(p, [4, 4, 4, 4, 0], eos) == Finish("stop", None)  # EOS is checked before length
+    assert check_stop(p, [4, 4, 4, 4, 9], eos) == Finish("stop", 9)
+    assert check_stop(p, [4, 4, 4, 4, 4], eos) == Finish("length")
     assert check_stop(SamplingParams(ignore_eos=True), [0], eos) is None
     assert check_stop(SamplingParams(), [3], eos, max_model_len_reached=True) == Finish("length")
 

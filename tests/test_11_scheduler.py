@@ -6,13 +6,12 @@ wrong slot mapping, a wrong prefix-cache hit or a block shared while written cha
 answer key (each sequence generated alone, token by token) catches it.
 """
 
-from types import SimpleNamespace
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minivllm.cache import BlockAllocator
+from minivllm.sampling_params import SamplingParams
 from minivllm.scheduler import Scheduler, SchedulerConfig
 from minivllm.sequence import FinishReason, Sequence, SequenceStatus
 
@@ -56,7 +55,7 @@ class FakeModel:
 
 
 def params(max_tokens=4, **kw):
-    return SimpleNamespace(max_tokens=max_tokens, **kw)
+    return SamplingParams(max_tokens=max_tokens, **kw)
 
 
 def make(num_blocks=32, budget=16, max_seqs=4, bs=4, caching=True, eos=()):
@@ -66,7 +65,7 @@ def make(num_blocks=32, budget=16, max_seqs=4, bs=4, caching=True, eos=()):
     return Scheduler(cfg, alloc, eos_token_ids=eos), alloc, FakeModel(bs)
 
 
-def run(sched, model, max_steps=1000):
+def run(sched, model, max_steps=1000, after=None):
     outs = []
     for _ in range(max_steps):
         if not sched.has_unfinished():
@@ -74,6 +73,8 @@ def run(sched, model, max_steps=1000):
         out = sched.schedule()
         outs.append(out)
         sched.postprocess(out, model(out))
+        if after is not None:  # what the output side does after a step (e.g. a stop string found)
+            after(out)
     raise AssertionError("the scheduler did not finish (livelock)")
 
 
@@ -85,8 +86,7 @@ def owned_by_cache_only(sched, alloc):
 
 # ----------------------------------------------------------------------------- config
 @pytest.mark.parametrize("kw, match", [({"max_num_seqs": 0}, "max_num_seqs"), ({"block_size": -1}, "block_size"),
-                                       ({"max_num_batched_tokens": 2, "max_num_seqs": 4}, "max_num_batched_tokens"),
-                                       ({"enable_chunked_prefill": False}, "chunked")])
+                                       ({"max_num_batched_tokens": 2, "max_num_seqs": 4}, "max_num_batched_tokens")])
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         SchedulerConfig(**kw)
@@ -178,7 +178,7 @@ def test_a_sequence_that_can_never_fit_is_refused():
     assert unlimited.output_token_ids == alone(list(range(10)), 7) and alloc.num_free + sched.cache.cached_blocks == 4
 
 
-def test_finish_on_eos_stop_token_ids_min_tokens_and_the_stop_hook():
+def test_finish_on_eos_stop_token_ids_min_tokens_and_from_outside():
     prompt = [0, 0, 2]
     ref = alone(prompt, 10)
     assert len(set(ref[:6])) == 6 and ref[1] not in ref[2:]
@@ -187,10 +187,14 @@ def test_finish_on_eos_stop_token_ids_min_tokens_and_the_stop_hook():
     b = Sequence(1, prompt, params(10, ignore_eos=True, stop_token_ids=[ref[3]]))
     c = Sequence(2, prompt, params(10, min_tokens=3, ignore_eos=True, stop_token_ids=[ref[1]]))
     d = Sequence(3, prompt, params(10, ignore_eos=True))
-    sched.stop_checker = lambda s: s.seq_id == 3 and len(s.output_token_ids) == 5
+
+    def stop_string_found(out):  # the output side finds a stop string in d's text at its 5th token
+        if not d.is_finished and len(d.output_token_ids) == 5:
+            sched.finish(d, FinishReason.STOP, "a stop string")
+
     for s in (a, b, c, d):
         sched.add(s)
-    run(sched, model)
+    run(sched, model, after=stop_string_found)
     assert a.output_token_ids == ref[:2] and a.finish_reason is FinishReason.STOP
     assert b.output_token_ids == ref[:4] and b.stop_reason == ref[3]
     assert c.output_token_ids == ref and c.finish_reason is FinishReason.LENGTH

@@ -5,7 +5,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.colors as mcolors  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+from minivllm.sampling_params import SamplingParams  # noqa: E402
 
 from minivllm.cache import BlockAllocator  # noqa: E402
 from minivllm.course import scheduler_plots as sp  # noqa: E402
@@ -18,8 +18,8 @@ def _sched(num_blocks=64, budget=8, max_seqs=4, bs=4):
 
 
 def test_simulate_matches_generation_alone_and_logs_every_step():
-    reqs = [(0, Sequence(0, [1, 2, 3], SimpleNamespace(max_tokens=4))),
-            (2, Sequence(1, list(range(10)), SimpleNamespace(max_tokens=3)))]
+    reqs = [(0, Sequence(0, [1, 2, 3], SamplingParams(max_tokens=4))),
+            (2, Sequence(1, list(range(10)), SamplingParams(max_tokens=3)))]
     log = sp.simulate(_sched(), reqs)
     for _, seq in reqs:
         ctx, want = list(seq.prompt_token_ids), []
@@ -34,11 +34,11 @@ def test_simulate_matches_generation_alone_and_logs_every_step():
 
 def test_simulate_records_prefix_cache_hits_and_preemptions():
     prompt = list(range(12))
-    reqs = [(0, Sequence(0, prompt, SimpleNamespace(max_tokens=2))),
-            (5, Sequence(1, prompt + [7], SimpleNamespace(max_tokens=2)))]
+    reqs = [(0, Sequence(0, prompt, SamplingParams(max_tokens=2))),
+            (5, Sequence(1, prompt + [7], SamplingParams(max_tokens=2)))]
     log = sp.simulate(_sched(budget=16), reqs)
     assert sum(r.cache_hit_tokens for r in log) == 12
-    tight = [(0, Sequence(10 + i, [i] * 6, SimpleNamespace(max_tokens=8))) for i in range(3)]
+    tight = [(0, Sequence(10 + i, [i] * 6, SamplingParams(max_tokens=8))) for i in range(3)]
     log = sp.simulate(_sched(num_blocks=8, budget=32, bs=4), tight)
     assert any(r.preempted for r in log) and max(r.used_blocks + r.cached_blocks for r in log) <= 8
 

@@ -6,15 +6,17 @@ into are the pool (:class:`PagedKVCache`).
 """
 
 from minivllm.cache.block_allocator import BlockAllocator, OutOfBlocksError
-from minivllm.cache.block_table import (BlockTable, block_tables_tensor, blocks_needed, decode_slot_mapping,
-                                        slot_mapping)
-from minivllm.cache.kv_cache import BLOCK_SIZE, PagedKVCache, blocks_for_budget, bytes_per_block, gpu_kv_budget
+from minivllm.cache.block_table import (PAD_BLOCK, BlockTable, block_table_array, block_tables_tensor, blocks_needed,
+                                        decode_slot_mapping, slot_mapping)
+from minivllm.cache.kv_cache import BLOCK_SIZE, KVShape, PagedKVCache, blocks_for_budget, bytes_per_block, gpu_kv_budget
 from minivllm.cache.radix import CacheStats, InsertResult, MatchResult, RadixCache, RadixNode
 
 __all__ = [
     "BLOCK_SIZE",
     "BlockAllocator",
     "BlockTable",
+    "KVShape",
+    "PAD_BLOCK",
     "CacheStats",
     "InsertResult",
     "MatchResult",
@@ -22,6 +24,7 @@ __all__ = [
     "PagedKVCache",
     "RadixCache",
     "RadixNode",
+    "block_table_array",
     "block_tables_tensor",
     "blocks_for_budget",
     "blocks_needed",

@@ -7,8 +7,10 @@ the sequence is in block ``table[p // block_size]`` at offset ``p % block_size``
 
 The blocks need not be adjacent or in order; that is the point of paging. :class:`BlockTable` grows a
 sequence's table through a :class:`BlockAllocator` one block at a time, so a sequence never holds more
-than ``block_size - 1`` unused slots. For a batch, :func:`block_tables_tensor` pads the tables into one
-int32 tensor (the decode kernel's input) and :func:`slot_mapping` computes every new token's slot with
+than ``block_size - 1`` unused slots. :func:`token_slots` is the formula for a run of tokens (the
+scheduler's slot mapping). For a batch, :func:`block_table_array` / :func:`block_tables_tensor` pad the
+tables into one int32 array (the decode kernel's input; padding is :data:`PAD_BLOCK`, never read: every
+read stops at the sequence's context length) and :func:`slot_mapping` computes every new token's slot with
 tensor ops (the KV-store kernel's input); a padding position ``-1`` gets slot ``-1`` (skip).
 
 Left out: sharing blocks between sequences (the radix cache takes references through the allocator),
@@ -18,18 +20,25 @@ and any choice of which sequence to preempt when blocks run out (the scheduler's
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from minivllm.cache.block_allocator import BlockAllocator
+from minivllm.utils import cdiv
 
-PAD_BLOCK = -1  # the value past the end of a shorter sequence's table
+PAD_BLOCK = -1  # the value past the end of a shorter sequence's table (the one padding value)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Blocks that hold ``num_tokens`` tokens: ceil(num_tokens / block_size)."""
     if num_tokens < 0 or block_size <= 0:
         raise ValueError(f"need num_tokens >= 0 and block_size > 0, got {num_tokens}, {block_size}")
-    return -(-num_tokens // block_size)
+    return cdiv(num_tokens, block_size)
+
+
+def token_slots(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Slots of tokens ``start .. end - 1`` of a sequence with this table: ``table[p // bs] * bs + p % bs``."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 @dataclass(slots=True)
@@ -66,8 +75,7 @@ class BlockTable:
         """Slots of tokens ``start .. end - 1`` (they must be within the table)."""
         if not 0 <= start <= end <= len(self.block_ids) * self.block_size:
             raise ValueError(f"tokens {start}..{end - 1} are outside a table of {len(self.block_ids)} blocks")
-        bs = self.block_size
-        return [self.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
+        return token_slots(self.block_ids, start, end, self.block_size)
 
     def release(self, allocator: BlockAllocator) -> list[int]:
         """Drop this sequence's reference to all its blocks; return those that became free."""
@@ -76,21 +84,29 @@ class BlockTable:
         return freed
 
 
-def block_tables_tensor(tables: Sequence[Sequence[int]], *, device: torch.device | str = "cpu",
-                        pad: int = PAD_BLOCK, width: int | None = None) -> torch.Tensor:
-    """The tables of a batch as one (batch, width) int32 tensor, shorter rows padded with ``pad``.
+def block_table_array(tables: Sequence[Sequence[int]], *, rows: int | None = None, width: int | None = None,
+                      pad: int = PAD_BLOCK) -> np.ndarray:
+    """The tables of a batch as one (rows, width) int32 array, shorter rows (and rows past the tables) padded.
 
-    ``width`` defaults to the longest table (a CUDA graph wants a fixed width: pass it).
+    ``rows`` defaults to ``len(tables)`` and ``width`` to the longest table (a CUDA graph wants fixed sizes).
     """
     longest = max((len(t) for t in tables), default=0)
     width = longest if width is None else width
+    rows = len(tables) if rows is None else rows
     if width < longest:
         raise ValueError(f"width {width} is smaller than the longest block table ({longest} blocks)")
-    out = torch.full((len(tables), width), pad, dtype=torch.int32)
+    if rows < len(tables):
+        raise ValueError(f"rows {rows} is fewer than the {len(tables)} block tables")
+    out = np.full((rows, width), pad, dtype=np.int32)
     for row, table in enumerate(tables):  # one row per sequence: a copy, not a loop over tokens
-        if len(table):
-            out[row, :len(table)] = torch.as_tensor(table, dtype=torch.int32)
-    return out.to(device)
+        out[row, :len(table)] = table
+    return out
+
+
+def block_tables_tensor(tables: Sequence[Sequence[int]], *, device: torch.device | str = "cpu",
+                        pad: int = PAD_BLOCK, width: int | None = None) -> torch.Tensor:
+    """:func:`block_table_array` as a (batch, width) int32 tensor on ``device``."""
+    return torch.from_numpy(block_table_array(tables, width=width, pad=pad)).to(device)
 
 
 def slot_mapping(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int,

@@ -24,32 +24,39 @@ Left out: which blocks are free (``BlockAllocator``), per-sequence tables and sl
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-
-from minivllm.model.config import ModelConfig
 
 BLOCK_SIZE = 16  # tokens per block: vLLM's default
 
 
-def bytes_per_block(config: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+class KVShape(NamedTuple):
+    """All the cache needs to know of a model (``ModelConfig.kv_shape`` gives it)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def bytes_per_block(shape: KVShape, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
     """Bytes one block costs across all layers: layers x 2 (K, V) x block_size x kv_heads x head_dim x itemsize."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * itemsize
+    return shape.num_layers * 2 * block_size * shape.num_kv_heads * shape.head_dim * itemsize
 
 
-def blocks_for_budget(config: ModelConfig, budget_bytes: int, dtype: torch.dtype,
+def blocks_for_budget(shape: KVShape, budget_bytes: int, dtype: torch.dtype,
                       block_size: int = BLOCK_SIZE) -> int:
     """How many whole blocks (each in every layer) fit in ``budget_bytes``; raises if not even one does."""
     if budget_bytes < 0:
         raise ValueError(f"budget_bytes must be non-negative, got {budget_bytes}")
-    per_block = bytes_per_block(config, dtype, block_size)
+    per_block = bytes_per_block(shape, dtype, block_size)
     num_blocks = int(budget_bytes) // per_block
     if num_blocks == 0:
         raise ValueError(f"a KV budget of {budget_bytes:,} bytes holds no block ({per_block:,} bytes each: "
-                         f"{config.num_hidden_layers} layers x {block_size} tokens); raise gpu_memory_utilization "
+                         f"{shape.num_layers} layers x {block_size} tokens); raise gpu_memory_utilization "
                          f"or the memory budget, or use a smaller model")
     return num_blocks
 
@@ -98,22 +105,22 @@ class PagedKVCache:
         self.num_blocks, _, self.block_size, self.num_kv_heads, self.head_dim = shape
 
     @classmethod
-    def allocate(cls, config: ModelConfig, num_blocks: int, *, block_size: int = BLOCK_SIZE,
+    def allocate(cls, shape: KVShape, num_blocks: int, *, block_size: int = BLOCK_SIZE,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "PagedKVCache":
-        """Zero-filled pools of ``num_blocks`` blocks for every layer of ``config``."""
+        """Zero-filled pools of ``num_blocks`` blocks for every one of ``shape.num_layers`` layers."""
         if not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        shape = (num_blocks, 2, block_size, config.num_key_value_heads, config.head_dim)
-        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)])
+        size = (num_blocks, 2, block_size, shape.num_kv_heads, shape.head_dim)
+        return cls([torch.zeros(size, device=device, dtype=dtype) for _ in range(shape.num_layers)])
 
     @classmethod
-    def from_budget(cls, config: ModelConfig, budget_bytes: int, *, block_size: int = BLOCK_SIZE,
+    def from_budget(cls, shape: KVShape, budget_bytes: int, *, block_size: int = BLOCK_SIZE,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "PagedKVCache":
         """As many blocks as ``budget_bytes`` holds (see :func:`blocks_for_budget` and :func:`gpu_kv_budget`)."""
-        num_blocks = blocks_for_budget(config, budget_bytes, dtype, block_size)
-        return cls.allocate(config, num_blocks, block_size=block_size, device=device, dtype=dtype)
+        num_blocks = blocks_for_budget(shape, budget_bytes, dtype, block_size)
+        return cls.allocate(shape, num_blocks, block_size=block_size, device=device, dtype=dtype)
 
     def __repr__(self) -> str:
         return (f"PagedKVCache(layers={len(self.kv)}, num_blocks={self.num_blocks}, block_size={self.block_size}, "

@@ -17,7 +17,6 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
-from minivllm.cache import RadixCache
 from minivllm.course import scheduler_plots as sp
 from minivllm.course.plots import provenance
 from minivllm.outputs import StepRecord
@@ -130,11 +129,9 @@ def install_scheduler(engine, scheduler_cls: type[Scheduler] = Scheduler, **chan
     config = dataclasses.replace(old.config, **changes)
     if old.cache is not None:
         old.cache.evict(old.cache.evictable_blocks)  # start from an empty cache: every block is free
-    cache = RadixCache(engine.allocator, config.block_size) if config.enable_prefix_caching else None
-    new = scheduler_cls(config, engine.allocator, cache, eos_token_ids=old.eos_token_ids)
-    new.stop_checker, new.num_steps = old.stop_checker, old.num_steps
-    engine.scheduler = new
-    engine.check_no_leaks()
+    new = scheduler_cls(config, engine.allocator, eos_token_ids=old.eos_token_ids)
+    new.num_steps = old.num_steps
+    engine.use_scheduler(new)
     return new
 
 

@@ -11,13 +11,13 @@ over requests that arrive at given steps and returns one :class:`StepRecord` per
 
 from collections.abc import Iterable, Sequence as Seq
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from minivllm.scheduler import Scheduler, SchedulerOutput
+from minivllm.sampling_params import SamplingParams
 from minivllm.sequence import Sequence
 
 PREFILL, DECODE, IDLE, PREEMPT = "#DD8452", "#4C72B0", "#CCCCCC", "#C44E52"
@@ -187,12 +187,12 @@ def budget_split_reference(num_decodes: int, prefill_remaining: Seq[int], budget
     sched = Scheduler(SchedulerConfig(budget, max(n, 1), 4, enable_prefix_caching=False), BlockAllocator(1024))
     model = FakeModel(4)
     for i in range(num_decodes):  # 1-token prompts: one step makes them decodes
-        sched.add(Sequence(i, [i], None))
+        sched.add(Sequence(i, [i]))
     if num_decodes:
         out = sched.schedule()
         sched.postprocess(out, model(out))
     for j, r in enumerate(prefill_remaining):
-        sched.add(Sequence(num_decodes + j, list(range(r)), SimpleNamespace(max_tokens=1)))
+        sched.add(Sequence(num_decodes + j, list(range(r)), SamplingParams(max_tokens=1)))
     got = {e.seq.seq_id: e.num_new_tokens for e in sched.schedule().scheduled}
     return [got.get(i, 0) for i in range(n)]
 
@@ -205,6 +205,6 @@ def cached_tokens_reference(num_tokens: int, block_size: int) -> int:
 
     sched = Scheduler(SchedulerConfig(4 * num_tokens + 4, 1, block_size), BlockAllocator(4 * num_tokens + 4))
     prompt = [7] * num_tokens
-    first, again = Sequence(0, prompt, SimpleNamespace(max_tokens=1)), Sequence(1, prompt, SimpleNamespace(max_tokens=1))
+    first, again = Sequence(0, prompt, SamplingParams(max_tokens=1)), Sequence(1, prompt, SamplingParams(max_tokens=1))
     simulate(sched, [(0, first), (1, again)])
     return again.num_cached_tokens

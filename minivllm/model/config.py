@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from minivllm.cache.kv_cache import KVShape
+
 ARCHITECTURES = {"qwen3": True, "llama": False}  # model_type -> whether it has QK-norm
 
 
@@ -56,6 +58,11 @@ class ModelConfig:
     def q_size(self) -> int:
         """Width of q: all query heads side by side."""
         return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_shape(self) -> KVShape:
+        """What the paged KV cache needs to know of the model."""
+        return KVShape(self.num_hidden_layers, self.num_key_value_heads, self.head_dim)
 
     @property
     def kv_size(self) -> int:

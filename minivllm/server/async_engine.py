@@ -31,7 +31,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from minivllm.engine import LLMEngine
 from minivllm.outputs import RequestOutput
@@ -50,21 +49,6 @@ class EngineStoppedError(RuntimeError):
 
 class EngineRequestError(RuntimeError):
     """The engine failed while running this request (HTTP 500); other requests go on."""
-
-
-@dataclass(slots=True, frozen=True)
-class EngineSnapshot:
-    """What ``/metrics`` reads: published by the engine thread after every step (one atomic assignment)."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0  # not free: held by sequences or by the radix cache
-    kv_blocks_cached: int = 0  # held only by the radix cache (evictable)
-    num_kv_blocks: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    cache_hit_rate: float = 0.0  # prompt tokens served by the radix cache / prompt tokens looked up
-    steps: int = 0
 
 
 class RequestStream:
@@ -109,7 +93,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.max_in_flight = engine.config.max_num_seqs + max_queued_requests
         self.num_in_flight = 0  # NOTE: read and written only on the event loop's thread
-        self.snapshot = EngineSnapshot(num_kv_blocks=engine.allocator.num_blocks)
+        self.snapshot = engine.snapshot()  # NOTE: replaced (one assignment) by the engine thread after each step
         self.wakeups = 0  # times the idle engine thread woke up (tests: it must not spin)
         self.stopping = False
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
@@ -278,14 +262,7 @@ class AsyncLLMEngine:
             pass
 
     def _publish(self) -> None:
-        e = self.engine
-        sched, cache = e.scheduler, e.scheduler.cache
-        stats = cache.stats() if cache is not None else None
-        self.snapshot = EngineSnapshot(len(sched.running), len(sched.waiting),
-                                       e.allocator.num_blocks - e.allocator.num_free,
-                                       stats.evictable_blocks if stats else 0, e.allocator.num_blocks,
-                                       e.stats["prompt_tokens"], e.stats["generation_tokens"],
-                                       stats.token_hit_rate if stats else 0.0, sched.num_steps)
+        self.snapshot = self.engine.snapshot()
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

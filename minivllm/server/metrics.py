@@ -3,7 +3,7 @@
 Two kinds of numbers. Counted by the HTTP side as requests come and go: requests by endpoint and status
 code, time to first token and inter-token latency (histograms, as a streaming client sees them: measured
 when an output reaches the event loop). Read at scrape time from the engine thread's last
-:class:`~minivllm.server.async_engine.EngineSnapshot`: prompt and generation tokens, running and waiting
+:class:`~minivllm.outputs.EngineSnapshot`: prompt and generation tokens, running and waiting
 sequences, KV blocks in use and cached, the prefix cache's token hit rate, engine steps.
 
 Left out: per-model labels (one model per server), queue-time and end-to-end latency histograms.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from minivllm.server.async_engine import EngineSnapshot
+from minivllm.outputs import EngineSnapshot
 
 TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)

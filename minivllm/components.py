@@ -1,0 +1,54 @@
+"""Building what the engine runs: the model and tokenizer a config names, and how many KV blocks fit.
+
+``LLMEngine.__init__`` calls these once; each returns values, nothing is written back into the config.
+
+Left out: tensor parallelism (one device), downloading checkpoints (local paths only).
+"""
+
+import torch
+
+from minivllm.cache import blocks_for_budget, gpu_kv_budget
+from minivllm.config import EngineConfig
+
+
+def load_model_and_tokenizer(config: EngineConfig):
+    """The model (with weights) and its tokenizer; a ``ModelConfig`` gives random weights and no tokenizer."""
+    from minivllm.model import GGUFFile, ModelConfig, Qwen3ForCausalLM, load_model, resolve_model_path
+    from minivllm.tokenizer import Tokenizer
+
+    device, dtype = config.torch_device, config.torch_dtype
+    if isinstance(config.model, ModelConfig):
+        model = Qwen3ForCausalLM(config.model, device=device, dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(config.seed)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+        return model.eval(), None
+    path = resolve_model_path(config.model)
+    if path.is_dir():  # a checkpoint without tokenizer.json still runs, on token ids
+        tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+        return load_model(path, device=device, dtype=dtype, progress=False), tokenizer
+    file = GGUFFile(path)
+    return load_model(file, device=device, dtype=dtype, progress=False), Tokenizer.from_gguf(file)
+
+
+def num_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
+    """``config.num_kv_blocks``, or what the memory budget holds: on a GPU what a profiling forward pass
+    of the largest step leaves of ``gpu_memory_utilization``; on a CPU ``kv_cache_memory`` bytes."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    device, dtype = config.torch_device, config.torch_dtype
+    if device.type == "cuda":
+        tokens = min(config.max_num_batched_tokens, max_model_len)
+
+        def profile():  # the largest prefill step the scheduler may plan, and the logits of max_num_seqs rows
+            ids = torch.zeros(tokens, dtype=torch.long, device=device)
+            hidden = model(ids, torch.arange(tokens, device=device))
+            model.compute_logits(hidden[: config.max_num_seqs])
+
+        budget = gpu_kv_budget(device, config.gpu_memory_utilization, profile)
+    else:
+        budget = config.kv_cache_memory
+    return blocks_for_budget(model.config.kv_shape, budget, dtype, config.block_size)
