@@ -1,12 +1,25 @@
-"""Shared by every benchmark: where and how a result was measured, and saving it as JSON."""
+"""Shared by every benchmark: where and how a result was measured, saving it as JSON, and the small helpers
+the engine benchmarks (throughput, latency, prefix) all use."""
 
 import datetime as _dt
+import gc
 import json
+import os
 import platform
+import random
 import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
+
+# OpenMP threads that sleep instead of spinning when they wait: on a shared or busy CPU (CI runs two test workers
+# on two cores) spinning threads make a 2-thread matmul 20-60x slower; set before torch loads libgomp
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from bench.models import RANDOM_MODELS  # noqa: E402
+from minivllm.model.config import ModelConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HBM_PEAK_GBPS = 4300.0  # H200: 4.8 TB/s on paper, ~4.3 TB/s reachable by a copy (shared/COURSE.md)
@@ -50,3 +63,50 @@ def save(name: str, data: dict, out_dir: Path = RESULTS) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"meta": meta(name), **data}, indent=1) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- engine benchmarks
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: PyTorch sees no GPU here")
+    return torch.device(name)
+
+
+def model_spec(config: str | None, device: torch.device) -> tuple[str, ModelConfig | None]:
+    """(name, ModelConfig of a random model or None for the embedded default model)."""
+    name = config or ("qwen3-0.6b" if device.type == "cuda" else "default")
+    return name, RANDOM_MODELS.get(name)
+
+
+def dtype_of(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def engine_config(name: str, mc: ModelConfig | None, device: torch.device, **options) -> dict:
+    """Keyword arguments of ``LLM`` for a benchmark: the model, device and dtype, plus ``options``."""
+    return dict(model=mc, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32", **options)
+
+
+def same_tokens(a: list[list[int]], b: list[list[int]], first: int | None = None) -> int:
+    """How many requests got the same tokens (only the first ``first`` of each, if given)."""
+    return sum(x[:first] == y[:first] for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- the workload

@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 import torch  # noqa: E402
 
 from bench._harness import RESULTS, save  # noqa: E402
-from bench.throughput import engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa: E402
+from bench._harness import engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa: E402
 
 TARGETS = {"cuda": {"decode_ms_per_token": 0.6, "ttft_1k_ms": 30.0}}
 

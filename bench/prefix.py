@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 import torch  # noqa: E402
 
 from bench._harness import RESULTS, save  # noqa: E402
-from bench.throughput import (  # noqa: E402
+from bench._harness import (  # noqa: E402
     engine_config, free_memory, model_spec, random_ids, resolve_device, same_tokens, sync)
 
 TARGETS = {"prefill_tokens_saved": 0.9}

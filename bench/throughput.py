@@ -25,7 +25,6 @@ server's phase 13), sampling other than greedy, several GPUs.
 """
 
 import argparse
-import gc
 import os
 import random
 import statistics
@@ -39,7 +38,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, save  # noqa: E402
+from bench._harness import (RESULTS, dtype_of, engine_config, free_memory, model_spec, random_ids,  # noqa: E402
+                            resolve_device, same_tokens, save, sync)
 from minivllm.model.config import ModelConfig  # noqa: E402
 
 from bench.models import RANDOM_MODELS  # noqa: E402
@@ -58,45 +58,6 @@ QUESTIONS = [
     "Recommend a book for a long trip.", "What is the freezing point of water in Fahrenheit?",
     "Why do we have seasons?", "What is a black hole?", "How do I boil an egg?",
 ]
-
-
-# ----------------------------------------------------------------------------- shared with latency and prefix
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: PyTorch sees no GPU here")
-    return torch.device(name)
-
-
-def model_spec(config: str | None, device: torch.device) -> tuple[str, ModelConfig | None]:
-    """(name, ModelConfig of a random model or None for the embedded default model)."""
-    name = config or ("qwen3-0.6b" if device.type == "cuda" else "default")
-    return name, RANDOM_MODELS.get(name)
-
-
-def dtype_of(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
-    return [rng.randrange(vocab) for _ in range(n)]
-
-
-def engine_config(name: str, mc: ModelConfig | None, device: torch.device, **options) -> dict:
-    """Keyword arguments of ``LLM`` for a benchmark: the model, device and dtype, plus ``options``."""
-    return dict(model=mc, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32", **options)
 
 
 def transformers_model(mc: ModelConfig | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -145,12 +106,6 @@ def transformers_generate(hf, prompts: list[list[int]], max_tokens: list[int], b
     return time.perf_counter() - start, out
 
 
-def same_tokens(a: list[list[int]], b: list[list[int]], first: int | None = None) -> int:
-    """How many requests got the same tokens (only the first ``first`` of each, if given)."""
-    return sum(x[:first] == y[:first] for x, y in zip(a, b))
-
-
-# ----------------------------------------------------------------------------- the workload
 def workload(name: str, mc: ModelConfig | None, args: argparse.Namespace) -> tuple[list[list[int]], list[int]]:
     """(prompt token ids, max_tokens) per request, seeded."""
     rng = random.Random(args.seed)

@@ -7,7 +7,7 @@ constants once the loops unroll), so the row is read from memory once:
     loads:  the thread's chunks j = lane, lane + group, ... of the row, ALL issued before any is used,
             so their memory latencies overlap instead of adding up
     pass 1: unpack to fp32, sum of squares; the ``group`` threads of the row add their sums
-            (kernels.rmsnorm.group_reduce_sum)
+            (kernels._reduce.group_reduce_sum)
     pass 2: load the weight's chunks (from cache), unpack the row again, scale by 1/rms and the
             weight, pack, store 16 bytes
 
@@ -32,7 +32,8 @@ import torch
 from numba import config, cuda
 
 from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
-from kernels.rmsnorm import WARP, group_reduce_sum
+from kernels._reduce import group_reduce_sum
+from kernels.basics import WARP
 
 MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words
 

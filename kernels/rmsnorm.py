@@ -30,7 +30,9 @@ from numba import cuda
 
 from kernels._checks import FLOAT_DTYPES, check_same, check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
-from kernels.basics import FULL_MASK, WARP, warp_reduce_sum
+from kernels import _rmsnorm_vec
+from kernels._reduce import group_reduce_sum
+from kernels.basics import WARP
 
 MAX_THREADS = 1024
 VEC_MAX_GROUP = 256  # the 16-byte kernels hold ~80-100 registers per thread: blocks of at most 256
@@ -52,31 +54,6 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 
 # ----------------------------------------------------------------------------- kernels
-@cuda.jit(device=True, inline=True)
-def group_reduce_sum(value, group, partials):
-    """Sum ``value`` over the ``group`` threads of a row; every one of them gets the total.
-
-    ``group`` <= 32: aligned lanes of one warp, butterfly shuffles. ``group`` > 32: the whole block
-    (``group == blockDim.x``): each warp reduces, lane 0 writes ``partials[warp]``, a barrier, and every
-    warp reduces the partials (so all threads make the same calls: the simulator needs it).
-    """
-    if group > WARP:
-        tid = cuda.threadIdx.x
-        value = warp_reduce_sum(value)
-        if tid % WARP == 0:
-            partials[tid // WARP] = value
-        cuda.syncthreads()
-        value = partials[tid % WARP] if tid % WARP < cuda.blockDim.x // WARP else numba.float32(0.0)
-        value = warp_reduce_sum(value)
-        cuda.syncthreads()  # all have read ``partials`` before the next row writes it
-        return value
-    offset = group // 2
-    while offset > 0:
-        value += cuda.shfl_xor_sync(FULL_MASK, value, offset)
-        offset //= 2
-    return value
-
-
 @cuda.jit
 def rms_norm_kernel(x, out, weight, eps, group):
     # x, out: (rows, width); weight: (width,); ``group`` threads per row
@@ -133,16 +110,10 @@ SIGNATURES = {
 
 
 # ----------------------------------------------------------------------------- launchers
-def _vec_max_chunks() -> int:
-    from kernels._rmsnorm_vec import MAX_CHUNKS  # imported here: that module imports this one
-
-    return MAX_CHUNKS
-
-
 def can_vectorize(*tensors: torch.Tensor) -> bool:
     """Whether the 16-byte kernels fit: rows of whole 16-byte chunks, 16-byte aligned, not too wide."""
     row_bytes = tensors[0].shape[-1] * tensors[0].element_size()
-    return (row_bytes % 16 == 0 and row_bytes // 16 <= _vec_max_chunks() * VEC_MAX_GROUP
+    return (row_bytes % 16 == 0 and row_bytes // 16 <= _rmsnorm_vec.MAX_CHUNKS * VEC_MAX_GROUP
             and all(t.data_ptr() % 16 == 0 for t in tensors))
 
 
@@ -189,8 +160,6 @@ def _check(x: torch.Tensor, weight: torch.Tensor, vectorized: bool | None, name:
 def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
     if not vec:
         return fused_add_rms_norm_kernel if fused else rms_norm_kernel
-    from kernels import _rmsnorm_vec
-
     return (_rmsnorm_vec.FUSED_KERNELS if fused else _rmsnorm_vec.NORM_KERNELS)[dtype]
 
 
@@ -203,7 +172,7 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
     a, b = a.view(rows, width), b.view(rows, width)
     if vec:
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
-    group, block, blocks = launch_config(a.shape[1], rows, where, _vec_max_chunks() if vec else None)
+    group, block, blocks = launch_config(a.shape[1], rows, where, _rmsnorm_vec.MAX_CHUNKS if vec else None)
     launch(kernel, blocks, block, a, b, weight, numba.float32(eps), group, backend=where)
 
 

@@ -19,8 +19,9 @@ TINY = ModelConfig(architecture="qwen3", vocab_size=128, hidden_size=32, interme
 
 
 def _rec(step, start, seqs, preempted=()):
-    return StepRecord(step, start, start + 0.5, sum(n for _, n, p in seqs if not p), sum(n for _, n, p in seqs if p),
-                      0, list(seqs), list(preempted), len(seqs), 0, 3, False)
+    return StepRecord(step=step, start=start, end=start + 0.5, num_decode_tokens=sum(n for _, n, p in seqs if not p),
+                      num_prefill_tokens=sum(n for _, n, p in seqs if p), num_cached_prefill_tokens=0, seqs=list(seqs),
+                      preempted=list(preempted), num_running=len(seqs), num_waiting=0, kv_blocks_used=3, graph=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,10 @@ def llm():
     return LLM(TINY, device="cpu", num_kv_blocks=12, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
 
 
-def test_step_loop_draws_four_stages_joined_in_a_cycle():
+def test_step_loop_draws_five_stages_joined_in_a_cycle():
     ax = ep.step_loop().axes[0]
-    assert len([p for p in ax.patches if p.get_gid() == "stage"]) == 4
-    assert len([p for p in ax.patches if p.get_gid() == "flow"]) == 4
+    assert len([p for p in ax.patches if p.get_gid() == "stage"]) == 5
+    assert len([p for p in ax.patches if p.get_gid() == "flow"]) == 5
     assert any("LLMEngine.step()" in t.get_text() for t in ax.texts)
 
 

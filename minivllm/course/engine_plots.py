@@ -23,41 +23,44 @@ from minivllm.outputs import StepRecord
 from minivllm.scheduler import Scheduler
 
 PREFILL, DECODE, PREEMPT = sp.PREFILL, sp.DECODE, sp.PREEMPT
-_STAGES = (  # (name, call, module, centre)
+_STAGES = (  # (name, call, what it does, centre)
     ("schedule", "scheduler.schedule()", "who computes which tokens", (2.2, 4.3)),
-    ("run", "runner.execute(plan)", "one forward pass (a CUDA graph for decode)", (9.8, 4.3)),
-    ("sample", "sampler(logits, batch)", "one token per finished prompt / decode", (9.8, 1.2)),
-    ("postprocess", "scheduler.postprocess(plan, tokens)", "append, detokenize, stop, free blocks", (2.2, 1.2)),
+    ("execute", "runner.execute(plan)", "one forward pass (a CUDA graph for decode)", (9.8, 4.3)),
+    ("sample", "self._sample(logits, plan)", "one token per finished prompt / decode", (9.8, 1.2)),
+    ("postprocess", "scheduler.postprocess(plan, ids)", "append; EOS, stop ids, length", (6.0, 1.2)),
+    ("process", "processor.process(plan, ...)", "text, stop strings, logprobs", (2.2, 1.2)),
 )
-_ARROWS = (("schedule", "run", "SchedulerOutput: input_ids, positions,\nslot_mapping, block_tables, sample rows"),
-           ("run", "sample", "logits\n(sampled rows, vocab)"), ("sample", "postprocess", "token ids"),
-           ("postprocess", "schedule", "next step"))
+_HALF_W = 1.75  # half a stage box's width
+_ARROWS = (("schedule", "execute", "SchedulerOutput: input_ids, positions,\nslot_mapping, block_tables, sample rows"),
+           ("execute", "sample", "logits\n(sampled rows, vocab)"), ("sample", "postprocess", "token ids"),
+           ("postprocess", "process", "sequences"), ("process", "schedule", "next step"))
 
 
 def step_loop() -> Figure:
-    """``LLMEngine.step()``: the four moves of every step, what flows between them, requests in and out."""
+    """``LLMEngine.step()``: the five moves of every step, what flows between them, requests in and out."""
     fig = plt.figure(figsize=(12, 5.8))
     plt.close(fig)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set(xlim=(0, 12), ylim=(-0.5, 5.9))
     ax.axis("off")
-    colors = (sp.PREFILL, "#8172B3", "#55A868", sp.DECODE)
+    colors = (sp.PREFILL, "#8172B3", "#55A868", sp.DECODE, "#937860")
     for (name, call, what, (x, y)), color in zip(_STAGES, colors):
-        ax.add_patch(FancyBboxPatch((x - 1.95, y - 0.5), 3.9, 1.0, boxstyle="round,pad=0.02,rounding_size=0.15",
+        ax.add_patch(FancyBboxPatch((x - _HALF_W, y - 0.5), 2 * _HALF_W, 1.0, boxstyle="round,pad=0.02,rounding_size=0.15",
                                     facecolor=color, edgecolor=color, gid="stage"))
-        ax.text(x, y + 0.18, f"{name}: {call}", ha="center", va="center", color="white", fontsize=9.5,
+        ax.text(x, y + 0.18, call, ha="center", va="center", color="white", fontsize=9,
                 fontweight="bold", family="monospace")
         ax.text(x, y - 0.2, what, ha="center", va="center", color="white", fontsize=8.5)
     centre = {name: xy for name, _, _, xy in _STAGES}
     for src, dst, label in _ARROWS:
         (x1, y1), (x2, y2) = centre[src], centre[dst]
         if y1 == y2:  # horizontal: leave and enter at the box sides
-            start, end = (x1 + 1.95 * (1 if x2 > x1 else -1), y1), (x2 - 1.95 * (1 if x2 > x1 else -1), y2)
+            start, end = (x1 + _HALF_W * (1 if x2 > x1 else -1), y1), (x2 - _HALF_W * (1 if x2 > x1 else -1), y2)
         else:
             start, end = (x1, y1 + 0.5 * (1 if y2 > y1 else -1)), (x2, y2 - 0.5 * (1 if y2 > y1 else -1))
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=16, lw=1.6, color="#333333",
                                      gid="flow"))
-        ax.text((start[0] + end[0]) / 2 + (0.15 if x1 == x2 else 0), (start[1] + end[1]) / 2 + (0.4 if y1 == y2 else 0),
+        lift = (0.4 if abs(end[0] - start[0]) > 2 else 0.75) if y1 == y2 else 0  # a short arrow: label above the boxes
+        ax.text((start[0] + end[0]) / 2 + (0.15 if x1 == x2 else 0), (start[1] + end[1]) / 2 + lift,
                 label, ha="left" if x1 == x2 else "center", va="center", fontsize=8, family="monospace")
     ax.text(6.0, 2.75, "LLMEngine.step()", ha="center", va="center", fontsize=13, fontweight="bold", color="#937860")
     ax.text(6.0, 2.35, "once per iteration, for every request in flight", ha="center", fontsize=9, color="#937860")
