@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                      help="share of GPU memory for weights, activations and the KV cache (default: 0.9)")
     srv.add_argument("--max-queued-requests", type=int, default=256,
-                     help="requests waiting beyond --max-num-seqs before the server answers 429 (default: 256)")
+                     help="sequences waiting beyond --max-num-seqs before the server answers 429 (default: 256)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                                                      "$MINIVLLM_API_KEY, or none)")
+    srv.add_argument("--allowed-hosts", default=None, help="comma-separated Host names to answer to, '*' for any "
+                                                            "(default: loopback names on a loopback --host, else any)")
+    srv.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
+                     help="largest request body; larger ones get 413 (default: 8 MiB)")
     srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     srv.add_argument("--seed", type=int, default=0, help="seed of the shared sampling generator (default: 0)")
     srv.set_defaults(run=_cmd_serve)
@@ -121,7 +127,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           max_queued_requests=args.max_queued_requests, device=args.device or "auto",
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-          enforce_eager=args.enforce_eager, seed=args.seed)
+          enforce_eager=args.enforce_eager, seed=args.seed, api_key=args.api_key,
+          allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
+          max_request_bytes=args.max_request_bytes)
     return 0
 
 

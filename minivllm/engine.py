@@ -33,6 +33,7 @@ from minivllm.runner import ModelRunner
 from minivllm.sampler import Sampler
 from minivllm.sampling_params import SamplingParams
 from minivllm.scheduler import Scheduler
+from minivllm.structured_output import apply_bitmask, fill_bitmask
 
 
 class LLMEngine:
@@ -118,6 +119,10 @@ class LLMEngine:
         seqs = plan.sampled_seqs
         if logits is None or not seqs:
             return SampledTokens()
+        grammars = self.processor.grammar_rows(seqs)  # structured output: mask what the grammar forbids
+        if grammars:  # NOTE: on a GPU this CPU work overlaps the forward pass the runner has queued
+            bitmask = fill_bitmask([m for _, m in grammars])
+            logits = apply_bitmask(logits, bitmask, [row for row, _ in grammars])
         return SampledTokens.from_sampler(self.sampler(logits, self.processor.sampling_batch(seqs, logits.device)))
 
     def use_scheduler(self, scheduler: Scheduler) -> None:

@@ -4,11 +4,14 @@ The scheduler only knows tokens. Around it, per request (``n`` samples each), th
 keeps the text (a streaming detokenizer and a :class:`~minivllm.stop.StopChecker` per sample), the
 logprobs, the timings and a log of steps, and builds the ``RequestOutput`` records. A stop string is found
 here, in the text; the sequence is then ended through :meth:`Scheduler.finish <minivllm.scheduler.Scheduler.finish>`
-(the scheduler never calls back up).
+(the scheduler never calls back up). A sample with ``structured_outputs`` has a grammar matcher
+(:mod:`minivllm.structured_output`): the engine reads it to mask the logits (:meth:`OutputProcessor.grammar_rows`),
+it is advanced here by each new token, and a complete grammar ends the sequence the same way.
 
 Left out: prompt logprobs, beam search, and detokenizing on a thread of its own.
 """
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,6 +25,9 @@ from minivllm.sampling_params import SamplingParams
 from minivllm.scheduler import Scheduler
 from minivllm.sequence import FinishReason, Sequence
 from minivllm.stop import StopChecker
+from minivllm.structured_output import GrammarCompiler, GrammarMatcher
+
+logger = logging.getLogger("minivllm")
 
 
 @dataclass(slots=True)
@@ -52,6 +58,8 @@ class _Sample:
     sent_tokens: int = 0  # output tokens already reported
     delta_text: str = ""  # safe text not reported yet
     logprobs: list[dict[int, float]] | None = None
+    matcher: GrammarMatcher | None = None  # structured output: the grammar's state after num_accepted tokens
+    num_accepted: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -78,6 +86,7 @@ class OutputProcessor:
         self.requests: dict[str, _Request] = {}
         self._by_seq: dict[int, tuple[_Request, _Sample]] = {}
         self.step_log: deque[StepRecord] = deque(maxlen=100_000)
+        self._grammars: GrammarCompiler | None = None  # built at the first structured-output request
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_tokens_computed": 0,
                       "cached_prompt_tokens": 0, "requests_finished": 0}
 
@@ -85,6 +94,7 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams,
                     seq_ids: list[int]) -> list[Sequence]:
         """Keep a new request (one sample per id in ``seq_ids``); returns its sequences, for the scheduler."""
+        grammar = self._compile(params) if params.structured_outputs is not None else None  # NOTE: may raise
         request = _Request(request_id, prompt, ids, params)
         children = [params] if params.n == 1 else [params.for_child(i) for i in range(params.n)]
         for index, (p, seq_id) in enumerate(zip(children, seq_ids, strict=True)):
@@ -92,12 +102,29 @@ class OutputProcessor:
             request.samples.append(_Sample(
                 index=index, seq=Sequence(seq_id, ids, p), generator=None if p.greedy else make_generator(p.seed),
                 detokenizer=detok, stop=StopChecker(p.stop, p.include_stop_str_in_output),
-                logprobs=[] if p.logprobs is not None else None))
+                logprobs=[] if p.logprobs is not None else None,
+                matcher=self._grammars.matcher(grammar) if grammar is not None else None))
         for sample in request.samples:
             self._by_seq[sample.seq.seq_id] = (request, sample)
         self.requests[request_id] = request
         self.stats["prompt_tokens"] += len(ids)
         return [s.seq for s in request.samples]
+
+    def _compile(self, params: SamplingParams) -> str:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.eos_token_ids)
+        return self._grammars.compile(params.structured_outputs)
+
+    def grammar_rows(self, seqs: list[Sequence]) -> list[tuple[int, GrammarMatcher]]:
+        """(row, matcher) of the sampled rows ``seqs`` that follow a grammar; empty when none does."""
+        if self._grammars is None:
+            return []
+        rows = []
+        for row, seq in enumerate(seqs):
+            matcher = self._by_seq[seq.seq_id][1].matcher
+            if matcher is not None:
+                rows.append((row, matcher))
+        return rows
 
     def pop(self, request_id: str) -> _Request | None:
         """Forget a request (aborted); None if unknown."""
@@ -145,6 +172,8 @@ class OutputProcessor:
                     m.first_token_time = now
                 m.last_token_time = now
                 self._record_logprobs(sample, sampled, row - 1)
+                if sample.matcher is not None:
+                    self._advance_grammar(sample)
                 self._detokenize(sample)
         self._log(plan, sampled, start, graph)
         return [self._finish_or_keep(request) for request in touched.values()]
@@ -153,6 +182,18 @@ class OutputProcessor:
         k = sample.seq.sampling_params.logprobs
         if k is not None and sampled.logprobs is not None and len(sample.logprobs) < sample.seq.num_output_tokens:
             sample.logprobs.append(dict(zip(sampled.logprob_ids[row][: 1 + k], sampled.logprobs[row][: 1 + k])))
+
+    def _advance_grammar(self, sample: _Sample) -> None:
+        """Feed the sample's new tokens to its grammar; a complete grammar ends the sequence (``stop``)."""
+        seq, matcher = sample.seq, sample.matcher
+        while sample.num_accepted < seq.num_output_tokens and not matcher.is_finished:
+            token = seq.output_token_ids[sample.num_accepted]
+            sample.num_accepted += 1
+            if not matcher.accept(token) and token not in self.eos_token_ids:  # NOTE: the mask prevents this
+                logger.warning("sequence %d: token %d breaks its grammar (%s); ending it", seq.seq_id, token,
+                               matcher.error)
+        if matcher.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
 
     def _detokenize(self, sample: _Sample) -> None:
         """Push the sample's new tokens through its detokenizer; a stop string found ends the sequence."""

@@ -10,13 +10,18 @@ not deep inside a decode step. The sampler (:mod:`minivllm.sampler`) applies the
                -> greedy? argmax          temperature 0
                -> / temperature -> min_p -> top_k -> top_p -> sample
 
+``structured_outputs`` (a JSON schema, regex, choice or grammar: :mod:`minivllm.structured_output`) masks the
+logits before all of this, so every token keeps the text inside the grammar.
+
 Left out (vLLM has them): ``best_of``, beam search, ``logit_bias``, ``allowed_token_ids``, ``bad_words``,
-guided decoding, ``prompt_logprobs``, and the clamping of tiny temperatures.
+``prompt_logprobs``, and the clamping of tiny temperatures.
 """
 
 import dataclasses
 import math
 from dataclasses import dataclass
+
+from minivllm.structured_output import StructuredOutputsParams
 
 GREEDY_EPS = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 
@@ -62,6 +67,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     skip_special_tokens: bool = True  # leave special tokens (<|im_end|>) out of the text
     logprobs: int | None = None  # return the top-`logprobs` log-probabilities (+ the sampled token's)
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         _integer("n", self.n, 1)
@@ -90,6 +96,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, 0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise TypeError(f"structured_outputs must be a StructuredOutputsParams, got "
+                            f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -10,10 +10,12 @@
 ==============================  ==================================================================
 
 The app starts the engine thread when uvicorn starts it (the lifespan) and, on shutdown, lets running
-requests finish for ``shutdown_grace_seconds`` before aborting the rest. The OpenAPI schema is at
-``/openapi.json`` (docs at ``/docs``).
+requests finish for ``shutdown_grace_seconds`` before aborting the rest (:mod:`minivllm.server.launch` starts
+that as soon as the server begins to stop, so aborted streams still end cleanly). In front of the routes,
+:mod:`minivllm.server.guards` checks the body size, the API key and the Host header. The OpenAPI schema is
+at ``/openapi.json`` (docs at ``/docs``).
 
-Left out: authentication (API keys), CORS, the embeddings, responses and audio APIs, several models.
+Left out: CORS, the embeddings, responses and audio APIs, several models.
 """
 
 from contextlib import asynccontextmanager
@@ -27,14 +29,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import minivllm
 from minivllm.engine import LLMEngine
 from minivllm.model.config import ModelConfig
-from minivllm.server import errors
+from minivllm.server import errors, guards
 from minivllm.server import protocol as p
 from minivllm.server.async_engine import AsyncLLMEngine
 from minivllm.server.metrics import ServerMetrics
 from minivllm.server.serving import OpenAIServing
 
-ERROR_RESPONSES = {code: {"model": p.ErrorResponse} for code in (400, 404, 429, 500, 503)}
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+ERROR_RESPONSES = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+MAX_REQUEST_BYTES = 8 * 2**20  # 8 MiB: 64 prompts of ~30k tokens as text, or ~1M token ids as JSON
 
 
 def served_model_name(model) -> str:
@@ -51,28 +53,15 @@ def chat_page() -> str:
     return resources.files("minivllm.server").joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
-class _CountRequests:
-    """ASGI middleware: count the API's answers by endpoint and status code (streams too, at their start)."""
-
-    def __init__(self, app, metrics: ServerMetrics) -> None:
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-
-        async def counting_send(message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
 def build_app(engine: LLMEngine, *, model_name: str | None = None, max_queued_requests: int = 256,
-              shutdown_grace_seconds: float = 5.0) -> FastAPI:
-    """The server's app around ``engine``; from here on only the app's engine thread may touch ``engine``."""
+              shutdown_grace_seconds: float = 5.0, api_key: str | None = None,
+              allowed_hosts: list[str] | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+    """The server's app around ``engine``; from here on only the app's engine thread may touch ``engine``.
+
+    ``api_key``: required on ``/v1/*`` (None: open). ``allowed_hosts``: the Host names it answers to (None:
+    any). ``max_request_bytes``: the largest request body (413 beyond)."""
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     front = AsyncLLMEngine(engine, max_queued_requests=max_queued_requests)
     metrics = ServerMetrics(lambda: front.snapshot)
     name = model_name or served_model_name(engine.config.model)
@@ -88,8 +77,15 @@ def build_app(engine: LLMEngine, *, model_name: str | None = None, max_queued_re
     app = FastAPI(title="minivllm", version=minivllm.__version__, lifespan=lifespan,
                   description="An OpenAI-compatible server for the minivllm engine.")
     app.state.front, app.state.engine, app.state.metrics, app.state.model_name = front, engine, metrics, name
+    app.state.serving, app.state.shutdown_grace_seconds = serving, shutdown_grace_seconds
     errors.install(app)
-    app.add_middleware(_CountRequests, metrics=metrics)
+    # NOTE: the last added is the outermost: count, then host, then key, then size
+    app.add_middleware(guards.LimitBodySize, max_bytes=max_request_bytes)
+    if api_key:
+        app.add_middleware(guards.CheckApiKey, api_key=api_key)
+    if allowed_hosts is not None:
+        app.add_middleware(guards.CheckHost, allowed=allowed_hosts)
+    app.add_middleware(guards.CountRequests, metrics=metrics)
 
     @app.post("/v1/completions", response_model=p.CompletionResponse, responses=ERROR_RESPONSES)
     async def completions(body: p.CompletionRequest, request: Request) -> Response:

@@ -10,8 +10,12 @@ through ``loop.call_soon_threadsafe`` into each request's ``asyncio.Queue``::
     stream.close()  (client gone)     ──cmd──►  abort(request_id): every KV block freed
 
 With nothing to do the engine thread blocks on the command queue (it does not spin). Admission is bounded:
-at most ``max_num_seqs + max_queued_requests`` engine requests in flight; beyond that ``add`` raises
-:class:`QueueFullError` (HTTP 429) instead of letting the queue grow without limit.
+at most ``max_num_seqs + max_queued_requests`` sequences in flight (a request counts prompts x ``n``);
+beyond that ``add`` raises :class:`QueueFullError` (HTTP 429) instead of letting the queue grow without limit.
+
+Shutdown (:meth:`AsyncLLMEngine.begin_shutdown`, called as soon as the server starts to stop): new requests
+are refused (503), running ones may finish for the grace period, then the rest are aborted, so every open
+stream still gets its last chunk (``finish_reason: "abort"``) before the HTTP server closes connections.
 
 If ``step`` raises, the suspects are the requests added since the last good step. One suspect is the
 culprit: it fails (:class:`EngineRequestError`, HTTP 500). Several are aborted (none has produced a token
@@ -54,9 +58,12 @@ class EngineRequestError(RuntimeError):
 class RequestStream:
     """The outputs of one HTTP request's engine requests (one per prompt): ``async for index, output in stream``."""
 
-    def __init__(self, front: "AsyncLLMEngine", loop: asyncio.AbstractEventLoop, stream_id: str, num_prompts: int):
+    def __init__(self, front: "AsyncLLMEngine", loop: asyncio.AbstractEventLoop, stream_id: str,
+                 prompts: list[list[int]], n: int = 1):
         self.front, self.loop, self.id = front, loop, stream_id
-        self.request_ids = [f"{stream_id}-{i}" for i in range(num_prompts)]
+        self.prompts = prompts
+        self.request_ids = [f"{stream_id}-{i}" for i in range(len(prompts))]
+        self.num_seqs = len(prompts) * n  # what it counts against the admission limit
         self.queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
         self.finished: set[int] = set()
         self._closed = False
@@ -67,7 +74,8 @@ class RequestStream:
             if isinstance(item, EngineStoppedError):
                 raise item
             if isinstance(item, BaseException):
-                raise EngineRequestError(f"the engine failed on this request: {item!r}") from item
+                # NOTE: the exception's text stays in the server log (logged with its traceback), not in the answer
+                raise EngineRequestError("the engine failed on this request") from item
             index, out = item
             if out.finished:
                 self.finished.add(index)
@@ -81,7 +89,7 @@ class RequestStream:
         unfinished = [rid for i, rid in enumerate(self.request_ids) if i not in self.finished]
         if unfinished:
             self.front.abort(unfinished)
-        self.front.num_in_flight -= len(self.request_ids)
+        self.front.num_in_flight -= self.num_seqs
 
 
 class AsyncLLMEngine:
@@ -115,12 +123,13 @@ class AsyncLLMEngine:
         """Queue one engine request per prompt; returns once the engine accepted (or refused) all of them."""
         if self.stopping or not self._thread.is_alive():
             raise EngineStoppedError("the server is shutting down")
-        if self.num_in_flight + len(prompts) > self.max_in_flight:
-            raise QueueFullError(f"{self.num_in_flight} requests are in flight (at most {self.max_in_flight})")
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, loop, f"{next(self._ids)}", len(prompts))
+        stream = RequestStream(self, loop, f"{next(self._ids)}", prompts, params.n)
+        if self.num_in_flight + stream.num_seqs > self.max_in_flight:
+            raise QueueFullError(f"{self.num_in_flight} sequences are in flight, this request adds {stream.num_seqs} "
+                                 f"(at most {self.max_in_flight})")
         accepted = loop.create_future()
-        self.num_in_flight += len(prompts)
+        self.num_in_flight += stream.num_seqs
         self._commands.put(("add", stream, prompts, params, accepted))
         try:
             await accepted
@@ -136,11 +145,19 @@ class AsyncLLMEngine:
         """Ask the engine thread to abort these requests (thread-safe, returns at once)."""
         self._commands.put(("abort", list(request_ids)))
 
-    async def shutdown(self, grace_seconds: float = 5.0) -> None:
-        """Refuse new requests, let running ones finish for up to ``grace_seconds``, abort the rest, stop."""
+    def begin_shutdown(self, grace_seconds: float = 5.0) -> None:
+        """Refuse new requests; the engine thread lets running ones finish for up to ``grace_seconds``, then
+        aborts the rest (their streams end with ``finish_reason: "abort"``) and stops. Returns at once."""
+        if self.stopping:
+            return
         self.stopping = True
         if self._thread.is_alive():
             self._commands.put(("stop", time.monotonic() + grace_seconds))
+
+    async def shutdown(self, grace_seconds: float = 5.0) -> None:
+        """:meth:`begin_shutdown` (if not begun yet), then wait for the engine thread to stop."""
+        self.begin_shutdown(grace_seconds)
+        if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join)
 
     # ------------------------------------------------------------------ engine thread

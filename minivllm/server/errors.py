@@ -4,16 +4,22 @@
 what went wrong                             status  ``type`` / ``code``
 ==========================================  ======  =========================
 malformed JSON, wrong type, missing field   400     invalid_request_error
-out-of-range value, unknown field           400     invalid_request_error
+out-of-range value (NaN, 2**70, ...)        400     invalid_request_error
+a Host header not in ``--allowed-hosts``    400     ... / invalid_host
 prompt longer than the context              400     ... / context_length_exceeded
+no or wrong API key (``--api-key``)         401     ... / invalid_api_key
 unknown model                               404     ... / model_not_found
 unknown path / wrong method                 404/405 invalid_request_error
-too many requests in flight                 429     ... / rate_limit_exceeded (+ Retry-After)
+body larger than ``--max-request-bytes``    413     ... / request_too_large
+too many sequences in flight                429     ... / rate_limit_exceeded (+ Retry-After)
 the engine failed on this request           500     internal_error
+a bug in the server                         500     internal_error
 shutting down                               503     service_unavailable
 ==========================================  ======  =========================
 
-Left out: authentication errors (there are no API keys), per-organisation rate limits.
+A 500's message never carries the exception's text (it may hold internals): the traceback goes to the log.
+
+Left out: per-organisation rate limits.
 """
 
 import logging
@@ -75,7 +81,8 @@ def from_exception(exc: Exception) -> OpenAIError:
         first = (str(exc).split() or [""])[0]  # SamplingParams' messages start with the field's name
         return OpenAIError(str(exc), param=first if first in SamplingParams.__dataclass_fields__ else None)
     logger.error("unexpected error", exc_info=exc)
-    return OpenAIError(f"internal error: {type(exc).__name__}", 500, type="internal_error", code="internal_error")
+    return OpenAIError("internal server error (the server log has the details)", 500, type="internal_error",
+                       code="internal_error")
 
 
 def install(app: FastAPI) -> None:

@@ -11,7 +11,12 @@ one JSON body, or stream Server-Sent Events as the engine produces text::
     data: [DONE]
 
 A client that goes away (mid-stream, or while waiting for a non-streaming answer) aborts its requests,
-which frees their KV blocks. Choice ``index`` = prompt number * ``n`` + sample number, as in OpenAI.
+which frees their KV blocks. When the server shuts down, a stream still running ends with a last chunk of
+``finish_reason: "abort"`` and ``[DONE]``; a non-streaming request gets a JSON 503. Choice ``index`` = prompt
+number * ``n`` + sample number, as in OpenAI.
+
+Tokenizing (and rendering the chat template) runs on a worker thread, not on the event loop, so a huge
+prompt does not stall ``/health`` or other streams; the request-size limit (:mod:`minivllm.server.app`) bounds it.
 
 Left out: tool calls, ``echo`` with logprobs of the prompt, ``best_of`` > ``n``.
 """
@@ -30,9 +35,10 @@ from pydantic import BaseModel
 from minivllm.outputs import CompletionOutput, RequestOutput
 from minivllm.sampling_params import SamplingParams
 from minivllm.server import protocol as p
-from minivllm.server.async_engine import AsyncLLMEngine, EngineRequestError, RequestStream
+from minivllm.server.async_engine import AsyncLLMEngine, EngineRequestError, EngineStoppedError, RequestStream
 from minivllm.server.errors import OpenAIError, from_exception
 from minivllm.server.metrics import ServerMetrics, TokenTimer
+from minivllm.structured_output import GrammarCompiler, StructuredOutputsParams
 
 MAX_PROMPTS = 64  # prompts in one completions batch
 T = TypeVar("T")
@@ -42,16 +48,21 @@ class OpenAIServing:
     def __init__(self, front: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
         self.front, self.engine = front, front.engine
         self.tokenizer = front.engine.tokenizer
+        self.vocab_size = front.engine.inputs.vocab_size
         self.model_name, self.metrics = model_name, metrics
+        self._grammars: GrammarCompiler | None = None  # checks a request's grammar before it is queued
 
     # ------------------------------------------------------------------ the two endpoints
     async def completions(self, req: p.CompletionRequest, raw: Request) -> Response:
         self._check(req)
-        prompts, texts = self._completion_prompts(req.prompt)
+        prompts, texts = await asyncio.to_thread(self._completion_prompts, req.prompt)
         for ids in prompts:
             self._check_length(ids, req.max_tokens, "prompt")
-        params = self._params(req, req.max_tokens, req.logprobs)
-        echo = [t if t is not None else self._decode(ids) for t, ids in zip(texts, prompts)] if req.echo else None
+        params = await self._params(req, req.max_tokens, req.logprobs)
+        echo = None
+        if req.echo:
+            echo = await asyncio.to_thread(lambda: [t if t is not None else self._decode(ids)
+                                                    for t, ids in zip(texts, prompts)])
         return await self._run(raw, req, prompts, params, chat=False, echo=echo)
 
     async def chat(self, req: p.ChatCompletionRequest, raw: Request) -> Response:
@@ -59,14 +70,15 @@ class OpenAIServing:
         tok = self.tokenizer
         if tok is None or not tok.chat_template:
             raise OpenAIError("this model has no chat template: use /v1/completions", param="messages")
+        messages = [m.as_dict() for m in req.messages]
         try:
-            ids = tok.apply_chat_template([m.as_dict() for m in req.messages],
+            ids = await asyncio.to_thread(tok.apply_chat_template, messages,
                                           add_generation_prompt=req.add_generation_prompt, tokenize=True)
         except Exception as e:  # the template's raise_exception(...), or a jinja error
             raise OpenAIError(f"the chat template refused these messages: {e}", param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         self._check_length(ids, max_tokens, "messages")
-        params = self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+        params = await self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         return await self._run(raw, req, [ids], params, chat=True, echo=None)
 
     # ------------------------------------------------------------------ input
@@ -77,6 +89,13 @@ class OpenAIServing:
         field = req.unsupported()
         if field is not None:
             raise OpenAIError(f"{field} is not supported by this server", param=field, code="unsupported_field")
+        if isinstance(req, p.ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+            raise OpenAIError("top_logprobs needs logprobs: true (it says how many alternatives each token's "
+                              "logprobs list)", param="top_logprobs")
+        for t in req.stop_token_ids or ():
+            if t >= self.vocab_size:
+                raise OpenAIError(f"stop_token_ids: {t} is not a token id of this model (0..{self.vocab_size - 1})",
+                                  param="stop_token_ids")
 
     def _completion_prompts(self, prompt) -> tuple[list[list[int]], list[str | None]]:
         """Token ids of each prompt, and its text (None for token ids)."""
@@ -97,6 +116,10 @@ class OpenAIServing:
             else:
                 if not item:
                     raise OpenAIError("prompt is empty", param="prompt")
+                bad = next((t for t in item if not 0 <= t < self.vocab_size), None)
+                if bad is not None:
+                    raise OpenAIError(f"prompt: {bad} is not a token id of this model (0..{self.vocab_size - 1})",
+                                      param="prompt")
                 prompts.append(list(item))
                 texts.append(None)
         return prompts, texts
@@ -111,17 +134,34 @@ class OpenAIServing:
             raise OpenAIError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
                               f"and max_tokens is {max_tokens}", param="max_tokens", code="context_length_exceeded")
 
-    @staticmethod
-    def _params(req: p._SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    async def _params(self, req: p._SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            field, structured = req.structured()
+        except (ValueError, TypeError) as e:
+            raise OpenAIError(str(e), param=str(e).split(":")[0]) from None
+        if structured is not None:
+            await asyncio.to_thread(self._check_grammar, field, structured)
+        try:
+            return req.sampling_params(max_tokens, logprobs, structured)
         except (ValueError, TypeError) as e:
             raise from_exception(e) from None
+
+    def _check_grammar(self, field: str, structured: StructuredOutputsParams) -> None:
+        """Compile the grammar once here (a worker thread), so a bad one is a 400 before anything is queued."""
+        try:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.engine.eos_token_ids)
+            self._grammars.compile(structured)
+        except ValueError as e:
+            raise OpenAIError(f"{field}: {e}", param=field) from None
 
     # ------------------------------------------------------------------ running
     async def _run(self, raw: Request, req, prompts: list[list[int]], params: SamplingParams, *, chat: bool,
                    echo: list[str] | None) -> Response:
         timer = TokenTimer(self.metrics, time.monotonic())
+        if len(prompts) * params.n > self.front.max_in_flight:
+            raise OpenAIError(f"{len(prompts)} prompt(s) x n={params.n} is {len(prompts) * params.n} sequences; this "
+                              f"server holds at most {self.front.max_in_flight} at once", param="n")
         stream = await self.front.add(prompts, params)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
@@ -135,6 +175,8 @@ class OpenAIServing:
         if finals is None:
             return Response(status_code=499)  # the client left; nobody reads this
         outs = [finals[i] for i in range(len(prompts))]
+        if self.front.stopping and any(o.finish_reason == "abort" for out in outs for o in out.outputs):
+            raise EngineStoppedError("the server is shutting down: this request was cut short; retry elsewhere")
         usage = _usage(outs)
         if chat:
             choices = [p.ChatChoice(index=o.index, message=p.AssistantMessage(content=o.text),
@@ -144,7 +186,8 @@ class OpenAIServing:
             body: BaseModel = p.ChatCompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
         else:
             choices = [p.CompletionChoice(index=i * params.n + o.index, text=(echo[i] if echo else "") + o.text,
-                                          logprobs=self._completion_logprobs(o, 0, req.logprobs),
+                                          logprobs=self._completion_logprobs(o, 0, req.logprobs,
+                                                                             len(echo[i]) if echo else 0)[0],
                                           finish_reason=o.finish_reason)
                        for i, out in enumerate(outs) for o in out.outputs]
             body = p.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=usage)
@@ -153,43 +196,65 @@ class OpenAIServing:
     async def _events(self, stream: RequestStream, rid: str, req, n: int, chat: bool, echo: list[str] | None,
                       timer: TokenTimer) -> AsyncIterator[str]:
         """The SSE body of a streaming request."""
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        finals: dict[int, RequestOutput] = {}
+        options = req.stream_options
+        include_usage = options is not None and options.include_usage
+        every_chunk = include_usage and options.continuous_usage_stats  # vLLM: usage in every chunk
+        num_choices = len(stream.request_ids) * n
+        offsets = [len(echo[i // n]) if echo else 0 for i in range(num_choices)]  # text_offset, per choice
+        generated = [0] * num_choices
+        prompt_tokens = sum(len(ids) for ids in stream.prompts)
+        finished: set[int] = set()
+
+        def usage() -> p.Usage:
+            return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(generated),
+                           total_tokens=prompt_tokens + sum(generated))
+
+        def event(choices: list, final_usage: p.Usage | None = None) -> str:
+            u = final_usage or (usage() if every_chunk else None)
+            if chat:
+                return self._chat_chunk(rid, choices, u)
+            return _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=choices, usage=u))
+
         try:
-            for i in range(len(stream.request_ids) * n):  # OpenAI's first chat chunk carries the role
+            for i in range(num_choices):  # OpenAI's first chat chunk carries the role
                 if chat:
-                    yield self._chat_chunk(rid, [p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant",
-                                                                                               content=""))])
+                    yield event([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))])
                 elif echo:
-                    yield _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[
-                        p.CompletionChoice(index=i, text=echo[i // n])]))
+                    yield event([p.CompletionChoice(index=i, text=echo[i // n])])
             async for index, out in stream:
                 timer.tokens(sum(len(o.delta_token_ids) for o in out.outputs), time.monotonic())
                 if out.finished:
-                    finals[index] = out
+                    timer.finished(out)
                 for o in out.outputs:
+                    i = index * n + o.index
                     first = len(o.token_ids) - len(o.delta_token_ids)
+                    generated[i] = len(o.token_ids)
                     want_logprobs = (req.logprobs if chat else req.logprobs is not None) and o.delta_token_ids
                     if not (o.delta_text or o.finish_reason or want_logprobs):
                         continue
-                    i = index * n + o.index
+                    if o.finish_reason:
+                        finished.add(i)
                     if chat:
                         choice = p.ChatChunkChoice(index=i, delta=p.DeltaMessage(content=o.delta_text or None),
                                                    logprobs=self._chat_logprobs(o, first, req) if want_logprobs
                                                    else None, finish_reason=o.finish_reason)
-                        yield self._chat_chunk(rid, [choice])
                     else:
+                        logprobs, offsets[i] = self._completion_logprobs(o, first, req.logprobs, offsets[i])
                         choice = p.CompletionChoice(index=i, text=o.delta_text, finish_reason=o.finish_reason,
-                                                    logprobs=self._completion_logprobs(o, first, req.logprobs))
-                        yield _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[choice]))
-            if include_usage:
-                usage = _usage([finals[i] for i in sorted(finals)])
-                yield (self._chat_chunk(rid, [], usage) if chat else
-                       _sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[], usage=usage)))
+                                                    logprobs=logprobs)
+                    yield event([choice])
+        except EngineStoppedError:  # shutting down before these could run: end them as aborted
+            for i in range(num_choices):
+                if i not in finished:
+                    yield event([p.ChatChunkChoice(index=i, delta=p.DeltaMessage(), finish_reason="abort") if chat
+                                 else p.CompletionChoice(index=i, text="", finish_reason="abort")])
         except EngineRequestError as e:
+            self.metrics.internal_errors.inc()
             yield "data: " + from_exception(e).response().body.decode() + "\n\n"
         finally:
             stream.close()
+        if include_usage:
+            yield event([], usage())
         yield "data: [DONE]\n\n"
 
     def _chat_chunk(self, rid: str, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> str:
@@ -211,10 +276,13 @@ class OpenAIServing:
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
             yield t, _finite(entry.get(t, -math.inf)), [(i, _finite(v)) for i, v in top]
 
-    def _completion_logprobs(self, o: CompletionOutput, first: int, k: int | None) -> p.CompletionLogprobs | None:
+    def _completion_logprobs(self, o: CompletionOutput, first: int, k: int | None,
+                             offset: int = 0) -> tuple[p.CompletionLogprobs | None, int]:
+        """Logprobs of o's tokens from ``first`` on, their ``text_offset`` counted on from ``offset`` (the
+        characters of the choice's text before them); returns them and the offset after them."""
         if k is None:
-            return None
-        out, offset = p.CompletionLogprobs(), 0  # text offsets from the first token reported here
+            return None, offset
+        out = p.CompletionLogprobs()
         for t, logprob, top in self._entries(o, first, k):
             text = self._token(t)[0]
             out.tokens.append(text)
@@ -222,7 +290,7 @@ class OpenAIServing:
             out.top_logprobs.append({self._token(i)[0]: v for i, v in top})
             out.text_offset.append(offset)
             offset += len(text)
-        return out
+        return out, offset
 
     def _chat_logprobs(self, o: CompletionOutput, first: int, req: p.ChatCompletionRequest) -> p.ChatLogprobs:
         content = []
@@ -252,6 +320,7 @@ async def _collect(stream: RequestStream, timer: TokenTimer) -> dict[int, Reques
     async for index, out in stream:
         timer.tokens(sum(len(o.delta_token_ids) for o in out.outputs), time.monotonic())
         if out.finished:
+            timer.finished(out)
             finals[index] = out
     return finals
 
