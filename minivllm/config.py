@@ -19,6 +19,16 @@ if TYPE_CHECKING:  # NOTE: not imported at run time: the scheduler reads this mo
 
 ATTENTION_BACKENDS = ("auto", "numba", "torch")
 QUANTIZATIONS = ("auto", "none", "fp16", "int8")  # see EngineConfig.quantization_method
+# A CPU step's token budget: a token costs ~0.27 GFLOP and 2 cores run the fast path's GEMMs at ~50 GFLOP/s, so
+# ~64 tokens (decodes first, then prefill chunks) keep a step near 0.5 s and a long prompt cannot freeze the other
+# streams; 128 measured 2.1 s per step beside 8 decodes under load (bench/results/14_cpu_fast.json).
+CPU_MAX_NUM_BATCHED_TOKENS = 64
+
+
+def default_max_num_batched_tokens(device: torch.device, max_num_seqs: int) -> int:
+    """The token budget when none is given: 2048 on a GPU; on a CPU, CPU_MAX_NUM_BATCHED_TOKENS (>= max_num_seqs)."""
+    return 2048 if device.type == "cuda" else max(CPU_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+
 
 @dataclass(slots=True, frozen=True)
 class SchedulerConfig:

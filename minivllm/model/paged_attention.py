@@ -8,7 +8,8 @@ Each layer then
 1. stores this step's K and V in their slots (``kernels.store_kv``; slot -1 = a padding row, skipped);
 2. decodes: one query per sequence over its whole context, read through its block table
    (``kernels.paged_attention_warp`` on a GPU: one launch, no host sync, capturable in a CUDA graph;
-   on a CPU a batched gather + SDPA);
+   on a CPU in fp32 the numba kernel ``kernels.paged_attention_cpu``, which reads the pages in place;
+   otherwise, or with ``backend="torch"``, a batched gather + SDPA);
 3. prefills: each chunk's queries over its context, causal and aligned to the end: on a GPU
    ``scaled_dot_product_attention`` (tensor cores; ``attention_backend="numba"`` takes our
    ``kernels.flash_attention_paged`` instead), the keys gathered from the cache only when part of the
@@ -68,6 +69,8 @@ def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.T
     if _gpu(meta, q):
         return launcher("paged_attention_warp", "paged_attention_warp")(q, kv, tables, lens,
                                                                         max_context_len=meta.max_context_len)
+    if not q.is_cuda and q.dtype == torch.float32 and meta.backend != "torch":  # reads the pages in place
+        return launcher("paged_attention_cpu", "paged_decode_cpu")(q, kv, tables, lens)
     width = -(-meta.max_context_len // kv.shape[2])
     tables = tables[:, :width].clamp(min=0).long()  # (n, width)
     pages = kv[tables]  # (n, width, 2, block_size, kv_heads, d)

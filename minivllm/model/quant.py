@@ -1,0 +1,117 @@
+"""The fast CPU path: linear layers whose weights fbgemm reads as fp16 (or int8), swapped into a loaded model.
+
+On a CPU the model's matmuls are the step: fp32 decode at batch 1 reads ~540 MB of weights per token, and
+MKL's fp32 GEMM runs at only ~12-20 GFLOP/s on the course's AMD CPUs at batch 32. Two replacements, both
+fbgemm kernels that ship with PyTorch:
+
+* :class:`Fp16Linear` (``"fp16"``, the CPU default): weights stored as fp16 (half the bytes), activations and
+  accumulation fp32. The GGUF's Q4_1/Q8_0 values are exact in a few bits, so the results differ from fp32 by
+  ~2e-4 relative. Measured (2 cores, 30 layers' weights cycled so they come from memory): 2-2.5x fp32 at
+  batch 1, 2.5-4x at batch 32.
+* :class:`Int8Linear` (``"int8"``, opt-in): int8 weights, one scale per output row, and activations quantized
+  per call to 7-bit uint8 *per tensor* (fbgemm's dynamic linear). Faster again (the LM head 5x fp32), but on
+  SmolLM2 the activation outliers cost too much: 46-89% teacher-forced top-1 agreement with fp32 (see
+  bench/results/14_cpu_fast.json), so it is not the default.
+
+:func:`quantize_model` replaces, in place, every :class:`~minivllm.model.qwen3.Linear` (qkv, o, gate_up, down
+and an untied lm_head) and gives a tied model a separate ``lm_head`` built from the embedding (which stays
+fp32 for the token lookup). It is idempotent. What ``EngineConfig.quantization="auto"`` means is decided in
+one place, ``EngineConfig.quantization_method``.
+
+Left out: 4-bit weights at run time (the GGUF's Q4_1 blocks through a numba kernel measured 1.3-5 G
+weights/s here, no faster than fbgemm fp16 and 10x slower at batch 32), GPUs (fbgemm is CPU-only; a GPU runs
+bf16), static activation scales (SmoothQuant), and quantizing attention or the KV cache.
+"""
+
+import warnings
+
+import torch
+from torch import nn
+
+
+def _quantize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) float -> a per-row symmetric qint8 tensor (scale = max |w| / 127, zero point 0)."""
+    w = weight.detach().float().contiguous()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()  # (out,)
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch marks quantized tensor creation deprecated; fbgemm's packing needs one
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+
+
+class Int8Linear(nn.Module):
+    """``y ≈ x @ W.T`` with int8 W (per output row) and x quantized at each call; no bias."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"a linear weight is (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self._packed = torch.ops.quantized.linear_prepack(_quantize_rows(weight), None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(out, in) fp32: the weight this layer multiplies by, for checks."""
+        qweight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return qweight.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (tokens, in) fp32 -> (tokens, out) fp32; reduce_range: 7-bit activations, no int16 saturation
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 (fbgemm)"
+
+
+class Fp16Linear(nn.Module):
+    """``y = x @ W.T`` with W kept as fp16 and packed for fbgemm; x and the accumulation stay fp32; no bias."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"a linear weight is (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), None)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(out, in) fp32: the weight this layer multiplies by (the fp16 values), for checks."""
+        weight, _ = torch.ops.quantized.linear_unpack_fp16(self._packed)
+        return weight.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)  # (tokens, in) -> (tokens, out) fp32
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weights (fbgemm)"
+
+
+LAYERS = {"fp16": Fp16Linear, "int8": Int8Linear}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, tuple(LAYERS.values())) for m in model.modules())
+
+
+@torch.inference_mode()
+def quantize_model(model: nn.Module, quantization: str = "fp16") -> nn.Module:
+    """Swap ``model``'s linear layers for fp16- or int8-weight ones, in place (``"none"``: leave it); returns it.
+
+    ``model`` is a :class:`~minivllm.model.qwen3.Qwen3ForCausalLM` on the CPU in fp32. The runner keeps the
+    same model object, so this may run after the engine has built it.
+    """
+    from minivllm.model.qwen3 import Linear
+
+    if quantization == "none" or is_quantized(model):
+        return model
+    if quantization not in LAYERS:
+        raise ValueError(f"unknown quantization {quantization!r}; expected 'none' or one of {sorted(LAYERS)}")
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        raise ValueError(f"{quantization} linears run on the CPU in fp32; this model is {model.dtype} on {model.device}")
+    torch.backends.quantized.engine = "fbgemm"
+    layer = LAYERS[quantization]
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Linear):
+                setattr(parent, name, layer(child.weight))
+    if getattr(model, "lm_head", ...) is None:  # tied: logits from a packed copy; the lookup keeps fp32 rows
+        model.lm_head = layer(model.model.embed_tokens.weight)
+    return model
