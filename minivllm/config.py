@@ -106,6 +106,10 @@ class EngineConfig:
                 raise ValueError(f"device {self.device!r} was asked for, but PyTorch sees no CUDA GPU here")
             if device.type not in ("cuda", "cpu"):
                 raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+        if self.torch_device.type == "cuda":  # one clear message for a GPU without bf16 (a T4, a V100)
+            from kernels._env import check_gpu_supported
+
+            check_gpu_supported(self.torch_device.index or 0)
 
     @classmethod
     def from_kwargs(cls, model: Any = None, **kwargs: Any) -> "EngineConfig":
