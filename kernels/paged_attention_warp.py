@@ -14,9 +14,10 @@ head of the group), so that costs it almost all of the H200's 4.3 TB/s.
 Here a CUDA block (sequence, KV head, split) has ``WARPS`` warps; warp ``w`` takes tokens ``w, w + WARPS,
 ...``. For one token, lane ``l`` holds elements ``l, l + 32, ...`` of the key and of the value: the warp
 reads each row as a few fully used 64-byte segments (coalesced). Measured on the H200 (bf16, 16/8 heads
-x 128): 3.3x faster than version 1, but only ~1 TB/s (24% of HBM) at batch 256: each warp waits on one
-row at a time. Issuing the loads of ``unroll`` tokens before using them was slower still (16% at 4
-tokens: the registers it takes cost more warps than the loads in flight gain). The score ``q_g . k`` is a sum over the
+x 128; bench/results/08_paged_attention.json): with 4-byte loads this layout reached only ~24% of HBM
+(each warp waits on one row at a time); reading 16 bytes per lane (8 bf16, two tokens per warp) brings it
+to 54-69% of the KV-bandwidth floor at batch >= 32 and >= 2k context. Issuing the loads of ``unroll``
+tokens before using them was slower (the registers it takes cost more warps than the loads in flight gain). The score ``q_g . k`` is a sum over the
 lanes: five ``shfl_xor`` steps leave it in every lane. Each warp keeps its own online softmax (running
 max ``m``, sum ``l``, accumulator in registers) for each of the ``group`` query heads that share the KV
 head, so K and V are read once for the whole group. At the end the warps' states are merged through

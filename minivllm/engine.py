@@ -82,7 +82,7 @@ class LLMEngine:
         if request_id in self.processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids, params = self.inputs.process(prompt, params)
-        self.scheduler.check_fits(len(ids), params.max_tokens)  # NOTE: before anything is queued
+        self.scheduler.blocks.check_fits(len(ids), params.max_tokens)  # NOTE: before anything is queued
         seq_ids = [next(self._seq_ids) for _ in range(params.n)]
         for seq in self.processor.add_request(request_id, text, ids, params, seq_ids):
             self.scheduler.add(seq)

@@ -13,9 +13,8 @@ After the model ran, :meth:`Scheduler.postprocess` appends the sampled tokens an
 token-level rules of :func:`minivllm.stop.check_stop` (EOS, ``stop_token_ids``, ``max_tokens``). Stop
 *strings* live in the text, which is the output side's: it ends a sequence through :meth:`Scheduler.finish`.
 
-Reference rules (the :class:`BlockAllocator`'s counts): a live sequence holds one reference to each
-block of its block table; the radix cache holds its own. So after any sequence of operations every
-block is free, held by the radix cache, or held by a live sequence.
+Blocks are the :class:`~minivllm.block_manager.BlockManager`'s business (prefix hits, growing and releasing
+tables, the reference rules); the scheduler only asks it how many tokens fit.
 
 Left out: the model (``postprocess`` takes the sampled token ids), sampling, text, swapping KV to the
 CPU, priorities.
@@ -24,12 +23,12 @@ CPU, priorities.
 import bisect
 from collections.abc import Iterable
 from minivllm.batch import ScheduledSequence, SchedulerOutput
+from minivllm.block_manager import BlockManager
 from minivllm.cache import BlockAllocator, RadixCache
 from minivllm.cache.block_table import token_slots
 from minivllm.config import SchedulerConfig
 from minivllm.sequence import FinishReason, Sequence, SequenceStatus
 from minivllm.stop import check_stop
-from minivllm.utils import cdiv
 
 __all__ = ["ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
@@ -49,12 +48,10 @@ class Scheduler:
                  eos_token_ids: Iterable[int] = ()) -> None:
         if cache is None and config.enable_prefix_caching:
             cache = RadixCache(allocator, config.block_size)  # NOTE: the one place a RadixCache is built
-        if cache is not None and cache.block_size != config.block_size:
-            raise ValueError(f"the radix cache's block_size ({cache.block_size}) != config.block_size "
-                             f"({config.block_size})")
         self.config = config
         self.allocator = allocator
         self.cache = cache if config.enable_prefix_caching else None
+        self.blocks = BlockManager(allocator, self.cache, config.block_size)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: list[Sequence] = []  # FCFS: sorted by arrival (preempted sequences go back in order)
         self.running: list[Sequence] = []  # sorted by arrival
@@ -68,21 +65,13 @@ class Scheduler:
         return cls(config, BlockAllocator(num_blocks), eos_token_ids=eos_token_ids)
 
     # ------------------------------------------------------------------ requests
-    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
-        """Raise ``ValueError`` if a sequence this long could never finish in the whole KV cache."""
-        capacity = self.allocator.num_blocks * self.config.block_size
-        need = num_prompt_tokens + (max_tokens - 1 if max_tokens else 0)  # the last sampled token is never cached
-        if need > capacity:
-            raise ValueError(f"a sequence needs up to {need} KV slots ({num_prompt_tokens} prompt tokens + "
-                             f"max_tokens {max_tokens}) but the whole cache holds {capacity}: it could never finish")
-
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (raises if it can never fit in the KV cache)."""
         if seq.seq_id in self._seqs:
             raise ValueError(f"sequence id {seq.seq_id} is already in use")
         if seq.status is not SequenceStatus.WAITING or seq.num_computed_tokens or seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} is not new (status {seq.status.value})")
-        self.check_fits(seq.num_tokens, seq.max_tokens)
+        self.blocks.check_fits(seq.num_tokens, seq.max_tokens)
         self._seqs[seq.seq_id] = seq
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
 
@@ -95,7 +84,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self._release(seq, cache_blocks=False)
+        self.blocks.release(seq, cache_blocks=False)
         self._finish(seq, FinishReason.ABORT)
         return seq
 
@@ -104,8 +93,7 @@ class Scheduler:
 
     @property
     def num_blocks_used(self) -> int:
-        """KV blocks not free: held by sequences or by the radix cache."""
-        return self.allocator.num_blocks - self.allocator.num_free
+        return self.blocks.num_blocks_used
 
     # ------------------------------------------------------------------ policy hooks
     def select_victim(self) -> Sequence:
@@ -136,12 +124,12 @@ class Scheduler:
             if n <= 0:
                 continue
             while True:
-                fit = self._fit(seq, n)
+                fit = self.blocks.fit(seq, n)
                 if fit == n or (seq.is_prefill and fit > 0):
                     break
                 if len(self.running) == 1:  # alone and still no room: the cache can never hold it
                     self.running.remove(seq)
-                    self._release(seq, cache_blocks=True)
+                    self.blocks.release(seq, cache_blocks=True)
                     self._finish(seq, FinishReason.LENGTH)
                     finished.append(seq.seq_id)
                     fit = 0
@@ -155,7 +143,7 @@ class Scheduler:
                     fit = 0
                     break
             if fit > 0:
-                self._grow(seq, fit)
+                self.blocks.grow(seq, fit)
                 plan[seq.seq_id] = self._entry(seq, fit)
                 budget -= fit
         if not preempted:  # NOTE: no admissions in a step that had to preempt (the memory is short)
@@ -167,40 +155,18 @@ class Scheduler:
     def _admit(self, plan: dict[int, ScheduledSequence], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if self.cache is not None:  # the last token is always computed: its logits give the next one
-                limit = min(self.max_cached_tokens(seq), seq.num_tokens - 1)
-                match = self.cache.match_prefix(seq.token_ids, max_tokens=limit)
-                self.cache.lock(match.node)
-                self.allocator.ref(match.blocks)
-                seq.block_table, seq.radix_node = list(match.blocks), match.node
-                seq.num_computed_tokens = seq.num_cached_tokens = match.num_tokens
-            fit = self._fit(seq, self.prefill_chunk(seq, budget))
+            # NOTE: the last token is always computed: its logits give the next one
+            self.blocks.match_prefix(seq, min(self.max_cached_tokens(seq), seq.num_tokens - 1))
+            fit = self.blocks.fit(seq, self.prefill_chunk(seq, budget))
             if fit <= 0:  # FCFS: nobody overtakes the head of the queue
-                self._release(seq, cache_blocks=False)
+                self.blocks.release(seq, cache_blocks=False)
                 break
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            self._grow(seq, fit)
+            self.blocks.grow(seq, fit)
             plan[seq.seq_id] = self._entry(seq, fit)
             budget -= fit
-
-    def _fit(self, seq: Sequence, n: int) -> int:
-        """How many of ``n`` new tokens fit in ``seq``'s blocks plus free (or evictable) blocks."""
-        bs = self.config.block_size
-        have = len(seq.block_table) * bs - seq.num_computed_tokens
-        need_blocks = cdiv(n - have, bs) if n > have else 0
-        free = self.allocator.num_free
-        if need_blocks > free and self.cache is not None:
-            self.cache.evict(need_blocks - free)
-            free = self.allocator.num_free
-        return min(n, have + free * bs)
-
-    def _grow(self, seq: Sequence, n: int) -> None:
-        bs = self.config.block_size
-        need = cdiv(seq.num_computed_tokens + n, bs) - len(seq.block_table)
-        if need > 0:
-            seq.block_table += self.allocator.allocate(need)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
@@ -209,24 +175,11 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._release(seq, cache_blocks=True)
+        self.blocks.release(seq, cache_blocks=True)
         seq.status = SequenceStatus.PREEMPTED
         seq.num_preemptions += 1
         self.num_preemptions += 1
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
-
-    def _release(self, seq: Sequence, cache_blocks: bool) -> None:
-        """Give back every block ``seq`` holds; with ``cache_blocks``, its full computed blocks go to the cache first."""
-        table = seq.block_table
-        if cache_blocks and self.cache is not None and seq.num_computed_tokens >= self.config.block_size:
-            done = seq.num_computed_tokens
-            cached = self.cache.insert(seq.token_ids[:done], table).blocks  # our refs may move to these
-            table = cached + table[len(cached):]
-        if seq.radix_node is not None:
-            self.cache.unlock(seq.radix_node)
-        self.allocator.free(table)
-        seq.block_table, seq.radix_node = [], None
-        seq.num_computed_tokens = 0
 
     def _build(self, scheduled: list[ScheduledSequence], preempted: list[int], finished: list[int]) -> SchedulerOutput:
         out = SchedulerOutput(step=self.num_steps, scheduled=scheduled, preempted=preempted, finished=finished)
@@ -265,7 +218,7 @@ class Scheduler:
             finish = check_stop(seq.sampling_params, seq.output_token_ids, self.eos_token_ids)
             if finish is not None:
                 self.running.remove(seq)
-                self._release(seq, cache_blocks=True)
+                self.blocks.release(seq, cache_blocks=True)
                 self._finish(seq, FinishReason(finish.reason), finish.stop_reason)
                 done.append(seq)
         return done
@@ -283,7 +236,7 @@ class Scheduler:
         if self._seqs.get(seq.seq_id) is not seq:
             raise KeyError(f"sequence {seq.seq_id} is not this scheduler's")
         (self.running if seq in self.running else self.waiting).remove(seq)
-        self._release(seq, cache_blocks=True)
+        self.blocks.release(seq, cache_blocks=True)
         self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:

@@ -11,13 +11,14 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl on shared cores (2-core CI)
 
-from minivllm.course.checks import CheckFailed, check, is_stub, require_solutions  # noqa: E402
+from minivllm.course.checks import CheckFailed, attempted, check, is_stub, require_solutions  # noqa: E402
 from minivllm.course.environment import Environment, setup
 from minivllm.course.results import load_result, results_dir
 
 __all__ = [
     "CheckFailed",
     "Environment",
+    "attempted",
     "check",
     "is_stub",
     "load_result",
