@@ -77,6 +77,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Hugging Face checkpoint directory or a .gguf file (default: the embedded "
                              "SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto = bfloat16 "
+                                                        "on a GPU, float32 on a CPU); float32 given on a CPU is the "
+                                                        "exact fp32 path, without the fast fp16-weight linears")
+    parser.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
+                        help="CPU linear layers (default: auto = fp16 weights through fbgemm on a CPU unless "
+                             "--dtype is given; none = exact fp32; int8 = faster, less exact)")
 
 
 def load_tokenizer(source: "Path | GGUFFile"):
@@ -89,15 +95,20 @@ def load_tokenizer(source: "Path | GGUFFile"):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from minivllm.config import EngineConfig
     from minivllm.generate import GenerationOutput, stream
     from minivllm.gguf_file import GGUFFile
     from minivllm.model import load_model, resolve_model_path
+    from minivllm.model.quant import quantize_model
 
     start = time.perf_counter()
+    config = EngineConfig(device=args.device or "auto", dtype=args.dtype, quantization=args.quantization)
     path = resolve_model_path(args.model)
     source = path if path.is_dir() else GGUFFile(path)  # a GGUF file is parsed once, for both
     tokenizer = load_tokenizer(source)
-    model = load_model(source, device=args.device)
+    dtype = {} if args.dtype == "auto" else {"dtype": config.torch_dtype}  # auto: the loader's own default
+    model = quantize_model(load_model(source, device=config.torch_device, **dtype),
+                           config.quantization_method)  # the engine's rule: fp16 linears on a CPU by default
     load_seconds = time.perf_counter() - start
     if args.raw:
         prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
@@ -113,7 +124,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write(text.flush() + "\n")
     if args.stats:
-        print(f"[{path.name} on {model.device}, {str(model.dtype).removeprefix('torch.')}] loaded in "
+        print(f"[{path.name} on {model.device}, {str(model.dtype).removeprefix('torch.')}, linears: "
+              f"{config.quantization_method}] loaded in "
               f"{load_seconds:.1f} s; {out.prompt_tokens} prompt tokens in {out.prefill_seconds:.2f} s; "
               f"{len(out.token_ids)} tokens generated ({out.finish_reason}), "
               f"{out.decode_tokens_per_second:.1f} tokens/s decoding", file=sys.stderr)
@@ -124,7 +136,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from minivllm.server import serve
 
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          max_queued_requests=args.max_queued_requests, device=args.device or "auto",
+          max_queued_requests=args.max_queued_requests, device=args.device or "auto", dtype=args.dtype,
+          quantization=args.quantization,
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
           enforce_eager=args.enforce_eager, seed=args.seed, api_key=args.api_key,

@@ -165,7 +165,8 @@ def test_cli_generate_prints_the_answer(default, monkeypatch, capsys):
     import minivllm.model
 
     monkeypatch.setattr(minivllm.model, "load_model", lambda path, device=None: default[0])  # skip a 2nd load
-    assert cli.main(["generate", "What is the capital of France?", "--max-tokens", "24", "--stats"]) == 0
+    assert cli.main(["generate", "What is the capital of France?", "--max-tokens", "24", "--stats",
+                     "--quantization", "none"]) == 0
     out, err = capsys.readouterr()
     assert "Paris" in out and out.endswith("\n") and "<|im_end|>" not in out
     assert "tokens/s" in err

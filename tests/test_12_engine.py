@@ -64,7 +64,7 @@ def random_prompts(seed: int) -> list[list[int]]:
 def test_engine_greedy_equals_transformers_with_batching_chunking_prefix_hits_and_preemption(tiny):
     hf, directory = tiny
     # 14 blocks of 16 slots for 10 requests of up to 94 tokens: preemption is certain; 24-token steps chunk prompts
-    llm = LLM(str(directory), num_kv_blocks=14, max_num_seqs=6, max_num_batched_tokens=24)
+    llm = LLM(str(directory), dtype="float32", num_kv_blocks=14, max_num_seqs=6, max_num_batched_tokens=24)
     prompts = random_prompts(seed=1)
     lengths = [5 + 2 * i for i in range(len(prompts))]
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in lengths]
@@ -155,7 +155,7 @@ def default_pair():
     path = default_model_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                            dtype=torch.float32).eval()
-    return LLM(num_kv_blocks=96, max_num_batched_tokens=64), hf
+    return LLM(dtype="float32", num_kv_blocks=96, max_num_batched_tokens=64), hf
 
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",

@@ -13,7 +13,7 @@ rows belong to whom. ``q, k, v`` are one matmul (``qkv_proj``) and ``gate, up`` 
 
 RMSNorm, RoPE and SiLU·mul go through ``minivllm.model.layers`` (the ``kernels`` launchers); linear
 layers are ``F.linear`` (cuBLAS on a GPU); attention is ``minivllm.model.attention``. Inference only:
-parameters never require grad. ``minivllm.model.quant`` swaps the linear layers for int8 ones on a CPU.
+parameters never require grad. ``minivllm.model.quant`` swaps the linear layers for fbgemm fp16/int8 ones on a CPU.
 Left out: tensor parallelism, 4-bit matmuls, LoRA.
 """
 
@@ -194,7 +194,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden_size) -> (tokens, vocab_size); pass only the rows you sample from."""
-        if self.lm_head is not None:  # untied, or an int8 head (minivllm.model.quant; the lookup stays fp32)
+        if self.lm_head is not None:  # untied, or a packed fp16/int8 head (minivllm.model.quant; the lookup stays fp32)
             return self.lm_head(hidden_states)
         return F.linear(hidden_states, self.model.embed_tokens.weight)
 
