@@ -81,6 +81,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto": the fastest correct one per phase; "numba": our kernels; "torch"
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
+    # the course: True (or a workspace folder) builds the engine from the learner's passed components
+    learner: bool | str | Path = False  # see minivllm.learner; default folder notebooks/workspace
 
     def __post_init__(self) -> None:
         self.scheduler_config  # validates the scheduling knobs (max_num_seqs, max_num_batched_tokens, block_size)
@@ -98,6 +100,8 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         self.quantization_method  # validates quantization against the device
+        if not isinstance(self.learner, bool | str | Path):
+            raise ValueError(f"learner must be True/False or a workspace folder, got {self.learner!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto":

@@ -26,11 +26,11 @@ import torch
 from minivllm.cache import PagedKVCache
 from minivllm.components import load_model_and_tokenizer, num_kv_blocks
 from minivllm.config import EngineConfig
+from minivllm import learner
 from minivllm.inputs import InputProcessor
 from minivllm.output_processor import OutputProcessor, SampledTokens
 from minivllm.outputs import EngineSnapshot, RequestOutput, StepRecord
 from minivllm.runner import ModelRunner
-from minivllm.sampler import Sampler
 from minivllm.sampling_params import SamplingParams
 from minivllm.scheduler import Scheduler
 from minivllm.structured_output import apply_bitmask, fill_bitmask
@@ -50,16 +50,31 @@ class LLMEngine:
         self.num_kv_blocks = num_kv_blocks(config, self.model, self.max_model_len)
         self.kv_cache = PagedKVCache.allocate(mc.kv_shape, self.num_kv_blocks, block_size=config.block_size,
                                               device=self.device, dtype=self.dtype)
-        self.scheduler = Scheduler.from_num_blocks(config.scheduler_config, self.num_kv_blocks, self.eos_token_ids)
+        parts = self._learner_parts()
+        self.scheduler = learner.scheduler_class(parts).from_num_blocks(config.scheduler_config, self.num_kv_blocks,
+                                                                         self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, max_model_len=self.max_model_len,
                                   attention_backend=config.attention_backend,
                                   use_cuda_graphs=not config.enforce_eager,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs))
-        self.sampler = Sampler(torch.Generator().manual_seed(config.seed))
+        self.sampler = learner.sampler_class(parts)(torch.Generator().manual_seed(config.seed))
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len)
-        self.processor = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids)
+        self.processor = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids,
+                                         stop_checker=learner.stop_checker_class(parts))
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+
+    def _learner_parts(self) -> "learner.LearnerParts":
+        """The learner's passed components (``config.learner``), or none; the model's kernels follow suit."""
+        folder = self.config.learner
+        if folder is False:
+            parts = learner.LearnerParts()
+        else:
+            parts = learner.load_parts(None if folder is True else folder, self.device)
+            print("the learner's engine:\n  " + "\n  ".join(parts.lines()), flush=True)
+        learner.install_kernels(parts)
+        self.learner_report = parts.report  # (component, "yours" / "package", why); empty: the package's engine
+        return parts
 
     @property
     def allocator(self):

@@ -79,8 +79,10 @@ class _Request:
 class OutputProcessor:
     """Requests' text, logprobs and metrics; ``process(plan, sampled, ...)`` after each step."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer, eos_token_ids: frozenset[int]) -> None:
+    def __init__(self, scheduler: Scheduler, tokenizer, eos_token_ids: frozenset[int],
+                 stop_checker: type[StopChecker] = StopChecker) -> None:
         self.scheduler = scheduler
+        self.stop_checker = stop_checker  # the learner's (minivllm.learner) or the package's
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.requests: dict[str, _Request] = {}
@@ -101,7 +103,7 @@ class OutputProcessor:
             detok = self.tokenizer.detokenizer(skip_special_tokens=p.skip_special_tokens) if self.tokenizer else None
             request.samples.append(_Sample(
                 index=index, seq=Sequence(seq_id, ids, p), generator=None if p.greedy else make_generator(p.seed),
-                detokenizer=detok, stop=StopChecker(p.stop, p.include_stop_str_in_output),
+                detokenizer=detok, stop=self.stop_checker(p.stop, p.include_stop_str_in_output),
                 logprobs=[] if p.logprobs is not None else None,
                 matcher=self._grammars.matcher(grammar) if grammar is not None else None))
         for sample in request.samples:

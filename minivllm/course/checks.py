@@ -89,12 +89,15 @@ def check(
     atol: float = 1e-5,
     rtol: float = 1e-5,
     uses: Sequence[object] = (),
+    component: str | None = None,
 ) -> Callable:
     """Run ``candidate`` and ``reference`` on every case; return the function the notebook should use.
 
     ``cases`` holds argument tuples (or single arguments). ``uses`` names kernels the candidate
     launches: if one of them is still a stub, the exercise counts as not attempted (on a GPU a
-    ``raise`` inside a kernel is ignored, so the call alone cannot tell).
+    ``raise`` inside a kernel is ignored, so the call alone cannot tell). ``component`` (a name of
+    ``minivllm.learner.COMPONENTS``): a passing candidate is saved to the learner's workspace, and
+    ``LLM(learner=True)`` runs it.
 
     Returns ``candidate`` when it matches, ``reference`` when the exercise is not attempted;
     raises :class:`CheckFailed` when it is wrong.
@@ -122,4 +125,8 @@ def check(
         _FALLBACKS.add(id(reference))
         return reference
     print(f"✅ {name}: {len(cases)}/{len(cases)} cases match the reference (worst |err| {worst:.2e})")
+    if component is not None:
+        from minivllm.course.workspace import record
+
+        record(component, candidate)
     return candidate

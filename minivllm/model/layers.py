@@ -31,14 +31,21 @@ def launcher(module: str, name: str) -> Callable | None:
         return None
 
 
+# the learner's passed kernels (minivllm.learner.install_kernels), used for CUDA tensors; process-wide:
+# the latest engine built decides (LLM(learner=True) fills it, any other engine empties it)
+LEARNER_KERNELS: dict[str, Callable] = {}
+
+
 def _backend(t: torch.Tensor) -> str:
     return "auto" if t.is_cuda else "torch"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / rms(x) * weight`` over the last dimension, in fp32; x: (..., n) -> same shape and dtype."""
-    fn = launcher("rmsnorm", "rms_norm")
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, n): the kernel's layout (one kv head: a strided view)
+    if x.is_cuda and "rms_norm" in LEARNER_KERNELS:
+        return LEARNER_KERNELS["rms_norm"](rows, weight, eps).view(x.shape)
+    fn = launcher("rmsnorm", "rms_norm")
     if fn is not None:
         return fn(rows, weight, eps, backend=_backend(x)).view(x.shape)
     xf = rows.float()
@@ -49,6 +56,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``residual += x``, then ``x = rms_norm(residual)``, both IN PLACE; x, residual: (tokens, n)."""
+    if x.is_cuda and "fused_add_rms_norm" in LEARNER_KERNELS:
+        return LEARNER_KERNELS["fused_add_rms_norm"](x, residual, weight, eps)
     fn = launcher("rmsnorm", "fused_add_rms_norm")
     if fn is not None:
         return fn(x, residual, weight, eps, backend=_backend(x))
@@ -69,6 +78,8 @@ def rope_cache(head_dim: int, max_position: int, theta: float, device: torch.dev
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (tokens, q_heads, d) and k (tokens, kv_heads, d) IN PLACE, half-split layout."""
+    if q.is_cuda and "apply_rope" in LEARNER_KERNELS:
+        return LEARNER_KERNELS["apply_rope"](q, k, positions, cos_sin)
     fn = launcher("rope", "apply_rope")
     if fn is not None:
         return fn(q, k, positions, cos_sin, backend=_backend(q))
@@ -81,6 +92,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: (tokens, 2 * n) holding [gate | up] -> silu(gate) * up, (tokens, n)."""
+    if gate_up.is_cuda and "silu_and_mul" in LEARNER_KERNELS:
+        return LEARNER_KERNELS["silu_and_mul"](gate_up)
     fn = launcher("activation", "silu_and_mul")
     if fn is not None:
         return fn(gate_up, backend=_backend(gate_up))

@@ -102,7 +102,10 @@ def build_app(engine: LLMEngine, *, model_name: str | None = None, max_queued_re
     @app.get("/health", responses={503: {"model": p.ErrorResponse}})
     async def health() -> Response:
         if front.is_running and not front.stopping:
-            return JSONResponse({"status": "ok"})
+            body = {"status": "ok"}
+            if engine.learner_report:  # minivllm serve --learner: which component is whose
+                body["components"] = [{"name": n, "whose": w, "why": why} for n, w, why in engine.learner_report]
+            return JSONResponse(body)
         return errors.OpenAIError("the engine is not running", 503, type="service_unavailable").response()
 
     @app.get("/metrics", response_class=Response)
