@@ -7,7 +7,10 @@
 >>> for piece in llm.stream("Once upon a time"): print(piece, end="")
 
 ``generate`` queues every prompt, steps the engine until all are done (a tqdm bar counts finished
-requests and shows tokens/s), and returns the outputs in the prompts' order.
+requests and shows tokens/s), and returns the outputs in the prompts' order. Without ``sampling_params``, a
+checkpoint's ``generation_config.json`` defaults apply (Qwen3: temperature 0.6, top_k 20, top_p 0.95), as in
+vLLM; ``llm.generation_defaults`` shows them. ``chat(..., chat_template_kwargs={"enable_thinking": False})``
+passes options to the chat template.
 """
 
 from collections.abc import Iterator, Sequence
@@ -17,6 +20,7 @@ from tqdm.auto import tqdm
 
 from minivllm.config import EngineConfig
 from minivllm.engine import LLMEngine
+from minivllm.generation_config import apply_generation_defaults, load_generation_defaults
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
@@ -36,6 +40,7 @@ class LLM:
     def __init__(self, model: Any = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
+        self.generation_defaults = load_generation_defaults(self.engine.config.model)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -43,7 +48,7 @@ class LLM:
         """Complete every prompt (text or token ids); one ``RequestOutput`` per prompt, in order."""
         prompts = _as_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [apply_generation_defaults(sampling_params, self.generation_defaults)] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -79,11 +84,15 @@ class LLM:
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-             use_tqdm: bool = True, **template_vars: Any) -> list[RequestOutput]:
-        """Reply to one conversation (a list of {"role", "content"} messages) or to several."""
+             use_tqdm: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+             **template_vars: Any) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or to several.
+
+        ``chat_template_kwargs`` (vLLM's name) and ``template_vars`` reach the template (``enable_thinking``)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        template_vars = {**(chat_template_kwargs or {}), **template_vars}
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, **template_vars)
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -91,7 +100,7 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one prompt's first sample as it becomes safe to show."""
         engine = self.engine
-        rid = engine.add_request(prompt, sampling_params)
+        rid = engine.add_request(prompt, apply_generation_defaults(sampling_params, self.generation_defaults))
         done = False
         try:
             while not done:

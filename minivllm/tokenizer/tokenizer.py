@@ -90,19 +90,30 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        """The text of ``ids``; bytes that do not form valid UTF-8 become ``�``."""
+        """The text of ``ids``; bytes that do not form valid UTF-8 become ``�``.
+
+        Ids the vocabulary lacks have no text, as in ``transformers``: a model's embedding often has more
+        rows than its tokenizer has tokens (Qwen3: 151,936 rows, 151,669 tokens), and it may sample a padding row.
+        """
         ids = [int(i) for i in ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         try:
             return self.encoding.decode(ids, errors="replace")
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary (size {self.vocab_size})") from None
+        except KeyError:
+            return self.encoding.decode([i for i in ids if self.token_bytes(i)], errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token; ``b""`` for an id the vocabulary lacks (a padding row of the model)."""
+        try:
+            return self.encoding.decode_single_token_bytes(token_id)
+        except KeyError:
+            return b""
 
     def detokenizer(self, *, skip_special_tokens: bool = True,
                     boundary: Callable[[bytes], int] = complete_utf8_prefix) -> IncrementalDetokenizer:
         """A fresh streaming detokenizer: ``.push(id)`` returns the newly complete text, ``.flush()`` the rest."""
-        return IncrementalDetokenizer(self.encoding.decode_single_token_bytes, self.special_ids,
+        return IncrementalDetokenizer(self.token_bytes, self.special_ids,
                                       skip_special_tokens=skip_special_tokens, boundary=boundary)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
