@@ -112,6 +112,7 @@ def test_an_engine_exception_fails_only_the_request_that_caused_it(caplog):
         gate.set()
         failed = bad.result()
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "internal_error"
+        assert "poisoned" not in failed.text  # the exception's text stays in the log
         for future, ref in zip(futures, want):
             assert _tokens(future.result()) == ref.outputs[0].token_ids
         streamed = httpx.post(server.url + "/v1/completions", timeout=60, json={
@@ -143,13 +144,14 @@ def test_shutdown_finishes_or_aborts_in_flight_requests_cleanly(grace):
                     stopper = threading.Thread(target=server.stop)
                     stopper.start()
         except httpx.HTTPError:
-            pass  # the server cut the stream (the short grace)
+            pytest.fail("the server cut the stream instead of ending it")
     stopper.join(60)
     assert not server.thread.is_alive() and not app.state.front.is_running
     assert engine.num_unfinished_requests == 0
     engine.check_no_leaks()
     finished = lines[-1] == "data: [DONE]" and '"finish_reason":"length"' in "".join(lines)
     assert finished == (grace > 1), "a long grace lets the request finish; a short one aborts it"
+    assert lines[-1] == "data: [DONE]" and ('"finish_reason":"abort"' in "".join(lines)) == (grace < 1)
 
 
 def test_cli_serve_answers_on_localhost_and_stops_on_sigint():
@@ -158,7 +160,8 @@ def test_cli_serve_answers_on_localhost_and_stops_on_sigint():
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "minivllm.cli", "serve", "--port", str(port), "--device", "cpu",
                              "--max-num-seqs", "4", "--max-model-len", "128"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MINIVLLM_API_KEY": "k3y"})
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -172,8 +175,12 @@ def test_cli_serve_answers_on_localhost_and_stops_on_sigint():
         assert health.json() == {"status": "ok"}
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert "minivllm chat" in page.text  # the page ships as package data
-        name = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"][0]["id"]
+        models = f"http://127.0.0.1:{port}/v1/models"
+        assert httpx.get(models, timeout=5).status_code == 401  # $MINIVLLM_API_KEY is the key
+        name = httpx.get(models, headers={"Authorization": "Bearer k3y"}, timeout=5).json()["data"][0]["id"]
         assert name == "SmolLM2-135M-Instruct.Q4_1"
+        rebound = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Host": "attacker.example"}, timeout=5)
+        assert rebound.status_code == 400  # on 127.0.0.1 only loopback Host names are answered
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0

@@ -18,6 +18,7 @@ Left out: CORS, TLS, rate limits per key, several keys.
 import hmac
 import json
 
+from minivllm.server.errors import from_exception
 from minivllm.server.metrics import ServerMetrics
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
@@ -41,8 +42,9 @@ def _header(scope, name: bytes) -> str | None:
 
 
 class CountRequests:
-    """Count the API's answers by endpoint and status code (streams at their start); a request that raised
-    before answering (a bug: Starlette's outer layer answers it) counts as a 500 and an internal error."""
+    """Count the API's answers by endpoint and status code (streams at their start). A request that raised
+    before answering (a bug) is answered here: a 500 with no internals (the traceback is logged), counted as
+    an internal error; answering here, not in Starlette's outer layer, keeps a keep-alive connection usable."""
 
     def __init__(self, app, metrics: ServerMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -64,11 +66,10 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, counting_send)
-        except Exception:
-            if not started:
-                self.metrics.requests.labels(endpoint, "500").inc()
-                self.metrics.internal_errors.inc()
-            raise
+        except Exception as exc:
+            if started:
+                raise
+            await from_exception(exc).response()(scope, receive, counting_send)
 
 
 class CheckHost:
