@@ -21,7 +21,8 @@ ATTENTION_BACKENDS = ("auto", "numba", "torch")
 QUANTIZATIONS = ("auto", "none", "fp16", "int8")  # see EngineConfig.quantization_method
 # A CPU step's token budget: a token costs ~0.27 GFLOP and 2 cores run the fast path's GEMMs at ~50 GFLOP/s, so
 # ~64 tokens (decodes first, then prefill chunks) keep a step near 0.5 s and a long prompt cannot freeze the other
-# streams; 128 measured 2.1 s per step beside 8 decodes under load (bench/results/14_cpu_fast.json).
+# streams: beside 8 decoding chats and a 4k prompt, 64 gave a 0.38 s longest gap, 2048 gave 7.5 s
+# (bench/results/14_cpu_fast.json; 128 gave 3.4 s under a load average of 4-5).
 CPU_MAX_NUM_BATCHED_TOKENS = 64
 
 
