@@ -10,7 +10,10 @@ body and the server keeps serving; schemathesis, driven by the app's own OpenAPI
 import asyncio
 import json
 import os
+import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -277,3 +280,59 @@ def test_schemathesis_finds_no_server_error(served):
     assert len(calls) > 40 and any(c == 200 for c in calls) and any(400 <= c < 500 for c in calls)
     _wait_idle(server)
     engine.check_no_leaks()
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_structured_output_json_schema_choice_and_regex(served, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    chat = client.chat.completions.create(
+        model="smollm2", messages=_chat("Invent a person. Reply in JSON."), max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    jsonschema.validate(json.loads(chat.choices[0].message.content), PERSON)
+    assert chat.choices[0].finish_reason == "stop"  # the grammar ended it, not max_tokens
+    picked = client.chat.completions.create(model="smollm2", messages=_chat("Is the sky blue?"), max_tokens=5,
+                                            temperature=0, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert picked.choices[0].message.content in ("yes", "no")
+    year = client.completions.create(model="smollm2", prompt="The year is", max_tokens=6, temperature=0.8, seed=2,
+                                     extra_body={"guided_regex": r" [12][0-9]{3}"})
+    assert re.fullmatch(r" [12][0-9]{3}", year.choices[0].text), year.choices[0].text
+
+
+def test_openai_leniency_nulls_unknown_fields_and_a_long_stop_string(served, caplog):
+    server, engine, key = served
+    body = {"model": "smollm2", "messages": _chat(QUESTIONS[0]), "max_tokens": 6, "temperature": 0, "n": None,
+            "stream": None, "logprobs": None, "top_logprobs": None, "stop": "\n\n### End of answer",
+            "store": False, "metadata": {"k": "v"}, "service_tier": "auto", "reasoning_effort": "low",
+            "modalities": ["text"], "prediction": {"type": "content", "content": "x"}}
+    with caplog.at_level("WARNING", logger="minivllm.server"):
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == key["chat"][0].text
+    warned = " ".join(rec.getMessage() for rec in caplog.records)
+    assert all(f in warned for f in ("store", "metadata", "service_tier", "reasoning_effort", "modalities"))
+
+
+def test_tokenizing_runs_off_the_event_loop(served, monkeypatch):
+    server, engine, _ = served
+    entered, release = threading.Event(), threading.Event()
+    encode = engine.tokenizer.encode
+
+    def slow_encode(*args, **kwargs):  # stands in for a huge prompt
+        entered.set()
+        release.wait(timeout=60)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "encode", slow_encode)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, server.url + "/v1/completions", timeout=60,
+                              json={"model": "smollm2", "prompt": COMPLETION, "max_tokens": 2, "temperature": 0})
+        assert entered.wait(timeout=30)
+        try:  # the event loop is free while the prompt is being tokenized
+            assert httpx.get(server.url + "/health", timeout=30).json() == {"status": "ok"}
+        finally:
+            release.set()
+        assert pending.result().status_code == 200
