@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     name = args.config or ("qwen3-0.6b" if device == "cuda" and args.model is None else "default")
     model = RANDOM_MODELS.get(name) if args.model is None else args.model
     engine = LLMEngine(model=model, device=device, max_num_seqs=max(args.concurrency),
-                       max_num_batched_tokens=max(2048, max(args.concurrency)), max_model_len=args.max_model_len)
+                       max_num_batched_tokens=None if device == "cpu" else max(2048, max(args.concurrency)),
+                       max_model_len=args.max_model_len)
     rng = random.Random(args.seed)
     token_ids = engine.tokenizer is None
     if token_ids:

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
                                                                 "checkpoint directory's or GGUF file's name)")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences in flight at once (default: 64)")
-    srv.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=None,
+                     help="tokens per step (default: 2048 on a GPU, 64 on a CPU so decodes keep flowing)")
     srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
                                                                       "model's)")
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,

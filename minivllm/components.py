@@ -25,13 +25,21 @@ def load_model_and_tokenizer(config: EngineConfig):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-        return model.eval(), None
+        return _fast(model.eval(), config), None
     path = resolve_model_path(config.model)
     if path.is_dir():  # a checkpoint without tokenizer.json still runs, on token ids
         tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
-        return load_model(path, device=device, dtype=dtype, progress=False), tokenizer
+        return _fast(load_model(path, device=device, dtype=dtype, progress=False), config), tokenizer
     file = GGUFFile(path)
-    return load_model(file, device=device, dtype=dtype, progress=False), Tokenizer.from_gguf(file)
+    return _fast(load_model(file, device=device, dtype=dtype, progress=False), config), Tokenizer.from_gguf(file)
+
+
+def _fast(model, config: EngineConfig):
+    """The model's linear layers as ``config.quantization_method`` asks (fp16 fbgemm linears on a CPU by default)."""
+    from minivllm.model.quant import quantize_model
+
+    quantize_model(model, config.quantization_method)
+    return model
 
 
 def num_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
@@ -41,7 +49,7 @@ def num_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
         return config.num_kv_blocks
     device, dtype = config.torch_device, config.torch_dtype
     if device.type == "cuda":
-        tokens = min(config.max_num_batched_tokens, max_model_len)
+        tokens = min(config.scheduler_config.max_num_batched_tokens, max_model_len)
 
         def profile():  # the largest prefill step the scheduler may plan, and the logits of max_num_seqs rows
             ids = torch.zeros(tokens, dtype=torch.long, device=device)

@@ -70,7 +70,9 @@ class EngineConfig:
     max_model_len: int | None = None  # longest prompt + output; None: the model's max positions
     # scheduling (see minivllm.scheduler)
     max_num_seqs: int = _S.max_num_seqs  # sequences in flight at once
-    max_num_batched_tokens: int = _S.max_num_batched_tokens  # tokens computed per step (decodes + prefill chunks)
+    max_num_batched_tokens: int | None = None  # tokens computed per step (decodes + prefill chunks); None: 2048 on
+    #                                            a GPU, CPU_MAX_NUM_BATCHED_TOKENS on a CPU (a long prompt's chunks
+    #                                            leave a decode step every few tenths of a second: bench/cpu_fast.py)
     block_size: int = _S.block_size  # tokens per KV block
     enable_prefix_caching: bool = _S.enable_prefix_caching  # reuse cached prompt prefixes (radix cache)
     # KV cache size: GPU -> gpu_memory_utilization of the device; CPU -> kv_cache_memory bytes;
@@ -128,7 +130,8 @@ class EngineConfig:
     @property
     def scheduler_config(self) -> SchedulerConfig:
         """What the scheduler reads: derived here, never written back."""
-        return SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+        budget = self.max_num_batched_tokens or default_max_num_batched_tokens(self.torch_device, self.max_num_seqs)
+        return SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=self.max_num_seqs,
                                block_size=self.block_size, enable_prefix_caching=self.enable_prefix_caching)
 
     @property
