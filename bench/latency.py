@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from bench._harness import RESULTS, save  # noqa: E402
 from bench._harness import engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa: E402
+from minivllm.utils import cdiv  # noqa: E402
 
 TARGETS = {"cuda": {"decode_ms_per_token": 0.6, "ttft_1k_ms": 30.0}}
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     longest = max(args.prompt_len + args.output_len, args.ttft_len + 1)
     options = dict(max_model_len=longest + block_size, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=max(2048, args.ttft_len), enable_prefix_caching=False,
-                   num_kv_blocks=4 * -(-longest // block_size), block_size=block_size,
+                   num_kv_blocks=4 * cdiv(longest, block_size), block_size=block_size,
                    cuda_graph_max_batch=args.max_num_seqs)
     result: dict = {"device": device.type, "config": name, "dtype": "bfloat16" if device.type == "cuda" else "float32",
                     "threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "output_len": args.output_len,

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from bench._harness import RESULTS, save  # noqa: E402
 from bench._harness import (  # noqa: E402
     engine_config, free_memory, model_spec, random_ids, resolve_device, same_tokens, sync)
+from minivllm.utils import cdiv  # noqa: E402
 
 TARGETS = {"prefill_tokens_saved": 0.9}
 
@@ -43,7 +44,7 @@ def run_setting(name: str, mc, device: torch.device, caching: bool, args: argpar
     llm = LLM(**engine_config(name, mc, device, seed=args.seed, enable_prefix_caching=caching, block_size=block_size,
                               max_model_len=per_request + block_size, max_num_seqs=args.num_requests + 1,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              num_kv_blocks=(args.num_requests + 2) * -(-per_request // block_size) + 8))
+                              num_kv_blocks=(args.num_requests + 2) * cdiv(per_request, block_size) + 8))
     engine = llm.engine
     vocab = engine.model.config.vocab_size
     shared = random_ids(rng, args.shared_len, vocab)

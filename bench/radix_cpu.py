@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench._harness import RESULTS, save
 from minivllm.cache import BlockAllocator, RadixCache
+from minivllm.utils import cdiv
 
 BLOCK, VOCAB, SYSTEMS, SYSTEM_TOKENS = 16, 151_936, 64, 384
 
@@ -54,7 +55,7 @@ def run(sequences: int = 10_000, tokens: int = 1024) -> dict:
     rng = random.Random(0)
     systems = [_tokens(rng, SYSTEM_TOKENS) for _ in range(SYSTEMS)]
     seqs = [systems[i % SYSTEMS] + _tokens(rng, tokens - SYSTEM_TOKENS) for i in range(sequences)]
-    blocks_per_seq = -(-tokens // BLOCK)
+    blocks_per_seq = cdiv(tokens, BLOCK)
     allocator = BlockAllocator(sequences * blocks_per_seq + 1024)
     cache = RadixCache(allocator, block_size=BLOCK)
     us: dict[str, float] = {}

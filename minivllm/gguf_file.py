@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from minivllm.utils import cdiv
+
 _T = GGUFValueType
 _SCALARS = {  # value type -> struct format (little-endian); plain int keys: looked up ~100,000 times a file
     int(t): fmt for t, fmt in [(_T.UINT8, "<B"), (_T.INT8, "<b"), (_T.UINT16, "<H"), (_T.INT16, "<h"),
@@ -99,7 +101,7 @@ class GGUFFile:
             dims = [self._read("<Q") for _ in range(n_dims)]
             infos.append((name, dims, self._read("<I"), self._read("<Q")))
         align = int(self.metadata.get("general.alignment", 32))
-        start = -(-self._pos // align) * align
+        start = cdiv(self._pos, align) * align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, kind, offset in infos:
             try:

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from minivllm.utils import cdiv
 
 _SEQ_COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860")
 
@@ -27,7 +28,7 @@ def attention_bytes(n: int, *, n_heads: int = 16, head_dim: int = 128, dtype_byt
         raise ValueError(f"n and rows must be >= 1, got n={n}, rows={rows}")
     vec = n * head_dim * dtype_bytes  # one (n, head_dim) tensor of one head
     naive = 4 * vec + n * n * (4 + 4 + 2 * dtype_bytes)
-    tiled = 2 * vec + 2 * -(-n // rows) * vec
+    tiled = 2 * vec + 2 * cdiv(n, rows) * vec
     return {"naive": naive * n_heads, "tiled": tiled * n_heads, "tiled_l2": 4 * vec * n_heads}
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from minivllm.utils import cdiv
 
 SCHEMES = ("contiguous, reserve max_len", "contiguous, exact size", "paged")
 PARTS = ("holds tokens", "reserved, still empty", "free, but the next request does not fit")
@@ -63,7 +64,7 @@ def simulate_fragmentation(num_slots: int = 4096, max_len: int = 1024, block_siz
             n = lengths[i]
             size = max_len if scheme == SCHEMES[0] else n
             if scheme == SCHEMES[2]:
-                size = -(-n // block_size) * block_size
+                size = cdiv(n, block_size) * block_size
                 start = 0 if free_blocks * block_size >= size else None
                 if start is not None:
                     free_blocks -= size // block_size

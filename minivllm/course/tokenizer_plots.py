@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from minivllm.utils import cdiv
 
 _COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
 
@@ -84,7 +85,7 @@ def token_strip(tokens: Sequence[bytes], ids: Sequence[int], special_ids: Iterab
     """Text cut into its tokens: one coloured box per token with its id underneath, ``per_row`` a row.
     Special tokens are drawn dark with white text."""
     special = set(special_ids)
-    rows = max(1, -(-len(tokens) // per_row))
+    rows = max(1, cdiv(len(tokens), per_row))
     fig, ax = plt.subplots(figsize=(1.15 * min(per_row, max(len(tokens), 1)) + 0.4, 1.05 * rows + 0.3))
     for k, (tok, i) in enumerate(zip(tokens, ids)):
         x, y = k % per_row * 1.1, (rows - 1 - k // per_row) * 1.0

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from minivllm.cache.kv_cache import PagedKVCache
 from minivllm.model.layers import launcher
+from minivllm.utils import cdiv
 
 
 @dataclass(slots=True)
@@ -71,7 +72,7 @@ def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.T
                                                                         max_context_len=meta.max_context_len)
     if not q.is_cuda and q.dtype == torch.float32 and meta.backend != "torch":  # reads the pages in place
         return launcher("paged_attention_cpu", "paged_decode_cpu")(q, kv, tables, lens)
-    width = -(-meta.max_context_len // kv.shape[2])
+    width = cdiv(meta.max_context_len, kv.shape[2])
     tables = tables[:, :width].clamp(min=0).long()  # (n, width)
     pages = kv[tables]  # (n, width, 2, block_size, kv_heads, d)
     k = pages[:, :, 0].flatten(1, 2).transpose(1, 2)  # (n, kv_heads, width * block_size, d)
@@ -100,7 +101,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
             ki, vi = k[row: row + q_len], v[row: row + q_len]
             mask = None
         else:  # earlier tokens are in the cache (a prefix hit or an earlier chunk): read them all back
-            table = meta.block_tables[meta.num_decodes + i, : -(-ctx // bs)].long()
+            table = meta.block_tables[meta.num_decodes + i, : cdiv(ctx, bs)].long()
             pages = kv[table]  # (blocks, 2, block_size, kv_heads, d)
             ki, vi = pages[:, 0].flatten(0, 1)[:ctx], pages[:, 1].flatten(0, 1)[:ctx]
             keys = torch.arange(ctx, device=q.device)

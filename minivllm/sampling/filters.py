@@ -18,6 +18,7 @@ per token, instead: notebook 10 shows both draw the same distribution.
 """
 
 import torch
+from minivllm.utils import cdiv
 
 TOP_P_CANDIDATES = 1024  # tokens per row that top-p looks at before it falls back to a full sort
 SAMPLE_BLOCK = 256  # random_sample sums weights in float32 inside blocks of this many tokens, float64 across
@@ -118,7 +119,7 @@ def random_sample(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     :data:`SAMPLE_BLOCK` tokens, float64 across the blocks; find the block, then the token inside it.
     """
     rows, vocab = weights.shape
-    blocks = -(-vocab // SAMPLE_BLOCK)
+    blocks = cdiv(vocab, SAMPLE_BLOCK)
     if blocks * SAMPLE_BLOCK != vocab:
         weights = torch.nn.functional.pad(weights, (0, blocks * SAMPLE_BLOCK - vocab))  # zeros: never drawn
     inner = weights.view(rows, blocks, SAMPLE_BLOCK).cumsum(-1)  # (B, blocks, SAMPLE_BLOCK) float32
