@@ -86,7 +86,7 @@ def qwen3_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(qwen3_dir):
     _, directory, _ = qwen3_dir
-    return LLM(str(directory), dtype="float32", max_model_len=256, num_kv_blocks=64)  # the exact fp32 path
+    return LLM(str(directory), device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=64)  # exact fp32
 
 
 def test_the_directory_has_the_downloaded_layout(qwen3_dir):
