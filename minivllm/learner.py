@@ -13,9 +13,11 @@ Where each component plugs in:
 * scheduler (phase 11): ``select_victim``, ``max_cached_tokens`` -> the engine's ``Scheduler`` policy hooks;
 * kernels (phases 03-05): ``rms_norm``, ``fused_add_rms_norm``, ``apply_rope``, ``silu_and_mul`` -> the model's
   layers, on a GPU only (on a CPU the model runs the PyTorch references: a kernel in the CUDA simulator would
-  take minutes per token).
+  take minutes per token);
+* kernels (phase 08): ``store_kv``, ``paged_attention`` -> every layer's KV store and decode attention
+  (``minivllm.model.paged_attention``), on a GPU only.
 
-Left out: components that are classes (the radix tree of phase 09), the attention kernels of 07-08.
+Left out: components that are classes (the radix tree of phase 09).
 """
 
 import importlib.util
@@ -43,6 +45,8 @@ COMPONENTS = {
     "fused_add_rms_norm": Component("03", "the model's residual add + RMSNorm", gpu_only=True),
     "apply_rope": Component("04", "the model's RoPE", gpu_only=True),
     "silu_and_mul": Component("05", "the model's SwiGLU", gpu_only=True),
+    "store_kv": Component("08", "every layer's KV-cache store", gpu_only=True),
+    "paged_attention": Component("08", "every layer's paged decode attention", gpu_only=True),
     "top_p_mask": Component("10", "the sampler's top-p"),
     "min_p_mask": Component("10", "the sampler's min-p"),
     "scan_stop_strings": Component("10", "every request's stop strings"),
@@ -177,13 +181,60 @@ def _kernel_check(name: str) -> Callable:
     return check
 
 
+def _check_store_kv(fn, device) -> str:
+    """The learner's store against the package's ``kernels.store_kv``: random K/V, slots in random order, some -1."""
+    from kernels.store_kv import store_kv
+
+    g = torch.Generator().manual_seed(0)
+    shapes = ((torch.bfloat16, 40, 8, 128), (torch.float32, 7, 3, 64)) if device.type == "cuda" else \
+        ((torch.float32, 6, 2, 16), (torch.bfloat16, 3, 1, 16))
+    for dtype, tokens, heads, dim in shapes:
+        key, value = (torch.randn(tokens, heads, dim, generator=g).to(device, dtype) for _ in range(2))
+        cache = torch.randn(4, 2, 16, heads, dim, generator=g).to(device, dtype)
+        slots = torch.randperm(64, generator=g)[:tokens]
+        slots[::3] = -1  # padding rows: skipped
+        slots = slots.to(device)
+        want, got = cache.clone(), cache.clone()
+        store_kv(key, value, want, slots)
+        fn(key, value, got, slots)
+        if not torch.equal(got, want):
+            return f"a different cache than the package's store_kv ({tokens} tokens x {heads} heads x {dim}, {dtype})"
+    return ""
+
+
+def _check_paged_attention(fn, device) -> str:
+    """The learner's decode attention against the package's (what the engine calls otherwise), with a
+    ``max_context_len`` past the longest context as the engine's CUDA graphs pass it, shuffled blocks, GQA."""
+    from kernels.paged_attention_warp import paged_attention_warp
+
+    on_gpu = device.type == "cuda"
+    g = torch.Generator().manual_seed(0)
+    cases = ((torch.bfloat16, 16, 8, 128, [700, 1, 300, 1025], 1500), (torch.float32, 9, 3, 64, [17, 513], 600)) \
+        if on_gpu else ((torch.float32, 4, 2, 16, [20, 3], 24), (torch.bfloat16, 2, 1, 16, [9], 16))
+    for dtype, q_heads, kv_heads, dim, lens, max_len in cases:
+        width = -(-max_len // 16)
+        pool = torch.randn(len(lens) * width, 2, 16, kv_heads, dim, generator=g).to(device, dtype)
+        tables = torch.randperm(len(lens) * width, generator=g).to(torch.int32).view(len(lens), width).to(device)
+        context_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+        q = torch.randn(len(lens), q_heads, dim, generator=g).to(device, dtype)
+        want = paged_attention_warp(q, pool, tables, context_lens, max_context_len=max_len,
+                                    backend="auto" if on_gpu else "torch")
+        got = fn(q, pool, tables, context_lens, max_context_len=max_len)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # bf16: one rounding of the output apart
+        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=tol / 10, rtol=tol):
+            return (f"differs from the package's paged attention (contexts {lens}, {q_heads}/{kv_heads} heads x {dim}, "
+                    f"{dtype})")
+    return ""
+
+
 def _checks() -> dict[str, Callable]:
     from minivllm.sampling.filters import apply_min_p, apply_top_p
 
     return {"top_p_mask": _mask_check(apply_top_p, ([0.5, 0.9, 0.05, 0.75, 1.0], [0.3, 0.6, 0.95, 0.99, 0.2])),
             "min_p_mask": _mask_check(apply_min_p, ([0.0, 0.1, 0.3, 0.02, 1.0], [0.05, 0.5, 0.01, 0.2, 0.0])),
             "scan_stop_strings": _check_scan, "select_victim": _check_select_victim,
-            "max_cached_tokens": _check_max_cached,
+            "max_cached_tokens": _check_max_cached, "store_kv": _check_store_kv,
+            "paged_attention": _check_paged_attention,
             **{k: _kernel_check(k) for k in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul")}}
 
 
@@ -246,6 +297,6 @@ def install_kernels(parts: LearnerParts) -> None:
     from minivllm.model import layers
 
     layers.LEARNER_KERNELS.clear()
-    for name in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul"):
+    for name in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "store_kv", "paged_attention"):
         if name in parts.functions:
             layers.LEARNER_KERNELS[name] = parts.functions[name]

@@ -16,7 +16,8 @@ Each layer then
    context was computed in an earlier step.
 
 :class:`PagedAttentionMetadata` carries the batch's layout, built once per step by the runner and
-passed down explicitly. Host-side copies of the lengths avoid a device sync per layer.
+passed down explicitly. Host-side copies of the lengths avoid a device sync per layer. On a GPU, a learner's
+passed ``store_kv`` and ``paged_attention`` (phase 08; ``minivllm.learner``) replace the package's kernels.
 """
 
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from minivllm.cache.kv_cache import PagedKVCache
-from minivllm.model.layers import launcher
+from minivllm.model.layers import LEARNER_KERNELS, launcher
 from minivllm.utils import cdiv
 
 
@@ -50,7 +51,7 @@ def store(k: torch.Tensor, v: torch.Tensor, layer: int, meta: PagedAttentionMeta
     kv = meta.kv_cache.kv[layer]  # (blocks, 2, block_size, kv_heads, d)
     k, v = k.contiguous(), v.contiguous()
     if _gpu(meta, k):
-        launcher("store_kv", "store_kv")(k, v, kv, meta.slot_mapping)
+        (LEARNER_KERNELS.get("store_kv") or launcher("store_kv", "store_kv"))(k, v, kv, meta.slot_mapping)
         return
     slots = meta.slot_mapping
     keep = slots >= 0
@@ -68,8 +69,8 @@ def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.T
     kv = meta.kv_cache.kv[layer]
     tables, lens = meta.block_tables[:n], meta.context_lens[:n]
     if _gpu(meta, q):
-        return launcher("paged_attention_warp", "paged_attention_warp")(q, kv, tables, lens,
-                                                                        max_context_len=meta.max_context_len)
+        fn = LEARNER_KERNELS.get("paged_attention") or launcher("paged_attention_warp", "paged_attention_warp")
+        return fn(q, kv, tables, lens, max_context_len=meta.max_context_len)
     if not q.is_cuda and q.dtype == torch.float32 and meta.backend != "torch":  # reads the pages in place
         return launcher("paged_attention_cpu", "paged_decode_cpu")(q, kv, tables, lens)
     width = cdiv(meta.max_context_len, kv.shape[2])
