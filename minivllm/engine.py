@@ -4,7 +4,7 @@ Every step is the same five moves (:meth:`LLMEngine.step`)::
 
     plan    = self.scheduler.schedule()                  # who computes which tokens (continuous batching)
     logits  = self.runner.execute(plan)                  # one forward pass over the flattened batch
-    sampled = self._sample(logits, plan)                 # one token per sequence that reached its end
+    sampled = self.sample(logits, plan)                 # one token per sequence that reached its end
     self.scheduler.postprocess(plan, sampled.token_ids)  # append; EOS, stop tokens, length end sequences
     return self.processor.process(plan, sampled, start)  # text, stop strings, logprobs -> RequestOutputs
 
@@ -27,6 +27,7 @@ from minivllm.cache import PagedKVCache
 from minivllm.components import load_model_and_tokenizer, num_kv_blocks
 from minivllm.config import EngineConfig
 from minivllm import learner
+from minivllm.generation_config import load_generation_defaults
 from minivllm.inputs import InputProcessor
 from minivllm.output_processor import OutputProcessor, SampledTokens
 from minivllm.outputs import EngineSnapshot, RequestOutput, StepRecord
@@ -58,9 +59,11 @@ class LLMEngine:
                                   use_cuda_graphs=not config.enforce_eager,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs))
         self.sampler = learner.sampler_class(parts)(torch.Generator().manual_seed(config.seed))
-        self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len)
+        self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len,
+                                     load_generation_defaults(config.model))
         self.processor = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids,
                                          stop_checker=learner.stop_checker_class(parts))
+        self.learner_step = parts.functions.get("step")  # phase 12's step, when the learner's engine has it
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -123,14 +126,16 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         """Schedule, execute, sample, postprocess; returns an output for every request that progressed."""
+        if self.learner_step is not None:
+            return self.learner_step(self)
         start = time.monotonic()
         plan = self.scheduler.schedule()
         logits = self.runner.execute(plan)  # (sampled rows, vocab); None when nothing was scheduled
-        sampled = self._sample(logits, plan)
+        sampled = self.sample(logits, plan)
         self.scheduler.postprocess(plan, sampled.token_ids)
         return self.processor.process(plan, sampled, start, graph=self.runner.last_step_graph)
 
-    def _sample(self, logits: torch.Tensor | None, plan) -> SampledTokens:
+    def sample(self, logits: torch.Tensor | None, plan) -> SampledTokens:
         seqs = plan.sampled_seqs
         if logits is None or not seqs:
             return SampledTokens()

@@ -2,7 +2,8 @@
 
 Every mistake a user can make with a request is caught here, before anything is queued, with a
 ``ValueError`` or ``TypeError`` that says what to change. ``max_tokens=None`` becomes "until the context
-is full", so every sequence the scheduler sees has a length limit.
+is full", so every sequence the scheduler sees has a length limit. A request that gives no
+``SamplingParams`` gets the checkpoint's ``generation_config.json`` defaults (as vLLM does by default).
 
 Left out: images and other modalities, prompt embeddings, chat templates (``LLM.chat`` renders them).
 """
@@ -10,6 +11,7 @@ Left out: images and other modalities, prompt embeddings, chat templates (``LLM.
 import dataclasses
 from typing import NamedTuple
 
+from minivllm.generation_config import GenerationDefaults
 from minivllm.sampling_params import SamplingParams
 
 
@@ -20,14 +22,16 @@ class ProcessedInput(NamedTuple):
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int,
+                 generation_defaults: GenerationDefaults | None = None) -> None:
         self.tokenizer = tokenizer
+        self.generation_defaults = generation_defaults or GenerationDefaults()
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
 
     def process(self, prompt: str | list[int], params: SamplingParams | None) -> ProcessedInput:
         """Tokenize and check one request. Raises ``ValueError`` / ``TypeError`` on bad input."""
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.generation_defaults.sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         text = prompt if isinstance(prompt, str) else None

@@ -11,6 +11,9 @@ Where each component plugs in:
 * sampler (phase 10): ``top_p_mask``, ``min_p_mask`` -> the engine's ``Sampler``; ``scan_stop_strings`` -> the
   stop-string checker of every request;
 * scheduler (phase 11): ``select_victim``, ``max_cached_tokens`` -> the engine's ``Scheduler`` policy hooks;
+  ``schedule`` (the whole step plan) -> ``Scheduler.plan``, checked plan by plan against the package's on
+  seeded random workloads (:func:`check_schedule`, the notebook's check too);
+* engine (phase 12): ``step`` -> ``LLMEngine.step``, checked by tracing the calls it makes on a recording engine;
 * kernels (phases 03-05): ``rms_norm``, ``fused_add_rms_norm``, ``apply_rope``, ``silu_and_mul`` -> the model's
   layers, on a GPU only (on a CPU the model runs the PyTorch references: a kernel in the CUDA simulator would
   take minutes per token);
@@ -52,6 +55,8 @@ COMPONENTS = {
     "scan_stop_strings": Component("10", "every request's stop strings"),
     "select_victim": Component("11", "the scheduler's preemption policy"),
     "max_cached_tokens": Component("11", "the scheduler's prefix-cache admission"),
+    "schedule": Component("11", "the scheduler's step plan (budget, chunks, admission, preemption)"),
+    "step": Component("12", "the engine's step (schedule, execute, sample, postprocess)"),
 }
 
 
@@ -227,13 +232,277 @@ def _check_paged_attention(fn, device) -> str:
     return ""
 
 
+# ----------------------------------------------------------------------------- schedule(): plan by plan
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A scheduler workload: the knobs, and requests ``(arrival step, seq id, prompt, max_tokens)``.
+
+    ``max_tokens`` None: the request ignores EOS and runs until the KV cache cannot hold it (``length``)."""
+
+    block_size: int
+    num_blocks: int
+    budget: int
+    max_num_seqs: int
+    caching: bool
+    requests: tuple[tuple[int, int, tuple[int, ...], int | None], ...]
+
+    def __repr__(self) -> str:
+        def runs(tokens):  # [7, 7, 7, 2] -> "[7]*3+[2]": short and exact
+            out, i = [], 0
+            while i < len(tokens):
+                j = i
+                while j < len(tokens) and tokens[j] == tokens[i]:
+                    j += 1
+                out.append(f"[{tokens[i]}]*{j - i}" if j - i > 1 else f"[{tokens[i]}]")
+                i = j
+            return "+".join(out)
+
+        reqs = ", ".join(f"({a}, {i}, {runs(p)}, {m})" for a, i, p, m in self.requests)
+        return (f"Workload(block_size={self.block_size}, num_blocks={self.num_blocks}, budget={self.budget}, "
+                f"max_num_seqs={self.max_num_seqs}, caching={self.caching}, requests=[{reqs}])")
+
+    def scheduler(self, plan: Callable | None = None):
+        """A fresh :class:`~minivllm.scheduler.Scheduler` for this workload; ``plan(sched)`` replaces its policy."""
+        from minivllm.cache import BlockAllocator
+        from minivllm.scheduler import Scheduler, SchedulerConfig
+
+        cls = Scheduler if plan is None else type("Yours", (Scheduler,), {"plan": lambda self: plan(self)})
+        config = SchedulerConfig(self.budget, self.max_num_seqs, self.block_size, enable_prefix_caching=self.caching)
+        return cls(config, BlockAllocator(self.num_blocks), eos_token_ids=[WORKLOAD_EOS])
+
+    def sequences(self) -> list[tuple[int, object]]:
+        """Fresh ``(arrival step, Sequence)`` pairs; ``arrival`` follows the list (several may arrive in one step)."""
+        from minivllm.sampling_params import SamplingParams
+        from minivllm.sequence import Sequence
+
+        order = sorted(range(len(self.requests)), key=lambda k: self.requests[k][0])
+        return [(self.requests[k][0], Sequence(self.requests[k][1], list(self.requests[k][2]),
+                                               SamplingParams(max_tokens=self.requests[k][3],
+                                                              ignore_eos=self.requests[k][3] is None), arrival=rank))
+                for rank, k in enumerate(order)]
+
+
+WORKLOAD_EOS = 0
+
+
+def workload_token(seq) -> int:
+    """The "sampled" token: a function of the sequence alone (so both schedulers get the same), EOS every few."""
+    return (seq.seq_id * 7 + seq.num_tokens * 3) % 11
+
+
+def random_workload(seed: int, *, pressure: bool = True, caching: bool | None = None) -> Workload:
+    """Seeded random requests with ties: several arrive in the same step, prompts of equal lengths, seq ids in
+    another order than arrivals, shared prefixes and repeated prompts (prefix-cache hits), a small budget
+    (chunked prefill) and, with ``pressure``, a KV pool so small that sequences are preempted."""
+    rng = random.Random(seed)
+    bs = rng.choice([2, 4])
+    max_num_seqs = rng.randint(2, 4)
+    budget = rng.randint(max_num_seqs, 6 * bs)
+    caching = rng.random() < 0.7 if caching is None else caching
+    prefixes = [[10 + k] * rng.choice([bs, 2 * bs, 2 * bs + 1, 3 * bs]) for k in range(2)]
+    n = rng.randint(3, 7)
+    ids = rng.sample(range(n), n)
+    requests, prompts = [], []
+    for k in range(n):
+        if prompts and rng.random() < 0.2:
+            prompt = list(rng.choice(prompts))  # the same prompt again: all of it cached but its last token
+        else:
+            prompt = (rng.choice(prefixes) if rng.random() < 0.6 else []) + [20 + k] * rng.choice([1, 3, bs + 1, 2 * bs])
+        prompts.append(prompt)
+        max_tokens = None if (pressure and rng.random() < 0.08) else rng.choice([1, 2, 5, 9])
+        requests.append((rng.randint(0, 6), ids[k], tuple(prompt), max_tokens))
+    need = max(len(p) + (m - 1 if m else 0) for _, _, p, m in requests)
+    num_blocks = -(-need // bs) + (rng.randint(0, 3) if pressure else 200)
+    return Workload(bs, num_blocks, budget, max_num_seqs, caching, tuple(requests))
+
+
+def _step_mismatch(step: int, ref, mine, a, b, before: dict[int, str]) -> str:
+    """What differs between the package's step ``a`` and the learner's ``b`` (after both were planned)."""
+    def ids(xs):
+        return "[" + ", ".join(f"seq {i}" for i in xs) + "]" if xs else "nobody"
+
+    if a.preempted != b.preempted:
+        return f"step {step}, preemption: the package preempts {ids(a.preempted)}, yours {ids(b.preempted)}"
+    if a.finished != b.finished:
+        return (f"step {step}, finishing a sequence the cache cannot hold even alone: the package finishes "
+                f"{ids(a.finished)} ('length'), yours {ids(b.finished)}")
+    want = {e.seq.seq_id: (e.start, e.num_new_tokens) for e in a.scheduled}
+    got = {e.seq.seq_id: (e.start, e.num_new_tokens) for e in b.scheduled}
+    for i in [*want, *(i for i in got if i not in want)]:
+        if want.get(i) != got.get(i):
+            op = {"waiting": "admission", "decode": "decode", "prefill": "prefill chunk"}.get(before.get(i), "a step")
+
+            def says(x):
+                if x is None:
+                    return "nothing"
+                cached = f", {x[0]} cached" if op == "admission" and x[0] else ""
+                return f"{x[1]} token{'s' * (x[1] != 1)} from position {x[0]}{cached}"
+            return f"step {step}, {op} of seq {i}: the package computes {says(want.get(i))}, yours {says(got.get(i))}"
+    for e, f in zip(a.scheduled, b.scheduled):
+        if e.seq.block_table != f.seq.block_table:
+            return (f"step {step}, blocks of seq {e.seq.seq_id}: the package's table is {e.seq.block_table}, yours "
+                    f"{f.seq.block_table} (grow every planned token; nothing else)")
+    for name in ("running", "waiting"):
+        x, y = ([s.seq_id for s in getattr(s_, name)] for s_ in (ref, mine))
+        if x != y:
+            return f"step {step}, the {name} queue after planning: the package's {x} (by arrival), yours {y}"
+    if ref.num_blocks_used != mine.num_blocks_used:
+        return (f"step {step}, KV blocks in use after planning: the package {ref.num_blocks_used}, yours "
+                f"{mine.num_blocks_used} (a refused admission releases its prefix match)")
+    return ""
+
+
+def schedule_mismatch(plan: Callable, workload: Workload, max_steps: int = 2000, trace: Callable | None = None) -> str:
+    """Run the package's scheduler and one whose policy is ``plan(sched)`` side by side on identical copies of
+    ``workload``, step by step; the first difference, in words ("" if every plan matched).
+
+    Each step both get the same arrivals, are planned, compared (who computes how many tokens from where,
+    who is preempted or finished, block tables, queues), then both get the same sampled tokens."""
+    ref, mine = workload.scheduler(), workload.scheduler(plan)
+    pending = [(x, y) for x, y in zip(workload.sequences(), workload.sequences())]
+    for step in range(max_steps):
+        while pending and pending[0][0][0] <= step:
+            (_, s), (_, t) = pending.pop(0)
+            ref.add(s)
+            mine.add(t)
+        if not ref.has_unfinished():
+            if not pending:
+                return f"after step {step}: yours still has unfinished sequences" if mine.has_unfinished() else ""
+            continue
+        before = {s.seq_id: "waiting" for s in ref.waiting}
+        before |= {s.seq_id: "prefill" if s.is_prefill else "decode" for s in ref.running}
+        a = ref.schedule()
+        try:
+            b = mine.schedule()
+        except Exception as e:  # noqa: BLE001 -- the learner's code may raise anything: say where
+            return f"step {step}: your schedule raised {type(e).__name__}: {e}"
+        if trace is not None:
+            trace(step, a, b)
+        problem = _step_mismatch(step, ref, mine, a, b, before)
+        if problem:
+            return problem
+        tokens = [workload_token(s) for s in a.sampled_seqs]
+        ref.postprocess(a, tokens)
+        mine.postprocess(b, tokens)
+    return f"the workload did not finish in {max_steps} steps"
+
+
+def shrink(plan: Callable, workload: Workload) -> tuple[Workload, str]:
+    """A smaller workload that still fails: drop requests one at a time while the mismatch stays."""
+    problem = schedule_mismatch(plan, workload)
+    changed = True
+    while changed and len(workload.requests) > 1:
+        changed = False
+        for k in range(len(workload.requests)):
+            smaller = Workload(*[getattr(workload, f) for f in ("block_size", "num_blocks", "budget", "max_num_seqs",
+                                                                "caching")], workload.requests[:k] + workload.requests[k + 1:])
+            p = schedule_mismatch(plan, smaller)
+            if p:
+                workload, problem, changed = smaller, p, True
+                break
+    return workload, problem
+
+
+def check_schedule(plan: Callable, seeds, **kwargs) -> str:
+    """``plan`` against the package on ``random_workload(seed, **kwargs)`` for each seed; the first failure,
+    shrunk to a few requests, with its reproduction ("" if all match)."""
+    for seed in seeds:
+        workload = random_workload(seed, **kwargs)
+        if schedule_mismatch(plan, workload):
+            workload, problem = shrink(plan, workload)
+            return f"{problem}\n   reproduce: {workload!r}"
+    return ""
+
+
+def _check_schedule(fn, device) -> str:
+    return check_schedule(fn, range(40)).split("\n")[0]
+
+
+# ----------------------------------------------------------------------------- step(): the calls it makes
+class _Recorder:
+    """A stand-in engine whose components record every call and answer with fresh tokens (no model)."""
+
+    learner_step = None  # the package's LLMEngine.step runs its own moves on it
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        rec = self
+
+        class Part:
+            def __init__(self, name: str) -> None:
+                self._name = name
+
+            def __getattr__(self, attr):
+                if attr == "last_step_graph":
+                    return "graph?"
+
+                def call(*args, **kwargs):
+                    result = f"{self._name}.{attr}#{len(rec.calls)}"
+                    rec.calls.append((f"{self._name}.{attr}", args, tuple(sorted(kwargs.items())), result))
+                    return result
+                return call
+
+        self.scheduler, self.runner, self.processor = Part("scheduler"), Part("runner"), Part("processor")
+
+    def sample(self, *args, **kwargs):
+        result = Sampled(f"engine.sample#{len(self.calls)}.token_ids")
+        self.calls.append(("engine.sample", args, tuple(sorted(kwargs.items())), result))
+        return result
+
+
+@dataclass(frozen=True)
+class Sampled:  # what the recording engine's sample returns: token ids the step must hand to postprocess
+    token_ids: str
+
+
+def _step_calls(step: Callable) -> tuple[list[tuple], object]:
+    """The calls ``step`` makes on a recording engine; the step's start time is compared by type (a float)."""
+    engine = _Recorder()
+    result = step(engine)
+    calls = []
+    for name, args, kwargs, _ in engine.calls:
+        if name == "processor.process" and len(args) >= 3:
+            args = (*args[:2], f"<{type(args[2]).__name__}>", *args[3:])
+        calls.append((name, args, kwargs))
+    return calls, result
+
+
+def _args(args: tuple, kwargs: tuple) -> str:
+    def show(x):
+        if isinstance(x, Sampled):
+            return "<what engine.sample returned>"
+        if isinstance(x, str) and "#" in x:
+            name, rest = x.split("#")
+            return f"<what {name} returned>{rest.lstrip('0123456789')}"
+        return repr(x)
+    return "(" + ", ".join([*map(show, args), *(f"{k}={show(v)}" for k, v in kwargs)]) + ")"
+
+
+def _check_step(fn, device) -> str:
+    """The learner's step makes the package's calls, in its order, with its arguments, and returns its result."""
+    from minivllm.engine import LLMEngine
+
+    want, want_result = _step_calls(LLMEngine.step)
+    got, got_result = _step_calls(fn)
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w[0] != g[0]:
+            return f"call {i + 1}: the package calls {w[0]}, yours {g[0]}"
+        if w != g:
+            return f"call {i + 1} ({w[0]}): the package passes {_args(*w[1:])}, yours {_args(*g[1:])}"
+    if len(got) != len(want):
+        return f"the package makes {len(want)} calls ({', '.join(c[0] for c in want)}), yours {len(got)}"
+    if got_result != want_result:
+        return "it does not return what processor.process returned"
+    return ""
+
+
 def _checks() -> dict[str, Callable]:
     from minivllm.sampling.filters import apply_min_p, apply_top_p
 
     return {"top_p_mask": _mask_check(apply_top_p, ([0.5, 0.9, 0.05, 0.75, 1.0], [0.3, 0.6, 0.95, 0.99, 0.2])),
             "min_p_mask": _mask_check(apply_min_p, ([0.0, 0.1, 0.3, 0.02, 1.0], [0.05, 0.5, 0.01, 0.2, 0.0])),
             "scan_stop_strings": _check_scan, "select_victim": _check_select_victim,
-            "max_cached_tokens": _check_max_cached, "store_kv": _check_store_kv,
+            "max_cached_tokens": _check_max_cached, "schedule": _check_schedule, "step": _check_step, "store_kv": _check_store_kv,
             "paged_attention": _check_paged_attention,
             **{k: _kernel_check(k) for k in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul")}}
 
@@ -279,10 +548,14 @@ def scheduler_class(parts: LearnerParts):
     from minivllm.scheduler import Scheduler
 
     victim, cached = parts.functions.get("select_victim"), parts.functions.get("max_cached_tokens")
-    if victim is None and cached is None:
+    plan = parts.functions.get("schedule")
+    if victim is None and cached is None and plan is None:
         return Scheduler
 
     class LearnerScheduler(Scheduler):
+        def plan(self):
+            return plan(self) if plan else super().plan()
+
         def select_victim(self):
             return victim(list(self.running)) if victim else super().select_victim()
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from minivllm.config import EngineConfig
 from minivllm.engine import LLMEngine
-from minivllm.generation_config import apply_generation_defaults, load_generation_defaults
+from minivllm.generation_config import apply_generation_defaults
 from minivllm.outputs import RequestOutput
 from minivllm.sampling_params import SamplingParams
 
@@ -40,7 +40,7 @@ class LLM:
     def __init__(self, model: Any = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
-        self.generation_defaults = load_generation_defaults(self.engine.config.model)
+        self.generation_defaults = self.engine.inputs.generation_defaults  # generation_config.json's
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -110,9 +110,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
-        """Plan the next step: decodes, then prefill chunks of running sequences, then admissions."""
+        """Plan the next step (:meth:`plan`) and lay it out for the model runner: decodes first, then prefills."""
+        plan, preempted, finished = self.plan()
+        scheduled = sorted((self._entry(seq, n) for seq, n in plan.items()), key=lambda e: (e.is_prefill, e.seq.arrival))
+        self.num_steps += 1
+        return self._build(scheduled, preempted, finished)
+
+    def plan(self) -> tuple[dict[Sequence, int], list[int], list[int]]:
+        """The policy: who computes how many new tokens this step, who was preempted, who was finished.
+
+        Decodes, then prefill chunks of running sequences, then admissions; blocks are grown for every planned
+        token. Returns ``({seq: num_new_tokens}, preempted seq ids, finished seq ids)``. The learner's engine
+        runs the learner's ``schedule(sched)`` of phase 11 here instead (``minivllm.learner``)."""
         budget = self.config.max_num_batched_tokens
-        plan: dict[int, ScheduledSequence] = {}
+        plan: dict[Sequence, int] = {}
         preempted: list[int] = []
         finished: list[int] = []
         decodes = [s for s in self.running if not s.is_prefill]
@@ -128,31 +139,26 @@ class Scheduler:
                 if fit == n or (seq.is_prefill and fit > 0):
                     break
                 if len(self.running) == 1:  # alone and still no room: the cache can never hold it
-                    self.running.remove(seq)
-                    self.blocks.release(seq, cache_blocks=True)
-                    self._finish(seq, FinishReason.LENGTH)
+                    self.finish(seq, FinishReason.LENGTH)
                     finished.append(seq.seq_id)
                     fit = 0
                     break
                 victim = self.select_victim()
-                if victim.seq_id in plan:
-                    budget += plan.pop(victim.seq_id).num_new_tokens
-                self._preempt(victim)
+                budget += plan.pop(victim, 0)
+                self.preempt(victim)
                 preempted.append(victim.seq_id)
                 if victim is seq:
                     fit = 0
                     break
             if fit > 0:
                 self.blocks.grow(seq, fit)
-                plan[seq.seq_id] = self._entry(seq, fit)
+                plan[seq] = fit
                 budget -= fit
         if not preempted:  # NOTE: no admissions in a step that had to preempt (the memory is short)
             self._admit(plan, budget)
-        scheduled = sorted(plan.values(), key=lambda e: (e.is_prefill, e.seq.arrival))
-        self.num_steps += 1
-        return self._build(scheduled, preempted, finished)
+        return plan, preempted, finished
 
-    def _admit(self, plan: dict[int, ScheduledSequence], budget: int) -> None:
+    def _admit(self, plan: dict[Sequence, int], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # NOTE: the last token is always computed: its logits give the next one
@@ -161,19 +167,26 @@ class Scheduler:
             if fit <= 0:  # FCFS: nobody overtakes the head of the queue
                 self.blocks.release(seq, cache_blocks=False)
                 break
-            self.waiting.pop(0)
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival)
+            self.admit(seq)
             self.blocks.grow(seq, fit)
-            plan[seq.seq_id] = self._entry(seq, fit)
+            plan[seq] = fit
             budget -= fit
+
+    def admit(self, seq: Sequence) -> None:
+        """Move ``seq``, the head of the waiting queue, to the running queue (kept in arrival order)."""
+        if not self.waiting or self.waiting[0] is not seq:
+            raise ValueError(f"sequence {seq.seq_id} is not the head of the waiting queue (FCFS)")
+        self.waiting.pop(0)
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.arrival)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
         return ScheduledSequence(seq=seq, num_new_tokens=n, start=start, is_prefill=seq.is_prefill,
                                  needs_sample=start + n == seq.num_tokens)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Take a running sequence's blocks back (its full blocks go to the radix cache); it waits, to be recomputed."""
         self.running.remove(seq)
         self.blocks.release(seq, cache_blocks=True)
         seq.status = SequenceStatus.PREEMPTED

@@ -26,7 +26,7 @@ PREFILL, DECODE, PREEMPT = sp.PREFILL, sp.DECODE, sp.PREEMPT
 _STAGES = (  # (name, call, what it does, centre)
     ("schedule", "scheduler.schedule()", "who computes which tokens", (2.2, 4.3)),
     ("execute", "runner.execute(plan)", "one forward pass (a CUDA graph for decode)", (9.8, 4.3)),
-    ("sample", "self._sample(logits, plan)", "one token per finished prompt / decode", (9.8, 1.2)),
+    ("sample", "self.sample(logits, plan)", "one token per finished prompt / decode", (9.8, 1.2)),
     ("postprocess", "scheduler.postprocess(plan, ids)", "append; EOS, stop ids, length", (6.0, 1.2)),
     ("process", "processor.process(plan, ...)", "text, stop strings, logprobs", (2.2, 1.2)),
 )
