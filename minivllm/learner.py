@@ -17,6 +17,8 @@ Where each component plugs in:
 * kernels (phases 03-05): ``rms_norm``, ``fused_add_rms_norm``, ``apply_rope``, ``silu_and_mul`` -> the model's
   layers, on a GPU only (on a CPU the model runs the PyTorch references: a kernel in the CUDA simulator would
   take minutes per token);
+* kernels (phase 07): ``flash_attention`` -> every layer's prefill attention (``minivllm.model.paged_attention``),
+  on a GPU only;
 * kernels (phase 08): ``store_kv``, ``paged_attention`` -> every layer's KV store and decode attention
   (``minivllm.model.paged_attention``), on a GPU only.
 
@@ -48,6 +50,7 @@ COMPONENTS = {
     "fused_add_rms_norm": Component("03", "the model's residual add + RMSNorm", gpu_only=True),
     "apply_rope": Component("04", "the model's RoPE", gpu_only=True),
     "silu_and_mul": Component("05", "the model's SwiGLU", gpu_only=True),
+    "flash_attention": Component("07", "every layer's prefill attention", gpu_only=True),
     "store_kv": Component("08", "every layer's KV-cache store", gpu_only=True),
     "paged_attention": Component("08", "every layer's paged decode attention", gpu_only=True),
     "top_p_mask": Component("10", "the sampler's top-p"),
@@ -229,6 +232,29 @@ def _check_paged_attention(fn, device) -> str:
         if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=tol / 10, rtol=tol):
             return (f"differs from the package's paged attention (contexts {lens}, {q_heads}/{kv_heads} heads x {dim}, "
                     f"{dtype})")
+    return ""
+
+
+def _check_flash_attention(fn, device) -> str:
+    """The learner's prefill attention against the package's reference (SDPA per sequence) on packed batches:
+    a 1-token prompt, earlier context (more keys than queries: the causal mask aligned to the end), GQA, a scale."""
+    from kernels.flash_attention import flash_attention_ref
+
+    g = torch.Generator().manual_seed(0)
+    cases = ((torch.bfloat16, 16, 8, 128, [1, 700, 1536, 2048], [1, 700, 2000, 2048], None),
+             (torch.float32, 4, 2, 64, [37, 300], [100, 300], 0.3)) if device.type == "cuda" else \
+        ((torch.float32, 4, 2, 16, [5, 1], [9, 1], 0.3), (torch.bfloat16, 2, 1, 16, [6], [6], None))
+    for dtype, q_heads, kv_heads, dim, q_lens, k_lens, scale in cases:
+        q = torch.randn(sum(q_lens), q_heads, dim, generator=g).to(device, dtype)
+        k, v = (torch.randn(sum(k_lens), kv_heads, dim, generator=g).to(device, dtype) for _ in range(2))
+        cu_q, cu_k = (torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32) for lens in (q_lens, k_lens))
+        want = flash_attention_ref(q, k, v, cu_q, cu_k, scale)
+        got = fn(q, k, v, cu_q, cu_k, scale=scale)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # bf16: one rounding of the output apart
+        if got.shape != want.shape or got.dtype != want.dtype or \
+                not torch.allclose(got.float(), want.float(), atol=tol / 10, rtol=tol):
+            return (f"differs from SDPA (kernels.flash_attention.flash_attention_ref) on queries {q_lens} over keys "
+                    f"{k_lens}, {q_heads}/{kv_heads} heads x {dim}, {dtype}")
     return ""
 
 
@@ -503,7 +529,7 @@ def _checks() -> dict[str, Callable]:
             "min_p_mask": _mask_check(apply_min_p, ([0.0, 0.1, 0.3, 0.02, 1.0], [0.05, 0.5, 0.01, 0.2, 0.0])),
             "scan_stop_strings": _check_scan, "select_victim": _check_select_victim,
             "max_cached_tokens": _check_max_cached, "schedule": _check_schedule, "step": _check_step, "store_kv": _check_store_kv,
-            "paged_attention": _check_paged_attention,
+            "paged_attention": _check_paged_attention, "flash_attention": _check_flash_attention,
             **{k: _kernel_check(k) for k in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul")}}
 
 
@@ -570,6 +596,7 @@ def install_kernels(parts: LearnerParts) -> None:
     from minivllm.model import layers
 
     layers.LEARNER_KERNELS.clear()
-    for name in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "store_kv", "paged_attention"):
+    for name in ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_and_mul", "flash_attention", "store_kv",
+                 "paged_attention"):
         if name in parts.functions:
             layers.LEARNER_KERNELS[name] = parts.functions[name]
