@@ -1,7 +1,7 @@
 """The learner's engine: a workspace made from the solution notebooks' answers serves the same tokens.
 
 The workspace is built the way the notebooks build it (``course.check(..., component=...)`` ->
-``minivllm.course.workspace.record``), from the solution cells of phases 10 and 11, without running the
+``minivllm.course.workspace.record``), from the solution cells of phases 10, 11 and 12, without running the
 notebooks. The answer key is the package's own engine on the same requests: greedy, seeded top-p / min-p
 sampling, stop strings, and a KV pool small enough that the learner's preemption policy is used.
 """
@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 ANSWERS = [  # (notebook, function defined in a solution cell, component)
     ("10_sampler", "top_p_mask", "top_p_mask"), ("10_sampler", "min_p_mask", "min_p_mask"),
     ("10_sampler", "scan", "scan_stop_strings"), ("11_scheduler", "select_victim", "select_victim"),
-    ("11_scheduler", "max_cached_tokens", "max_cached_tokens"),
+    ("11_scheduler", "max_cached_tokens", "max_cached_tokens"), ("11_scheduler", "schedule", "schedule"),
+    ("12_engine", "step", "step"),
 ]
-HEADER = "import math\n\nimport torch\n\nfrom minivllm.sequence import Sequence\n\n\n"
+HEADER = ("import math\nimport time\n\nimport torch\n\nfrom minivllm.scheduler import Scheduler\n"
+          "from minivllm.sequence import FinishReason, Sequence, SequenceStatus\n\n\n")
 
 
 def solution_function(notebook: str, name: str) -> str:
@@ -88,6 +90,8 @@ def test_the_learners_engine_serves_the_same_tokens_as_the_package(workspace):
     mine, package = LLM(learner=str(workspace), **small), LLM(**small)
     assert {n for n, w, _ in mine.engine.learner_report if w == "yours"} == {c for _, _, c in ANSWERS}
     assert type(mine.engine.sampler).__name__ == "LearnerSampler" and not package.engine.learner_report
+    assert mine.engine.learner_step.__module__ == "minivllm_learner_step"  # the learner's step drives it
+    assert type(mine.engine.scheduler).plan is not type(package.engine.scheduler).plan  # and plans each step
     questions = ["What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",
                  "Write one sentence about the Moon."]
     convs = [[{"role": "user", "content": q}] for q in questions]

@@ -177,7 +177,7 @@ def policy_outcome(llm, scheduler_cls: type[Scheduler], prompts: Sequence, param
 
 
 class CheapestFirst(Scheduler):
-    """The exercise's answer key: preempt the sequence with the fewest tokens (cheapest to recompute),
+    """Preempt the sequence with the fewest tokens (cheapest to recompute),
     the newest among equals."""
 
     def select_victim(self):

@@ -53,3 +53,18 @@ def check_schedule(schedule: Callable, seeds=range(60), *, name: str = "schedule
     problem = learner.check_schedule(schedule, seeds) if _attempted(schedule, probe) else None
     return _verdict(schedule, Scheduler.plan, name, "schedule", problem,
                     f"{len(seeds)}/{len(seeds)} random workloads planned step for step as the package's scheduler")
+
+
+def check_step(step: Callable, *, name: str = "step") -> Callable:
+    """``step(engine)`` against ``LLMEngine.step``: the calls it makes on a recording engine (which, in what order,
+    with which arguments) and what it returns. Returns ``step``, or ``LLMEngine.step`` if not attempted."""
+    from minivllm.engine import LLMEngine
+
+    problem = None
+    if _attempted(step, learner._Recorder()):
+        try:
+            problem = learner.CHECKS["step"](step, "cpu")
+        except Exception as e:  # noqa: BLE001 -- the learner's step may raise anything: say what
+            problem = f"your step raised {type(e).__name__}: {e}"
+    return _verdict(step, LLMEngine.step, name, "step", problem,
+                    "schedule, execute, sample, postprocess, process: the package's calls, in its order")
