@@ -17,7 +17,9 @@ Each layer then
 
 :class:`PagedAttentionMetadata` carries the batch's layout, built once per step by the runner and
 passed down explicitly. Host-side copies of the lengths avoid a device sync per layer. On a GPU, a learner's
-passed ``store_kv`` and ``paged_attention`` (phase 08; ``minivllm.learner``) replace the package's kernels.
+passed kernels (``minivllm.learner``) replace the package's: ``store_kv`` and ``paged_attention`` (phase 08) in
+steps 1 and 2; ``flash_attention`` (phase 07) in step 3, called once per layer on every prefill sequence's
+queries and whole context, packed (``cu_seqlens_q``, ``cu_seqlens_k``).
 """
 
 from dataclasses import dataclass
@@ -84,27 +86,44 @@ def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.T
     return out[:, :, 0]
 
 
+def _context_kv(i: int, row: int, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                meta: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill sequence ``i``'s keys and values, (context_len, kv_heads, d) each; its queries start at ``row``."""
+    q_len, ctx = meta.query_lens[i], meta.prefill_context_lens[i]
+    if ctx == q_len:  # the whole context is new: this step's k and v are all of it
+        return k[row: row + q_len], v[row: row + q_len]
+    # earlier tokens are in the cache (a prefix hit or an earlier chunk): read them all back
+    table = meta.block_tables[meta.num_decodes + i, : cdiv(ctx, kv.shape[2])].long()
+    pages = kv[table]  # (blocks, 2, block_size, kv_heads, d)
+    return pages[:, 0].flatten(0, 1)[:ctx], pages[:, 1].flatten(0, 1)[:ctx]
+
+
+def _cu_seqlens(lens: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)  # (seqs + 1,)
+
+
 def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
             meta: PagedAttentionMetadata) -> torch.Tensor:
     """The prefill rows: q (tokens, q_heads, d) with this step's k, v (tokens, kv_heads, d)."""
     kv = meta.kv_cache.kv[layer]
+    if _gpu(meta, q) and "flash_attention" in LEARNER_KERNELS:  # the learner's kernel: one call, packed
+        rows = [0, *torch.tensor(meta.query_lens).cumsum(0).tolist()]
+        ks, vs = zip(*(_context_kv(i, rows[i], k, v, kv, meta) for i in range(len(meta.query_lens))))
+        return LEARNER_KERNELS["flash_attention"](q.contiguous(), torch.cat(ks), torch.cat(vs),
+                                                  _cu_seqlens(meta.query_lens, q.device),
+                                                  _cu_seqlens(meta.prefill_context_lens, q.device))
     if q.is_cuda and meta.backend == "numba":
         n = meta.num_decodes
         cu = torch.tensor([0, *torch.tensor(meta.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
         return launcher("flash_attention", "flash_attention_paged")(
             q, kv, cu, meta.block_tables[n:], meta.context_lens[n:])
     out = torch.empty_like(q)
-    bs = kv.shape[2]
     row = 0
     for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.prefill_context_lens)):
         qi = q[row: row + q_len].transpose(0, 1).unsqueeze(0)  # (1, q_heads, q_len, d)
-        if ctx == q_len:  # the whole context is new: this step's k and v are all of it
-            ki, vi = k[row: row + q_len], v[row: row + q_len]
-            mask = None
-        else:  # earlier tokens are in the cache (a prefix hit or an earlier chunk): read them all back
-            table = meta.block_tables[meta.num_decodes + i, : cdiv(ctx, bs)].long()
-            pages = kv[table]  # (blocks, 2, block_size, kv_heads, d)
-            ki, vi = pages[:, 0].flatten(0, 1)[:ctx], pages[:, 1].flatten(0, 1)[:ctx]
+        ki, vi = _context_kv(i, row, k, v, kv, meta)  # (ctx, kv_heads, d) each
+        mask = None
+        if ctx != q_len:
             keys = torch.arange(ctx, device=q.device)
             mask = keys[None, :] <= keys[ctx - q_len:, None]  # (q_len, ctx): query i sees keys <= its position
         ki, vi = ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0)

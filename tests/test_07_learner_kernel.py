@@ -1,0 +1,158 @@
+"""Phase 07's learner component: the learner's flash-attention prefill kernel, checked at load and used in prefill.
+
+* ``learner.CHECKS["flash_attention"]`` accepts the package's own launcher (``kernels.flash_attention``, run in
+  the simulator on the CPU cases) and rejects wrong versions written here: no causal mask, a causal mask aligned to
+  the start instead of the end, GQA mapped as ``h % n_kv``.
+* ``minivllm.model.paged_attention.prefill`` hands a learner's kernel the step's prefill sequences packed, each
+  with its whole context (this step's k/v for a fresh prompt, the paged cache for a cached prefix), in one call,
+  and gives what the SDPA path gives. The GPU test is made to run on a CPU by routing it as a GPU call.
+* the solution notebook's kernel compiles for sm_90 (the simulator does no type inference).
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import flash_attention as fa
+from kernels._env import simulator_enabled
+from minivllm import learner
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+needs_sim = pytest.mark.skipif(not simulator_enabled(), reason="runs the package's kernel in numba's CUDA simulator")
+
+
+def _sdpa(q, k, v, cu_q, cu_k, scale, *, aligned_to_end=True, causal=True, gqa=lambda h, n_q, n_kv: h // (n_q // n_kv)):
+    """Per sequence and head: SDPA with a mask and a head mapping of our choosing (the wrong versions vary them)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    n_q, n_kv = q.shape[1], k.shape[1]
+    for b in range(len(cq) - 1):
+        q_len, k_len = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        i, j = torch.arange(q_len)[:, None], torch.arange(k_len)[None, :]
+        mask = (j <= i + (k_len - q_len) if aligned_to_end else j <= i) if causal else None
+        for h in range(n_q):
+            qs = q[cq[b]:cq[b + 1], h].float()
+            ks, vs = (t[ck[b]:ck[b + 1], gqa(h, n_q, n_kv)].float() for t in (k, v))
+            out[cq[b]:cq[b + 1], h] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).to(q.dtype)
+    return out
+
+
+WRONG = {
+    "no causal mask": lambda q, k, v, cu_q, cu_k, scale=None: _sdpa(q, k, v, cu_q, cu_k, scale, causal=False),
+    "causal aligned to the start": lambda q, k, v, cu_q, cu_k, scale=None: _sdpa(q, k, v, cu_q, cu_k, scale,
+                                                                                 aligned_to_end=False),
+    "GQA as h % n_kv": lambda q, k, v, cu_q, cu_k, scale=None: _sdpa(q, k, v, cu_q, cu_k, scale,
+                                                                     gqa=lambda h, n_q, n_kv: h % n_kv),
+}
+
+
+def test_the_check_accepts_a_correct_version_written_here():
+    assert learner.CHECKS["flash_attention"](lambda *a, scale=None: _sdpa(*a, scale), CPU) == ""
+
+
+@needs_sim
+def test_the_check_accepts_the_packages_kernel():
+    assert learner.CHECKS["flash_attention"](fa.flash_attention, CPU) == ""
+
+
+@pytest.mark.parametrize("name", WRONG)
+def test_the_check_rejects_a_wrong_version(name):
+    problem = learner.CHECKS["flash_attention"](WRONG[name], CPU)
+    assert "differs from SDPA" in problem and "heads" in problem, problem
+
+
+def test_the_component_is_a_phase_07_gpu_kernel():
+    comp = learner.COMPONENTS["flash_attention"]
+    assert comp.phase == "07" and comp.gpu_only and "prefill" in comp.plugs_into
+
+
+# ----------------------------------------------------------------------------- the engine's prefill hook
+def test_prefill_calls_the_learners_kernel_once_with_each_whole_context(monkeypatch):
+    from minivllm.cache.kv_cache import PagedKVCache
+    from minivllm.model import paged_attention as pa
+
+    torch.manual_seed(0)
+    block_size, kv_heads, q_heads, dim = 4, 2, 4, 8
+    pool = torch.randn(12, 2, block_size, kv_heads, dim)  # random: a block read by mistake changes the result
+    cache = PagedKVCache([pool])
+    # a decode row first (the block tables of prefill sequences start after it), then a fresh 5-token prompt, then
+    # a prompt of 10 whose first 7 tokens are cached: its 3 new tokens' K/V are already stored in the pool
+    tables = torch.tensor([[0, 1, -1], [5, 2, -1], [9, 3, 7]], dtype=torch.int32)
+    new_k, new_v = torch.randn(8, kv_heads, dim), torch.randn(8, kv_heads, dim)  # this step's 5 + 3 tokens
+    pages = pool[tables[2].long()]  # the cached prompt's blocks
+    ctx_k, ctx_v = pages[:, 0].flatten(0, 1)[:10], pages[:, 1].flatten(0, 1)[:10]
+    new_k[5:], new_v[5:] = ctx_k[7:], ctx_v[7:]
+    q = torch.randn(8, q_heads, dim)
+
+    def meta(backend):
+        return pa.PagedAttentionMetadata(cache, torch.zeros(9, dtype=torch.long), tables,
+                                         torch.tensor([3, 5, 10], dtype=torch.int32), num_decodes=1,
+                                         max_context_len=10, query_lens=[5, 3], prefill_context_lens=[5, 10],
+                                         backend=backend)
+
+    calls = []
+
+    def learners(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None):
+        calls.append((q.shape, k.clone(), v.clone(), cu_seqlens_q.tolist(), cu_seqlens_k.tolist()))
+        assert k.is_contiguous() and v.is_contiguous() and cu_seqlens_q.dtype == torch.int32
+        return fa.flash_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
+
+    monkeypatch.setattr(pa, "_gpu", lambda m, x: m.backend != "torch")  # route CPU tensors as a GPU call
+    monkeypatch.setitem(pa.LEARNER_KERNELS, "flash_attention", learners)
+    want = pa.prefill(q, new_k, new_v, 0, meta("torch"))  # the SDPA path
+    got = pa.prefill(q, new_k, new_v, 0, meta("auto"))
+    assert len(calls) == 1
+    shape, k, v, cu_q, cu_k = calls[0]
+    assert shape == q.shape and cu_q == [0, 5, 8] and cu_k == [0, 5, 15]
+    torch.testing.assert_close(k, torch.cat([new_k[:5], ctx_k]))  # fresh prompt: this step's k; else the cache
+    torch.testing.assert_close(v, torch.cat([new_v[:5], ctx_v]))
+    torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------- the solution compiles for a GPU
+COMPILE = textwrap.dedent('''
+    import math, sys
+    import numba
+    from numba import cuda
+    import kernels._ptx as ptx
+
+    namespace = {"math": math, "numba": numba, "cuda": cuda, "MAX_HEAD_DIM": 128, "ROWS": 64, "TILE_N": 32}
+    exec(sys.stdin.read(), namespace)
+    ptx._pretend_device((9, 0))
+    for t in ("float32", "bfloat16"):
+        sig = (f"void({t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, ::1], int32[::1], int32[::1], "
+               "float32)")
+        for cc, ptx_bytes, cubin, err in ptx._Builder(((9, 0),)).build(namespace["my_flash_attention_kernel"], sig):
+            print(t, "ok" if err is None else "FAIL " + err)
+''')
+
+
+def _solution_kernel_source() -> str:
+    cells = json.loads((ROOT / "solutions" / "07_flash_attention.ipynb").read_text())["cells"]
+    for cell in cells:
+        code = "".join(cell["source"])
+        if cell["cell_type"] == "code" and "def my_flash_attention_kernel(" in code:
+            node = next(n for n in ast.parse(code).body
+                        if isinstance(n, ast.FunctionDef) and n.name == "my_flash_attention_kernel")
+            lines = code.splitlines()[node.decorator_list[0].lineno - 1:node.end_lineno]
+            return "\n".join(lines) + "\n"
+    raise AssertionError("no my_flash_attention_kernel in solutions/07_flash_attention.ipynb")
+
+
+def test_the_solution_kernel_compiles_for_sm_90():
+    source = _solution_kernel_source()
+    assert source.startswith("@cuda.jit") and "### BEGIN SOLUTION" in source
+    proc = subprocess.run([sys.executable, "-c", COMPILE], input=source, env=dict(os.environ, NUMBA_ENABLE_CUDASIM="0"),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.split() == ["float32", "ok", "bfloat16", "ok"], proc.stdout[-3000:]
