@@ -95,3 +95,27 @@ def test_prefill_speed_draws_each_series_where_it_was_measured():
     assert "H200, 2026-01-02" in ax_ms.figure.texts[0].get_text()
     with pytest.raises(ValueError, match="no prefill rows"):
         ap.prefill_speed({"prefill": []})
+
+
+def test_tile_plan_by_hand():
+    # 6 queries over 10 keys (4 cached): row i sees keys j < i + 5; blocks of 4 rows, tiles of 4 keys
+    plan = ap.tile_plan(6, 10, rows=4, tile=4)
+    # block 0 (rows 0-3, limits 5..8): tile 0 full, tile 1 (keys 4-7) diagonal, tile 2 (keys 8-9) never loaded
+    # block 1 (rows 4-5, limits 9..10): tiles 0 and 1 full (row 4 sees keys < 9), tile 2 diagonal
+    np.testing.assert_array_equal(plan, [[ap.FULL, ap.DIAGONAL, ap.SKIPPED], [ap.FULL, ap.FULL, ap.DIAGONAL]])
+    whole = ap.tile_plan(10, 10, rows=4, tile=4)  # a whole prompt: the lower triangle
+    np.testing.assert_array_equal(whole, [[1, 0, 0], [2, 1, 0], [2, 2, 1]])
+    assert ap.tile_plan(9, 9, rows=4, tile=4)[2, 2] == ap.FULL  # block 2 is row 8 alone, which sees key 8
+    assert (ap.tile_plan(1, 1, rows=4, tile=4) == ap.FULL).all()  # one query, one key
+    with pytest.raises(ValueError, match="q_len <= k_len"):
+        ap.tile_plan(5, 3, rows=4, tile=4)
+
+
+def test_kernel_tiles_draws_the_mask_and_counts_loaded_tiles():
+    ax = ap.kernel_tiles(6, 10, rows=4, tile=4).axes[0]
+    np.testing.assert_array_equal(np.asarray(ax.images[0].get_array()), ap.mask_matrix([6], [10]))
+    assert "5 of 6 (block, tile) pairs loaded" in ax.get_title()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(label.startswith("full") and label.endswith("(3)") for label in labels)
+    assert any(label.startswith("skipped") and label.endswith("(1)") for label in labels)
+    assert len(ax.patches) == 6  # one rectangle per (block, tile)

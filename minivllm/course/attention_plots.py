@@ -1,6 +1,7 @@
 """Notebook 07's plots: what naive attention moves through memory against a tiled kernel, the masks of a
-packed variable-length batch, and the measured prefill speed (:func:`prefill_speed`, from
-``bench/results/07_attention.json``). Each plotting function returns a matplotlib ``Figure`` and shows nothing.
+packed variable-length batch, how the kernel's blocks walk the key tiles of one sequence (:func:`kernel_tiles`),
+and the measured prefill speed (:func:`prefill_speed`, from ``bench/results/07_attention.json``). Each plotting
+function returns a matplotlib ``Figure`` and shows nothing.
 
 The byte counts are a model, not a measurement: they count HBM traffic with no cache reuse between blocks.
 """
@@ -126,6 +127,71 @@ def online_softmax_trace(scores: np.ndarray, tile: int) -> Figure:
     ax1.set_xlabel(f"after tile (of {tile} keys)")
     ax1.legend(fontsize=8)
     fig.suptitle("online softmax: one pass, the state rescaled whenever the max grows", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+SKIPPED, DIAGONAL, FULL = 0, 1, 2  # what a block does with a key tile (tile_plan)
+
+
+def tile_plan(q_len: int, k_len: int, rows: int, tile: int) -> np.ndarray:
+    """(query blocks, key tiles) of one sequence: what the kernel's block does with each tile of keys.
+
+    Block ``b`` holds query rows ``b * rows ..`` (end-aligned causal: row ``i`` sees keys ``j < i + k_len - q_len
+    + 1``). Its tile loop stops after the last key its last row sees, so a tile is ``SKIPPED`` (never loaded),
+    ``DIAGONAL`` (loaded; some rows of the block see only part of it, or none of it) or ``FULL`` (every row of
+    the block sees every key of it).
+    """
+    if q_len < 1 or k_len < q_len or rows < 1 or tile < 1:
+        raise ValueError(f"need 1 <= q_len <= k_len and rows, tile >= 1; got q_len={q_len}, k_len={k_len}, "
+                         f"rows={rows}, tile={tile}")
+    offset = k_len - q_len
+    plan = np.zeros((cdiv(q_len, rows), cdiv(k_len, tile)), dtype=np.int64)
+    for b in range(plan.shape[0]):
+        first, last = b * rows, min((b + 1) * rows, q_len) - 1
+        block_limit = min(k_len, last + offset + 1)  # keys < this: the loop's bound, the same for every thread
+        for t in range(plan.shape[1]):
+            start, end = t * tile, min((t + 1) * tile, k_len)
+            if start >= block_limit:
+                plan[b, t] = SKIPPED
+            elif end <= first + offset + 1:  # even the block's first row sees the whole tile
+                plan[b, t] = FULL
+            else:
+                plan[b, t] = DIAGONAL
+    return plan
+
+
+def kernel_tiles(q_len: int, k_len: int, rows: int, tile: int) -> Figure:
+    """One sequence's (query x key) mask with the kernel's blocks of ``rows`` queries and tiles of ``tile`` keys
+    drawn over it, each (block, tile) coloured by :func:`tile_plan`."""
+    plan = tile_plan(q_len, k_len, rows, tile)
+    seen = mask_matrix([q_len], [k_len])  # 1 where the query sees the key
+    fig, ax = plt.subplots(figsize=(min(11, 3.0 + 0.3 * k_len), min(7, 1.8 + 0.3 * q_len)))
+    ax.imshow(seen, cmap=ListedColormap(["#FFFFFF", "#9DB4D6"]), vmin=0, vmax=1, interpolation="nearest")
+    style = {FULL: ("#55A868", "full: every row sees every key"),
+             DIAGONAL: ("#DD8452", "diagonal: rows see part of it (or none)"),
+             SKIPPED: ("#BBBBBB", "skipped: past the block's last key")}
+    for (b, t), kind in np.ndenumerate(plan):
+        color, _ = style[kind]
+        x0, y0 = t * tile - 0.5 + 0.15, b * rows - 0.5 + 0.15  # inset, so neighbours' edges stay apart
+        w, h = min(tile, k_len - t * tile) - 0.3, min(rows, q_len - b * rows) - 0.3
+        ax.add_patch(plt.Rectangle((x0, y0), w, h, facecolor=color if kind == SKIPPED else "none",
+                                   alpha=0.35 if kind == SKIPPED else 1.0, edgecolor=color,
+                                   linewidth=0.8 if kind == SKIPPED else 2.0, hatch="//" if kind == SKIPPED else None))
+    for b in range(plan.shape[0]):
+        ax.text(k_len - 0.2, b * rows + min(rows, q_len - b * rows) / 2 - 0.5, f" block {b}", fontsize=8,
+                va="center")
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor="none" if k != SKIPPED else c, edgecolor=c, linewidth=2,
+                             alpha=0.6 if k == SKIPPED else 1.0, label=f"{label} ({int((plan == k).sum())})")
+               for k, (c, label) in style.items()]
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
+    ax.set_xlim(-0.5, k_len + 2.5)
+    ax.set_xticks(range(0, k_len, tile))
+    ax.set_yticks(range(0, q_len, rows))
+    ax.set_xlabel(f"key (tiles of {tile}, loaded into shared memory)")
+    ax.set_ylabel(f"query row (blocks of {rows} threads)")
+    ax.set_title(f"one sequence, {q_len} queries over {k_len} keys (blue: scores the rows compute):\n"
+                 f"{int((plan != SKIPPED).sum())} of {plan.size} (block, tile) pairs loaded", fontsize=10)
     fig.tight_layout()
     return fig
 
