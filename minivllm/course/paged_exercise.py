@@ -59,9 +59,11 @@ def store_kv_cases(device: str | torch.device = "cpu", on_gpu: bool = False,
 
 # ----------------------------------------------------------------------------- decode attention
 def _decode_case(g: torch.Generator, dtype: torch.dtype, q_heads: int, kv_heads: int, dim: int, block_size: int,
-                 lens: Sequence[int], max_context_len: int | None, tokens_per_split: int) -> DecodeCase:
+                 lens: Sequence[int], max_context_len: int | None, tokens_per_split: int,
+                 sharper_from: int | None = None) -> DecodeCase:
     """A pool with the sequences' blocks scattered at random, tables padded with -1 past each context; made on
-    the generator's device."""
+    the generator's device. ``sharper_from``: keys from that position on are 3x longer, so the largest scores
+    come late (a running max that grows from tile to tile)."""
     on = dict(device=g.device, generator=g)
     width = cdiv(max_context_len or max(lens), block_size)
     blocks = len(lens) * width
@@ -69,6 +71,8 @@ def _decode_case(g: torch.Generator, dtype: torch.dtype, q_heads: int, kv_heads:
     tables = torch.randperm(blocks, **on).to(torch.int32).view(len(lens), width)
     for s, n in enumerate(lens):
         tables[s, cdiv(n, block_size):] = -1
+        for j in range(sharper_from or n, n):
+            pool[tables[s, j // block_size], 0, j % block_size] *= 3
     q = torch.randn(len(lens), q_heads, dim, **on).to(dtype)
     context_lens = torch.tensor(lens, dtype=torch.int32, device=g.device)
     return q, pool, tables, context_lens, max_context_len, tokens_per_split
@@ -80,7 +84,8 @@ def decode_cases(device: str | torch.device = "cpu", on_gpu: bool = False, seed:
     if not on_gpu:  # split kernel grid (seqs, kv_heads, splits) and merge grid (seqs, q_heads): <= 8 blocks
         specs = [(torch.float32, 2, 1, 16, 4, [13, 1], None, 8),  # mid-block, context 1, an empty split
                  (torch.bfloat16, 4, 1, 16, 4, [9], 24, 12),  # GQA 4, max_context_len past it: split 2 empty
-                 (torch.float32, 4, 2, 16, 16, [40, 3], None, 64)]  # two tiles of 32 keys in one split
+                 (torch.float32, 4, 2, 16, 16, [40, 3], None, 64, 32)]  # two tiles of 32 keys in one split,
+        #                                                                   the largest scores in the second
     else:  # Qwen3-0.6B's heads (16 over 8 of 128) and SmolLM2's (9 over 3 of 64)
         lens = torch.randint(1, 4097, (32,), generator=torch.Generator().manual_seed(seed))
         lens[:3] = torch.tensor([1, 4096, 1000])
