@@ -5,8 +5,11 @@
   the start instead of the end, GQA mapped as ``h % n_kv``.
 * ``minivllm.model.paged_attention.prefill`` hands a learner's kernel the step's prefill sequences packed, each
   with its whole context (this step's k/v for a fresh prompt, the paged cache for a cached prefix), in one call,
-  and gives what the SDPA path gives. The GPU test is made to run on a CPU by routing it as a GPU call.
-* the solution notebook's kernel compiles for sm_90 (the simulator does no type inference).
+  and gives what the SDPA path gives (the hook is for CUDA tensors; the test routes CPU tensors through it).
+* the solution notebook's kernel (taken from ``solutions/07_flash_attention.ipynb``) passes the notebook's check and,
+  saved to a workspace, the load-time check; each of a set of typical mistakes (a mutation of the solution) fails
+  the notebook's check; it compiles for sm_90 (the simulator does no type inference); on a GPU the learner's engine
+  with it serves the package's tokens.
 """
 
 import ast
@@ -119,6 +122,144 @@ def test_prefill_calls_the_learners_kernel_once_with_each_whole_context(monkeypa
     torch.testing.assert_close(got, want)
 
 
+# ----------------------------------------------------------------------------- the solution notebook's kernel
+def _solution_cell(marker: str) -> str:
+    cells = json.loads((ROOT / "solutions" / "07_flash_attention.ipynb").read_text())["cells"]
+    for cell in cells:
+        code = "".join(cell["source"])
+        if cell["cell_type"] == "code" and marker in code:
+            return code
+    raise AssertionError(f"no cell with {marker!r} in solutions/07_flash_attention.ipynb")
+
+
+HEADER = """import math
+from types import SimpleNamespace
+
+import numba
+import torch
+from numba import cuda
+
+from kernels._launch import cdiv, launch, resolve_backend
+
+env = SimpleNamespace(on_gpu=torch.cuda.is_available())
+device = "cuda" if env.on_gpu else "cpu"
+
+
+def cu_seqlens(lens):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+"""
+
+
+def _load(tmp_path: Path, source: str, name: str):
+    """Import ``source`` as module ``name`` from a file (so ``inspect`` finds the kernel's source)."""
+    (tmp_path / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        __import__(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+    return sys.modules[name]
+
+
+def _solution_source(replace: tuple[str, str] | None = None) -> str:
+    """The notebook's kernel + launcher cell and its check cases, as a module (optionally with one mistake in)."""
+    kernel = _solution_cell("def my_flash_attention_kernel(")
+    if replace is not None:
+        assert kernel.count(replace[0]) == 1, replace[0]
+        kernel = kernel.replace(*replace)
+    cases = _solution_cell("def attention_case(").split("flash_attention = course.check")[0]
+    return HEADER + kernel + "\n\n\n" + cases + "\n"
+
+
+def _notebook_check(module) -> None:
+    """The notebook's two checks, as its cell runs them."""
+    from minivllm import course
+
+    course.check(module.my_flash_attention, fa.flash_attention_ref, module.fp32_cases, name="fp32",
+                 uses=[module.my_flash_attention_kernel], atol=2e-5, rtol=2e-5)
+    course.check(module.my_flash_attention, fa.flash_attention_ref, module.bf16_cases, name="bf16",
+                 uses=[module.my_flash_attention_kernel], atol=1e-2, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def solution(tmp_path_factory):
+    return _load(tmp_path_factory.mktemp("solution"), _solution_source(), "answer_07")
+
+
+@needs_sim
+def test_the_solution_passes_the_notebooks_check_and_the_load_time_check(solution, tmp_path, monkeypatch):
+    from minivllm.course import workspace as ws
+
+    _notebook_check(solution)
+    monkeypatch.setenv("MINIVLLM_WORKSPACE", str(tmp_path))
+    assert ws.record("flash_attention", solution.my_flash_attention) == tmp_path / "flash_attention.py"
+    assert learner.CHECKS["flash_attention"](learner._load(tmp_path / "flash_attention.py"), CPU) == ""
+    report = {n: (w, why) for n, w, why in learner.load_parts(tmp_path, "cpu").report}
+    assert report["flash_attention"][0] == "package" and "on a GPU" in report["flash_attention"][1]
+
+
+MISTAKES = {  # a typical mistake -> (what the solution says, what the mistaken kernel says)
+    "GQA as h % n_kv": ("kv_head = head // (q.shape[1] // k.shape[1])", "kv_head = head % k.shape[1]"),
+    "causal aligned to the start": ("offset = k_len - q_len  #", "offset = 0  #"),
+    "no running max": ("alpha = math.exp(m - m_new)", "m_new = numba.float32(0.0)\n            alpha = numba.float32(1.0)"),
+    "l not rescaled": ("l *= alpha\n", "l *= 1.0\n"),
+    "keys indexed with the query offset": ("k[k_start + tile_start + j, kv_head, d]", "k[q_start + tile_start + j, kv_head, d]"),
+    "tile loop bound per row (barriers mismatched)": ("for tile_start in range(0, block_limit, TILE_N)",
+                                                      "for tile_start in range(0, limit, TILE_N)"),
+}
+
+
+@needs_sim
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NaN from the overflowing softmax, in the simulator
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_the_notebooks_check_fails_a_typical_mistake(mistake, tmp_path):
+    from minivllm.course.checks import CheckFailed
+
+    name = "mistake_07_" + "".join(c if c.isalnum() else "_" for c in mistake)
+    module = _load(tmp_path, _solution_source(MISTAKES[mistake]), name)
+    with pytest.raises(CheckFailed):
+        _notebook_check(module)
+
+
+@pytest.mark.gpu
+def test_the_learners_kernel_serves_the_packages_tokens_on_a_gpu(solution, tmp_path, monkeypatch):
+    """fp32 on the GPU: the learner's kernel in every prefill (fresh prompts, a prefix-cache hit, chunks of a long
+    prompt) gives the package's greedy tokens; the engine called it."""
+    from minivllm.course import workspace as ws
+    from minivllm.llm import LLM
+    from minivllm.model import layers
+    from minivllm.sampling_params import SamplingParams
+
+    monkeypatch.setenv("MINIVLLM_WORKSPACE", str(tmp_path))
+    ws.record("flash_attention", solution.my_flash_attention)
+    whose = {n: (w, why) for n, w, why in learner.load_parts(tmp_path, "cuda").report}
+    assert whose["flash_attention"][0] == "yours", whose
+    long = "Tell me everything you know about the history of Paris, its rivers and bridges. " * 6
+    prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colours.", long)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    small = dict(dtype="float32", num_kv_blocks=512, cuda_graph_max_batch=8, max_num_batched_tokens=64)
+    runs = []
+    for engine in ("yours", "package"):
+        llm = LLM(learner=str(tmp_path), **small) if engine == "yours" else LLM(**small)
+        calls = []
+        if engine == "yours":
+            fn = layers.LEARNER_KERNELS["flash_attention"]
+            monkeypatch.setitem(layers.LEARNER_KERNELS, "flash_attention",
+                                lambda *a, **kw: calls.append((a[3].tolist(), a[4].tolist())) or fn(*a, **kw))
+        # fresh prompts (the long one in chunks: a 64-token budget), then the first again: a prefix-cache hit
+        outs = llm.chat(prompts, greedy, use_tqdm=False) + llm.chat(prompts[:1], greedy, use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+        if engine == "yours":
+            assert calls, "the engine's prefill never called the learner's kernel"
+            lens = [(q1 - q0, k1 - k0) for cu_q, cu_k in calls for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+            assert any(k > q for q, k in lens), lens  # earlier context: a later chunk, the prefix-cache hit
+            assert lens[-1][0] < lens[-1][1] == lens[0][1], lens  # the hit: the first prompt's last tokens only
+        del llm
+    assert runs[0] == runs[1]
+
+
 # ----------------------------------------------------------------------------- the solution compiles for a GPU
 COMPILE = textwrap.dedent('''
     import math, sys
@@ -138,15 +279,10 @@ COMPILE = textwrap.dedent('''
 
 
 def _solution_kernel_source() -> str:
-    cells = json.loads((ROOT / "solutions" / "07_flash_attention.ipynb").read_text())["cells"]
-    for cell in cells:
-        code = "".join(cell["source"])
-        if cell["cell_type"] == "code" and "def my_flash_attention_kernel(" in code:
-            node = next(n for n in ast.parse(code).body
-                        if isinstance(n, ast.FunctionDef) and n.name == "my_flash_attention_kernel")
-            lines = code.splitlines()[node.decorator_list[0].lineno - 1:node.end_lineno]
-            return "\n".join(lines) + "\n"
-    raise AssertionError("no my_flash_attention_kernel in solutions/07_flash_attention.ipynb")
+    """The ``@cuda.jit`` function alone: no torch, so the compiler subprocess starts in a second or two."""
+    code = _solution_cell("def my_flash_attention_kernel(")
+    node = next(n for n in ast.parse(code).body if isinstance(n, ast.FunctionDef) and n.name == "my_flash_attention_kernel")
+    return "\n".join(code.splitlines()[node.decorator_list[0].lineno - 1:node.end_lineno]) + "\n"
 
 
 def test_the_solution_kernel_compiles_for_sm_90():
