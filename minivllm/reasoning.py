@@ -18,6 +18,10 @@ shows what it is (or :meth:`~ReasoningStreamParser.flush` releases it). Pushing 
 gives exactly what :func:`extract_reasoning` gives for the whole text. Text is returned as generated: no
 whitespace is stripped (the newlines around the tags stay), so the pieces always add up to the output.
 
+The server splits chat answers this way when the model's chat template is a reasoning template (it writes
+``<think>`` and ``</think>``, as Qwen3's does): :func:`uses_reasoning`. vLLM needs ``--reasoning-parser qwen3``
+for that; here ``auto`` (the default) decides from the template, ``qwen3`` forces it on, ``none`` off.
+
 Left out: other models' tag pairs (DeepSeek-R1 uses the same tags and would work), tool-call parsing,
 and the token-id shortcuts vLLM takes (this works on text, so it needs no tokenizer).
 """
@@ -25,6 +29,7 @@ and the token-id shortcuts vLLM takes (this works on text, so it needs no tokeni
 from dataclasses import dataclass
 
 THINK_START, THINK_END = "<think>", "</think>"
+REASONING_PARSERS = ("auto", "qwen3", "none")  # the server's choices: from the chat template, on, off
 _BEFORE, _THINKING, _AFTER = "before", "thinking", "after"
 
 
@@ -107,3 +112,13 @@ def prompt_opens_reasoning(prompt: str) -> bool:
     appends a closed, empty block); templates that pre-open the block do.
     """
     return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+
+
+def uses_reasoning(parser: str, chat_template: str | None) -> bool:
+    """Whether to split answers into reasoning and content: ``parser`` is one of :data:`REASONING_PARSERS`;
+    ``auto`` is on for a chat template that writes both tags (Qwen3's), off otherwise (SmolLM2's ChatML)."""
+    if parser not in REASONING_PARSERS:
+        raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got {parser!r}")
+    if parser == "auto":
+        return bool(chat_template) and THINK_START in chat_template and THINK_END in chat_template
+    return parser == "qwen3"

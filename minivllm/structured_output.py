@@ -133,12 +133,7 @@ class GrammarCompiler:
             import llguidance
 
             tok = self.tokenizer
-            tokens = []
-            for i in range(tok.vocab_size):
-                try:
-                    tokens.append(tok.encoding.decode_single_token_bytes(i))
-                except KeyError:  # an id the vocabulary leaves unused
-                    tokens.append(b"")
+            tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]  # b"": an id the vocabulary leaves unused
 
             class _Vocabulary:  # what llguidance.TokenizerWrapper reads
                 eos_token_id, bos_token_id = (self.eos_token_ids or [None])[0], tok.bos_token_id

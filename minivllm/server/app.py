@@ -55,17 +55,20 @@ def chat_page() -> str:
 
 def build_app(engine: LLMEngine, *, model_name: str | None = None, max_queued_requests: int = 256,
               shutdown_grace_seconds: float = 5.0, api_key: str | None = None,
-              allowed_hosts: list[str] | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
+              allowed_hosts: list[str] | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+              reasoning_parser: str = "auto") -> FastAPI:
     """The server's app around ``engine``; from here on only the app's engine thread may touch ``engine``.
 
     ``api_key``: required on ``/v1/*`` (None: open). ``allowed_hosts``: the Host names it answers to (None:
-    any). ``max_request_bytes``: the largest request body (413 beyond)."""
+    any). ``max_request_bytes``: the largest request body (413 beyond). ``reasoning_parser``: ``auto`` splits
+    chat answers into ``reasoning_content`` and ``content`` when the chat template writes ``<think>`` blocks
+    (Qwen3's), ``qwen3`` always, ``none`` never (:func:`minivllm.reasoning.uses_reasoning`)."""
     if max_request_bytes < 1:
         raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     front = AsyncLLMEngine(engine, max_queued_requests=max_queued_requests)
     metrics = ServerMetrics(lambda: front.snapshot)
     name = model_name or served_model_name(engine.config.model)
-    serving = OpenAIServing(front, name, metrics)
+    serving = OpenAIServing(front, name, metrics, reasoning_parser=reasoning_parser)
     page = chat_page()
 
     @asynccontextmanager

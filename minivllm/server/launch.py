@@ -48,18 +48,25 @@ def default_allowed_hosts(host: str) -> list[str] | None:
 def serve(model: Any = None, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
           max_queued_requests: int = 256, timeout_graceful_shutdown: float = 10.0, log_level: str = "info",
           api_key: str | None = None, allowed_hosts: list[str] | None = None,
-          max_request_bytes: int = MAX_REQUEST_BYTES, **engine_kwargs: Any) -> None:
+          max_request_bytes: int = MAX_REQUEST_BYTES, reasoning_parser: str = "auto", **engine_kwargs: Any) -> None:
     """Load the model, then answer HTTP requests until interrupted. ``api_key`` defaults to
-    ``$MINIVLLM_API_KEY``; ``allowed_hosts`` to :func:`default_allowed_hosts` of ``host``."""
+    ``$MINIVLLM_API_KEY``; ``allowed_hosts`` to :func:`default_allowed_hosts` of ``host``; ``reasoning_parser``
+    (auto, qwen3, none) as in :func:`~minivllm.server.app.build_app`."""
     api_key = api_key or os.environ.get("MINIVLLM_API_KEY") or None
     allowed_hosts = allowed_hosts if allowed_hosts is not None else default_allowed_hosts(host)
     engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_kwargs))
     app = build_app(engine, model_name=served_model_name, max_queued_requests=max_queued_requests,
                     shutdown_grace_seconds=timeout_graceful_shutdown, api_key=api_key, allowed_hosts=allowed_hosts,
-                    max_request_bytes=max_request_bytes)
+                    max_request_bytes=max_request_bytes, reasoning_parser=reasoning_parser)
+    serving = app.state.serving
+    defaults = serving.generation_defaults.as_kwargs()
     print(f"minivllm: serving {app.state.model_name!r} on http://{host}:{port} (chat page at /, API at /v1, "
           f"{engine.num_kv_blocks} KV blocks, context {engine.max_model_len} tokens"
-          f"{', API key required' if api_key else ''})", flush=True)
+          f"{', API key required' if api_key else ''})"
+          + (f"\n  sampling defaults from generation_config.json (a request's own values win): {defaults}"
+             if defaults else "")
+          + ("\n  reasoning: chat answers split <think> blocks into reasoning_content" if serving.reasoning else ""),
+          flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=timeout_graceful_shutdown + SHUTDOWN_MARGIN_SECONDS)
     try:

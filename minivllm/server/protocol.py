@@ -13,15 +13,23 @@ Structured output: ``response_format`` (``json_object``, ``json_schema``) and vL
 ``guided_choice`` / ``guided_grammar`` too) become one :class:`~minivllm.structured_output.StructuredOutputsParams`.
 ``json_schema.strict`` is accepted either way: the output always follows the schema.
 
-Left out: tools and function calling, images and audio in messages, ``logit_bias``, ``suffix``.
+A checkpoint's ``generation_config.json`` (Qwen3: temperature 0.6, top_k 20, top_p 0.95) fills the sampling
+fields a request leaves unset, as vLLM does by default; a value the request gives wins. Chat requests take
+vLLM's ``chat_template_kwargs`` (variables for the template, e.g. Qwen3's ``enable_thinking``); with a
+reasoning template the answer's ``<think>`` block comes back apart as ``reasoning_content`` (a field only
+present when there is reasoning; newer vLLM names it ``reasoning``).
+
+Left out: tools and function calling, images and audio in messages, ``logit_bias``, ``suffix``, an assistant
+message's ``reasoning_content`` sent back in ``messages`` (dropped, as Qwen3's template drops old reasoning).
 """
 
 import logging
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
+from minivllm.generation_config import GenerationDefaults
 from minivllm.sampling_params import SamplingParams
 from minivllm.structured_output import StructuredOutputsParams
 
@@ -148,16 +156,24 @@ class _SamplingFields(_Request):
             raise type(e)(f"{field}: {e}") from None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
-        """The engine's ``SamplingParams`` (raises ValueError/TypeError naming the field, as SamplingParams does)."""
-        def given(value, default):
-            return default if value is None else value
+                        structured: StructuredOutputsParams | None = None,
+                        defaults: GenerationDefaults = GenerationDefaults()) -> SamplingParams:
+        """The engine's ``SamplingParams`` (raises ValueError/TypeError naming the field, as SamplingParams does).
+
+        A field the request leaves unset takes the checkpoint's value from ``defaults`` if it has one, else
+        OpenAI's default."""
+        checkpoint = defaults.as_kwargs()
+
+        def given(name: str, value, default):
+            return value if value is not None else checkpoint.get(name, default)
 
         return SamplingParams(
-            n=self.n, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
-            top_k=given(self.top_k, 0), min_p=given(self.min_p, 0.0),
-            presence_penalty=given(self.presence_penalty, 0.0), frequency_penalty=given(self.frequency_penalty, 0.0),
-            repetition_penalty=given(self.repetition_penalty, 1.0), seed=self.seed, max_tokens=max_tokens,
+            n=self.n, temperature=given("temperature", self.temperature, 1.0),
+            top_p=given("top_p", self.top_p, 1.0), top_k=given("top_k", self.top_k, 0),
+            min_p=given("min_p", self.min_p, 0.0), repetition_penalty=given("repetition_penalty",
+                                                                              self.repetition_penalty, 1.0),
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=tuple([self.stop] if isinstance(self.stop, str) else self.stop or ()),
             stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
@@ -211,6 +227,7 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = True  # vLLM: end the prompt with the assistant's turn header
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM: template variables ({"enable_thinking": false})
 
     def unsupported(self) -> str | None:
         if self.tools:
@@ -275,9 +292,22 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
-class AssistantMessage(BaseModel):
+class _MaybeReasoning(BaseModel):
+    """A message whose ``reasoning_content`` (the ``<think>`` block's text, reasoning templates only) is left out
+    of the JSON when there is none: a non-reasoning model's answers look exactly as they would without it."""
+
+    @model_serializer(mode="wrap")
+    def _omit_no_reasoning(self, handler):
+        data = handler(self)
+        if data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
+
+
+class AssistantMessage(_MaybeReasoning):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChoice(BaseModel):
@@ -296,9 +326,10 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_MaybeReasoning):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatChunkChoice(BaseModel):

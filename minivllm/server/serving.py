@@ -18,7 +18,14 @@ number * ``n`` + sample number, as in OpenAI.
 Tokenizing (and rendering the chat template) runs on a worker thread, not on the event loop, so a huge
 prompt does not stall ``/health`` or other streams; the request-size limit (:mod:`minivllm.server.app`) bounds it.
 
-Left out: tool calls, ``echo`` with logprobs of the prompt, ``best_of`` > ``n``.
+A real Qwen3 checkpoint: its ``generation_config.json`` fills the sampling fields a request leaves unset;
+``chat_template_kwargs`` reach the chat template (``{"enable_thinking": false}``); with a reasoning template
+(:func:`minivllm.reasoning.uses_reasoning`) a chat answer's ``<think>`` block comes back as ``reasoning_content``
+and the rest as ``content``, whole or delta by delta (:mod:`minivllm.reasoning`). A token id past the
+tokenizer's vocabulary (one of Qwen3's padding rows) has no text: ``""`` and no bytes in logprobs.
+
+Left out: tool calls, ``echo`` with logprobs of the prompt, ``best_of`` > ``n``, and holding a grammar back
+until the reasoning ends (vLLM does: here ``response_format`` constrains the whole answer, so no thinking).
 """
 
 import asyncio
@@ -33,6 +40,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from minivllm.outputs import CompletionOutput, RequestOutput
+from minivllm.reasoning import ReasoningSplit, ReasoningStreamParser, extract_reasoning, prompt_opens_reasoning, \
+    uses_reasoning
 from minivllm.sampling_params import SamplingParams
 from minivllm.server import protocol as p
 from minivllm.server.async_engine import AsyncLLMEngine, EngineRequestError, EngineStoppedError, RequestStream
@@ -41,14 +50,18 @@ from minivllm.server.metrics import ServerMetrics, TokenTimer
 from minivllm.structured_output import GrammarCompiler, StructuredOutputsParams
 
 MAX_PROMPTS = 64  # prompts in one completions batch
+RESERVED_TEMPLATE_NAMES = ("messages", "add_generation_prompt", "tokenize")  # set by the request, not the kwargs
 T = TypeVar("T")
 
 
 class OpenAIServing:
-    def __init__(self, front: AsyncLLMEngine, model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, front: AsyncLLMEngine, model_name: str, metrics: ServerMetrics, *,
+                 reasoning_parser: str = "auto") -> None:
         self.front, self.engine = front, front.engine
         self.tokenizer = front.engine.tokenizer
         self.vocab_size = front.engine.inputs.vocab_size
+        self.generation_defaults = front.engine.inputs.generation_defaults  # generation_config.json's
+        self.reasoning = uses_reasoning(reasoning_parser, getattr(self.tokenizer, "chat_template", None))
         self.model_name, self.metrics = model_name, metrics
         self._grammars: GrammarCompiler | None = None  # checks a request's grammar before it is queued
 
@@ -71,15 +84,24 @@ class OpenAIServing:
         if tok is None or not tok.chat_template:
             raise OpenAIError("this model has no chat template: use /v1/completions", param="messages")
         messages = [m.as_dict() for m in req.messages]
+        variables = req.chat_template_kwargs or {}
+        reserved = [name for name in RESERVED_TEMPLATE_NAMES if name in variables]
+        if reserved:
+            raise OpenAIError(f"chat_template_kwargs: {reserved[0]!r} is set by the server, not by a template "
+                              f"variable (use the request's own fields)", param="chat_template_kwargs")
         try:
-            ids = await asyncio.to_thread(tok.apply_chat_template, messages,
-                                          add_generation_prompt=req.add_generation_prompt, tokenize=True)
+            text = await asyncio.to_thread(tok.apply_chat_template, messages,
+                                           add_generation_prompt=req.add_generation_prompt, **variables)
         except Exception as e:  # the template's raise_exception(...), or a jinja error
             raise OpenAIError(f"the chat template refused these messages: {e}", param="messages") from None
+        ids = await asyncio.to_thread(tok.encode, text)
         max_tokens = req.max_completion_tokens or req.max_tokens
         self._check_length(ids, max_tokens, "messages")
+        if max_tokens is None and self.generation_defaults.max_tokens is not None:  # vLLM: never past the context
+            max_tokens = min(self.generation_defaults.max_tokens, self.engine.max_model_len - len(ids))
         params = await self._params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        return await self._run(raw, req, [ids], params, chat=True, echo=None)
+        thinking = prompt_opens_reasoning(text) if self.reasoning else None
+        return await self._run(raw, req, [ids], params, chat=True, echo=None, thinking=thinking)
 
     # ------------------------------------------------------------------ input
     def _check(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
@@ -142,7 +164,7 @@ class OpenAIServing:
         if structured is not None:
             await asyncio.to_thread(self._check_grammar, field, structured)
         try:
-            return req.sampling_params(max_tokens, logprobs, structured)
+            return req.sampling_params(max_tokens, logprobs, structured, self.generation_defaults)
         except (ValueError, TypeError) as e:
             raise from_exception(e) from None
 
@@ -157,7 +179,9 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ running
     async def _run(self, raw: Request, req, prompts: list[list[int]], params: SamplingParams, *, chat: bool,
-                   echo: list[str] | None) -> Response:
+                   echo: list[str] | None, thinking: bool | None = None) -> Response:
+        """Queue the prompts, answer in one body or as a stream. ``thinking``: None without a reasoning parser,
+        else whether the prompt already opened the ``<think>`` block (the answer starts as reasoning)."""
         timer = TokenTimer(self.metrics, time.monotonic())
         if len(prompts) * params.n > self.front.max_in_flight:
             raise OpenAIError(f"{len(prompts)} prompt(s) x n={params.n} is {len(prompts) * params.n} sequences; this "
@@ -165,7 +189,7 @@ class OpenAIServing:
         stream = await self.front.add(prompts, params)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if req.stream:
-            events = self._events(stream, rid, req, params.n, chat, echo, timer)
+            events = self._events(stream, rid, req, params.n, chat, echo, timer, thinking)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -179,7 +203,7 @@ class OpenAIServing:
             raise EngineStoppedError("the server is shutting down: this request was cut short; retry elsewhere")
         usage = _usage(outs)
         if chat:
-            choices = [p.ChatChoice(index=o.index, message=p.AssistantMessage(content=o.text),
+            choices = [p.ChatChoice(index=o.index, message=_message(o.text, thinking),
                                     logprobs=self._chat_logprobs(o, 0, req) if req.logprobs else None,
                                     finish_reason=o.finish_reason)
                        for o in outs[0].outputs]
@@ -194,7 +218,7 @@ class OpenAIServing:
         return JSONResponse(body.model_dump(mode="json"))
 
     async def _events(self, stream: RequestStream, rid: str, req, n: int, chat: bool, echo: list[str] | None,
-                      timer: TokenTimer) -> AsyncIterator[str]:
+                      timer: TokenTimer, thinking: bool | None = None) -> AsyncIterator[str]:
         """The SSE body of a streaming request."""
         options = req.stream_options
         include_usage = options is not None and options.include_usage
@@ -204,6 +228,8 @@ class OpenAIServing:
         generated = [0] * num_choices
         prompt_tokens = sum(len(ids) for ids in stream.prompts)
         finished: set[int] = set()
+        parsers = [ReasoningStreamParser(starts_in_reasoning=thinking) for _ in range(num_choices)] \
+            if chat and thinking is not None else None
 
         def usage() -> p.Usage:
             return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(generated),
@@ -230,14 +256,19 @@ class OpenAIServing:
                     first = len(o.token_ids) - len(o.delta_token_ids)
                     generated[i] = len(o.token_ids)
                     want_logprobs = (req.logprobs if chat else req.logprobs is not None) and o.delta_token_ids
-                    if not (o.delta_text or o.finish_reason or want_logprobs):
+                    if chat:
+                        delta = _delta(parsers[i] if parsers else None, o.delta_text, bool(o.finish_reason))
+                        has_text = bool(delta.content or delta.reasoning_content)
+                    else:
+                        has_text = bool(o.delta_text)
+                    if not (has_text or o.finish_reason or want_logprobs):
                         continue
                     if o.finish_reason:
                         finished.add(i)
                     if chat:
-                        choice = p.ChatChunkChoice(index=i, delta=p.DeltaMessage(content=o.delta_text or None),
+                        choice = p.ChatChunkChoice(index=i, delta=delta, finish_reason=o.finish_reason,
                                                    logprobs=self._chat_logprobs(o, first, req) if want_logprobs
-                                                   else None, finish_reason=o.finish_reason)
+                                                   else None)
                     else:
                         logprobs, offsets[i] = self._completion_logprobs(o, first, req.logprobs, offsets[i])
                         choice = p.CompletionChoice(index=i, text=o.delta_text, finish_reason=o.finish_reason,
@@ -267,7 +298,7 @@ class OpenAIServing:
     def _token(self, token_id: int) -> tuple[str, list[int] | None]:
         if self.tokenizer is None:
             return f"token_id:{token_id}", None
-        raw = self.tokenizer.encoding.decode_single_token_bytes(token_id)
+        raw = self.tokenizer.token_bytes(token_id)  # b"" for an id past the vocabulary (a padding row)
         return raw.decode("utf-8", errors="replace"), list(raw)
 
     def _entries(self, o: CompletionOutput, first: int, k: int):
@@ -299,6 +330,32 @@ class OpenAIServing:
             tops = [p.TopLogprob(token=s, logprob=v, bytes=b) for (s, b), v in ((self._token(i), v) for i, v in top)]
             content.append(p.TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=tops))
         return p.ChatLogprobs(content=content)
+
+
+def _message(text: str, thinking: bool | None) -> p.AssistantMessage:
+    """A whole chat answer; split into reasoning and content when ``thinking`` is not None."""
+    if thinking is None:
+        return p.AssistantMessage(content=text)
+    split = extract_reasoning(text, starts_in_reasoning=thinking)
+    if split.reasoning_content is None and split.content is None:  # an empty answer: "" as without a parser
+        return p.AssistantMessage(content=text)
+    return p.AssistantMessage(content=split.content, reasoning_content=split.reasoning_content)
+
+
+def _delta(parser: ReasoningStreamParser | None, text: str, last: bool) -> p.DeltaMessage:
+    """One streamed piece of a chat answer; through the reasoning parser when there is one (``last``: the
+    choice's final piece, which releases what the parser held back)."""
+    if parser is None:
+        return p.DeltaMessage(content=text or None)
+    split = parser.push(text or "")
+    if last:
+        tail = parser.flush()
+        split = ReasoningSplit(_join(split.reasoning_content, tail.reasoning_content), _join(split.content, tail.content))
+    return p.DeltaMessage(content=split.content, reasoning_content=split.reasoning_content)
+
+
+def _join(a: str | None, b: str | None) -> str | None:
+    return (a or "") + (b or "") or None
 
 
 def _finite(x: float) -> float:
