@@ -350,7 +350,8 @@ def _delta(parser: ReasoningStreamParser | None, text: str, last: bool) -> p.Del
     split = parser.push(text or "")
     if last:
         tail = parser.flush()
-        split = ReasoningSplit(_join(split.reasoning_content, tail.reasoning_content), _join(split.content, tail.content))
+        split = ReasoningSplit(_join(split.reasoning_content, tail.reasoning_content),
+                               _join(split.content, tail.content))
     return p.DeltaMessage(content=split.content, reasoning_content=split.reasoning_content)
 
 
