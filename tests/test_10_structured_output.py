@@ -137,3 +137,21 @@ def test_llm_generate_follows_choice_and_regex():
         llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(regex="(")), use_tqdm=False)
     assert llm.engine.num_unfinished_requests == 0
     llm.engine.check_no_leaks()
+
+
+def test_bench_dry_run_counts_valid_outputs_and_identical_threaded_tokens(tmp_path):
+    """``bench/structured_output.py`` on a one-field schema: its bookkeeping, not its timings."""
+    pytest.importorskip("jsonschema")
+    from bench import structured_output as bench
+
+    assert bench.main(["--batches", "2", "--repeats", "1", "--free-tokens", "3", "--schema", "flag",
+                       "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "15_structured_output_dry_run.json").read_text())
+    assert {"date", "command", "host", "versions"} <= set(data["meta"]) and data["schema"] == bench.FLAG
+    row = data["results"]["batch2"]
+    assert row["constrained_outputs"] == {"total": 4, "parsed": 4, "valid": 4,
+                                          "thread_tokens_identical_to_serial": "2/2"}
+    assert row["free"]["decode_steps"] == 2  # 3 tokens: one from the prefill, two full-batch decode steps
+    assert row["free"]["mask_fill_ms_median"] == 0.0 and row["schema"]["mask_fill_ms_median"] > 0
+    assert row["schema"]["decode_steps"] == row["schema+thread"]["decode_steps"] >= 1
+    assert all(json.loads(text) in ({"ok": True}, {"ok": False}) for text in row["example_outputs"])
