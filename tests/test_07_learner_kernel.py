@@ -46,7 +46,8 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, *, aligned_to_end=True, causal=True, gqa=l
         for h in range(n_q):
             qs = q[cq[b]:cq[b + 1], h].float()
             ks, vs = (t[ck[b]:ck[b + 1], gqa(h, n_q, n_kv)].float() for t in (k, v))
-            out[cq[b]:cq[b + 1], h] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale).to(q.dtype)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+            out[cq[b]:cq[b + 1], h] = o.to(q.dtype)
     return out
 
 
@@ -203,9 +204,11 @@ def test_the_solution_passes_the_notebooks_check_and_the_load_time_check(solutio
 MISTAKES = {  # a typical mistake -> (what the solution says, what the mistaken kernel says)
     "GQA as h % n_kv": ("kv_head = head // (q.shape[1] // k.shape[1])", "kv_head = head % k.shape[1]"),
     "causal aligned to the start": ("offset = k_len - q_len  #", "offset = 0  #"),
-    "no running max": ("alpha = math.exp(m - m_new)", "m_new = numba.float32(0.0)\n            alpha = numba.float32(1.0)"),
+    "no running max": ("alpha = math.exp(m - m_new)",
+                       "m_new = numba.float32(0.0)\n            alpha = numba.float32(1.0)"),
     "l not rescaled": ("l *= alpha\n", "l *= 1.0\n"),
-    "keys indexed with the query offset": ("k[k_start + tile_start + j, kv_head, d]", "k[q_start + tile_start + j, kv_head, d]"),
+    "keys indexed with the query offset": ("k[k_start + tile_start + j, kv_head, d]",
+                                           "k[q_start + tile_start + j, kv_head, d]"),
     "tile loop bound per row (barriers mismatched)": ("for tile_start in range(0, block_limit, TILE_N)",
                                                       "for tile_start in range(0, limit, TILE_N)"),
 }
@@ -237,7 +240,8 @@ def test_the_learners_kernel_serves_the_packages_tokens_on_a_gpu(solution, tmp_p
     whose = {n: (w, why) for n, w, why in learner.load_parts(tmp_path, "cuda").report}
     assert whose["flash_attention"][0] == "yours", whose
     long = "Tell me everything you know about the history of Paris, its rivers and bridges. " * 6
-    prompts = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colours.", long)]
+    questions = ("What is the capital of France?", "Name three colours.", long)
+    prompts = [[{"role": "user", "content": q}] for q in questions]
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     small = dict(dtype="float32", num_kv_blocks=512, cuda_graph_max_batch=8, max_num_batched_tokens=64)
     runs = []
@@ -253,7 +257,8 @@ def test_the_learners_kernel_serves_the_packages_tokens_on_a_gpu(solution, tmp_p
         runs.append([o.outputs[0].token_ids for o in outs])
         if engine == "yours":
             assert calls, "the engine's prefill never called the learner's kernel"
-            lens = [(q1 - q0, k1 - k0) for cu_q, cu_k in calls for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+            lens = [(q1 - q0, k1 - k0) for cu_q, cu_k in calls
+                    for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
             assert any(k > q for q, k in lens), lens  # earlier context: a later chunk, the prefix-cache hit
             assert lens[-1][0] < lens[-1][1] == lens[0][1], lens  # the hit: the first prompt's last tokens only
         del llm
@@ -281,7 +286,8 @@ COMPILE = textwrap.dedent('''
 def _solution_kernel_source() -> str:
     """The ``@cuda.jit`` function alone: no torch, so the compiler subprocess starts in a second or two."""
     code = _solution_cell("def my_flash_attention_kernel(")
-    node = next(n for n in ast.parse(code).body if isinstance(n, ast.FunctionDef) and n.name == "my_flash_attention_kernel")
+    node = next(n for n in ast.parse(code).body
+                if isinstance(n, ast.FunctionDef) and n.name == "my_flash_attention_kernel")
     return "\n".join(code.splitlines()[node.decorator_list[0].lineno - 1:node.end_lineno]) + "\n"
 
 
