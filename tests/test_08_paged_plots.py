@@ -93,3 +93,24 @@ def test_decode_vs_floor_leaves_out_a_kernel_that_was_not_measured():
     ax_f, ax_t = paged_plots.decode_vs_floor(result, batch=1).axes
     assert {line.get_gid() for line in ax_f.get_lines() if line.get_gid()} == {"paged:1", "paged:32"}
     assert "warp" not in {line.get_gid() for line in ax_t.get_lines()}
+
+
+def test_no_two_decode_lines_look_alike():
+    """Every (kernel, batch) line of the left panel differs from every other in colour, and each kernel has its own
+    line style and marker; the legend holds each line once, and the figure has no second legend on that panel."""
+    result = _decode_result()
+    for r in result["decode"]:  # six batch sizes, as the H200 result has: twelve lines
+        r.update(batch=r["batch"])
+    rows = [dict(r, batch=b) for b in (1, 8, 32, 64, 128, 256) for r in result["decode"][:2]]
+    result["decode"] = rows
+    fig = paged_plots.decode_vs_floor(result, batch=32)
+    ax_f = fig.axes[0]
+    lines = [line for line in ax_f.get_lines() if line.get_gid()]
+    assert len(lines) == 12
+    looks = [(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle(), line.get_marker()) for line in lines]
+    assert len(set(looks)) == 12 and len({c for c, _, _ in looks}) == 12  # not even a colour is shared
+    for kernel in ("paged", "warp"):
+        styles = {(line.get_linestyle(), line.get_marker()) for line in lines if line.get_gid().startswith(kernel)}
+        assert len(styles) == 1
+    assert ax_f.get_legend() is None and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["v1, batch 1", "v2, batch 1"]

@@ -107,3 +107,46 @@ def test_benchmark_plots_label_every_system_and_setting():
            "cache_on": {"prefill_tokens_computed": 32, "ttft_ms_median": 3.0}, "meta": {}}
     a, b = ep.prefix(pre).axes
     assert [p.get_width() for p in a.patches] == [288, 32] and [p.get_width() for p in b.patches] == [9.0, 3.0]
+
+
+def _overlapping_ticks(fig) -> list[tuple[str, str]]:
+    """Pairs of neighbouring x tick labels whose drawn boxes overlap, over every panel."""
+    fig.canvas.draw()
+    pairs = []
+    for ax in fig.axes:
+        lo, hi = sorted(ax.get_xlim())
+        ticks = [(t.get_position()[0], t.get_text(), t.get_window_extent()) for t in ax.get_xticklabels()
+                 if t.get_text() and lo <= t.get_position()[0] <= hi]
+        ticks.sort(key=lambda t: t[0])
+        pairs += [(a[1], b[1]) for a, b in zip(ticks, ticks[1:]) if a[2].x1 > b[2].x0]
+    return pairs
+
+
+PREFIX_GPU = {"config": "qwen3-0.6b", "dtype": "bfloat16", "device": "cuda", "num_requests": 64, "shared_len": 2048,
+              "suffix_len": 32, "prefill_tokens_saved": 0.9846, "meta": {"gpu": "NVIDIA H200", "date": "2026-11-29"},
+              "cache_off": {"prefill_tokens_computed": 133120, "ttft_ms_median": 1450.62},
+              "cache_on": {"prefill_tokens_computed": 2048, "ttft_ms_median": 402.81}}
+
+
+def test_prefix_plot_ticks_do_not_overlap_and_the_figure_says_what_was_measured():
+    fig = ep.prefix(PREFIX_GPU)
+    assert _overlapping_ticks(fig) == []
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()][-1].endswith("k")
+    title = fig._suptitle.get_text()
+    assert "random bfloat16 weights" in title and "H200" in title
+    (note,) = [t for t in fig.texts if t.get_gid() == "note"]
+    assert "warm-up request" in note.get_text() and "2,080 prefill tokens" in note.get_text()
+    cpu = ep.prefix({**PREFIX_GPU, "config": "default", "dtype": "float32", "device": "cpu", "meta": {}})
+    assert "real weights" in cpu._suptitle.get_text() and _overlapping_ticks(cpu) == []
+
+
+def test_throughput_and_latency_say_the_weights_are_random():
+    thr = {"config": "qwen3-0.6b", "dtype": "bfloat16", "device": "cuda", "meta": {"gpu": "H200"},
+           "workload": {"requests": 256, "output_tokens": 144160}, "minivllm": {"output_tokens_per_s": 4626.0},
+           "transformers": {"output_tokens_per_s": 98.0, "batch": 16}}
+    assert "random bfloat16 weights" in ep.throughput(thr)._suptitle.get_text()
+    lat = {"config": "qwen3-0.6b", "dtype": "bfloat16", "output_len": 256, "ttft_prompt_len": 1024,
+           "meta": {"gpu": "H200"}, "cuda_graphs": {"decode_ms_per_token": 2.45, "ttft_ms": 53.2},
+           "eager": {"decode_ms_per_token": 38.5, "ttft_ms": 37.8}}
+    fig = ep.latency(lat)
+    assert "random bfloat16 weights" in fig._suptitle.get_text() and _overlapping_ticks(fig) == []

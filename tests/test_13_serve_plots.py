@@ -49,3 +49,17 @@ def test_percentile_interpolates_between_ranks():
     assert percentile(values, 50) == 3.0 and percentile(values, 0) == 1.0 and percentile(values, 100) == 5.0
     assert percentile(values, 25) == 2.0 and percentile([1.0, 2.0], 99) == pytest.approx(1.99)
     assert percentile([], 50) != percentile([], 50)  # nan
+
+
+def test_one_legend_per_figure_and_plain_client_counts():
+    for fig in (serve_plots.serve_scaling(RESULT), serve_plots.serve_scaling([RESULT, RESULT], labels=["a", "b"])):
+        assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+        assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1", "4", "16"]
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["p50 (median)", "p99", "a", "b"]
+
+
+def test_a_random_model_says_so_in_the_title():
+    gpu = {**RESULT, "config": "qwen3-0.6b", "device": "cuda", "dtype": "bfloat16"}
+    assert "random bfloat16 weights" in serve_plots.serve_scaling(gpu)._suptitle.get_text()
+    assert "real weights" in serve_plots.serve_scaling({**RESULT, "dtype": "float32"})._suptitle.get_text()

@@ -10,11 +10,13 @@ Each plot returns a closed matplotlib ``Figure``. Left out: live (streaming) plo
 """
 
 import dataclasses
+import textwrap
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from minivllm.course import scheduler_plots as sp
@@ -185,6 +187,14 @@ class CheapestFirst(Scheduler):
 
 
 # ----------------------------------------------------------------------------- benchmark results
+def model_note(result: dict) -> str:
+    """What model a benchmark ran: the embedded default model's real weights, or a random model of real shapes."""
+    config, dtype = result.get("config", "?"), result.get("dtype", "?")
+    if config == "default":
+        return f"the embedded SmolLM2-135M-Instruct (real weights), {dtype}"
+    return f"{config} shapes with random {dtype} weights (no checkpoint): real speed, meaningless tokens"
+
+
 def _where(result: dict) -> str:
     meta = result.get("meta", {})
     if meta.get("gpu"):
@@ -192,11 +202,28 @@ def _where(result: dict) -> str:
     return f"CPU, {result.get('threads', '?')} threads, {str(meta.get('date', ''))[:10]}\n`{meta.get('command', '')}`"
 
 
+def _compact(value: float, _pos=None) -> str:
+    """A tick label that stays narrow: 1,500 -> "1,500", 133,120 -> "133k", 2,500,000 -> "2.5M"."""
+    if abs(value) >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    if abs(value) >= 1e4:
+        return f"{value / 1e3:.0f}k"
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.3g}"
+
+
+def _few_ticks(ax) -> None:
+    """At most ~4 x ticks with compact labels: long numbers side by side overlap in a narrow panel."""
+    if ax.get_xscale() == "linear":
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4, min_n_ticks=3))
+        ax.xaxis.set_major_formatter(FuncFormatter(_compact))
+
+
 def _bars(ax, labels: list[str], values: list[float], fmt: str, colors: Sequence[str]) -> None:
     bars = ax.barh(labels, values, color=colors[: len(values)])
     ax.bar_label(bars, labels=[fmt.format(v) for v in values], padding=3, fontsize=9)
     ax.invert_yaxis()
     ax.set_xlim(0, max(values) * 1.3)
+    _few_ticks(ax)
 
 
 def throughput(result: dict) -> Figure:
@@ -207,7 +234,7 @@ def throughput(result: dict) -> Figure:
         if peer and "error" not in peer:
             how = "one at a time" if peer.get("batch", 1) == 1 else f"batches of {peer['batch']}"
             rows.append((f"{label} ({how})", peer["output_tokens_per_s"], rows[0][1] / peer["output_tokens_per_s"]))
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 2.2))
     plt.close(fig)
     bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=[DECODE, "#C44E52", "#55A868"][: len(rows)])
     ax.bar_label(bars, labels=[f"{v:,.0f} tok/s" + (f"  (minivllm: {x:.1f}x)" if i else "")
@@ -219,8 +246,9 @@ def throughput(result: dict) -> Figure:
         ax.set_xlim(left=0)
     w = result["workload"]
     ax.set_xlabel("output tokens per second")
-    ax.set_title(f"{result['config']} ({result['dtype']}, {result['device']}): {w['requests']} requests, "
-                 f"{w['output_tokens']:,} output tokens\nmeasured on {_where(result)}", fontsize=9)
+    _few_ticks(ax)
+    fig.suptitle(f"{w['requests']} requests, {w['output_tokens']:,} output tokens on {result['device']}\n"
+                 f"{model_note(result)}\nmeasured on {_where(result)}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -241,22 +269,30 @@ def latency(result: dict) -> Figure:
             ax.set_xlim(0, max(ax.get_xlim()[1], target * 1.2))
             ax.legend(fontsize=8, loc="lower right")
         ax.set_title(what, fontsize=9)
-    fig.suptitle(f"{result['config']} ({result['dtype']})  ·  {_where(result)}", fontsize=9)
+    fig.suptitle(f"{model_note(result)}\n{_where(result)}", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def prefix(result: dict) -> Figure:
-    """Prefix caching on a shared prompt: prefill tokens computed and median TTFT, cache off vs on."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 2.6))
+    """Prefix caching on a shared prompt: prefill tokens computed and median TTFT, cache off vs on.
+
+    Not counted in either setting: the one warm-up request the benchmark serves first with the same shared
+    prompt (it computes the shared prompt once; with the cache on it leaves it cached): the figure says so."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.0))
     plt.close(fig)
     labels = ["cache off", "cache on"]
     for ax, key, what, fmt in ((axes[0], "prefill_tokens_computed", "prefill tokens computed", "{:,.0f}"),
                                (axes[1], "ttft_ms_median", "median time to first token (ms)", "{:,.1f}")):
         _bars(ax, labels, [result["cache_off"][key], result["cache_on"][key]], fmt, (PREFILL, DECODE))
         ax.set_title(what, fontsize=9)
-    fig.suptitle(f"{result['config']}: {result['num_requests']} requests sharing a {result['shared_len']}-token prompt "
-                 f"(+{result['suffix_len']} own tokens): {result['prefill_tokens_saved']:.0%} fewer prefill tokens\n"
-                 f"{_where(result)}", fontsize=9)
-    fig.tight_layout()
+    warm = result["shared_len"] + result["suffix_len"]
+    fig.suptitle(f"{result['num_requests']} requests sharing a {result['shared_len']:,}-token prompt "
+                 f"(+{result['suffix_len']} own tokens each): {result['prefill_tokens_saved']:.0%} fewer prefill "
+                 f"tokens\n{model_note(result)}  ·  {_where(result)}", fontsize=9)
+    note = (f"Not counted: a warm-up request with the same shared prompt, served first in both settings ({warm:,} "
+            f"prefill tokens). With the cache on, it leaves the shared prompt cached, as a server's earlier requests "
+            f"would: then each request computes only its own {result['suffix_len']} tokens.")
+    fig.text(0.5, 0.01, textwrap.fill(note, 130), ha="center", va="bottom", fontsize=8, color="#555555", gid="note")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig

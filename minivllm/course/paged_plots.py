@@ -152,15 +152,25 @@ def draw_block_tables(tables: Mapping[str, Sequence[int]], lengths: Mapping[str,
 
 
 DECODE_SERIES = {"paged": ("ours, v1 (a thread per key row)", "#C44E52"),
-                 "warp": ("ours, v2 (a warp per key row)", "#DD8452"),
+                 "warp": ("ours, v2 (a warp per key row)", "#8172B3"),
                  "gather_sdpa": ("gather + SDPA", "#55A868"),
                  "sdpa": ("SDPA on pre-gathered K/V", "#4C72B0")}
+# the left panel: one colour family per kernel (v1 reds, v2 purples), darker for larger batches, and its own
+# line style and marker, so that no two of the (kernels x batch sizes) lines look alike
+KERNEL_STYLE = {"paged": ("Reds", "--", "s"), "warp": ("Purples", "-", "o")}
+
+
+def _shades(cmap: str, n: int) -> list:
+    """``n`` distinct shades of a sequential colormap, light to dark (its palest end left out: too faint)."""
+    colors = plt.get_cmap(cmap)
+    return [colors(0.4 + 0.6 * i / max(n - 1, 1)) for i in range(n)]
 
 
 def decode_vs_floor(result: dict, *, batch: int = 32) -> Figure:
     """``bench/results/08_paged_attention.json`` drawn. Left: each decode kernel's fraction of the bandwidth
     floor (K and V bytes / HBM bandwidth, divided by the measured time) against context length, one line per
-    batch size, and the target. Right: µs per call at ``batch`` sequences, every method and the floor itself."""
+    kernel and batch size (kernel: colour family, line style and marker; batch: shade), and the target.
+    Right: µs per call at ``batch`` sequences, every method and the floor itself."""
     from minivllm.course.plots import provenance
 
     rows = result["decode"]
@@ -168,21 +178,28 @@ def decode_vs_floor(result: dict, *, batch: int = 32) -> Figure:
         raise ValueError("the result has no decode rows")
     kernels = [k for k in ("paged", "warp") if any(r.get(f"{k}_us") is not None for r in rows)]
     batches = sorted({r["batch"] for r in rows})
-    fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 4.3))
-    for k, style in zip(kernels, ("--", "-")):
-        for i, b in enumerate(batches):
+    fig, (ax_f, ax_t) = plt.subplots(1, 2, figsize=(12, 5.4))
+    for k in kernels:
+        cmap, style, marker = KERNEL_STYLE[k]
+        for b, color in zip(batches, _shades(cmap, len(batches))):
             pts = sorted((r["context"], r[f"{k}_floor_frac"]) for r in rows
                          if r["batch"] == b and r.get(f"{k}_us") is not None)
             if pts:
                 ctx, frac = zip(*pts)
-                ax_f.plot(ctx, frac, style, marker="o", ms=3, color=SEQ_COLORS[i % len(SEQ_COLORS)],
-                          label=f"{k}, batch {b}", gid=f"{k}:{b}")
+                ax_f.plot(ctx, frac, linestyle=style, marker=marker, ms=4, color=color,
+                          label=f"{'v1' if k == 'paged' else 'v2'}, batch {b}", gid=f"{k}:{b}")
     target = result.get("floor_target")
     if target:
         ax_f.axhline(target, color="gray", linestyle=":", label=f"target {target:.0%}")
     ax_f.set_ylim(0, 1.05)
     ax_f.set_ylabel("fraction of the bandwidth floor")
-    ax_f.legend(fontsize=7, ncol=2)
+    handles = {h.get_gid() or "target": h for h in ax_f.get_lines()}  # one column per batch size: v1 above v2
+    # (the target line is the one without a gid)
+    order = [handles[f"{k}:{b}"] for b in batches for k in kernels if f"{k}:{b}" in handles]
+    order += [handles["target"]] if "target" in handles else []
+    fig.legend(handles=order, fontsize=7, ncol=len(batches) + 1, loc="lower center", frameon=False,
+               title="left panel: v1 (a thread per key row) reds, dashed, squares  ·  v2 (a warp per key row) "
+                     "purples, solid, circles  ·  darker: larger batch", title_fontsize=7)
     ax_f.set_title("decode kernels against the HBM floor", fontsize=10)
     at = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["context"])
     if at:
@@ -202,6 +219,6 @@ def decode_vs_floor(result: dict, *, batch: int = 32) -> Figure:
         ax.set_xlabel("context length (tokens per sequence)")
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"paged decode attention, one layer\nmeasured on {provenance(result.get('meta', {}))}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     plt.close(fig)
     return fig
