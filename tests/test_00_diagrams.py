@@ -89,3 +89,74 @@ def test_next_token_distributions_one_panel_per_distribution():
         assert all(to_rgba(bar.get_facecolor()) == to_rgba(diagrams.COLORS["io"]) for bar in ax.patches)
     with pytest.raises(ValueError):
         diagrams.next_token_distributions(["a"], {"bad": [0.5, 0.5]})
+
+
+# ----------------------------------------------------------------------------- the learner's workspace
+def test_every_learner_component_plugs_into_a_part_of_the_picture():
+    from minivllm import learner
+
+    names = {c.name for c in diagrams.COMPONENTS}
+    phases = {c.name: c.phase for c in diagrams.COMPONENTS}
+    for name, comp in learner.COMPONENTS.items():
+        part = diagrams.part_of(name)
+        assert part in names, name
+        assert phases[part] == comp.phase, (name, part)  # the part of the phase that writes it
+    assert diagrams.part_of("store_kv") == "paged KV cache" and diagrams.part_of("paged_attention") == "paged attention"
+
+
+def _component_file(folder, name: str, body: str) -> None:
+    from minivllm import learner
+
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(f"API_VERSION = {learner.API_VERSION}\n\n{body}\n\nCOMPONENT = {body.split()[1].split('(')[0]}\n")
+
+
+def _solid(fig) -> dict[str, bool]:
+    boxes = _patches(fig, "component")[: len(diagrams.COMPONENTS)]
+    return {c.name: box.get_alpha() == 1 and box.get_linestyle() == "-" for c, box in zip(diagrams.COMPONENTS, boxes)}
+
+
+def test_a_fresh_workspace_fades_every_part_that_waits_for_an_exercise(tmp_path):
+    status = diagrams.workspace_status(tmp_path / "none")
+    fig = diagrams.learner_map(status)
+    for name, solid in _solid(fig).items():
+        assert solid == (status[name].state == "no exercise"), name
+        assert status[name].yours == ()
+    assert {n for n, st in status.items() if st.state == "no exercise"} == {
+        "server", "tokenizer", "Qwen3 model", "radix cache", "launch layer"}
+    notes = {t.get_text() for t in fig.axes[0].texts if t.get_gid() == "note"}
+    assert "package's" in notes and all(n == "package's" or n.startswith("0/") for n in notes)
+    assert any("0 of " in t.get_text() for t in fig.axes[0].texts if t.get_gid() == "summary")
+
+
+def test_the_map_draws_what_the_workspace_holds_and_passes(tmp_path):
+    ws = tmp_path / "workspace"
+    _component_file(ws, "max_cached_tokens", "def max_cached_tokens(n, bs):\n    return (n - 1) // bs * bs")
+    _component_file(ws, "select_victim", "def select_victim(running):\n    return running[0]")  # fails its check
+    _component_file(ws, "rms_norm", "def rms_norm(x, w, eps):\n    return x")  # a kernel: not checked on a CPU
+    status = diagrams.workspace_status(ws)
+    assert status["scheduler"].yours == ("max_cached_tokens",) and status["scheduler"].state == "partly yours"
+    assert status["scheduler"].note == f"1/{len(status['scheduler'].exercises)} yours"
+    assert status["RMSNorm"].yours == ("rms_norm",) and status["RMSNorm"].on_gpu_only == ("rms_norm",)
+    assert status["RMSNorm"].note == "1/2 yours"
+    solid = _solid(diagrams.learner_map(status))
+    assert not solid["scheduler"] and not solid["RMSNorm"] and solid["server"]
+    _component_file(ws, "fused_add_rms_norm", "def fused_add_rms_norm(x, r, w, eps):\n    return x, r")
+    status = diagrams.workspace_status(ws)
+    assert status["RMSNorm"].state == "yours" and status["RMSNorm"].note == "yours (GPU)"
+    assert _solid(diagrams.learner_map(status))["RMSNorm"]
+
+
+def test_engine_steps_draws_each_step_and_the_block_table_after_it():
+    steps = [diagrams.StepView(1, True, 0, 16, (4,), None, 3.0), diagrams.StepView(2, True, 16, 5, (4, 9), "The", 2.0),
+             diagrams.StepView(3, False, 21, 1, (4, 9), " cat", 1.0), diagrams.StepView(4, False, 22, 1, (), "<end>", 1.0)]
+    fig = diagrams.engine_steps(steps, 16)
+    top, bottom = fig.axes
+    bars = [p for p in top.patches if p.get_gid() == "step"]
+    assert [b.get_height() for b in bars] == [16, 5, 1, 1]
+    assert bars[0].get_facecolor() == bars[1].get_facecolor() != bars[2].get_facecolor()  # prefill vs decode
+    labels = [t.get_text().strip() for t in top.texts]
+    assert labels == ["no token yet", "The", "·cat", "<end>"]
+    assert len([p for p in bottom.patches if p.get_gid() == "kv_block"]) == 1 + 2 + 2  # the tables' blocks
+    assert [t.get_text() for t in bottom.texts] == ["4", "4", "9", "4", "9", "freed"]
+    fig.savefig(io.BytesIO(), format="png")

@@ -1,10 +1,12 @@
 """Pictures of the engine for the course notebooks: its parts, and the path of one request through them.
 
 :data:`COMPONENTS` is the one list of the engine's parts, with the phase that builds each and the
-module it lands in; :func:`built` says which of those modules exist so far. :func:`architecture`
-draws the parts and the request flow, :func:`request_path` draws one request from real data (its
-tokens, block table and next-token probabilities), :func:`next_token_distributions` compares
-probability vectors. Each returns a :class:`~matplotlib.figure.Figure` already closed in pyplot, so
+module it lands in; :func:`built` says which of those modules exist. :func:`workspace_status` says, part by
+part, which of the learner's exercises plugged into it are in their workspace and pass (``minivllm.learner``),
+and :func:`learner_map` draws that. :func:`architecture` draws the parts and the request flow,
+:func:`request_path` draws one request from real data (its tokens, block table and next-token
+probabilities), :func:`engine_steps` the steps the engine took for one request (:class:`StepView`),
+:func:`next_token_distributions` compares probability vectors. Each returns a :class:`~matplotlib.figure.Figure` already closed in pyplot, so
 nothing is left open or shown twice: a notebook shows it by making it the cell's last expression.
 The layout is placed by hand for these parts: this is not a general graph-drawing module.
 """
@@ -12,6 +14,7 @@ The layout is placed by hand for these parts: this is not a general graph-drawin
 import importlib.util
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+import pathlib
 
 import matplotlib.pyplot as plt  # importing pyplot is what lets Jupyter show a returned Figure
 from matplotlib.figure import Figure
@@ -84,11 +87,11 @@ def built() -> set[str]:
     return {c.name for c in COMPONENTS if exists(c.module)}
 
 
-def architecture(done: Collection[str] | None = None) -> Figure:
+def architecture(done: Collection[str] | None = None, notes: Mapping[str, str] | None = None) -> Figure:
     """The engine's parts, each with the phase that builds it, and the path of a request through them.
 
-    ``done``: names of components already built (e.g. :func:`built`); the others are drawn faded with
-    dashed edges. ``None`` draws every part as built.
+    ``done``: names of components drawn solid (built, or yours: :func:`learner_map`); the others are drawn
+    faded with dashed edges. ``None`` draws every part solid. ``notes``: a short line per part, drawn on it.
     """
     fig = _figure(12, 7)
     ax = fig.add_axes((0, 0, 1, 1))
@@ -114,12 +117,96 @@ def architecture(done: Collection[str] | None = None) -> Figure:
             if c.module:
                 ax.text(x, y - 0.2, c.module, ha="center", va="center", color=color, fontsize=7,
                         family="monospace", zorder=3)
+        if notes and c.name in notes:  # a tag on the box's upper edge
+            ax.text(x + w / 2 - 0.08, y + h / 2, notes[c.name], ha="right", va="center", fontsize=7, zorder=5,
+                    color="#333333", gid="note", bbox=dict(boxstyle="round,pad=0.15", facecolor="white",
+                                                           edgecolor=COLORS[c.kind], linewidth=0.8))
     ax.text(0.45, _K + 0.55, "numba.cuda kernels", fontsize=9, fontstyle="italic", color=COLORS["compute"])
     for src, dst, label, rad in FLOW:
         _connect(ax, parts[src], parts[dst], label, rad, solid=True)
     for src, dst, label in USES:
         _connect(ax, parts[src], parts[dst], label, 0.0, solid=False)
     ax.text(11.9, 6.85, "solid: the request's path   dashed: uses", ha="right", va="top", fontsize=8, color="gray")
+    return fig
+
+
+# ----------------------------------------------------------------------------- the learner's workspace
+PLUGS = {"store_kv": "paged KV cache", "paged_attention": "paged attention"}  # where a phase has two parts
+
+
+def part_of(component: str) -> str | None:
+    """The part of the engine that a learner component (a name of ``minivllm.learner.COMPONENTS``) plugs into."""
+    from minivllm.learner import COMPONENTS as LEARNER
+
+    if component in PLUGS:
+        return PLUGS[component]
+    phase = LEARNER[component].phase if component in LEARNER else None
+    return next((c.name for c in COMPONENTS if c.phase == phase), None)
+
+
+@dataclass(frozen=True, slots=True)
+class PartStatus:
+    """One part of the engine, as the learner's workspace has it."""
+
+    name: str
+    exercises: tuple[str, ...]  # learner components that plug into it
+    yours: tuple[str, ...]  # of those, the ones in the workspace that pass their check
+    on_gpu_only: tuple[str, ...] = ()  # of ``yours``, kernels that run only on a GPU (here the model uses torch)
+
+    @property
+    def state(self) -> str:
+        if not self.exercises:
+            return "no exercise"
+        return "yours" if len(self.yours) == len(self.exercises) else "partly yours" if self.yours else "to write"
+
+    @property
+    def note(self) -> str:
+        if not self.exercises:
+            return "package's"
+        n, k = len(self.exercises), len(self.yours)
+        where = " (GPU)" if self.on_gpu_only and len(self.on_gpu_only) == k else ""
+        return f"yours{where}" if k == n else f"{k}/{n} yours" if k else f"0/{n}"
+
+
+def workspace_status(workspace: str | pathlib.Path | None = None, device: str = "cpu") -> dict[str, PartStatus]:
+    """Each part of the engine with the learner components that plug into it and which of them are yours:
+    in the workspace (``minivllm.learner.default_workspace()`` unless given) and passing their load-time check
+    (:func:`minivllm.learner.load_parts`). A GPU-only kernel cannot be checked on a CPU: there, a saved one
+    counts as yours (it passed the notebook's check when it was saved)."""
+    from minivllm import learner
+
+    folder = pathlib.Path(workspace) if workspace is not None else learner.default_workspace()
+    report = learner.load_parts(folder, device).report
+    exercises: dict[str, list[str]] = {c.name: [] for c in COMPONENTS}
+    yours: dict[str, list[str]] = {c.name: [] for c in COMPONENTS}
+    gpu: dict[str, list[str]] = {c.name: [] for c in COMPONENTS}
+    for name, whose, _ in report:
+        part = part_of(name)
+        if part is None:
+            continue
+        exercises[part].append(name)
+        saved_for_gpu = (learner.COMPONENTS[name].gpu_only and not str(device).startswith("cuda")
+                         and (folder / f"{name}.py").is_file())
+        if whose == "yours" or saved_for_gpu:
+            yours[part].append(name)
+        if saved_for_gpu:
+            gpu[part].append(name)
+    return {c.name: PartStatus(c.name, tuple(exercises[c.name]), tuple(yours[c.name]), tuple(gpu[c.name]))
+            for c in COMPONENTS}
+
+
+def learner_map(status: Mapping[str, PartStatus]) -> Figure:
+    """:func:`architecture` with the learner's workspace: solid where every exercise that plugs into a part is
+    yours (and where none plugs in: the package's), faded where some are still to write; a tag on each part."""
+    done = {name for name, st in status.items() if st.state in ("yours", "no exercise")}
+    fig = architecture(done, {name: st.note for name, st in status.items()})
+    counts = [len(st.yours) for st in status.values()], [len(st.exercises) for st in status.values()]
+    ax = fig.axes[0]
+    ax.set_ylim(-0.5, 7)  # a strip below the engine for the legend
+    fig.set_size_inches(12, 7.5)
+    ax.text(6, -0.25, f"your workspace: {sum(counts[0])} of {sum(counts[1])} exercises that plug into the engine   ·   "
+            "solid: yours, or the package's where no exercise plugs in   ·   faded: still to write",
+            ha="center", va="center", fontsize=9, color="#333333", gid="summary")
     return fig
 
 
@@ -178,10 +265,15 @@ def _block_color(j: int) -> str:
     return COLORS["control"] if j % 2 else COLORS["io"]  # neighbouring KV blocks alternate
 
 
+def _shown(piece: str) -> str:
+    """A token's text as the pictures show it: spaces as ·, newlines as ⏎."""
+    return piece.replace(" ", "·").replace("\n", "⏎")
+
+
 def _token_chips(ax, pieces: Sequence[str], token_ids: Sequence[int], block_size: int, width: float = 24) -> None:
     x = y = 0.0  # chips wrap like text; a chip's width follows its characters
     for i, (piece, tid) in enumerate(zip(pieces, token_ids)):
-        shown = piece.replace(" ", "·").replace("\n", "⏎")
+        shown = _shown(piece)
         w = max(len(shown), len(str(tid))) * 0.22 + 0.35
         if x + w > width:
             x, y = 0.0, y - 1.15
@@ -236,6 +328,60 @@ def _next_token(ax, probs: Mapping[str, float], sampled: str, n: int, block_tabl
     ax.text(0.99, 0.9, f"sampled {sampled!r}: it becomes token {n}; its K and V go to {where}",
             transform=ax.transAxes, ha="right", fontsize=9, color=COLORS["control"], fontweight="bold")
     ax.spines[["top", "right"]].set_visible(False)
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    """One engine step, seen from one request (read from ``LLMEngine.step_log`` and the request's ``Sequence``)."""
+
+    step: int
+    is_prefill: bool  # a prefill chunk (the prompt) or a decode (one new token)
+    start: int  # position of the first token computed in this step
+    num_tokens: int  # tokens computed in this step
+    block_table: tuple[int, ...]  # the request's KV blocks after the step (empty: finished, blocks released)
+    sampled: str | None  # the text of the token sampled at the end of the step; None: nothing sampled
+    ms: float  # the step's wall time
+
+
+def engine_steps(steps: Sequence[StepView], block_size: int) -> Figure:
+    """One request through the engine, step by step. Top: tokens computed per step (prefill chunks, decodes),
+    each bar labelled with the token sampled after it. Bottom: the request's block table after each step, one
+    square per KV block (its id), filled as far as its slots hold computed tokens."""
+    if not steps:
+        raise ValueError("no steps to draw")
+    fig = _figure(max(8.0, 0.62 * len(steps) + 2.5), 5.6)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=(1.2, 1.0)))
+    xs = [s.step for s in steps]
+    colors = [COLORS["control"] if s.is_prefill else COLORS["io"] for s in steps]
+    bars = top.bar(xs, [s.num_tokens for s in steps], color=colors, gid="step")
+    for bar, s in zip(bars, steps):
+        label, color = ("no token yet", "gray") if s.sampled is None else (_shown(s.sampled), "#333333")
+        top.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f" {label}", ha="center", va="bottom",
+                 rotation=90, fontsize=8, family="monospace", color=color)
+    top.set_ylim(0, max(s.num_tokens for s in steps) * 1.9)
+    top.set_ylabel("tokens computed")
+    top.set_title("what each step computed (orange: a prefill chunk of the prompt, blue: a decode) and the token "
+                  "sampled after it", fontsize=10, loc="left")
+    top.spines[["top", "right"]].set_visible(False)
+    most = max(len(s.block_table) for s in steps)
+    for s in steps:
+        filled = s.start + s.num_tokens  # tokens whose K and V are in the cache after the step
+        for j, block in enumerate(s.block_table):
+            part = min(block_size, max(0, filled - j * block_size)) / block_size
+            bottom.add_patch(Rectangle((s.step - 0.4, j), 0.8, 0.9, facecolor="white", edgecolor="#333333", lw=0.8,
+                                       gid="kv_block"))
+            bottom.add_patch(Rectangle((s.step - 0.4, j), 0.8 * part, 0.9, facecolor=_block_color(j), alpha=0.85))
+            bottom.text(s.step, j + 0.45, str(block), ha="center", va="center", fontsize=8)
+        if not s.block_table:
+            bottom.text(s.step, 0.45, "freed", ha="center", va="center", fontsize=8, rotation=90, color="gray")
+    bottom.set(ylim=(-0.2, most + 0.2), xlabel="engine step", ylabel="logical block")
+    bottom.set_yticks([j + 0.45 for j in range(most)], [str(j) for j in range(most)])
+    bottom.set_xticks(xs)
+    bottom.set_title(f"the request's block table after each step (the number: the physical block; fill: its "
+                     f"{block_size} slots in use)", fontsize=10, loc="left")
+    bottom.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
 
 
 def next_token_distributions(candidates: Sequence[str], dists: Mapping[str, Sequence[float]]) -> Figure:
