@@ -14,18 +14,25 @@ Two ways to run a step:
   hundreds of kernel launches of a few microseconds of work each; replayed, the CPU cost of launching
   them (~30 µs per numba launch, ~8 µs per torch op) disappears.
 
+Inputs are built with little per-step host work: the block tables live in one array with a row per running
+sequence (:class:`BlockTableRows`: a step writes only the blocks a table gained), the flat lists become numpy
+arrays in one C call each, and on a GPU they go through pinned buffers kept between steps (asynchronous copies).
+
 Left out: overlapping the next step's scheduling with this step's GPU work, piecewise graphs for
 prefill, and multi-GPU.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from minivllm.batch import SchedulerOutput
-from minivllm.cache.block_table import block_table_array
+from minivllm.cache.block_table import PAD_BLOCK, block_table_array
 from minivllm.cache.kv_cache import PagedKVCache
 from minivllm.model.paged_attention import PagedAttentionMetadata
 from minivllm.model.qwen3 import Qwen3ForCausalLM
+from minivllm.sequence import Sequence
 from minivllm.utils import cdiv
 
 
@@ -33,6 +40,65 @@ def graph_buckets(max_batch: int) -> list[int]:
     """Batch sizes that get a captured graph: 1, 2, 4, 8, then every multiple of 16 up to ``max_batch``."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
     return sorted(set(sizes))
+
+
+@dataclass(slots=True)
+class _Row:
+    index: int  # the row of BlockTableRows.array
+    table: list[int]  # the sequence's live block table that the row mirrors
+    written: int  # how many of its blocks the row holds
+
+
+class BlockTableRows:
+    """The batch's block tables, kept between steps: one int32 row per running sequence, -1 padded.
+
+    While a sequence runs, its table only grows (blocks are appended), so a step writes just the blocks each
+    table gained since the previous step (a decode gains one every ``block_size`` steps) and gathers the
+    batch's rows with one fancy index. A sequence whose table is another list (it was preempted and admitted
+    again) has its row rewritten; one that left the batch gives its row back.
+    """
+
+    def __init__(self, width: int, rows: int = 64) -> None:
+        self.array = np.full((rows, width), PAD_BLOCK, dtype=np.int32)
+        self.rows: dict[Sequence, _Row] = {}
+        self.free = list(range(rows - 1, -1, -1))
+
+    def gather(self, out: SchedulerOutput) -> np.ndarray:
+        """(sequences, longest table) int32: the step's tables in ``out.scheduled`` order."""
+        array, rows = self.array, self.rows
+        index, width = [], 0
+        for e, table in zip(out.scheduled, out.block_tables):
+            row = rows.get(e.seq)
+            n = len(table)
+            if row is None or row.table is not table or n < row.written:
+                row = self._assign(e.seq, table)
+                array = self.array  # (it may have grown)
+            if n != row.written:  # NOTE: tables only grow in place (BlockManager.grow appends)
+                array[row.index, row.written:n] = table[row.written:]
+                row.written = n
+            index.append(row.index)
+            width = max(width, n)
+        if len(rows) > len(index):  # someone left the batch (finished, preempted, or not scheduled)
+            live = {e.seq for e in out.scheduled}
+            for seq in [s for s in rows if s not in live]:
+                self._release(seq)
+        return array[index, :width]
+
+    def _assign(self, seq: Sequence, table: list[int]) -> _Row:
+        if seq in self.rows:
+            self._release(seq)
+        if not self.free:  # more sequences than rows: double the array
+            old = self.array
+            self.array = np.full((2 * old.shape[0], old.shape[1]), PAD_BLOCK, dtype=np.int32)
+            self.array[: old.shape[0]] = old
+            self.free = list(range(self.array.shape[0] - 1, old.shape[0] - 1, -1))
+        row = self.rows[seq] = _Row(self.free.pop(), table, 0)
+        return row
+
+    def _release(self, seq: Sequence) -> None:
+        row = self.rows.pop(seq)
+        self.array[row.index, : row.written] = PAD_BLOCK
+        self.free.append(row.index)
 
 
 class ModelRunner:
@@ -45,6 +111,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, self.block_size)  # block-table width
         self.backend = attention_backend
+        self.tables = BlockTableRows(self.max_blocks)
+        self.pinned: dict[str, torch.Tensor] = {}  # GPU: host staging buffers (_stage)
+        self.copied = torch.cuda.Event() if self.device.type == "cuda" else None  # the last step's copies are done
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batch = 0
         self.last_step_graph = False  # whether the latest execute() replayed a graph (the step log shows it)
@@ -59,25 +128,54 @@ class ModelRunner:
         self.last_step_graph = num_decodes == num_seqs and 0 < num_seqs <= self.graph_batch
         if not num_seqs:
             return None
+        self._wait_for_copies()
+        tables = self.tables.gather(out)
         if self.last_step_graph:
-            return self._replay(out)
+            return self._replay(out, tables)
         dev = self.device
-        input_ids = torch.tensor(out.input_ids, dtype=torch.long).to(dev, non_blocking=True)
-        positions = torch.tensor(out.positions, dtype=torch.long).to(dev, non_blocking=True)
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
-            slot_mapping=torch.tensor(out.slot_mapping, dtype=torch.long).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(block_table_array(out.block_tables)).to(dev, non_blocking=True),
-            context_lens=torch.tensor(out.seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            slot_mapping=self._stage("slot_mapping", out.slot_mapping, np.int64).to(dev, non_blocking=True),
+            block_tables=self._stage("block_tables", tables, np.int32).to(dev, non_blocking=True),
+            context_lens=self._stage("context_lens", out.seq_lens, np.int32).to(dev, non_blocking=True),
             num_decodes=num_decodes,
             max_context_len=max(out.seq_lens),
             query_lens=[e.num_new_tokens for e in out.scheduled[num_decodes:]],
             prefill_context_lens=out.seq_lens[num_decodes:],
             backend=self.backend,
         )
+        input_ids = self._stage("input_ids", out.input_ids, np.int64).to(dev, non_blocking=True)
+        positions = self._stage("positions", out.positions, np.int64).to(dev, non_blocking=True)
+        rows = None
+        if len(out.sample_indices) != len(out.input_ids):  # NOTE: else every row is sampled, in order
+            rows = self._stage("sample_indices", out.sample_indices, np.int64).to(dev, non_blocking=True)
+        self._copies_queued()
         hidden = self.model(input_ids, positions, meta)  # (tokens, hidden)
-        rows = torch.tensor(out.sample_indices, dtype=torch.long).to(dev, non_blocking=True)
-        return self.model.compute_logits(hidden[rows]).float()
+        return self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
+
+    def _stage(self, name: str, values, dtype) -> torch.Tensor:
+        """``values`` (a list or an array) as a host tensor: on a CPU it is the input itself; on a GPU it is
+        a pinned buffer kept between steps (one per ``name``), so copying it to the device is asynchronous."""
+        array = np.asarray(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return torch.from_numpy(array)
+        buffer = self.pinned.get(name)
+        if buffer is None or buffer.numel() < array.size:
+            buffer = torch.empty(max(2 * array.size, 1024), dtype=torch.from_numpy(array).dtype, pin_memory=True)
+            self.pinned[name] = buffer
+        staged = buffer[: array.size].view(array.shape)
+        staged.numpy()[...] = array
+        return staged
+
+    def _copies_queued(self) -> None:
+        if self.device.type == "cuda":
+            self.copied.record()
+
+    def _wait_for_copies(self) -> None:
+        """NOTE: the pinned buffers are rewritten only once the previous step's copies out of them are done
+        (at once in the engine, whose step waits for its sampled tokens)."""
+        if self.device.type == "cuda":
+            self.copied.synchronize()
 
     # ------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()
@@ -113,21 +211,20 @@ class ModelRunner:
         torch.cuda.synchronize()
         self.graph_batch = max_batch
 
-    def _replay(self, out: SchedulerOutput) -> torch.Tensor:
+    def _replay(self, out: SchedulerOutput, tables: np.ndarray) -> torch.Tensor:
         n = len(out.scheduled)
         b = next(size for size in sorted(self.graphs) if size >= n)
-        ids = np.zeros(b, dtype=np.int64)
-        pos = np.zeros(b, dtype=np.int64)
-        slots = np.full(b, -1, dtype=np.int64)
-        lens = np.ones(b, dtype=np.int32)
-        ids[:n], pos[:n], slots[:n], lens[:n] = out.input_ids, out.positions, out.slot_mapping, out.seq_lens
+        pad = b - n  # padding rows: token 0 at position 0, slot -1 (nothing stored), context 1 in block 0
+        padded = self._padding_tables(b, tables.shape[1])
+        padded[:n] = tables
         s = self.static
-        s["input_ids"][:b].copy_(torch.from_numpy(ids), non_blocking=True)
-        s["positions"][:b].copy_(torch.from_numpy(pos), non_blocking=True)
-        s["slot_mapping"][:b].copy_(torch.from_numpy(slots), non_blocking=True)
-        s["context_lens"][:b].copy_(torch.from_numpy(lens), non_blocking=True)
-        tables = self._padding_tables(b, max(map(len, out.block_tables)), out.block_tables)
-        s["block_tables"][:b, : tables.shape[1]].copy_(torch.from_numpy(tables), non_blocking=True)
+        for name, values, fill, dtype in (("input_ids", out.input_ids, 0, np.int64),
+                                          ("positions", out.positions, 0, np.int64),
+                                          ("slot_mapping", out.slot_mapping, -1, np.int64),
+                                          ("context_lens", out.seq_lens, 1, np.int32)):
+            s[name][:b].copy_(self._stage(name, values + [fill] * pad, dtype), non_blocking=True)
+        s["block_tables"][:b, : tables.shape[1]].copy_(self._stage("block_tables", padded, np.int32), non_blocking=True)
+        self._copies_queued()
         self.graphs[b].replay()
         return self.static_logits[b][:n].float()
 

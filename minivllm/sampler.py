@@ -68,7 +68,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != batch.batch_size:
             raise ValueError(f"logits must be (batch, vocab) with batch {batch.batch_size}, got {tuple(logits.shape)}")
-        logits = logits.to(torch.float32, copy=True)  # (B, V); the caller's tensor stays as it was
+        # (B, V) float32; copied when the ban below writes in place, so the caller's tensor stays as it was
+        logits = logits.to(torch.float32, copy=batch.banned is not None)
         raw = torch.log_softmax(logits, -1) if batch.max_num_logprobs is not None else None
         if batch.banned is not None:
             logits[batch.banned] = float("-inf")

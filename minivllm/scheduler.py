@@ -181,9 +181,9 @@ class Scheduler:
         bisect.insort(self.running, seq, key=lambda s: s.arrival)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
-        start = seq.num_computed_tokens
-        return ScheduledSequence(seq=seq, num_new_tokens=n, start=start, is_prefill=seq.is_prefill,
-                                 needs_sample=start + n == seq.num_tokens)
+        start, num_tokens = seq.num_computed_tokens, seq.num_tokens
+        # (seq, num_new_tokens, start, is_prefill, needs_sample): by position, ~2x faster than keywords
+        return ScheduledSequence(seq, n, start, num_tokens - start > 1, start + n == num_tokens)
 
     def preempt(self, seq: Sequence) -> None:
         """Take a running sequence's blocks back (its full blocks go to the radix cache); it waits, to be recomputed."""
@@ -196,16 +196,24 @@ class Scheduler:
 
     def _build(self, scheduled: list[ScheduledSequence], preempted: list[int], finished: list[int]) -> SchedulerOutput:
         out = SchedulerOutput(step=self.num_steps, scheduled=scheduled, preempted=preempted, finished=finished)
+        bs = self.config.block_size
+        input_ids, positions, slots = out.input_ids, out.positions, out.slot_mapping
         for e in scheduled:
-            end = e.start + e.num_new_tokens
-            out.input_ids += e.seq.token_ids[e.start:end]
-            out.positions += range(e.start, end)
-            out.slot_mapping += token_slots(e.seq.block_table, e.start, end, self.config.block_size)
-            out.cu_seqlens_q.append(len(out.input_ids))
+            seq, start = e.seq, e.start
+            end = start + e.num_new_tokens
+            table = seq.block_table
+            input_ids += seq.tokens(start, end)  # NOTE: only this step's tokens are read (a decode: one)
+            if end - start == 1:
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                positions += range(start, end)
+                slots += token_slots(table, start, end, bs)
+            out.cu_seqlens_q.append(len(input_ids))
             out.seq_lens.append(end)
-            out.block_tables.append(e.seq.block_table)  # NOTE: the live table; the runner reads it before the next schedule()
+            out.block_tables.append(table)  # NOTE: the live table; the runner reads it before the next schedule()
             if e.needs_sample:
-                out.sample_indices.append(len(out.input_ids) - 1)
+                out.sample_indices.append(len(input_ids) - 1)
         return out
 
     # ------------------------------------------------------------------ after the model ran

@@ -57,7 +57,17 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
+        """Prompt + output: a new list (O(length)); :meth:`tokens` reads a range without building it."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """``token_ids[start:end]``, copying only those tokens (a decode step reads one)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return self.output_token_ids[start - p: end - p]
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +88,7 @@ class Sequence:
     @property
     def is_prefill(self) -> bool:
         """More than the last token still needs computing (a prompt, or a recompute after preemption)."""
-        return self.num_tokens - self.num_computed_tokens > 1
+        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed_tokens > 1
 
     @property
     def max_tokens(self) -> int | None:

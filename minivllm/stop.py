@@ -107,6 +107,9 @@ class StopChecker:
         looked for, but a possible stop-string beginning is still held back."""
         if self.stopped:
             raise RuntimeError(f"the request already stopped at {self.stop_str!r}")
+        if not self.stop:  # nothing to find, nothing to hold back: all of it is safe
+            self.text += new_text
+            return self._send(len(self.text))
         text, stop_str, held = self.scan(self.text, new_text, self.stop if check else (), self.include_stop_str)
         if not check:
             held = partial_stop_length(text, self.stop)

@@ -5,8 +5,9 @@ far and (if seeded) generator. :meth:`SamplingBatch.from_requests` turns them in
 the sampler treats the whole batch with a few tensor ops. A knob no row uses is ``None``: a batch of plain
 temperature requests pays for no sort, no penalty and no mask. Greedy rows get neutral values.
 
-Left out: keeping these tensors alive between steps and updating only the rows that changed (vLLM's
-``InputBatch`` does); here they are rebuilt every step, which costs O(batch) Python, not O(vocabulary).
+Left out: updating only the rows that changed (vLLM's ``InputBatch`` does). A batch is rebuilt, O(batch)
+Python, not O(vocabulary), when its sequences change; while the same ones decode, the output processor hands
+the sampler the same batch again (``OutputProcessor.sampling_batch``).
 """
 
 from collections.abc import Collection, Sequence
