@@ -11,7 +11,7 @@ import torch
 from kernels._env import simulator_enabled
 from numba import cuda  # after kernels (conftest): the simulator is chosen before numba loads
 from minivllm import course
-from minivllm.course import checks
+from minivllm.course import hints
 
 ROOT = Path(__file__).resolve().parents[1]
 simulator_only = pytest.mark.skipif(not simulator_enabled(), reason="the simulator's errors and barrier rule")
@@ -122,12 +122,12 @@ def test_barriers_under_a_thread_dependent_if_are_found_and_hinted(tmp_path):
     exec(compile(path.read_text(), str(path), "exec"), ns)  # a file, so inspect can read the kernels' source
     line = path.read_text().splitlines().index("    if tid < 32:  # only warp 0 sums: fine on a GPU, but its "
                                                "shuffles' barriers pair with warp 1's syncthreads") + 1
-    found = checks.barriers_under_if([ns["warp0_only"], ns["my_reduce"]])
+    found = hints.barriers_under_if([ns["warp0_only"], ns["my_reduce"]])
     assert found == [f"`if tid < 32:` in warp0_only (line {line}) calls my_reduce (shfl_xor_sync inside)"]
     import kernels  # noqa: F401 -- the package's kernels follow the rule: nothing to hint
     from kernels import _reduce, basics, rmsnorm
 
-    assert checks.barriers_under_if([_reduce.group_reduce_sum, basics.warp_sum_kernel,
+    assert hints.barriers_under_if([_reduce.group_reduce_sum, basics.warp_sum_kernel,
                                      rmsnorm.rms_norm_kernel]) == []
     if simulator_enabled():
         from kernels._launch import launch
