@@ -6,7 +6,7 @@ import io
 import pytest
 from matplotlib.colors import to_rgba
 
-from minivllm.course import diagrams
+from minivllm.course import diagrams, progress
 
 
 def _texts(fig) -> list[str]:
@@ -98,10 +98,10 @@ def test_every_learner_component_plugs_into_a_part_of_the_picture():
     names = {c.name for c in diagrams.COMPONENTS}
     phases = {c.name: c.phase for c in diagrams.COMPONENTS}
     for name, comp in learner.COMPONENTS.items():
-        part = diagrams.part_of(name)
+        part = progress.part_of(name)
         assert part in names, name
         assert phases[part] == comp.phase, (name, part)  # the part of the phase that writes it
-    assert diagrams.part_of("store_kv") == "paged KV cache" and diagrams.part_of("paged_attention") == "paged attention"
+    assert progress.part_of("store_kv") == "paged KV cache" and progress.part_of("paged_attention") == "paged attention"
 
 
 def _component_file(folder, name: str, body: str) -> None:
@@ -117,7 +117,7 @@ def _solid(fig) -> dict[str, bool]:
 
 
 def test_a_fresh_workspace_fades_every_part_that_waits_for_an_exercise(tmp_path):
-    status = diagrams.workspace_status(tmp_path / "none")
+    status = progress.workspace_status(tmp_path / "none")
     fig = diagrams.learner_map(status)
     for name, solid in _solid(fig).items():
         assert solid == (status[name].state == "no exercise"), name
@@ -134,7 +134,7 @@ def test_the_map_draws_what_the_workspace_holds_and_passes(tmp_path):
     _component_file(ws, "max_cached_tokens", "def max_cached_tokens(n, bs):\n    return (n - 1) // bs * bs")
     _component_file(ws, "select_victim", "def select_victim(running):\n    return running[0]")  # fails its check
     _component_file(ws, "rms_norm", "def rms_norm(x, w, eps):\n    return x")  # a kernel: not checked on a CPU
-    status = diagrams.workspace_status(ws)
+    status = progress.workspace_status(ws)
     assert status["scheduler"].yours == ("max_cached_tokens",) and status["scheduler"].state == "partly yours"
     assert status["scheduler"].note == f"1/{len(status['scheduler'].exercises)} yours"
     assert status["RMSNorm"].yours == ("rms_norm",) and status["RMSNorm"].on_gpu_only == ("rms_norm",)
@@ -142,7 +142,7 @@ def test_the_map_draws_what_the_workspace_holds_and_passes(tmp_path):
     solid = _solid(diagrams.learner_map(status))
     assert not solid["scheduler"] and not solid["RMSNorm"] and solid["server"]
     _component_file(ws, "fused_add_rms_norm", "def fused_add_rms_norm(x, r, w, eps):\n    return x, r")
-    status = diagrams.workspace_status(ws)
+    status = progress.workspace_status(ws)
     assert status["RMSNorm"].state == "yours" and status["RMSNorm"].note == "yours (GPU)"
     assert _solid(diagrams.learner_map(status))["RMSNorm"]
 

@@ -1,9 +1,8 @@
 """Pictures of the engine for the course notebooks: its parts, and the path of one request through them.
 
 :data:`COMPONENTS` is the one list of the engine's parts, with the phase that builds each and the
-module it lands in; :func:`built` says which of those modules exist. :func:`workspace_status` says, part by
-part, which of the learner's exercises plugged into it are in their workspace and pass (``minivllm.learner``),
-and :func:`learner_map` draws that. :func:`architecture` draws the parts and the request flow,
+module it lands in; :func:`built` says which of those modules exist; :func:`learner_map` draws which parts hold the
+learner's own code (``minivllm.course.progress.workspace_status``). :func:`architecture` draws the parts and the request flow,
 :func:`request_path` draws one request from real data (its tokens, block table and next-token
 probabilities), :func:`engine_steps` the steps the engine took for one request (:class:`StepView`),
 :func:`next_token_distributions` compares probability vectors. Each returns a :class:`~matplotlib.figure.Figure` already closed in pyplot, so
@@ -14,12 +13,15 @@ The layout is placed by hand for these parts: this is not a general graph-drawin
 import importlib.util
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-import pathlib
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt  # importing pyplot is what lets Jupyter show a returned Figure
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 from matplotlib.path import Path
+
+if TYPE_CHECKING:
+    from minivllm.course.progress import PartStatus
 
 COLORS = {"io": "#4C72B0", "control": "#DD8452", "memory": "#55A868", "compute": "#8172B3", "engine": "#937860"}
 
@@ -130,72 +132,7 @@ def architecture(done: Collection[str] | None = None, notes: Mapping[str, str] |
     return fig
 
 
-# ----------------------------------------------------------------------------- the learner's workspace
-PLUGS = {"store_kv": "paged KV cache", "paged_attention": "paged attention"}  # where a phase has two parts
-
-
-def part_of(component: str) -> str | None:
-    """The part of the engine that a learner component (a name of ``minivllm.learner.COMPONENTS``) plugs into."""
-    from minivllm.learner import COMPONENTS as LEARNER
-
-    if component in PLUGS:
-        return PLUGS[component]
-    phase = LEARNER[component].phase if component in LEARNER else None
-    return next((c.name for c in COMPONENTS if c.phase == phase), None)
-
-
-@dataclass(frozen=True, slots=True)
-class PartStatus:
-    """One part of the engine, as the learner's workspace has it."""
-
-    name: str
-    exercises: tuple[str, ...]  # learner components that plug into it
-    yours: tuple[str, ...]  # of those, the ones in the workspace that pass their check
-    on_gpu_only: tuple[str, ...] = ()  # of ``yours``, kernels that run only on a GPU (here the model uses torch)
-
-    @property
-    def state(self) -> str:
-        if not self.exercises:
-            return "no exercise"
-        return "yours" if len(self.yours) == len(self.exercises) else "partly yours" if self.yours else "to write"
-
-    @property
-    def note(self) -> str:
-        if not self.exercises:
-            return "package's"
-        n, k = len(self.exercises), len(self.yours)
-        where = " (GPU)" if self.on_gpu_only and len(self.on_gpu_only) == k else ""
-        return f"yours{where}" if k == n else f"{k}/{n} yours" if k else f"0/{n}"
-
-
-def workspace_status(workspace: str | pathlib.Path | None = None, device: str = "cpu") -> dict[str, PartStatus]:
-    """Each part of the engine with the learner components that plug into it and which of them are yours:
-    in the workspace (``minivllm.learner.default_workspace()`` unless given) and passing their load-time check
-    (:func:`minivllm.learner.load_parts`). A GPU-only kernel cannot be checked on a CPU: there, a saved one
-    counts as yours (it passed the notebook's check when it was saved)."""
-    from minivllm import learner
-
-    folder = pathlib.Path(workspace) if workspace is not None else learner.default_workspace()
-    report = learner.load_parts(folder, device).report
-    exercises: dict[str, list[str]] = {c.name: [] for c in COMPONENTS}
-    yours: dict[str, list[str]] = {c.name: [] for c in COMPONENTS}
-    gpu: dict[str, list[str]] = {c.name: [] for c in COMPONENTS}
-    for name, whose, _ in report:
-        part = part_of(name)
-        if part is None:
-            continue
-        exercises[part].append(name)
-        saved_for_gpu = (learner.COMPONENTS[name].gpu_only and not str(device).startswith("cuda")
-                         and (folder / f"{name}.py").is_file())
-        if whose == "yours" or saved_for_gpu:
-            yours[part].append(name)
-        if saved_for_gpu:
-            gpu[part].append(name)
-    return {c.name: PartStatus(c.name, tuple(exercises[c.name]), tuple(yours[c.name]), tuple(gpu[c.name]))
-            for c in COMPONENTS}
-
-
-def learner_map(status: Mapping[str, PartStatus]) -> Figure:
+def learner_map(status: Mapping[str, "PartStatus"]) -> Figure:
     """:func:`architecture` with the learner's workspace: solid where every exercise that plugs into a part is
     yours (and where none plugs in: the package's), faded where some are still to write; a tag on each part."""
     done = {name for name, st in status.items() if st.state in ("yours", "no exercise")}
