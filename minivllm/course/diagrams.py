@@ -1,13 +1,14 @@
 """Pictures of the engine for the course notebooks: its parts, and the path of one request through them.
 
 :data:`COMPONENTS` is the one list of the engine's parts, with the phase that builds each and the
-module it lands in; :func:`built` says which of those modules exist; :func:`learner_map` draws which parts hold the
-learner's own code (``minivllm.course.progress.workspace_status``). :func:`architecture` draws the parts and the request flow,
-:func:`request_path` draws one request from real data (its tokens, block table and next-token
-probabilities), :func:`engine_steps` the steps the engine took for one request (:class:`StepView`),
-:func:`next_token_distributions` compares probability vectors. Each returns a :class:`~matplotlib.figure.Figure` already closed in pyplot, so
-nothing is left open or shown twice: a notebook shows it by making it the cell's last expression.
-The layout is placed by hand for these parts: this is not a general graph-drawing module.
+module it lands in; :func:`built` says which of those modules exist. :func:`architecture` draws the
+parts and the request flow; :func:`learner_map` draws which parts hold the learner's own code (from
+``minivllm.course.progress.workspace_status``); :func:`request_path` draws one request from real data
+(its tokens, block table and next-token probabilities); :func:`engine_steps` the steps the engine took
+for one request (:class:`StepView`); :func:`next_token_distributions` compares probability vectors.
+Each returns a :class:`~matplotlib.figure.Figure` already closed in pyplot, so nothing is left open or
+shown twice: a notebook shows it by making it the cell's last expression. The layout is placed by hand
+for these parts: this is not a general graph-drawing module.
 """
 
 import importlib.util
