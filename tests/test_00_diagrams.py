@@ -108,7 +108,8 @@ def _component_file(folder, name: str, body: str) -> None:
     from minivllm import learner
 
     folder.mkdir(exist_ok=True)
-    (folder / f"{name}.py").write_text(f"API_VERSION = {learner.API_VERSION}\n\n{body}\n\nCOMPONENT = {body.split()[1].split('(')[0]}\n")
+    function = body.split()[1].split("(")[0]  # "def f(x): ..." -> "f"
+    (folder / f"{name}.py").write_text(f"API_VERSION = {learner.API_VERSION}\n\n{body}\n\nCOMPONENT = {function}\n")
 
 
 def _solid(fig) -> dict[str, bool]:
