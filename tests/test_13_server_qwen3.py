@@ -102,6 +102,17 @@ def test_the_template_is_a_reasoning_template_and_padding_ids_have_no_token(serv
     assert tok.decode([PADDING[0], *tok.encode("Paris"), PADDING[1]]) == "Paris"
 
 
+def test_reasoning_parser_choices_and_the_default_model_is_not_a_reasoning_template():
+    from minivllm.tokenizer import Tokenizer, default_model_path
+
+    smollm2 = Tokenizer.from_gguf(default_model_path()).chat_template
+    assert "<|im_start|>" in smollm2 and not uses_reasoning("auto", smollm2)  # its answers stay as they were
+    assert uses_reasoning("qwen3", smollm2) and not uses_reasoning("none", TEMPLATE)
+    assert not uses_reasoning("auto", None)
+    with pytest.raises(ValueError, match="reasoning_parser must be one of auto, qwen3, none"):
+        uses_reasoning("deepseek", TEMPLATE)
+
+
 @pytest.mark.parametrize("kwargs", [None, {"enable_thinking": True}, {"enable_thinking": False}])
 def test_chat_template_kwargs_render_the_prompt_as_transformers_does(served, client, qwen3_small, kwargs):
     server, seen = served
