@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
                      help="largest request body; larger ones get 413 (default: 8 MiB)")
     srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    srv.add_argument("--reasoning-parser", default="auto", choices=["auto", "qwen3", "none"],
+                     help="return <think> text as reasoning_content: auto = when the chat template thinks "
+                          "(default: auto)")
     srv.add_argument("--learner", nargs="?", const=True, default=False, metavar="WORKSPACE",
                      help="serve the engine built from your notebook answers (default folder: notebooks/workspace); "
                           "the package's version stands in for what you have not written")
@@ -146,7 +149,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
           enforce_eager=args.enforce_eager, seed=args.seed, api_key=args.api_key,
           allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
-          max_request_bytes=args.max_request_bytes, learner=args.learner)
+          max_request_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser, learner=args.learner)
     return 0
 
 
