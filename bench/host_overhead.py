@@ -3,6 +3,7 @@
     python -m bench.host_overhead                      # tiny model on the CPU, 256 sequences at ~800 tokens
     python -m bench.host_overhead --label after        # kept beside earlier labels in the results file
     python -m bench.host_overhead --profile 25         # also print cProfile's top 25 functions of the timed steps
+    python -m bench.host_overhead --device cuda --label h200   # the same steps on a GPU (see below)
 
 On a GPU the forward pass is launched asynchronously (a CUDA-graph replay): while it runs, the host is idle
 unless it has work of its own, and every millisecond the host spends on scheduling, building input tensors,
@@ -25,8 +26,12 @@ decode-only steps are timed. Each step is split into the phases of :meth:`LLMEng
 CPU time of this thread (``time.thread_time``; torch and numba held to one thread, so all of a step's work is on it)
 as well as wall time, and steps are summarized by their median; the load average is recorded.
 
-Writes ``bench/results/17_host_overhead_cpu.json`` (one entry per ``--label``). Left out: the GPU (the lead
-runs ``--device cuda`` there), prefill and mixed steps, structured output.
+With ``--device cuda`` the same model runs in bf16 with CUDA graphs, and every phase is bracketed by a device
+synchronize, so ``forward`` is the graph replay's GPU time and ``host`` what the GPU would wait for if nothing
+overlapped; read the wall times there (a synchronize spins, so CPU time counts the waiting).
+
+Writes ``bench/results/17_host_overhead_<device>.json`` (one entry per ``--label``). Left out: prefill and
+mixed steps, structured output.
 """
 
 import argparse
@@ -105,6 +110,8 @@ def instrument(engine: LLMEngine, clock: Clock) -> None:
     engine.scheduler.schedule = clock.wrap("schedule", engine.scheduler.schedule)
     engine.runner.execute = clock.wrap("execute", engine.runner.execute)
     engine.runner.model = TimedModel(engine.runner.model, clock)
+    for graph in engine.runner.graphs.values():  # on a GPU a decode step replays a captured graph instead
+        graph.replay = clock.wrap("forward", graph.replay)
     engine.processor.sampling_batch = clock.wrap("sampling_batch", engine.processor.sampling_batch)
     engine.sampler = TimedSampler(engine.sampler, clock)
     engine.scheduler.postprocess = clock.wrap("postprocess", engine.scheduler.postprocess)
@@ -183,8 +190,8 @@ def run(args) -> dict:
         rec = engine.step_log[-1]
         assert rec.num_prefill_tokens == 0 and rec.num_decode_tokens == args.batch, f"not a full decode step: {rec}"
         s = clock.step
-        execute = s.pop("execute")
-        s["inputs"] = [execute[i] - s["forward"][i] for i in (0, 1)]
+        execute, forward = s.pop("execute"), s.setdefault("forward", [0.0, 0.0])
+        s["inputs"] = [execute[i] - forward[i] for i in (0, 1)]
         s["host"] = [s["step"][i] - s["forward"][i] for i in (0, 1)]
         steps.append(s)
     load.append(round(os.getloadavg()[0], 2))

@@ -65,34 +65,32 @@ class BlockTableRows:
 
     def gather(self, out: SchedulerOutput) -> np.ndarray:
         """(sequences, longest table) int32: the step's tables in ``out.scheduled`` order."""
-        array, rows = self.array, self.rows
-        index, width = [], 0
+        rows, index = self.rows, []
         for e, table in zip(out.scheduled, out.block_tables):
             row = rows.get(e.seq)
-            n = len(table)
-            if row is None or row.table is not table or n < row.written:
-                row = self._assign(e.seq, table)
-                array = self.array  # (it may have grown)
-            if n != row.written:  # NOTE: tables only grow in place (BlockManager.grow appends)
-                array[row.index, row.written:n] = table[row.written:]
-                row.written = n
+            if row is None or row.table is not table or row.written != len(table):
+                row = self._update(e.seq, table, row)
             index.append(row.index)
-            width = max(width, n)
         if len(rows) > len(index):  # someone left the batch (finished, preempted, or not scheduled)
             live = {e.seq for e in out.scheduled}
             for seq in [s for s in rows if s not in live]:
                 self._release(seq)
-        return array[index, :width]
+        return self.array[index, : max(map(len, out.block_tables))]
 
-    def _assign(self, seq: Sequence, table: list[int]) -> _Row:
-        if seq in self.rows:
-            self._release(seq)
-        if not self.free:  # more sequences than rows: double the array
-            old = self.array
-            self.array = np.full((2 * old.shape[0], old.shape[1]), PAD_BLOCK, dtype=np.int32)
-            self.array[: old.shape[0]] = old
-            self.free = list(range(self.array.shape[0] - 1, old.shape[0] - 1, -1))
-        row = self.rows[seq] = _Row(self.free.pop(), table, 0)
+    def _update(self, seq: Sequence, table: list[int], row: _Row | None) -> _Row:
+        """Write the blocks ``table`` gained since the row last saw it (all of them, for a new row)."""
+        if row is None or row.table is not table or len(table) < row.written:
+            if row is not None:
+                self._release(seq)
+            if not self.free:  # more sequences than rows: double the array
+                old = self.array
+                self.array = np.full((2 * old.shape[0], old.shape[1]), PAD_BLOCK, dtype=np.int32)
+                self.array[: old.shape[0]] = old
+                self.free = list(range(self.array.shape[0] - 1, old.shape[0] - 1, -1))
+            row = self.rows[seq] = _Row(self.free.pop(), table, 0)
+        # NOTE: tables only grow in place (BlockManager.grow appends), so the first row.written blocks are unchanged
+        self.array[row.index, row.written: len(table)] = table[row.written:]
+        row.written = len(table)
         return row
 
     def _release(self, seq: Sequence) -> None:
