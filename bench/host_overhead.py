@@ -56,7 +56,8 @@ from bench.models import TINY  # noqa: E402
 from minivllm.engine import LLMEngine  # noqa: E402
 from minivllm.sampling_params import SamplingParams  # noqa: E402
 
-import numba  # noqa: E402  (after minivllm: kernels picks numba's target first)
+import kernels  # noqa: E402, F401  (before numba: it picks numba's CUDA target, the simulator without a GPU)
+import numba  # noqa: E402
 
 PHASES = ("schedule", "inputs", "forward", "sampling_batch", "sampler", "postprocess", "process")
 NAME = "17_host_overhead"
