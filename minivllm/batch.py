@@ -4,7 +4,9 @@ A neutral module: the scheduler builds a :class:`SchedulerOutput`, the runner tu
 the output processor reads which rows were sampled. None of them imports another for it.
 
 Rows of the flattened arrays follow ``scheduled``: decodes first (one token each), then prefill chunks.
-Block tables are the sequences' live tables, not copies: read them before the next ``schedule()``.
+Block tables are the sequences' live tables, not copies: read them before the next ``schedule()``. While a
+sequence runs its table only grows in place (blocks appended); released and admitted again, it gets a new
+list. The runner's persistent block-table rows (``minivllm.runner.BlockTableRows``) rely on both.
 """
 
 from dataclasses import dataclass, field
