@@ -48,7 +48,7 @@ def main() -> None:
         setattr(obj, name, g)
 
     for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "execute"), (engine.runner, "_replay"),
-                      (engine, "_sample"), (engine.scheduler, "postprocess"), (engine.processor, "process")):
+                      (engine, "sample"), (engine.scheduler, "postprocess"), (engine.processor, "process")):
         timed(obj, name)
     steps = 30
     torch.cuda.synchronize()

@@ -31,7 +31,7 @@ from bench._harness import RESULTS, free_memory, model_spec, random_ids, resolve
 from minivllm.llm import LLM
 from minivllm.sampling_params import SamplingParams
 
-PHASES = (("scheduler", "schedule"), ("runner", "execute"), ("engine", "_sample"), ("scheduler", "postprocess"),
+PHASES = (("scheduler", "schedule"), ("runner", "execute"), ("engine", "sample"), ("scheduler", "postprocess"),
           ("processor", "process"))
 
 
