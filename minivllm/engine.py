@@ -4,7 +4,7 @@ Every step is the same five moves (:meth:`LLMEngine.step`)::
 
     plan    = self.scheduler.schedule()                  # who computes which tokens (continuous batching)
     logits  = self.runner.execute(plan)                  # one forward pass over the flattened batch
-    sampled = self.sample(logits, plan)                 # one token per sequence that reached its end
+    sampled = self.sample(logits, plan)                  # one token per sequence that reached its end
     self.scheduler.postprocess(plan, sampled.token_ids)  # append; EOS, stop tokens, length end sequences
     return self.processor.process(plan, sampled, start)  # text, stop strings, logprobs -> RequestOutputs
 

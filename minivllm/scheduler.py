@@ -181,9 +181,9 @@ class Scheduler:
         bisect.insort(self.running, seq, key=lambda s: s.arrival)
 
     def _entry(self, seq: Sequence, n: int) -> ScheduledSequence:
-        start, num_tokens = seq.num_computed_tokens, seq.num_tokens
+        start = seq.num_computed_tokens
         # (seq, num_new_tokens, start, is_prefill, needs_sample): by position, ~2x faster than keywords
-        return ScheduledSequence(seq, n, start, num_tokens - start > 1, start + n == num_tokens)
+        return ScheduledSequence(seq, n, start, seq.is_prefill, start + n == seq.num_tokens)
 
     def preempt(self, seq: Sequence) -> None:
         """Take a running sequence's blocks back (its full blocks go to the radix cache); it waits, to be recomputed."""
@@ -203,12 +203,8 @@ class Scheduler:
             end = start + e.num_new_tokens
             table = seq.block_table
             input_ids += seq.tokens(start, end)  # NOTE: only this step's tokens are read (a decode: one)
-            if end - start == 1:
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                positions += range(start, end)
-                slots += token_slots(table, start, end, bs)
+            positions += range(start, end)
+            slots += token_slots(table, start, end, bs)
             out.cu_seqlens_q.append(len(input_ids))
             out.seq_lens.append(end)
             out.block_tables.append(table)  # NOTE: the live table; the runner reads it before the next schedule()

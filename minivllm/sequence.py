@@ -88,7 +88,7 @@ class Sequence:
     @property
     def is_prefill(self) -> bool:
         """More than the last token still needs computing (a prompt, or a recompute after preemption)."""
-        return len(self.prompt_token_ids) + len(self.output_token_ids) - self.num_computed_tokens > 1
+        return self.num_tokens - self.num_computed_tokens > 1
 
     @property
     def max_tokens(self) -> int | None:
