@@ -5,7 +5,7 @@ runner and the KV cache read what they need. Values only known once the model is
 count, the EOS ids, the context length) live on the engine, set in one place
 (:meth:`minivllm.engine.LLMEngine.__init__`), not written back here.
 
-Left out: tensor/pipeline parallelism, quantization beyond CPU fp16/int8 linears, LoRA, speculative decoding, swap space.
+Left out: pipeline parallelism, quantization beyond CPU fp16/int8 linears, LoRA, speculative decoding, swap space.
 """
 
 from dataclasses import dataclass
@@ -86,6 +86,9 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
     # the course: True (or a workspace folder) builds the engine from the learner's passed components
     learner: bool | str | Path = False  # see minivllm.learner; default folder notebooks/workspace
+    # tensor parallelism (minivllm.distributed): the model's heads, MLP and vocabulary split over this many ranks,
+    # rank 0 in this process and one worker process per other rank (gloo on a CPU, NCCL on cuda:0..N-1)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.scheduler_config  # validates the scheduling knobs (max_num_seqs, max_num_batched_tokens, block_size)
@@ -113,10 +116,27 @@ class EngineConfig:
                 raise ValueError(f"device {self.device!r} was asked for, but PyTorch sees no CUDA GPU here")
             if device.type not in ("cuda", "cpu"):
                 raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
+        self._check_tensor_parallel()
         if self.torch_device.type == "cuda":  # one clear message for a GPU without bf16 (a T4, a V100)
             from kernels._env import check_gpu_supported
 
             check_gpu_supported(self.torch_device.index or 0)
+
+    def _check_tensor_parallel(self) -> None:
+        """What can be checked before any model file is read (the heads are checked by minivllm.distributed)."""
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {tp!r}")
+        if tp == 1:
+            return
+        if self.learner is not False:
+            raise ValueError("the learner's engine runs on one device: drop tensor_parallel_size or learner")
+        if self.torch_device.type == "cuda" and torch.cuda.device_count() < tp:
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; PyTorch sees {torch.cuda.device_count()}")
+        if not isinstance(self.model, str | Path | None):  # a ModelConfig: its heads are known now
+            from minivllm.distributed.sharding import check_tensor_parallel_size
+
+            check_tensor_parallel_size(self.model, tp)
 
     @classmethod
     def from_kwargs(cls, model: Any = None, **kwargs: Any) -> "EngineConfig":
