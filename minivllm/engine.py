@@ -14,7 +14,10 @@ text and ends a sequence on a stop string through ``Scheduler.finish``. Requests
 :class:`~minivllm.inputs.InputProcessor` before anything is queued. It is not thread-safe: one thread
 drives it (``LLM`` in a loop, or the server's engine thread).
 
-Left out: several GPUs, swapping KV to the CPU, beam search, prompt logprobs.
+With ``tensor_parallel_size > 1`` the model is split over worker processes (``minivllm.distributed``):
+rank 0 runs all of the above, the workers only the forward pass of each plan.
+
+Left out: pipeline parallelism, swapping KV to the CPU, beam search, prompt logprobs.
 """
 
 import itertools
@@ -43,21 +46,34 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         self.config = config = config if config is not None else EngineConfig.from_kwargs(**kwargs)
         self.device, self.dtype = config.torch_device, config.torch_dtype
-        self.model, self.tokenizer = load_model_and_tokenizer(config)
+        self.tp = None  # tensor parallelism (minivllm.distributed): rank 0's side, when tensor_parallel_size > 1
+        if config.tensor_parallel_size > 1:
+            from minivllm.distributed.executor import TensorParallelExecutor
+
+            self.tp = TensorParallelExecutor.start(config)  # workers started; this rank's shard loaded
+            self.model, self.tokenizer = self.tp.model, self.tp.tokenizer
+        else:
+            self.model, self.tokenizer = load_model_and_tokenizer(config)
         mc = self.model.config
         # NOTE: values discovered at run time, set here and only here
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer is not None else ())
-        self.num_kv_blocks = num_kv_blocks(config, self.model, self.max_model_len)
-        self.kv_cache = PagedKVCache.allocate(mc.kv_shape, self.num_kv_blocks, block_size=config.block_size,
+        if self.tp is None:
+            self.num_kv_blocks = num_kv_blocks(config, self.model, self.max_model_len)
+        else:  # every rank's budget for its own KV heads; the smallest wins
+            self.num_kv_blocks = self.tp.agree_num_kv_blocks(self.max_model_len)
+        kv_shape = mc.kv_shape if self.tp is None else self.model.shard_config.kv_shape  # this rank's KV heads
+        self.kv_cache = PagedKVCache.allocate(kv_shape, self.num_kv_blocks, block_size=config.block_size,
                                               device=self.device, dtype=self.dtype)
         parts = self._learner_parts()
         self.scheduler = learner.scheduler_class(parts).from_num_blocks(config.scheduler_config, self.num_kv_blocks,
                                                                          self.eos_token_ids)
         self.runner = ModelRunner(self.model, self.kv_cache, max_model_len=self.max_model_len,
                                   attention_backend=config.attention_backend,
-                                  use_cuda_graphs=not config.enforce_eager,
+                                  use_cuda_graphs=not config.enforce_eager and self.tp is None,
                                   cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs))
+        if self.tp is not None:  # sends each step's plan to the workers, then runs rank 0's part
+            self.runner = self.tp.wrap(self.runner)
         self.sampler = learner.sampler_class(parts)(torch.Generator().manual_seed(config.seed))
         self.inputs = InputProcessor(self.tokenizer, mc.vocab_size, self.max_model_len,
                                      load_generation_defaults(config.model))
@@ -66,6 +82,11 @@ class LLMEngine:
         self.learner_step = parts.functions.get("step")  # phase 12's step, when the learner's engine has it
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at interpreter exit). Idempotent."""
+        if self.tp is not None:
+            self.tp.close()
 
     def _learner_parts(self) -> "learner.LearnerParts":
         """The learner's passed components (``config.learner``), or none; the model's kernels follow suit."""

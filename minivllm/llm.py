@@ -11,6 +11,9 @@ requests and shows tokens/s), and returns the outputs in the prompts' order. Wit
 checkpoint's ``generation_config.json`` defaults apply (Qwen3: temperature 0.6, top_k 20, top_p 0.95), as in
 vLLM; ``llm.generation_defaults`` shows them. ``chat(..., chat_template_kwargs={"enable_thinking": False})``
 passes options to the chat template.
+
+``LLM(..., tensor_parallel_size=2)`` splits the model over two ranks (worker processes: ``minivllm.distributed``);
+``llm.close()`` or ``with LLM(...) as llm:`` stops them (interpreter exit does too).
 """
 
 from collections.abc import Iterator, Sequence
@@ -41,6 +44,16 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self.generation_defaults = self.engine.inputs.generation_defaults  # generation_config.json's
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (``tensor_parallel_size > 1``); a no-op otherwise."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -104,6 +104,23 @@ def load_config(model: ModelPath | GGUFFile = None) -> ModelConfig:
     return read_gguf(path)[0]
 
 
+def read_checkpoint(model: ModelPath | GGUFFile = None) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
+    """A checkpoint directory or GGUF file: its config, its number of tensors, and a stream of (HF name, tensor)
+    read one at a time (what :func:`load_model` copies in; a tensor-parallel rank slices it on the way)."""
+    if isinstance(model, GGUFFile):
+        from minivllm.model.gguf_loader import read_gguf
+
+        return read_gguf(model)
+    path = resolve_model_path(model)
+    if path.is_dir():
+        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+        files = safetensors_files(path)
+        return config, _count_safetensors(files), iter_safetensors(files)
+    from minivllm.model.gguf_loader import read_gguf
+
+    return read_gguf(path)
+
+
 def load_model(model: ModelPath | GGUFFile = None, *, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, progress: bool = True) -> Qwen3ForCausalLM:
     """Build the model of ``model`` (directory, ``.gguf`` path, open ``GGUFFile``, or None for the default)
@@ -113,14 +130,7 @@ def load_model(model: ModelPath | GGUFFile = None, *, device: torch.device | str
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for, but PyTorch sees no CUDA GPU here")
     dtype = dtype or default_dtype(device)
-    if path.is_dir():
-        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-        files = safetensors_files(path)
-        total, weights = _count_safetensors(files), iter_safetensors(files)
-    else:
-        from minivllm.model.gguf_loader import read_gguf
-
-        config, total, weights = read_gguf(model if isinstance(model, GGUFFile) else path)
+    config, total, weights = read_checkpoint(model)
     model = Qwen3ForCausalLM(config, device=device, dtype=dtype)
     bar = tqdm(weights, total=total, desc=f"loading {path.name}", unit=" tensors", disable=not progress, leave=False)
     model.load_weights(bar)

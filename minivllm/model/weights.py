@@ -5,7 +5,7 @@ separate matrices; the model keeps them stacked as rows of ``qkv_proj`` and ``ga
 each). :func:`checkpoint_to_param` says where a checkpoint tensor goes, :func:`shard_rows` which rows it
 fills, and :func:`load_weights` copies every tensor into place, converting dtype and device as it goes,
 so that no second copy of the model is ever made. Any mismatch raises :class:`WeightLoadError` naming
-the tensor and the shapes. Left out: quantized parameters, tensor-parallel sharding.
+the tensor and the shapes. Left out: quantized parameters. Tensor-parallel slicing is ``minivllm.distributed.sharding``'s.
 """
 
 from collections.abc import Callable, Iterable
@@ -62,12 +62,14 @@ def expected_weights(model: nn.Module, config: ModelConfig) -> dict[tuple[str, s
 
 @torch.no_grad()
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], *,
-                 mapping: Callable[[str], tuple[str, str | None]] = checkpoint_to_param) -> None:
+                 mapping: Callable[[str], tuple[str, str | None]] = checkpoint_to_param,
+                 config: ModelConfig | None = None) -> None:
     """Copy (name, tensor) pairs with Hugging Face names into ``model``'s parameters (``model.config``).
 
     A tied model (``config.tie_word_embeddings``) skips ``lm_head.weight``: the embedding is its lm_head.
+    ``config``: the sizes the parameters were built with, when not ``model.config`` (a tensor-parallel shard's).
     """
-    config: ModelConfig = model.config
+    config = config or model.config
     params = dict(model.named_parameters())
     expected, loaded = expected_weights(model, config), set()
     for name, tensor in weights:

@@ -1,0 +1,273 @@
+"""Rank 0's side of tensor parallelism: start the workers, load rank 0's shard, send each step's plan to them.
+
+:meth:`TensorParallelExecutor.start` (called by ``LLMEngine`` when ``tensor_parallel_size > 1``)::
+
+    check the sizes ──► start ranks 1..N-1 (processes) ──► all say hello ──► process group up ──► every rank
+    loads its shard ──► all loaded ──► every rank: how many KV blocks fit ──► the smallest, on every rank
+
+Then each step, :class:`TensorParallelRunner` sends the scheduler's plan down every worker's pipe (a pickled dict
+of flat lists, ~0.1 ms) and runs rank 0's forward pass; the ranks meet at each all-reduce, and rank 0 gets the
+gathered logits and samples. Only rank 0 schedules, caches prefixes and samples: a worker just executes plans.
+
+Failure is never a hang: while starting, rank 0 waits on the workers' pipes *and* their process handles, so a
+worker that raises (its traceback comes back through the pipe) or dies ends the start with a
+:class:`TensorParallelError`; during a step, a dead worker makes the next collective fail at once (gloo: connection
+closed), a hung one after ``COLLECTIVE_TIMEOUT``, and rank 0 raises a ``TensorParallelError`` naming the rank and its
+exit code. ``close()`` (``LLM.close``, ``with LLM(...)``, or interpreter exit) stops the workers.
+
+Left out: CUDA graphs with tensor parallelism (the decode graph would have to capture NCCL calls: the engine
+runs eager when tensor_parallel_size > 1), workers on other hosts.
+"""
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from minivllm.batch import SchedulerOutput
+from minivllm.config import EngineConfig
+from minivllm.distributed.group import TensorParallelGroup
+from minivllm.distributed.model import TensorParallelQwen3ForCausalLM
+from minivllm.distributed.sharding import check_tensor_parallel_size
+from minivllm.distributed.worker import plan_message, threads_per_rank
+
+STARTUP_TIMEOUT_S = 600.0  # a rank loading a large checkpoint from a slow disk
+POLL_S = 0.2  # while starting, how often rank 0 checks that the workers are alive
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel worker failed or died: the engine cannot go on (build a new one)."""
+
+
+def load_shard(config: EngineConfig, group: TensorParallelGroup, *, tokenizer: bool):
+    """This rank's :class:`TensorParallelQwen3ForCausalLM` with its weights, quantized as ``config`` says, and (when
+    ``tokenizer``) the checkpoint's tokenizer. A ``ModelConfig`` gives random weights (seed + rank) and no tokenizer."""
+    from minivllm.gguf_file import GGUFFile
+    from minivllm.model import ModelConfig, resolve_model_path
+    from minivllm.model.loader import read_checkpoint
+    from minivllm.model.quant import quantize_model
+    from minivllm.tokenizer import Tokenizer
+
+    device, dtype, tok = group.device, config.torch_dtype, None
+    if isinstance(config.model, ModelConfig):
+        model = TensorParallelQwen3ForCausalLM(config.model, group, device=device, dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(config.seed + group.rank)
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+    else:
+        path = resolve_model_path(config.model)
+        source = path if path.is_dir() else GGUFFile(path)  # one parse of a GGUF for weights and tokenizer
+        model_config, _, weights = read_checkpoint(source)
+        model = TensorParallelQwen3ForCausalLM(model_config, group, device=device, dtype=dtype)
+        model.load_weights(weights)
+        if tokenizer and path.is_dir():
+            tok = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+        elif tokenizer:
+            tok = Tokenizer.from_gguf(source)
+    quantize_model(model.eval(), config.quantization_method)  # NOTE: each rank quantizes its own shard
+    return model, tok
+
+
+def shard_num_kv_blocks(config: EngineConfig, model: TensorParallelQwen3ForCausalLM, max_model_len: int) -> int:
+    """How many KV blocks fit on this rank (``minivllm.components.num_kv_blocks`` for a shard's KV heads). On a GPU
+    the profiling forward pass meets the other ranks at its all-reduces: every rank runs it at the same time."""
+    from minivllm.cache import blocks_for_budget, gpu_kv_budget
+
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    device, dtype = model.device, config.torch_dtype
+    if device.type == "cuda":
+        tokens = min(config.scheduler_config.max_num_batched_tokens, max_model_len)
+
+        def profile():
+            hidden = model(torch.zeros(tokens, dtype=torch.long, device=device), torch.arange(tokens, device=device))
+            model.compute_logits(hidden[: config.max_num_seqs])
+
+        budget = gpu_kv_budget(device, config.gpu_memory_utilization, profile)
+    else:
+        budget = config.kv_cache_memory
+    return blocks_for_budget(model.shard_config.kv_shape, budget, dtype, config.block_size)
+
+
+def _model_config(config: EngineConfig):
+    from minivllm.model import ModelConfig
+    from minivllm.model.loader import load_config
+
+    return config.model if isinstance(config.model, ModelConfig) else load_config(config.model)
+
+
+class TensorParallelExecutor:
+    """Rank 0: the group, its own shard (``model``, ``tokenizer``) and the worker processes of ranks 1..N-1."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config, self.size = config, config.tensor_parallel_size
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        self.error: TensorParallelError | None = None
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> "TensorParallelExecutor":
+        """Check the sizes (before any process starts), start the workers, and load rank 0's shard."""
+        check_tensor_parallel_size(_model_config(config), config.tensor_parallel_size)
+        self = cls(config)
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        config, size = self.config, self.size
+        device = torch.device("cuda", 0) if config.torch_device.type == "cuda" else torch.device("cpu")
+        if device.type == "cpu":  # NOTE: this process's torch threads too: the ranks share the cores
+            torch.set_num_threads(threads_per_rank(size))
+        store = TensorParallelGroup.host_store(size)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
+        for rank in range(1, size):
+            # a fresh interpreter (not multiprocessing's spawn, which re-runs an unguarded __main__ script),
+            # talking to us over one end of a socket pair
+            ours, theirs = socket.socketpair()
+            proc = subprocess.Popen([sys.executable, "-c", f"from minivllm.distributed.worker import main; "
+                                     f"main({theirs.fileno()})"], pass_fds=[theirs.fileno()], env=env)
+            theirs.close()
+            self.procs.append(proc)
+            self.conns.append(Connection(ours.detach()))
+            self.conns[-1].send((config, rank, store.port))
+        self._wait_for("hello")
+        self.group = TensorParallelGroup(store, 0, size, device)
+        self.store = store
+        self.model, self.tokenizer = load_shard(config, self.group, tokenizer=True)
+        self._wait_for("loaded")
+
+    def agree_num_kv_blocks(self, max_model_len: int) -> int:
+        """The KV blocks every rank can hold (the smallest of the ranks' budgets); the workers allocate theirs."""
+        self._send(pickle.dumps(("blocks", max_model_len)))
+        return self.group.all_reduce_min(shard_num_kv_blocks(self.config, self.model, max_model_len))
+
+    def wrap(self, runner) -> "TensorParallelRunner":
+        return TensorParallelRunner(runner, self)
+
+    # ------------------------------------------------------------------ talking to the workers
+    def _wait_for(self, kind: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Block until every worker has sent ``(kind, ...)``; a worker's error or death raises at once."""
+        pending = dict(enumerate(self.conns, start=1))
+        deadline = time.monotonic() + timeout
+        while pending:
+            for conn in wait(list(pending.values()), timeout=POLL_S):
+                rank = next(r for r, c in pending.items() if c is conn)
+                message = self._recv(rank, conn)
+                if message[0] != kind:
+                    raise self._failure(f"rank {rank} sent {message[0]!r}, expected {kind!r}")
+                del pending[rank]
+            if any(self.procs[rank - 1].poll() is not None for rank in pending):
+                raise self._failure(f"while waiting for {kind!r}")
+            if time.monotonic() > deadline:
+                raise self._failure(f"no {kind!r} from ranks {sorted(pending)} within {timeout:.0f} s")
+
+    def _recv(self, rank: int, conn) -> tuple:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            raise self._failure(f"rank {rank}'s pipe closed") from None
+        if message[0] == "error":
+            raise self._failure(f"rank {rank} raised:\n{message[1]}")
+        return message
+
+    def _send(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        if any(proc.poll() is not None for proc in self.procs):
+            raise self._failure("before a step")
+        try:
+            for conn in self.conns:
+                conn.send_bytes(data)
+        except OSError as e:
+            raise self._failure(f"sending a step ({e})") from None
+
+    def send_plan(self, out: SchedulerOutput) -> None:
+        self._send(pickle.dumps(plan_message(out), pickle.HIGHEST_PROTOCOL))
+
+    def _failure(self, context: str) -> TensorParallelError:
+        """The error to raise once something went wrong: which workers died and how; then stop the rest."""
+        if self.error is not None:
+            return self.error
+        lines = []
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns), start=1):
+            try:
+                code = proc.wait(timeout=1.0)  # a worker whose death broke the collective may still be exiting
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                lines.append(f"worker rank {rank} (pid {proc.pid}) died ({how})")
+            try:
+                while conn.poll():
+                    message = conn.recv()
+                    if message[0] == "error":
+                        lines.append(f"worker rank {rank} raised:\n{message[1].rstrip()}")
+            except (EOFError, OSError):
+                pass
+        detail = "; ".join(lines) if lines else "no worker died; a collective failed or timed out"
+        self.error = TensorParallelError(f"tensor parallelism (tp={self.size}) failed {context}: {detail}. "
+                                         f"The engine cannot continue; build a new one.")
+        self.close()
+        return self.error
+
+    def close(self) -> None:
+        """Stop the workers (politely, then by force) and release the group. Safe to call twice."""
+        self._finalizer()
+        group = getattr(self, "group", None)
+        if group is not None:
+            self.group = None
+            try:
+                group.shutdown()
+            except RuntimeError:
+                pass
+
+
+def _stop(procs: list[subprocess.Popen], conns: list[Connection]) -> None:
+    for conn in conns:
+        try:
+            conn.send_bytes(b"")
+        except OSError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5.0)
+    for conn in conns:
+        conn.close()
+
+
+class TensorParallelRunner:
+    """Rank 0's runner: sends the plan to the workers, then runs rank 0's part of the step (``ModelRunner``)."""
+
+    def __init__(self, runner, executor: TensorParallelExecutor) -> None:
+        self.runner, self.executor = runner, executor
+
+    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+        if out.scheduled:  # NOTE: an empty step runs no forward pass on any rank
+            self.executor.send_plan(out)
+        try:
+            return self.runner.execute(out)
+        except TensorParallelError:
+            raise
+        except Exception as e:  # a collective failed (a worker died, or hung past the timeout), or rank 0 did
+            raise self.executor._failure(f"during a step ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        except BaseException:  # Ctrl-C mid-step: the workers are stuck in this step's collectives
+            self.executor._failure("during a step (interrupted)")
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)

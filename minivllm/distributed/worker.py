@@ -1,0 +1,105 @@
+"""A tensor-parallel worker: rank ``r >= 1`` in its own process, running every step rank 0 sends it.
+
+The worker loads its shard of the model, allocates its shard of the KV cache (its KV heads, the same blocks as
+every rank) and builds an ordinary :class:`~minivllm.runner.ModelRunner`. Then, for every step, it receives the
+plan rank 0's scheduler made, rebuilds a :class:`~minivllm.batch.SchedulerOutput` from it and executes it: the
+same forward pass as rank 0, meeting it at every all-reduce. Its logits are not used: rank 0 samples.
+
+The pipe to rank 0 carries the protocol (worker -> rank 0 ``("hello",)``, ``("loaded",)`` or ``("error", text)``;
+rank 0 -> worker ``("blocks", max_model_len)``, then one pickled plan per step, empty bytes to stop). When rank 0's process
+ends, the pipe closes and the worker exits.
+"""
+
+import os
+import pickle
+import traceback
+from dataclasses import fields
+
+import torch
+
+from minivllm.batch import ScheduledSequence, SchedulerOutput
+
+
+def plan_message(out: SchedulerOutput) -> dict:
+    """What a worker needs of a step's plan: every field, with each sequence replaced by its id (picklable, small)."""
+    message = {f.name: getattr(out, f.name) for f in fields(SchedulerOutput)}
+    message["scheduled"] = [(s.seq.seq_id, *(getattr(s, f.name) for f in fields(ScheduledSequence)[1:]))
+                            for s in out.scheduled]
+    return message
+
+
+class PlanMirror:
+    """Rebuilds ``SchedulerOutput`` s on a worker, with block tables that behave like rank 0's: a sequence's table
+    is one list that grows in place while it runs (what ``BlockTableRows`` relies on), a new list otherwise."""
+
+    def __init__(self) -> None:
+        self.tables: dict[int, list[int]] = {}
+
+    def rebuild(self, message: dict) -> SchedulerOutput:
+        scheduled = [ScheduledSequence(*row) for row in message["scheduled"]]  # .seq is the sequence id
+        tables, kept = [], {}
+        for s, table in zip(scheduled, message["block_tables"]):
+            old = self.tables.get(s.seq)
+            if old is not None and len(old) <= len(table) and old == table[: len(old)]:
+                old.extend(table[len(old):])
+                table = old
+            kept[s.seq] = table
+            tables.append(table)
+        self.tables = kept
+        return SchedulerOutput(**{**message, "scheduled": scheduled, "block_tables": tables})
+
+
+def threads_per_rank(size: int) -> int:
+    """CPU threads for each of ``size`` ranks on this machine: the cores shared out (oversubscribed OpenMP
+    threads spin while they wait for each other, and every all-reduce waits for the slowest rank)."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
+def main(fd: int) -> None:
+    """The worker process's entry point: ``fd`` is its end of the socket pair to rank 0, which first sends
+    (the engine's :class:`~minivllm.config.EngineConfig`, this worker's rank, the store's port)."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        config, rank, port = conn.recv()
+    except EOFError:
+        return
+    try:
+        _serve(config, rank, port, conn)
+    except EOFError:  # rank 0 is gone: nothing left to do
+        return
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+
+
+def _serve(config, rank: int, port: int, conn) -> None:
+    from minivllm.cache import PagedKVCache
+    from minivllm.distributed.executor import load_shard, shard_num_kv_blocks
+    from minivllm.distributed.group import TensorParallelGroup
+    from minivllm.runner import ModelRunner
+
+    size = config.tensor_parallel_size
+    device = torch.device("cuda", rank) if config.torch_device.type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(threads_per_rank(size))
+    conn.send(("hello",))
+    group = TensorParallelGroup(TensorParallelGroup.connect_store(port, size), rank, size, device)
+    model, _ = load_shard(config, group, tokenizer=False)
+    conn.send(("loaded",))
+    _, max_model_len = conn.recv()
+    num_blocks = group.all_reduce_min(shard_num_kv_blocks(config, model, max_model_len))
+    kv_cache = PagedKVCache.allocate(model.shard_config.kv_shape, num_blocks, block_size=config.block_size,
+                                     device=device, dtype=config.torch_dtype)
+    runner = ModelRunner(model, kv_cache, max_model_len=max_model_len, attention_backend=config.attention_backend,
+                         use_cuda_graphs=False)
+    mirror = PlanMirror()
+    while (data := conn.recv_bytes()) != b"":
+        runner.execute(mirror.rebuild(pickle.loads(data)))
+    group.shutdown()
