@@ -2,8 +2,8 @@
 
 :meth:`TensorParallelExecutor.start` (called by ``LLMEngine`` when ``tensor_parallel_size > 1``)::
 
-    check the sizes ──► start ranks 1..N-1 (processes) ──► all say hello ──► process group up ──► every rank
-    loads its shard ──► all loaded ──► every rank: how many KV blocks fit ──► the smallest, on every rank
+    check the sizes ──► start ranks 1..N-1 (processes) ──► every rank loads its shard ──► all loaded
+    ──► process group up ──► every rank: how many KV blocks fit ──► the smallest, on every rank
 
 Then each step, :class:`TensorParallelRunner` sends the scheduler's plan down every worker's pipe (a pickled dict
 of flat lists, ~0.1 ms) and runs rank 0's forward pass; the ranks meet at each all-reduce, and rank 0 gets the
@@ -142,11 +142,10 @@ class TensorParallelExecutor:
             self.procs.append(proc)
             self.conns.append(Connection(ours.detach()))
             self.conns[-1].send((config, rank, store.port))
-        self._wait_for("hello")
-        self.group = TensorParallelGroup(store, 0, size, device)
-        self.store = store
-        self.model, self.tokenizer = load_shard(config, self.group, tokenizer=True)
+        self.group, self.store = TensorParallelGroup(0, size, device), store
+        self.model, self.tokenizer = load_shard(config, self.group, tokenizer=True)  # while the workers load theirs
         self._wait_for("loaded")
+        self.group.connect(store)
 
     def agree_num_kv_blocks(self, max_model_len: int) -> int:
         """The KV blocks every rank can hold (the smallest of the ranks' budgets); the workers allocate theirs."""
@@ -227,7 +226,6 @@ class TensorParallelExecutor:
         self._finalizer()
         group = getattr(self, "group", None)
         if group is not None:
-            self.group = None
             try:
                 group.shutdown()
             except RuntimeError:

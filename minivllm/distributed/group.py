@@ -23,16 +23,19 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 class TensorParallelGroup:
     """Rank ``rank`` of ``size``: ``all_reduce`` (sum, in place) and ``gather`` (to rank 0) over ``device`` tensors."""
 
-    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device,
-                 timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
+    def __init__(self, rank: int, size: int, device: torch.device | str) -> None:
         self.rank, self.size, self.device = rank, size, torch.device(device)
+        self.pg = None  # connect() makes it; a rank may build and load its shard before (the sizes are known)
+
+    def connect(self, store: dist.Store, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
+        """Join the other ranks (blocks until all of them have called it)."""
         store = dist.PrefixStore("minivllm-tp", store)
         if self.device.type == "cuda":  # NOTE: untested on GPUs (no multi-GPU machine when this was written)
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(store, rank, size, options)
+            self.pg = dist.ProcessGroupNCCL(store, self.rank, self.size, options)
         else:
-            self.pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+            self.pg = dist.ProcessGroupGloo(store, self.rank, self.size, timeout)
 
     @staticmethod
     def host_store(size: int, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> dist.TCPStore:
@@ -69,5 +72,6 @@ class TensorParallelGroup:
         return int(t.item())
 
     def shutdown(self) -> None:
-        if hasattr(self.pg, "shutdown"):
-            self.pg.shutdown()
+        pg, self.pg = self.pg, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            pg.shutdown()

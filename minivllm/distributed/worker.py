@@ -5,7 +5,7 @@ every rank) and builds an ordinary :class:`~minivllm.runner.ModelRunner`. Then, 
 plan rank 0's scheduler made, rebuilds a :class:`~minivllm.batch.SchedulerOutput` from it and executes it: the
 same forward pass as rank 0, meeting it at every all-reduce. Its logits are not used: rank 0 samples.
 
-The pipe to rank 0 carries the protocol (worker -> rank 0 ``("hello",)``, ``("loaded",)`` or ``("error", text)``;
+The pipe to rank 0 carries the protocol (worker -> rank 0 ``("loaded",)`` or ``("error", text)``;
 rank 0 -> worker ``("blocks", max_model_len)``, then one pickled plan per step, empty bytes to stop). When rank 0's process
 ends, the pipe closes and the worker exits.
 """
@@ -89,10 +89,10 @@ def _serve(config, rank: int, port: int, conn) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(threads_per_rank(size))
-    conn.send(("hello",))
-    group = TensorParallelGroup(TensorParallelGroup.connect_store(port, size), rank, size, device)
+    group = TensorParallelGroup(rank, size, device)
     model, _ = load_shard(config, group, tokenizer=False)
     conn.send(("loaded",))
+    group.connect(TensorParallelGroup.connect_store(port, size))
     _, max_model_len = conn.recv()
     num_blocks = group.all_reduce_min(shard_num_kv_blocks(config, model, max_model_len))
     kv_cache = PagedKVCache.allocate(model.shard_config.kv_shape, num_blocks, block_size=config.block_size,
