@@ -5,7 +5,8 @@ runner and the KV cache read what they need. Values only known once the model is
 count, the EOS ids, the context length) live on the engine, set in one place
 (:meth:`minivllm.engine.LLMEngine.__init__`), not written back here.
 
-Left out: pipeline parallelism, quantization beyond CPU fp16/int8 linears, LoRA, speculative decoding, swap space.
+Left out: pipeline parallelism, quantization beyond the CPU's fp16/int8/Q4_1/Q8_0 linears, LoRA, speculative
+decoding, swap space.
 """
 
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # NOTE: not imported at run time: the scheduler reads this mo
     from minivllm.model.config import ModelConfig
 
 ATTENTION_BACKENDS = ("auto", "numba", "torch")
-QUANTIZATIONS = ("auto", "none", "fp16", "int8")  # see EngineConfig.quantization_method
+QUANTIZATIONS = ("auto", "none", "fp16", "int8", "q4")  # see EngineConfig.quantization_method
 # A CPU step's token budget: a token costs ~0.27 GFLOP and 2 cores run the fast path's GEMMs at ~50 GFLOP/s, so
 # ~64 tokens (decodes first, then prefill chunks) keep a step near 0.5 s and a long prompt cannot freeze the other
 # streams: beside 8 decoding chats and a 4k prompt, 64 gave a 0.38 s longest gap, 2048 gave 7.5 s
@@ -62,10 +63,11 @@ class EngineConfig:
     #                                               a ModelConfig builds a random-weight model (benchmarks)
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on a GPU, float32 on a CPU
-    quantization: str = "auto"  # "auto": "fp16" on a CPU when dtype is "auto", else "none"; so dtype="float32"
-    #                             given explicitly is the exact fp32 path. "fp16": fbgemm fp16-weight linears,
-    #                             "int8": fbgemm int8 linears with dynamic activations (faster, less exact); CPU only.
-    #                             See quantization_method and minivllm.model.quant.
+    quantization: str = "auto"  # "auto": "q4" on a CPU when dtype is "auto", else "none"; so dtype="float32"
+    #                             given explicitly is the exact fp32 path. "q4": weights that are exactly Q4_1/Q8_0
+    #                             blocks (a GGUF's) through numba kernels for decode, fbgemm fp16 otherwise; "fp16":
+    #                             fbgemm fp16-weight linears; "int8": fbgemm int8 linears with dynamic activations
+    #                             (less exact); CPU only. See quantization_method and minivllm.model.quant.
     seed: int = 0  # random weights (ModelConfig) and the sampler's shared generator
     max_model_len: int | None = None  # longest prompt + output; None: the model's max positions
     # scheduling (see minivllm.scheduler)
@@ -156,13 +158,14 @@ class EngineConfig:
 
     @property
     def quantization_method(self) -> str:
-        """``"none"``, ``"fp16"`` or ``"int8"``: what the engine runs. ``"auto"`` means fp16 on a CPU when the dtype was
-        left to ``"auto"`` too, "none" on a GPU or whenever a dtype was asked for (``dtype="float32"``: exact)."""
+        """``"none"``, ``"q4"``, ``"fp16"`` or ``"int8"``: what the engine runs. ``"auto"`` means q4 on a CPU when
+        the dtype was left to ``"auto"`` too, "none" on a GPU or whenever a dtype was asked for (``dtype="float32"``:
+        exact)."""
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         cpu = self.torch_device.type == "cpu"
         if self.quantization == "auto":
-            return "fp16" if cpu and self.dtype == "auto" else "none"
+            return "q4" if cpu and self.dtype == "auto" else "none"
         if self.quantization != "none" and not cpu:
             raise ValueError(f"quantization={self.quantization!r} runs on the CPU only (fbgemm); use device='cpu'")
         if self.quantization != "none" and self.torch_dtype != torch.float32:
