@@ -10,10 +10,12 @@ Each layer then
    (``kernels.paged_attention_warp`` on a GPU: one launch, no host sync, capturable in a CUDA graph;
    on a CPU in fp32 the numba kernel ``kernels.paged_attention_cpu``, which reads the pages in place;
    otherwise, or with ``backend="torch"``, a batched gather + SDPA);
-3. prefills: each chunk's queries over its context, causal and aligned to the end: on a GPU
-   ``scaled_dot_product_attention`` (tensor cores; ``attention_backend="numba"`` takes our
-   ``kernels.flash_attention_paged`` instead), the keys gathered from the cache only when part of the
-   context was computed in an earlier step.
+3. prefills: each chunk's queries over its context, causal and aligned to the end. On a GPU in bf16/fp16,
+   **one** variable-length FlashAttention call per layer for every prefill sequence of the step
+   (``cu_seqlens``; tensor cores), the keys read back from the cache in one gather only when part of some
+   context was computed in an earlier step; ``attention_backend="numba"`` takes our
+   ``kernels.flash_attention_paged`` instead. Elsewhere (a CPU, fp32) one ``scaled_dot_product_attention``
+   per sequence.
 
 :class:`PagedAttentionMetadata` carries the batch's layout, built once per step by the runner and
 passed down explicitly. Host-side copies of the lengths avoid a device sync per layer. On a GPU, a learner's
@@ -24,12 +26,15 @@ queries and whole context, packed (``cu_seqlens_q``, ``cu_seqlens_k``).
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minivllm.cache.kv_cache import PagedKVCache
 from minivllm.model.layers import LEARNER_KERNELS, launcher
 from minivllm.utils import cdiv
+
+_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")  # FlashAttention-2 in CUDA builds of torch
 
 
 @dataclass(slots=True)
@@ -43,6 +48,54 @@ class PagedAttentionMetadata:
     query_lens: list[int]  # (seqs - num_decodes,) host copies, prefill sequences only
     prefill_context_lens: list[int]  # (seqs - num_decodes,)
     backend: str = "auto"  # "auto" | "numba" | "torch"
+    varlen: "VarlenLayout | None" = None  # built by the first layer's prefill, reused by the others
+
+
+@dataclass(slots=True)
+class VarlenLayout:
+    """The step's prefill sequences packed for one variable-length attention call (the same in every layer)."""
+
+    cu_q: torch.Tensor  # (prefills + 1,) int32: query rows of sequence i are cu_q[i] .. cu_q[i + 1] - 1
+    cu_k: torch.Tensor  # (prefills + 1,) int32: the same for its keys (its whole context)
+    max_q: int
+    max_k: int
+    blocks: torch.Tensor | None  # (total keys,) int64: the cache block of each context key; None: all keys are new
+    offsets: torch.Tensor | None  # (total keys,) int64: its row in that block
+
+
+def _varlen_layout(meta: PagedAttentionMetadata, block_size: int, device: torch.device) -> VarlenLayout:
+    if meta.varlen is None:
+        q_lens, ctx = np.asarray(meta.query_lens), np.asarray(meta.prefill_context_lens)
+        cu_q, cu_k = np.zeros(len(q_lens) + 1, np.int32), np.zeros(len(ctx) + 1, np.int32)
+        np.cumsum(q_lens, out=cu_q[1:])
+        np.cumsum(ctx, out=cu_k[1:])
+        blocks = offsets = None
+        if (ctx != q_lens).any():  # some keys were computed earlier: every context key is read from the cache
+            seq = np.repeat(np.arange(len(ctx)) + meta.num_decodes, ctx)  # (keys,) the row of its block table
+            pos = np.arange(cu_k[-1]) - np.repeat(cu_k[:-1], ctx)  # its position in its sequence
+            where = torch.from_numpy(np.stack([seq, pos])).to(device, non_blocking=True)
+            blocks = meta.block_tables[where[0], where[1] // block_size].long()
+            offsets = where[1] % block_size
+        meta.varlen = VarlenLayout(torch.from_numpy(cu_q).to(device, non_blocking=True),
+                                   torch.from_numpy(cu_k).to(device, non_blocking=True),
+                                   int(q_lens.max()), int(ctx.max()), blocks, offsets)
+    return meta.varlen
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
+                  meta: PagedAttentionMetadata) -> torch.Tensor:
+    """Every prefill sequence in one FlashAttention call: q (tokens, q_heads, d) -> (tokens, q_heads, d)."""
+    kv = meta.kv_cache.kv[layer]  # (blocks, 2, block_size, kv_heads, d)
+    lay = _varlen_layout(meta, kv.shape[2], q.device)
+    if lay.blocks is not None:  # the whole contexts, cached keys included, in the packed order of cu_k
+        k, v = kv[lay.blocks, 0, lay.offsets], kv[lay.blocks, 1, lay.offsets]
+    # causal with fewer queries than keys aligns the queries to the end: query i sees keys <= its position
+    return torch.ops.aten._flash_attention_forward(q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, 0.0, True,
+                                                   False)[0]
+
+
+def _flash_ok(q: torch.Tensor, meta: PagedAttentionMetadata) -> bool:
+    return q.is_cuda and meta.backend == "auto" and q.dtype in (torch.bfloat16, torch.float16) and _FLASH
 
 
 def _gpu(meta: PagedAttentionMetadata, x: torch.Tensor) -> bool:
@@ -112,6 +165,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         return LEARNER_KERNELS["flash_attention"](q.contiguous(), torch.cat(ks), torch.cat(vs),
                                                   _cu_seqlens(meta.query_lens, q.device),
                                                   _cu_seqlens(meta.prefill_context_lens, q.device))
+    if _flash_ok(q, meta):
+        return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), layer, meta)
     if q.is_cuda and meta.backend == "numba":
         n = meta.num_decodes
         cu = torch.tensor([0, *torch.tensor(meta.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
