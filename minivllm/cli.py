@@ -5,6 +5,7 @@
 
     minivllm serve                                                 # OpenAI-compatible API on 127.0.0.1:8000
     minivllm serve --model ~/models/Qwen3-0.6B --port 8080 --max-num-seqs 128
+    minivllm serve --model ~/models/Qwen3-8B --tensor-parallel-size 2           # one model over two GPUs
 
 ``generate`` applies the model's chat template, streams the answer to stdout as it is produced, and with
 ``--stats`` reports load time and speed on stderr. ``serve`` loads the model once and answers HTTP requests
@@ -90,6 +91,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", "fp16", "int8"],
                         help="CPU linear layers (default: auto = fp16 weights through fbgemm on a CPU unless "
                              "--dtype is given; none = exact fp32; int8 = faster, less exact)")
+    parser.add_argument("--tensor-parallel-size", "--tp", type=int, default=1, metavar="N",
+                        help="split the model over N ranks: N GPUs (NCCL), or N processes on a CPU (gloo) "
+                             "(default: 1)")
 
 
 def load_tokenizer(source: "Path | GGUFFile"):
@@ -108,6 +112,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from minivllm.model import load_model, resolve_model_path
     from minivllm.model.quant import quantize_model
 
+    if args.tensor_parallel_size != 1:
+        return _generate_with_engine(args)
     start = time.perf_counter()
     config = EngineConfig(device=args.device or "auto", dtype=args.dtype, quantization=args.quantization)
     path = resolve_model_path(args.model)
@@ -139,6 +145,36 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_with_engine(args: argparse.Namespace) -> int:
+    """``generate`` through the engine (``LLM``): what tensor parallelism needs (the plain path is one model)."""
+    from minivllm.llm import LLM
+    from minivllm.sampling_params import SamplingParams
+
+    start = time.perf_counter()
+    with LLM(args.model, device=args.device or "auto", dtype=args.dtype, quantization=args.quantization,
+             tensor_parallel_size=args.tensor_parallel_size, seed=args.seed or 0) as llm:
+        load_seconds = time.perf_counter() - start
+        tokenizer = llm.tokenizer
+        if args.raw:
+            prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                       [{"role": "user", "content": args.prompt}]
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        start = time.perf_counter()
+        for piece in llm.stream(prompt_ids, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.stats:
+            generated = llm.engine.stats["generation_tokens"]
+            print(f"[tensor parallel x{args.tensor_parallel_size}, linears: {llm.engine.config.quantization_method}] "
+                  f"loaded in {load_seconds:.1f} s; {len(prompt_ids)} prompt tokens; {generated} tokens generated "
+                  f"in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from minivllm.server import serve
 
@@ -147,7 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           quantization=args.quantization,
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-          enforce_eager=args.enforce_eager, seed=args.seed, api_key=args.api_key,
+          enforce_eager=args.enforce_eager, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, api_key=args.api_key,
           allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
           max_request_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser, learner=args.learner)
     return 0
