@@ -3,7 +3,8 @@
 * fbgemm linears (``minivllm.model.quant``) against ``F.linear`` with the weights they hold (fp16-rounded, or
   int8 dequantized), and a quantized tiny model against its fp32 self;
 * the CPU paged decode kernel (``kernels.paged_attention_cpu``) against gather + SDPA;
-* ``EngineConfig.quantization``'s rule, and the embedded model on the fast path still answering "Paris".
+* ``EngineConfig.quantization``'s rule, and the embedded model on the fast path still answering "Paris"
+  (the block kernels themselves: tests/test_14_q4.py).
 
 No timings here: speed is measured by ``python -m bench.cpu_fast``.
 """
@@ -74,7 +75,7 @@ def test_cpu_paged_decode_equals_gather_and_sdpa(lens):
 
 
 def test_quantization_rule():
-    assert EngineConfig(device="cpu").quantization_method == "fp16"  # the default on a CPU: the fast path
+    assert EngineConfig(device="cpu").quantization_method == "q4"  # the default on a CPU: the fast path
     assert EngineConfig(device="cpu", dtype="float32").quantization_method == "none"  # asked-for dtype: exact
     assert EngineConfig(device="cpu", dtype="float32", quantization="int8").quantization_method == "int8"
     with pytest.raises(ValueError, match="quantization"):
@@ -90,8 +91,7 @@ def test_default_model_on_the_fast_path_answers_paris():
     from minivllm import LLM, SamplingParams
 
     llm = LLM(device="cpu", max_model_len=256, num_kv_blocks=16)
-    assert llm.engine.config.quantization_method == "fp16"
-    quantize_model(llm.engine.model, llm.engine.config.quantization_method)  # a no-op once the engine does it
+    assert llm.engine.config.quantization_method == "q4"
     assert is_quantized(llm.engine.model)
     out = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
                    SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]

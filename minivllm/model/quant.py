@@ -84,7 +84,42 @@ class Fp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weights (fbgemm)"
 
 
-LAYERS = {"fp16": Fp16Linear, "int8": Int8Linear}
+class BlockLinear(nn.Module):
+    """``y = x @ W.T`` with W as llama.cpp-style blocks for a few rows of x, fbgemm fp16 for more.
+
+    W is kept as the smallest block format that holds it exactly (:func:`minivllm.model.q4.exact_blocks`): Q4_1
+    for the embedded GGUF's layers, Q8_0 for its embedding (our tied LM head); a weight that is neither (a
+    bf16 checkpoint's) gets no blocks and always runs fp16, so this never changes a model's values. Decode
+    (a few rows) reads ~1/7 of the fp32 bytes through the numba kernels; the kernels redo the unpacking for
+    every row, so past ``max_rows`` rows (prefill, large batches) fbgemm's fp16 GEMM wins and runs.
+    """
+
+    max_rows = 2  # rows (tokens) up to which the block kernel runs (measured: bench/cpu_fast.py)
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        from minivllm.model.q4 import exact_blocks
+
+        self.fp16 = Fp16Linear(weight)
+        self.out_features, self.in_features = self.fp16.out_features, self.fp16.in_features
+        self.blocks = exact_blocks(weight)  # a BlockWeight, or None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """(out, in) fp32: the weight the block kernel multiplies by (the fp16 one without blocks), for checks."""
+        return self.blocks.dequantize() if self.blocks is not None else self.fp16.dequantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None and x.shape[0] <= self.max_rows:
+            return self.blocks.matmul(x)  # (rows, in) -> (rows, out) fp32
+        return self.fp16(x)
+
+    def extra_repr(self) -> str:
+        kind = self.blocks.kind if self.blocks is not None else "none"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, blocks={kind} (numba) "
+                f"up to {self.max_rows} rows, fp16 (fbgemm) beyond")
+
+
+LAYERS = {"fp16": Fp16Linear, "int8": Int8Linear, "q4": BlockLinear}
 
 
 def is_quantized(model: nn.Module) -> bool:
