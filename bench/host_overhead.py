@@ -145,7 +145,7 @@ def add_requests(engine: LLMEngine, args) -> None:
         if args.sampling == "random":
             params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens(args), ignore_eos=True)
         n = rng.randint(args.context - spread, args.context + spread)
-        engine.add_request(random_ids(rng, n, TINY.vocab_size), params)
+        engine.add_request(random_ids(rng, n, TINY.vocab_size), params, final_only=args.final_only)
 
 
 def summarize(steps: list[dict[str, list[float]]], index: int) -> dict:
@@ -203,6 +203,7 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(), "load_avg_1min": {"start": load[0], "end": load[1]},
         "workload": {"batch": args.batch, "context_mean": round(statistics.fmean(contexts), 1),
                      "context_min": min(contexts), "context_max": max(contexts), "sampling": args.sampling,
+                     "final_only": args.final_only,
                      "tokenizer": args.tokenizer, "timed_steps": args.steps, "prefill_seconds": round(prefill_s, 2)},
         "cpu_ms_per_step": summarize(steps, 0), "wall_ms_per_step": summarize(steps, 1),
     }
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="cl100k_base", help="a tiktoken encoding to detokenize with, or none")
     p.add_argument("--label", default="latest", help="the entry of the results file this run replaces")
     p.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions of the timed steps")
+    p.add_argument("--final-only", action="store_true",
+                   help="requests report only when they finish (LLM.generate's mode), not after every step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -115,15 +115,18 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text, or token ids); returns its request id. Raises ``ValueError`` on bad input."""
+                    request_id: str | None = None, final_only: bool = False) -> str:
+        """Queue a prompt (text, or token ids); returns its request id. Raises ``ValueError`` on bad input.
+
+        ``final_only``: ``step()`` reports the request once, when it finishes (vLLM's ``FINAL_ONLY`` output
+        kind, what ``LLM.generate`` needs), instead of after every step that gave it a token."""
         request_id = str(next(self._request_ids)) if request_id is None else str(request_id)
         if request_id in self.processor.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids, params = self.inputs.process(prompt, params)
         self.scheduler.blocks.check_fits(len(ids), params.max_tokens)  # NOTE: before anything is queued
         seq_ids = [next(self._seq_ids) for _ in range(params.n)]
-        for seq in self.processor.add_request(request_id, text, ids, params, seq_ids):
+        for seq in self.processor.add_request(request_id, text, ids, params, seq_ids, final_only):
             self.scheduler.add(seq)
         return request_id
 

@@ -70,22 +70,23 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompts, params):
-                ids.append(engine.add_request(prompt, p))
+                ids.append(engine.add_request(prompt, p, final_only=True))  # NOTE: no per-step outputs to build
         except Exception:
             for rid in ids:  # queue all or nothing
                 engine.abort(rid)
             raise
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="generating", unit=" req", disable=not use_tqdm, leave=False)
-        tokens = 0
+        first = engine.stats["generation_tokens"]
         try:
             while len(results) < len(ids):
-                for out in engine.step():
-                    tokens += sum(len(o.delta_token_ids) for o in out.outputs)
+                for out in engine.step():  # final_only: outputs of finished requests
                     if out.finished:
                         results[out.request_id] = out
                         bar.update(1)
-                bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
+                if use_tqdm:
+                    tokens = engine.stats["generation_tokens"] - first
+                    bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f} tok/s", refresh=False)
         except BaseException:
             for rid in ids:
                 if rid not in results:

@@ -70,6 +70,7 @@ class _Request:
     params: SamplingParams
     samples: list[_Sample] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    final_only: bool = False  # one RequestOutput, when it finishes (LLM.generate): none per step before
 
     @property
     def finished(self) -> bool:
@@ -96,10 +97,10 @@ class OutputProcessor:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | None, ids: list[int], params: SamplingParams,
-                    seq_ids: list[int]) -> list[Sequence]:
+                    seq_ids: list[int], final_only: bool = False) -> list[Sequence]:
         """Keep a new request (one sample per id in ``seq_ids``); returns its sequences, for the scheduler."""
         grammar = self._compile(params) if params.structured_outputs is not None else None  # NOTE: may raise
-        request = _Request(request_id, prompt, ids, params)
+        request = _Request(request_id, prompt, ids, params, final_only=final_only)
         children = [params] if params.n == 1 else [params.for_child(i) for i in range(params.n)]
         for index, (p, seq_id) in enumerate(zip(children, seq_ids, strict=True)):
             detok = self.tokenizer.detokenizer(skip_special_tokens=p.skip_special_tokens) if self.tokenizer else None
@@ -160,7 +161,8 @@ class OutputProcessor:
     # ------------------------------------------------------------------ after a step
     def process(self, plan: SchedulerOutput, sampled: SampledTokens, start: float,
                 graph: bool = False) -> list[RequestOutput]:
-        """Text, stop strings, logprobs, metrics and the step record; an output per request that progressed."""
+        """Text, stop strings, logprobs, metrics and the step record; an output per request that progressed
+        (a ``final_only`` request: only when it finishes)."""
         now = time.monotonic()
         touched: dict[str, _Request] = {}
         for seq_id in plan.finished:  # the cache could not hold them any longer
@@ -193,7 +195,7 @@ class OutputProcessor:
                 self._advance_grammar(sample)
             self._detokenize(sample)
         self._log(plan, sampled, start, graph)
-        return [self._finish_or_keep(request) for request in touched.values()]
+        return [self._finish_or_keep(r) for r in touched.values() if not r.final_only or r.finished]
 
     def _record_logprobs(self, sample: _Sample, sampled: SampledTokens, row: int) -> None:
         k = sample.seq.sampling_params.logprobs

@@ -113,6 +113,30 @@ def test_streamed_text_equals_decoding_the_whole_output():
     assert engine.processor._texts, "tokens whose text stands alone are remembered"
 
 
+def test_a_final_only_request_reports_once_with_what_a_streamed_one_reports_at_the_end():
+    """LLM.generate's mode: no RequestOutput per step, and the final one equal to a per-step request's last."""
+    engine = LLMEngine(model=TINY, device="cpu", dtype="float32", max_model_len=256, max_num_seqs=8)
+    engine.tokenizer = engine.processor.tokenizer = engine.inputs.tokenizer = _byte_tokenizer()
+    kinds = {}
+    for i in range(6):  # the same three prompts and seeds, each once per mode, in one batch
+        params = SamplingParams(temperature=1.0, seed=i % 3, max_tokens=10 + 7 * (i % 3), ignore_eos=True, stop=["\x85"])
+        kinds[engine.add_request([200 + i % 3, 201, 7], params, final_only=i >= 3)] = (i % 3, i >= 3)
+    reports, finals = {rid: 0 for rid in kinds}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            reports[out.request_id] += 1
+            if out.finished:
+                finals[kinds[out.request_id]] = out
+    for rid, (prompt, final_only) in kinds.items():
+        assert reports[rid] == 1 if final_only else reports[rid] > 1, (rid, reports[rid])
+    for prompt in range(3):
+        streamed, final = finals[prompt, False].outputs[0], finals[prompt, True].outputs[0]
+        assert (final.token_ids, final.text, final.finish_reason) == (streamed.token_ids, streamed.text,
+                                                                      streamed.finish_reason)
+        assert final.delta_token_ids == final.token_ids and final.delta_text == final.text  # all of it, at once
+    engine.check_no_leaks()
+
+
 def test_the_sampling_batch_is_reused_only_while_nothing_it_depends_on_changes():
     engine = LLMEngine(model=TINY, device="cpu", dtype="float32", max_model_len=128, max_num_seqs=8)
     proc = engine.processor
