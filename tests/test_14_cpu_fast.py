@@ -3,8 +3,8 @@
 * fbgemm linears (``minivllm.model.quant``) against ``F.linear`` with the weights they hold (fp16-rounded, or
   int8 dequantized), and a quantized tiny model against its fp32 self;
 * the CPU paged decode kernel (``kernels.paged_attention_cpu``) against gather + SDPA;
-* ``EngineConfig.quantization``'s rule, and the embedded model on the fast path still answering "Paris"
-  (the block kernels themselves: tests/test_14_q4.py).
+* ``EngineConfig.quantization``'s rule (the q4 default, the block kernels, and the embedded model on it
+  answering "Paris": tests/test_14_q4.py).
 
 No timings here: speed is measured by ``python -m bench.cpu_fast``.
 """
@@ -85,14 +85,3 @@ def test_quantization_rule():
     assert default_max_num_batched_tokens(torch.device("cpu"), 8) < default_max_num_batched_tokens(
         torch.device("cuda"), 8)
     assert default_max_num_batched_tokens(torch.device("cpu"), 256) == 256  # every decode fits a step
-
-
-def test_default_model_on_the_fast_path_answers_paris():
-    from minivllm import LLM, SamplingParams
-
-    llm = LLM(device="cpu", max_model_len=256, num_kv_blocks=16)
-    assert llm.engine.config.quantization_method == "q4"
-    assert is_quantized(llm.engine.model)
-    out = llm.chat([[{"role": "user", "content": "What is the capital of France?"}]],
-                   SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
-    assert "Paris" in out.outputs[0].text

@@ -47,12 +47,13 @@ def _padded(weight: torch.Tensor) -> np.ndarray:
     return w.contiguous().numpy()
 
 
-@njit(parallel=True, cache=True)
-def _quantize_q4_1(w, P, D, M):  # pragma: no cover - compiled
-    """Fill the tiled Q4_1 arrays from w (tiles * TILE, K) fp32; returns max |dequantized - w|."""
+@njit(cache=True)
+def _quantize_q4_1(w, P, D, M, limit):  # pragma: no cover - compiled
+    """Fill the tiled Q4_1 arrays from w (tiles * TILE, K) fp32; returns the largest |dequantized - w|, early
+    (the arrays half filled) as soon as it passes ``limit``."""
     tiles, blocks = D.shape[0], D.shape[1]
-    err = np.zeros(tiles, np.float32)
-    for t in prange(tiles):
+    err = _f32(0.0)
+    for t in range(tiles):
         for lane in range(TILE):
             o = t * TILE + lane
             for b in range(blocks):
@@ -64,17 +65,20 @@ def _quantize_q4_1(w, P, D, M):  # pragma: no cover - compiled
                     v0, v1 = block[j], block[j + 16]
                     q0 = min(15, max(0, int(np.floor((v0 - lo) / d + 0.5)))) if d > 0 else 0
                     q1 = min(15, max(0, int(np.floor((v1 - lo) / d + 0.5)))) if d > 0 else 0
-                    err[t] = max(err[t], abs(d * _f32(q0) + lo - v0), abs(d * _f32(q1) + lo - v1))
+                    err = max(err, abs(d * _f32(q0) + lo - v0), abs(d * _f32(q1) + lo - v1))
                     P[t, b, j, lane] = q0 | (q1 << 4)
-    return err.max()
+                if err > limit:
+                    return err
+    return err
 
 
-@njit(parallel=True, cache=True)
-def _quantize_q8_0(w, P, D):  # pragma: no cover - compiled
-    """Fill the tiled Q8_0 arrays from w (tiles * TILE, K) fp32; returns max |dequantized - w|."""
+@njit(cache=True)
+def _quantize_q8_0(w, P, D, limit):  # pragma: no cover - compiled
+    """Fill the tiled Q8_0 arrays from w (tiles * TILE, K) fp32; returns the largest |dequantized - w|, early
+    as soon as it passes ``limit``."""
     tiles, blocks = D.shape[0], D.shape[1]
-    err = np.zeros(tiles, np.float32)
-    for t in prange(tiles):
+    err = _f32(0.0)
+    for t in range(tiles):
         for lane in range(TILE):
             o = t * TILE + lane
             for b in range(blocks):
@@ -84,13 +88,16 @@ def _quantize_q8_0(w, P, D):  # pragma: no cover - compiled
                 for j in range(BLOCK):
                     v = block[j]
                     q = min(127, max(-127, int(np.floor(v / d + 0.5)))) if d > 0 else 0
-                    err[t] = max(err[t], abs(d * _f32(q) - v))
+                    err = max(err, abs(d * _f32(q) - v))
                     P[t, b, j, lane] = q
-    return err.max()
+                if err > limit:
+                    return err
+    return err
 
 
-def quantize_q4_1(weight: torch.Tensor) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], float]:
-    """(out, in) float -> the tiled Q4_1 blocks ``(P, D, M)`` (``w[o, 32b + j] ≈ D * q + M``) and the max error.
+def quantize_q4_1(weight: torch.Tensor, limit: float = np.inf) -> tuple[tuple[np.ndarray, ...], float]:
+    """(out, in) float -> the tiled Q4_1 blocks ``(P, D, M)`` (``w[o, 32b + j] ≈ D * q + M``) and the largest
+    error; once the error passes ``limit`` it stops (the arrays are then incomplete).
 
     ``P`` (tiles, blocks, 16, TILE) uint8: byte j holds q[j] (low nibble) and q[j + 16] (high nibble);
     ``D``, ``M`` (tiles, blocks, TILE) fp32: each block's step (max - min) / 15 and its min.
@@ -99,18 +106,19 @@ def quantize_q4_1(weight: torch.Tensor) -> tuple[tuple[np.ndarray, np.ndarray, n
     tiles, blocks = w.shape[0] // TILE, w.shape[1] // BLOCK
     P = np.empty((tiles, blocks, 16, TILE), np.uint8)
     D, M = np.empty((tiles, blocks, TILE), np.float32), np.empty((tiles, blocks, TILE), np.float32)
-    return (P, D, M), float(_quantize_q4_1(w, P, D, M))
+    return (P, D, M), float(_quantize_q4_1(w, P, D, M, _f32(min(limit, 3e38))))
 
 
-def quantize_q8_0(weight: torch.Tensor) -> tuple[tuple[np.ndarray, np.ndarray], float]:
-    """(out, in) float -> the tiled Q8_0 blocks ``(P, D)`` (``w[o, 32b + j] ≈ D * q``) and the max error.
+def quantize_q8_0(weight: torch.Tensor, limit: float = np.inf) -> tuple[tuple[np.ndarray, ...], float]:
+    """(out, in) float -> the tiled Q8_0 blocks ``(P, D)`` (``w[o, 32b + j] ≈ D * q``) and the largest error
+    (early past ``limit``, as :func:`quantize_q4_1`).
 
     ``P`` (tiles, blocks, 32, TILE) int8, q in -127..127; ``D`` (tiles, blocks, TILE) fp32: each block's max |w| / 127.
     """
     w = _padded(weight)
     tiles, blocks = w.shape[0] // TILE, w.shape[1] // BLOCK
     P, D = np.empty((tiles, blocks, BLOCK, TILE), np.int8), np.empty((tiles, blocks, TILE), np.float32)
-    return (P, D), float(_quantize_q8_0(w, P, D))
+    return (P, D), float(_quantize_q8_0(w, P, D, _f32(min(limit, 3e38))))
 
 
 # Fast-math without "reassoc": the lanes are independent, so vectorizing needs no reassociation, and keeping
@@ -182,12 +190,13 @@ def q8_0_matmul(x, P, D, y):  # pragma: no cover - compiled
 class BlockWeight:
     """One linear layer's weight as Q4_1 (``bits=4``) or Q8_0 (``bits=8``) tiles, and its matmul with a few rows."""
 
-    def __init__(self, weight: torch.Tensor, bits: int = 4):
+    def __init__(self, weight: torch.Tensor, bits: int = 4, limit: float = np.inf):
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 (Q4_1) or 8 (Q8_0), got {bits!r}")
         self.bits = bits
         self.out_features, self.in_features = weight.shape
-        self.arrays, self.max_error = quantize_q4_1(weight) if bits == 4 else quantize_q8_0(weight)
+        quantize = quantize_q4_1 if bits == 4 else quantize_q8_0
+        self.arrays, self.max_error = quantize(weight, limit)  # max |dequantized - weight|
         self.padded_out = self.arrays[0].shape[0] * TILE
 
     @property
@@ -231,7 +240,7 @@ def exact_blocks(weight: torch.Tensor, rtol: float = 1e-6) -> BlockWeight | None
         return None
     limit = rtol * weight.detach().abs().max().item()
     for bits in (4, 8):
-        blocks = BlockWeight(weight, bits)
+        blocks = BlockWeight(weight, bits, limit)  # stops at the first block that is not exact
         if blocks.max_error <= limit:
             return blocks
     return None
