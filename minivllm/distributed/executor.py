@@ -36,7 +36,7 @@ from minivllm.config import EngineConfig
 from minivllm.distributed.group import TensorParallelGroup
 from minivllm.distributed.model import TensorParallelQwen3ForCausalLM
 from minivllm.distributed.sharding import check_tensor_parallel_size
-from minivllm.distributed.worker import plan_message, threads_per_rank
+from minivllm.distributed.worker import plan_message, share_cores
 
 STARTUP_TIMEOUT_S = 600.0  # a rank loading a large checkpoint from a slow disk
 POLL_S = 0.2  # while starting, how often rank 0 checks that the workers are alive
@@ -128,10 +128,11 @@ class TensorParallelExecutor:
     def _start(self) -> None:
         config, size = self.config, self.size
         device = torch.device("cuda", 0) if config.torch_device.type == "cuda" else torch.device("cpu")
-        if device.type == "cpu":  # NOTE: this process's torch threads too: the ranks share the cores
-            torch.set_num_threads(threads_per_rank(size))
-        store = TensorParallelGroup.host_store(size)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
+        if device.type == "cpu":  # NOTE: this process's threads too: the ranks share the cores
+            share_cores(size)
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting OpenMP threads sleep (bench._harness says why)
+        store = TensorParallelGroup.host_store(size)
         for rank in range(1, size):
             # a fresh interpreter (not multiprocessing's spawn, which re-runs an unguarded __main__ script),
             # talking to us over one end of a socket pair

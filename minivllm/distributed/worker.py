@@ -49,10 +49,17 @@ class PlanMirror:
         return SchedulerOutput(**{**message, "scheduled": scheduled, "block_tables": tables})
 
 
-def threads_per_rank(size: int) -> int:
-    """CPU threads for each of ``size`` ranks on this machine: the cores shared out (oversubscribed OpenMP
-    threads spin while they wait for each other, and every all-reduce waits for the slowest rank)."""
-    return max(1, (os.cpu_count() or 1) // size)
+def share_cores(size: int) -> int:
+    """Give this rank its share of the CPU cores, for torch and for numba's parallel kernels (the CPU paged
+    attention): oversubscribed threads spin while they wait for each other, and every all-reduce waits for the
+    slowest rank. Returns the threads per rank."""
+    threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    threads = max(1, threads // size)
+    import numba  # NOTE: its OpenMP threading layer sets OpenMP's thread count when it launches; so set it too
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def main(fd: int) -> None:
@@ -88,7 +95,7 @@ def _serve(config, rank: int, port: int, conn) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(threads_per_rank(size))
+        share_cores(size)
     group = TensorParallelGroup(rank, size, device)
     model, _ = load_shard(config, group, tokenizer=False)
     conn.send(("loaded",))
