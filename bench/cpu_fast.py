@@ -3,27 +3,38 @@
     python -m bench.cpu_fast                       # everything; saves bench/results/14_cpu_fast.json
     python -m bench.cpu_fast --only quality batch1 --out /tmp
 
-One process, one machine load, the same GGUF (the embedded SmolLM2-135M-Instruct, Q4_1) for every peer:
+One process, one machine load, the same GGUF (the embedded SmolLM2-135M-Instruct, Q4_1) for every peer. The
+fast path is the CPU default, ``quantization="q4"`` (the GGUF's Q4_1 / Q8_0 blocks through numba kernels for
+up to ``BlockLinear.max_rows`` rows, fbgemm fp16 beyond); ``"fp16"`` (fbgemm fp16 linears for every row count)
+is measured beside it.
 
 * ``quality``: teacher-forced over a fixed English text (the first ``--quality-tokens`` tokens of CPython's
-  LICENSE.txt): top-1 agreement of each fast path with exact fp32, and each one's perplexity;
+  LICENSE.txt): top-1 agreement of each fast path with exact fp32, and each one's perplexity. The text is one
+  forward pass of many rows, so for ``q4`` the block kernels are forced on every row (``max_rows`` raised):
+  the numbers are the kernels' own;
+* ``rows``: the 30 layers' linears of the default model (its real block weights) for 1..8 rows, block kernels
+  against fbgemm fp16 in the same loop: where ``BlockLinear.max_rows`` should switch;
 * ``batch1``: one chat prompt, ``--max-tokens`` greedy tokens (EOS ignored), decode tokens/s after the
-  first token; minivllm fast (``quantization="fp16"``), minivllm fp32, ``transformers`` batch 1, llama.cpp batch
-  1 (``llama_cpp`` importable only). Runs alternate and the best of ``--repeats`` counts (load from other
-  processes disturbs single runs); a torch thread sweep (1 vs 2) of the fast path;
+  first token; minivllm q4 and fp16, minivllm fp32, ``transformers`` batch 1, llama.cpp batch 1 (``llama_cpp``
+  importable only). Runs alternate and the best of ``--repeats`` counts (load from other processes disturbs
+  single runs); a thread sweep (1 vs 2, torch and numba together) of the fast path;
+* ``breakdown``: where a batch-1 decode step's time goes (linears, attention, norms, RoPE, SiLU, model glue,
+  runner, sampler, engine), q4 and fp16, by timers around the parts (each part's own time, nested parts
+  excluded);
 * ``chats32``: 32 chat prompts at once (``max_tokens`` 64..128) through ``LLM.generate``, fast path: aggregate
   output tokens/s against ``transformers``' and llama.cpp's batch-1 decode rates from ``batch1``;
 * ``server``: the OpenAI server on the fast engine with 1 / 8 / 32 streaming clients (``bench.serve``'s client);
 * ``long_prompt``: 8 chats decoding while a ~4k-token prompt arrives: the longest gap between two tokens of
   a decoding stream, with the CPU token budget (``minivllm.config.default_max_num_batched_tokens``) and with 2048.
 
-Every section records the 1-minute load average before and after. Until the engine applies
-``EngineConfig.quantization`` itself, :func:`fast_llm` calls :func:`~minivllm.model.quant.quantize_model` on the
-engine's model (in place; a no-op once the engine has done it).
+Every section records the 1-minute load average before and after.
 """
 
 import argparse
 import asyncio
+import collections
+import contextlib
+import inspect
 import os
 import random
 import statistics
@@ -38,7 +49,8 @@ import torch  # noqa: E402
 
 from bench._harness import RESULTS, save  # noqa: E402
 
-SECTIONS = ("quality", "batch1", "chats32", "server", "long_prompt")
+SECTIONS = ("quality", "rows", "batch1", "breakdown", "chats32", "server", "long_prompt")
+FAST = "q4"  # the CPU default (EngineConfig.quantization_method); "fp16" is measured beside it
 TARGETS = {"batch1_vs_llama_cpp": 1.0, "batch1_vs_transformers": 6.0, "chats32_vs_transformers": 25.0,
            "server_one_client_tokens_per_s": 40.0, "long_prompt_max_gap_s": 1.0,
            "quality_top1_agreement": 0.95, "quality_perplexity_ratio_max": 1.03}
@@ -49,14 +61,60 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def fast_llm(quantization: str = "fp16", **options):
-    """``LLM`` on the CPU with ``quantization`` ("none": exact fp32) applied to its model."""
+def fast_llm(quantization: str = FAST, **options):
+    """``LLM`` on the CPU with ``quantization`` ("none": exact fp32) applied to its linears by the engine."""
     from minivllm import LLM
-    from minivllm.model.quant import quantize_model
 
-    llm = LLM(device="cpu", dtype="float32", quantization=quantization, **options)
-    quantize_model(llm.engine.model, llm.engine.config.quantization_method)
-    return llm
+    return LLM(device="cpu", dtype="float32", quantization=quantization, **options)
+
+
+def decoder_built_in() -> bool:
+    """Whether ``Qwen3ForCausalLM.forward`` itself hands decode steps to ``model.block_decoder``."""
+    from minivllm.model.qwen3 import Qwen3ForCausalLM
+
+    return "block_decoder" in inspect.getsource(Qwen3ForCausalLM.forward)
+
+
+@contextlib.contextmanager
+def decoder_hook(on: bool = True):
+    """While open, ``Qwen3ForCausalLM.forward`` gives the steps ``model.block_decoder`` accepts
+    (:mod:`minivllm.model.q4_decode`: decode-only, at most ``BlockLinear.max_rows`` rows) to it: patched in
+    unless the model already does it; ``on=False``: the module path for every step, the decoder unused."""
+    from minivllm.model.qwen3 import Qwen3ForCausalLM
+
+    original = Qwen3ForCausalLM.forward
+    built_in = decoder_built_in()
+
+    def forward(self, input_ids, positions, attn_metadata=None):
+        decoder = getattr(self, "block_decoder", None)
+        if on and decoder is not None and decoder.accepts(input_ids, attn_metadata):
+            return decoder(input_ids, positions, attn_metadata)
+        if built_in:  # the model's own hook must not run: hide the decoder from it
+            self.block_decoder = None
+            try:
+                return original(self, input_ids, positions, attn_metadata)
+            finally:
+                self.block_decoder = decoder
+        return original(self, input_ids, positions, attn_metadata)
+
+    Qwen3ForCausalLM.forward = forward
+    try:
+        yield
+    finally:
+        Qwen3ForCausalLM.forward = original
+
+
+@contextlib.contextmanager
+def block_rows(rows: int):
+    """``BlockLinear.max_rows`` set to ``rows`` for a while (the block kernels for up to ``rows`` rows)."""
+    from minivllm.model.quant import BlockLinear
+
+    old = BlockLinear.max_rows
+    BlockLinear.max_rows = rows
+    try:
+        yield
+    finally:
+        BlockLinear.max_rows = old
 
 
 def quality_text(tokens: int, tokenizer) -> list[int]:
@@ -79,14 +137,15 @@ def run_quality(args) -> dict:
 
     def logits(quantization: str) -> torch.Tensor:
         model = quantize_model(load_model(path, device="cpu", dtype=torch.float32, progress=False), quantization)
-        return model.compute_logits(model(ids, pos))[:-1]  # (tokens - 1, vocab): predictions of tokens 1..
+        with block_rows(len(ids)):  # q4: the block kernels on every row, as decode runs them
+            return model.compute_logits(model(ids, pos))[:-1]  # (tokens - 1, vocab): predictions of tokens 1..
 
     def perplexity(lg: torch.Tensor) -> float:
         return torch.exp(torch.nn.functional.cross_entropy(lg, ids[1:])).item()
 
     exact = logits("none")
     out = {"text": "CPython LICENSE.txt, first tokens", "tokens": len(ids), "fp32_perplexity": round(perplexity(exact), 4)}
-    for q in ("fp16", "int8"):
+    for q in ("q4", "fp16", "int8"):
         lg = logits(q)
         out[q] = {"top1_agreement": round((lg.argmax(-1) == exact.argmax(-1)).float().mean().item(), 4),
                   "perplexity": round(perplexity(lg), 4),
@@ -106,18 +165,54 @@ def decode_rate(fn, max_tokens: int) -> tuple[float, float]:
     return (max_tokens - 1) / max(total - first, 1e-9), total
 
 
+def run_rows(args) -> dict:
+    """The default model's 30 layers of linears (its own block weights) for 1..8 rows: block kernels vs fbgemm fp16."""
+    from minivllm.default_model import default_model_path
+    from minivllm.model import load_model
+    from minivllm.model.quant import BlockLinear, quantize_model
+
+    model = quantize_model(load_model(default_model_path(), device="cpu", dtype=torch.float32, progress=False), "q4")
+    layers = [m for m in model.model.modules() if isinstance(m, BlockLinear)]  # qkv, o, gate_up, down x 30
+    out: dict = {"layers": len(layers), "weights": sum(m.in_features * m.out_features for m in layers),
+                 "block_bytes": sum(m.blocks.nbytes for m in layers), "ms": {}, "load_avg_1min": [load()]}
+    for rows in range(1, 9):
+        xs = {k: torch.randn(rows, k) for k in {m.in_features for m in layers}}
+        best = {"blocks": float("inf"), "fp16": float("inf")}
+        for _ in range(args.repeats + 2):  # alternate, best of each
+            for kind in best:
+                start = time.perf_counter()
+                for m in layers:
+                    m.blocks.matmul(xs[m.in_features]) if kind == "blocks" else m.fp16(xs[m.in_features])
+                best[kind] = min(best[kind], time.perf_counter() - start)
+        out["ms"][rows] = {k: round(v * 1e3, 2) for k, v in best.items()}
+    out["load_avg_1min"].append(load())
+    out["block_weights_per_s_1_row"] = round(out["weights"] / out["ms"][1]["blocks"] * 1e3 / 1e9, 2)  # G weights/s
+    out["blocks_faster_up_to_rows"] = max([r for r, v in out["ms"].items() if v["blocks"] < v["fp16"]], default=0)
+    out["max_rows"] = BlockLinear.max_rows
+    return out
+
+
 def run_batch1(args) -> dict:
     from bench.throughput import run_llama_cpp, transformers_generate, transformers_model
+    from minivllm.model.q4 import numba_threads
     from minivllm.sampling_params import SamplingParams
 
-    fast, exact = fast_llm("fp16", max_model_len=1024), fast_llm("none", max_model_len=1024)
-    ids = fast.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
+    llms = {f"minivllm_{q}": fast_llm(q, max_model_len=1024) for q in (FAST, "fp16")}
+    llms["minivllm_fp32"] = fast_llm("none", max_model_len=1024)
+    ids = llms["minivllm_fp32"].tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
 
     def engine(llm):
         return lambda n: llm.generate([ids], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                                       use_tqdm=False)[0].outputs[0].token_ids
 
-    runners = {"minivllm_fp16": engine(fast), "minivllm_fp32": engine(exact)}
+    def hooked(fn, on: bool):
+        def run(n):
+            with decoder_hook(on):
+                return fn(n)
+        return run
+
+    runners = {name: hooked(engine(llm), False) for name, llm in llms.items()}
+    runners[f"minivllm_{FAST}_decoder"] = hooked(engine(llms[f"minivllm_{FAST}"]), True)
     hf = transformers_model(None, torch.device("cpu"), torch.float32)
     runners["transformers"] = lambda n: transformers_generate(hf, [ids], [n], 1, torch.device("cpu"))[1][0]
     try:
@@ -133,29 +228,104 @@ def run_batch1(args) -> dict:
         for name, fn in runners.items():  # alternate, so background load hits every peer
             rates[name].append(round(decode_rate(fn, args.max_tokens)[0], 2))
         loads.append(load())
+    fast = f"minivllm_{FAST}_decoder"  # the CPU default with the decode hook (see decoder_hook)
     threads = {}
-    for n in (1, 2):  # the fast path's torch thread count
+    for n in (1, 2):  # the fast path's threads: torch's and numba's together
         old = torch.get_num_threads()
         torch.set_num_threads(n)
-        threads[n] = round(max(decode_rate(runners["minivllm_fp16"], args.max_tokens)[0] for _ in range(2)), 2)
+        with numba_threads(n):
+            threads[n] = round(max(decode_rate(runners[fast], args.max_tokens)[0] for _ in range(2)), 2)
         torch.set_num_threads(old)
     best = {name: max(r) for name, r in rates.items()}
-    out = {"prompt_tokens": len(ids), "max_tokens": args.max_tokens, "repeats": args.repeats,
+    out = {"prompt_tokens": len(ids), "max_tokens": args.max_tokens, "repeats": args.repeats, "fast_path": fast,
            "decode_tokens_per_s_best": best, "decode_tokens_per_s_runs": rates, "load_avg_1min": loads,
            "fast_path_threads_sweep": threads, "torch_threads": torch.get_num_threads(),
            "same_32_greedy_tokens_as_fp32": {k: v == tokens["minivllm_fp32"] for k, v in tokens.items()},
            "llama_cpp": "measured" if "llama_cpp" in runners else "not installed (llama_cpp not importable)",
-           "fast_vs_fp32": round(best["minivllm_fp16"] / best["minivllm_fp32"], 2),
-           "fast_vs_transformers": round(best["minivllm_fp16"] / best["transformers"], 2)}
+           "block_decoder": "in Qwen3ForCausalLM.forward" if decoder_built_in() else "hook patched in by this benchmark",
+           "decoder_vs_module_path": round(best[fast] / best[f"minivllm_{FAST}"], 2),
+           "fast_vs_fp16": round(best[fast] / best["minivllm_fp16"], 2),
+           "fast_vs_fp32": round(best[fast] / best["minivllm_fp32"], 2),
+           "fast_vs_transformers": round(best[fast] / best["transformers"], 2)}
     if "llama_cpp" in best:
-        out["fast_vs_llama_cpp"] = round(best["minivllm_fp16"] / best["llama_cpp"], 2)
+        out["fast_vs_llama_cpp"] = round(best[fast] / best["llama_cpp"], 2)
+    return out
+
+
+@contextlib.contextmanager
+def step_timers():
+    """Wall time of each part of an engine step, summed while the block is open: patches the parts' methods
+    (restored on exit); a part's time excludes the timed parts inside it (a linear inside the LM head)."""
+    from minivllm import engine as engine_module
+    from minivllm import runner as runner_module
+    from minivllm.model import layers, quant, qwen3
+
+    times: dict[str, float] = collections.defaultdict(float)
+    inner: list[float] = []  # the timed time inside each open part
+
+    def timed(fn, label):
+        def part(*a, **k):
+            start = time.perf_counter()
+            inner.append(0.0)
+            try:
+                return fn(*a, **k)
+            finally:
+                took, nested = time.perf_counter() - start, inner.pop()
+                times[label] += took - nested
+                if inner:
+                    inner[-1] += took
+        return part
+
+    parts = [(engine_module.LLMEngine, "step", "engine (schedule, postprocess, outputs)"),
+             (engine_module.LLMEngine, "sample", "sampler"),
+             (runner_module.ModelRunner, "execute", "runner (inputs, attention metadata)"),
+             (qwen3.Qwen3ForCausalLM, "forward", "model glue (embedding, reshapes, module calls)"),
+             (qwen3, "attention", "attention (KV store, paged decode)"),
+             (qwen3.RMSNorm, "forward", "rms_norm"),
+             (qwen3.RotaryEmbedding, "forward", "rope"),
+             (layers, "silu_and_mul", "silu_and_mul")]
+    parts += [(cls, "forward", "linears (qkv, o, gate_up, down, lm_head)") for cls in set(quant.LAYERS.values())]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in parts]
+    for owner, name, label in parts:
+        setattr(owner, name, timed(getattr(owner, name), label))
+    try:
+        yield times
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+
+
+def run_breakdown(args) -> dict:
+    from minivllm.sampling_params import SamplingParams
+
+    out = {}
+    for q, on in ((FAST, False), (FAST, True), ("fp16", False)):
+        label = f"{q}_decoder" if on else q
+        llm = fast_llm(q, max_model_len=1024)
+        ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
+        llm.generate([ids], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+        engine = llm.engine
+        rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=args.max_tokens + 8, ignore_eos=True))
+        engine.step()  # the prompt (one prefill step at the CPU budget for a short prompt)
+        before = load()
+        with decoder_hook(on), step_timers() as times:
+            start = time.perf_counter()
+            for _ in range(args.max_tokens):
+                engine.step()
+            total = time.perf_counter() - start
+        engine.abort(rid)
+        per_step = {k: round(v / args.max_tokens * 1e3, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+        out[label] = {"step_ms": round(total / args.max_tokens * 1e3, 2), "parts_ms": per_step,
+                      "steps": args.max_tokens, "load_avg_1min": [before, load()]}
+        print(f"  {label}: {out[label]['step_ms']} ms/step", per_step, flush=True)
+        del llm
     return out
 
 
 def run_chats32(args, batch1: dict | None) -> dict:
     from bench.throughput import QUESTIONS, run_engine
 
-    llm = fast_llm("fp16", max_model_len=512)
+    llm = fast_llm(FAST, max_model_len=512)
     tok = llm.tokenizer
     rng = random.Random(0)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True) for q in QUESTIONS[:32]]
@@ -176,7 +346,7 @@ def run_server(args) -> dict:
     from bench.serve import TOPICS, run_level
     from minivllm.server import ServerThread, build_app
 
-    llm = fast_llm("fp16", max_model_len=1024, max_num_seqs=max(args.clients))
+    llm = fast_llm(FAST, max_model_len=1024, max_num_seqs=max(args.clients))
     prompts = [f"Write a short story about {t}." for t in TOPICS]
     levels, before = [], load()
     with ServerThread(build_app(llm.engine, model_name="bench")) as server:
@@ -196,7 +366,7 @@ def run_long_prompt(args) -> dict:
 
     out = {}
     for budget in (default_max_num_batched_tokens(torch.device("cpu"), 64), 2048):
-        llm = fast_llm("fp16", max_model_len=4600, max_num_batched_tokens=budget, enable_prefix_caching=False)
+        llm = fast_llm(FAST, max_model_len=4600, max_num_batched_tokens=budget, enable_prefix_caching=False)
         engine, tok = llm.engine, llm.tokenizer
         chats = [tok.apply_chat_template([{"role": "user", "content": f"Tell me about {t}."}], tokenize=True)
                  for t in ("the sea", "owls", "bread", "rain", "chess", "a train", "the moon", "coffee")]
@@ -248,8 +418,8 @@ def verdicts(data: dict) -> dict:
         v["long_prompt_max_gap_s"] = [auto["max_gap_s"], t["long_prompt_max_gap_s"]]
     q = data.get("quality")
     if q:
-        v["quality_top1_agreement"] = [q["fp16"]["top1_agreement"], t["quality_top1_agreement"]]
-        v["quality_perplexity_ratio"] = [q["fp16"]["perplexity_ratio"], t["quality_perplexity_ratio_max"]]
+        v["quality_top1_agreement"] = [q[FAST]["top1_agreement"], t["quality_top1_agreement"]]
+        v["quality_perplexity_ratio"] = [q[FAST]["perplexity_ratio"], t["quality_perplexity_ratio_max"]]
     met = {}
     for k, (got, want) in v.items():
         if isinstance(got, str):
@@ -274,20 +444,29 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data: dict = {"model": "SmolLM2-135M-Instruct.Q4_1.gguf (embedded)", "cpu_count": os.cpu_count(),
                   "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                  "load_avg_1min_start": load()}
+                  "load_avg_1min_start": load(), "block_decoder": "in Qwen3ForCausalLM.forward" if decoder_built_in()
+                  else "hook patched in by this benchmark (bench.cpu_fast.decoder_hook) for the decoder runs, "
+                       "chats32, server and long_prompt"}
     for section in args.only:
         print(f"== {section}", flush=True)
         start = time.perf_counter()
         if section == "quality":
             data[section] = run_quality(args)
+        elif section == "rows":
+            data[section] = run_rows(args)
         elif section == "batch1":
             data[section] = run_batch1(args)
+        elif section == "breakdown":
+            data[section] = run_breakdown(args)
         elif section == "chats32":
-            data[section] = run_chats32(args, data.get("batch1"))
+            with decoder_hook():
+                data[section] = run_chats32(args, data.get("batch1"))
         elif section == "server":
-            data[section] = run_server(args)
+            with decoder_hook():
+                data[section] = run_server(args)
         else:
-            data[section] = run_long_prompt(args)
+            with decoder_hook():
+                data[section] = run_long_prompt(args)
         data[section]["section_s"] = round(time.perf_counter() - start, 1)
         print({k: v for k, v in data[section].items() if not isinstance(v, list) or len(v) < 8}, flush=True)
     data["load_avg_1min_end"] = load()

@@ -5,6 +5,7 @@
 * quantization itself: the error bound of a block format, and the round trip that makes the embedded GGUF's
   weights exact (a dequantized block weight quantizes back to itself);
 * ``BlockLinear``'s rules: which weights get blocks, and the row count that switches to fbgemm fp16;
+* ``q4_decode.BlockDecoder`` (a decode step as numba calls) against the model's module path on a paged cache;
 * the embedded model on the q4 path (the CPU default) answering "Paris".
 
 No timings here: speed is measured by ``python -m bench.cpu_fast``.
@@ -95,20 +96,10 @@ def test_block_linear_runs_the_kernel_up_to_max_rows_then_fbgemm(monkeypatch):
 
 
 def test_quantize_model_q4_on_a_model_made_of_blocks():
-    from minivllm.model.config import ModelConfig
-    from minivllm.model.qwen3 import Linear, Qwen3ForCausalLM
+    from minivllm.model.qwen3 import Linear
 
-    mc = ModelConfig(architecture="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-                     tie_word_embeddings=True, qk_norm=True)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(mc)
+    model = _block_model()
     with torch.inference_mode():
-        for name, p in model.named_parameters():  # weights that are blocks, as a Q4_1 GGUF's are once loaded
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(BlockWeight(torch.randn_like(p) * 0.05, 8 if "embed" in name else 4).dequantize())
         ids, pos = torch.randint(0, 128, (1,)), torch.arange(1)
         ref = model.compute_logits(model(ids, pos))
         quantize_model(model, "q4")
@@ -117,6 +108,63 @@ def test_quantize_model_q4_on_a_model_made_of_blocks():
         assert sorted({m.blocks.kind for m in layers}) == ["Q4_1", "Q8_0"]  # layers Q4_1, the tied head Q8_0
         got = model.compute_logits(model(ids, pos))  # one token: every linear on the block kernels
     _close(got, ref, "q4 model logits vs fp32")
+
+
+def _block_model(tied: bool = True, qk_norm: bool = True):
+    """A tiny model whose linears are blocks (as a Q4_1 GGUF's are once loaded), swapped to q4."""
+    from minivllm.model.config import ModelConfig
+    from minivllm.model.qwen3 import Qwen3ForCausalLM
+
+    mc = ModelConfig(architecture="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                     tie_word_embeddings=tied, qk_norm=qk_norm)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(mc)
+    with torch.inference_mode():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(BlockWeight(torch.randn_like(p) * 0.05, 8 if "embed" in name else 4).dequantize())
+    return model
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_block_decoder_equals_the_module_path(qk_norm):
+    """q4_decode.BlockDecoder against the model's own forward on a paged cache: a 5-token prefill, then two
+    decode steps of two sequences; the hidden states and the K/V it stores must match."""
+    from minivllm.cache.kv_cache import PagedKVCache
+    from minivllm.model.paged_attention import PagedAttentionMetadata
+
+    model = quantize_model(_block_model(qk_norm=qk_norm), "q4")
+    decoder = model.block_decoder
+    assert decoder is not None
+    cache = PagedKVCache.allocate(model.config.kv_shape, 8, block_size=4)
+    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # two sequences, 8 slots each
+
+    def meta(slots, lens, decodes, query_lens=()):
+        return PagedAttentionMetadata(cache, torch.tensor(slots), tables[: len(lens)], torch.tensor(lens, dtype=torch.int32),
+                                      decodes, max(lens), list(query_lens), list(lens)[decodes:], backend="auto")
+
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        prompt = torch.randint(0, 128, (10,), generator=g)  # 5 tokens each, slots 0..4 and 8..12
+        model(prompt, torch.arange(5).repeat(2), meta(list(range(5)) + list(range(8, 13)), [5, 5], 0, [5, 5]))
+        for step in range(2):
+            ids, pos = torch.randint(0, 128, (2,), generator=g), torch.tensor([5 + step] * 2)
+            m = meta([5 + step, 13 + step], [6 + step] * 2, 2)
+            assert decoder.accepts(ids, m) and not decoder.accepts(prompt, meta(list(range(10)), [5, 5], 0, [5, 5]))
+            before = [t.clone() for t in cache.kv]
+            model.block_decoder = None  # the module path, even once Qwen3ForCausalLM.forward hands steps to it
+            ref = model(ids, pos, m)
+            model.block_decoder = decoder
+            ref_kv = [t.clone() for t in cache.kv]
+            for t, b in zip(cache.kv, before):
+                t.copy_(b)
+            got = decoder(ids, pos, m)
+            _close(got, ref, f"decode step {step}, hidden states")
+            for layer, (a, b) in enumerate(zip(cache.kv, ref_kv)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"decode step {step}: KV of layer {layer}")
 
 
 def test_default_model_on_the_q4_path_answers_paris():

@@ -112,9 +112,9 @@ def _matmul(blocks, x: np.ndarray, y: np.ndarray) -> None:
 class BlockDecoder:
     """Decode-only steps of a q4 model (see the module docstring); build with :meth:`for_model`."""
 
-    def __init__(self, model, layers: list[dict], max_rows: int):
+    def __init__(self, model, layers: list[dict], max_rows: int):  # the model's own tensors, viewed
         c = model.config
-        self.model, self.layers, self.max_rows = model, layers, max_rows
+        self.layers, self.max_rows = layers, max_rows
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps = _f32(c.rms_norm_eps)
         self.scale = _f32(1.0 / math.sqrt(c.head_dim))

@@ -149,4 +149,8 @@ def quantize_model(model: nn.Module, quantization: str = "fp16") -> nn.Module:
                 setattr(parent, name, layer(child.weight))
     if getattr(model, "lm_head", ...) is None:  # tied: logits from a packed copy; the lookup keeps fp32 rows
         model.lm_head = layer(model.model.embed_tokens.weight)
+    if quantization == "q4":  # decode steps as numba calls on the blocks, for Qwen3ForCausalLM.forward to take
+        from minivllm.model.q4_decode import BlockDecoder
+
+        model.block_decoder = BlockDecoder.for_model(model)  # None unless every layer's linears are blocks
     return model
