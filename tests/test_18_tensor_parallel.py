@@ -197,6 +197,26 @@ def test_shards_cover_every_head_column_and_token_exactly_once():
     assert all(p["model.norm.weight"] is full["model.norm.weight"] for p in parts)
 
 
+def test_ranks_read_only_their_parts_of_a_checkpoint_and_get_its_slices(tiny):
+    """``read_checkpoint(part=shard.part)`` (safetensors' lazy slices; a GGUF's blocks of those rows and columns,
+    dequantized alone) gives exactly the slices of the whole tensors."""
+    import itertools
+
+    from minivllm.default_model import default_model_path
+    from minivllm.gguf_file import GGUFFile
+    from minivllm.model.loader import read_checkpoint
+
+    _, directory, _ = tiny
+    gguf = GGUFFile(default_model_path())
+    for source, tp, rank, first in ((directory, 2, 1, None), (gguf, 3, 1, 16)):  # SmolLM2 over 3: 1 KV head each
+        config, _, whole = read_checkpoint(source)
+        shard = Shard.of(config, rank, tp)
+        parts = read_checkpoint(source, part=shard.part)[2]
+        for (name, full), (same, part) in itertools.islice(zip(whole, parts), first):
+            assert name == same
+            assert torch.equal(shard.fit(name, part), shard.slice_tensor(name, full)), (name, tp, rank)
+
+
 def test_a_worker_rebuilds_the_plan_with_tables_that_grow_in_place():
     seq = Sequence(seq_id=7, prompt_token_ids=[1, 2, 3])
     table = [4, 5]
@@ -211,3 +231,21 @@ def test_a_worker_rebuilds_the_plan_with_tables_that_grow_in_place():
     assert second.block_tables[0] is first.block_tables[0] and second.block_tables[0] == [4, 5, 9]
     plan.block_tables = [[8]]  # released and admitted again: a new list
     assert mirror.rebuild(plan_message(plan)).block_tables[0] is not first.block_tables[0]
+
+
+# ----------------------------------------------------------------------------- on GPUs (NCCL)
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_on_two_gpus_tp2_greedy_equals_transformers(tiny):
+    """fp32 on cuda:0 and cuda:1 through NCCL, the numba kernels on each rank's own device, against transformers."""
+    hf, directory, _ = tiny
+    prompts = prompts_for(hf.config.vocab_size, seed=3)
+    with LLM(str(directory), tensor_parallel_size=2, device="cuda", **{**ENGINE, "block_size": 16,
+                                                                        "num_kv_blocks": 12}) as llm:
+        assert llm.engine.model.device == torch.device("cuda", 0) and llm.engine.runner.graph_batch == 0
+        outs = llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)
+        for i, (prompt, out) in enumerate(zip(prompts, outs)):
+            ids = torch.tensor([prompt])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+            assert out.outputs[0].token_ids == ref[0, len(prompt):].tolist(), f"prompt {i}"
+        assert llm.engine.scheduler.num_preemptions > 0

@@ -36,7 +36,7 @@ from minivllm.config import EngineConfig
 from minivllm.distributed.group import TensorParallelGroup
 from minivllm.distributed.model import TensorParallelQwen3ForCausalLM
 from minivllm.distributed.sharding import check_tensor_parallel_size
-from minivllm.distributed.worker import plan_message, share_cores
+from minivllm.distributed.worker import plan_message, set_threads, share_cores
 
 STARTUP_TIMEOUT_S = 600.0  # a rank loading a large checkpoint from a slow disk
 POLL_S = 0.2  # while starting, how often rank 0 checks that the workers are alive
@@ -64,9 +64,9 @@ def load_shard(config: EngineConfig, group: TensorParallelGroup, *, tokenizer: b
     else:
         path = resolve_model_path(config.model)
         source = path if path.is_dir() else GGUFFile(path)  # one parse of a GGUF for weights and tokenizer
-        model_config, _, weights = read_checkpoint(source)
+        model_config = read_checkpoint(source)[0]
         model = TensorParallelQwen3ForCausalLM(model_config, group, device=device, dtype=dtype)
-        model.load_weights(weights)
+        model.load_weights(read_checkpoint(source, part=model.shard.part)[2], sliced=True)  # only its slices read
         if tokenizer and path.is_dir():
             tok = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
         elif tokenizer:
@@ -111,6 +111,7 @@ class TensorParallelExecutor:
         self.procs: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         self.error: TensorParallelError | None = None
+        self._threads_before: tuple[int, int] | None = None  # this process's (torch, numba) threads, given back
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
 
     @classmethod
@@ -129,8 +130,8 @@ class TensorParallelExecutor:
         config, size = self.config, self.size
         device = torch.device("cuda", 0) if config.torch_device.type == "cuda" else torch.device("cpu")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # what this process imports
-        if device.type == "cpu":  # NOTE: this process's threads too: the ranks share the cores
-            share_cores(size)
+        if device.type == "cpu":  # NOTE: this process's threads too: the ranks share the cores (until close())
+            self._threads_before = share_cores(size)
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # waiting OpenMP threads sleep (bench._harness says why)
         store = TensorParallelGroup.host_store(size)
         for rank in range(1, size):
@@ -223,8 +224,12 @@ class TensorParallelExecutor:
         return self.error
 
     def close(self) -> None:
-        """Stop the workers (politely, then by force) and release the group. Safe to call twice."""
+        """Stop the workers (politely, then by force), release the group, give this process its threads back.
+        Safe to call twice."""
         self._finalizer()
+        if self._threads_before is not None:
+            set_threads(*self._threads_before)
+            self._threads_before = None
         group = getattr(self, "group", None)
         if group is not None:
             try:

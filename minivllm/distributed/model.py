@@ -79,15 +79,18 @@ class TensorParallelQwen3ForCausalLM(Qwen3ForCausalLM):
         return logits if logits.shape[-1] == vocab else logits[:, :vocab].contiguous()  # padding rows dropped
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], *,
-                     mapping: Callable[[str], tuple[str, str | None]] = checkpoint_to_param) -> None:
-        """The whole checkpoint's tensors in; each is sliced to this rank's part as it streams by."""
+                     mapping: Callable[[str], tuple[str, str | None]] = checkpoint_to_param,
+                     sliced: bool = False) -> None:
+        """The checkpoint's tensors in: whole ones (each sliced to this rank's part as it streams by), or with
+        ``sliced`` only this rank's parts (``read_checkpoint(..., part=self.shard.part)``)."""
         def row_parallel(name: str) -> tuple[str, str | None]:
             target, part = mapping(name)
             for proj in ROW_PARALLEL:
                 target = target.replace(f".{proj}.weight", f".{proj}.linear.weight")
             return target, part
 
-        load_weights(self, shard_weights(weights, self.shard), mapping=row_parallel, config=self.shard_config)
+        load_weights(self, shard_weights(weights, self.shard, sliced=sliced), mapping=row_parallel,
+                     config=self.shard_config)
 
     def parameter_counts(self) -> dict[str, int]:
         raise NotImplementedError("parameter_counts describes the whole model: build it with tensor_parallel_size=1")

@@ -44,8 +44,9 @@ over 2 ranks as 6 + 3 query heads and 2 + 1 KV heads. ``tp`` must not exceed the
 split or copied). The intermediate width is split the same way (differences of one column); the vocabulary into
 equal shards of ``ceil(V / tp)`` rows, the last one padded with zero rows whose logits are dropped.
 
-Each rank loads only its shard: :func:`shard_weights` slices every checkpoint tensor as it streams by (one tensor
-in memory at a time, then its slice is copied into the parameter); no rank ever holds the whole model.
+Each rank loads only its shard: the loaders read just :meth:`Shard.part` of every checkpoint tensor (safetensors'
+lazy slices; a GGUF's quantized blocks of those rows and columns, dequantized alone), one tensor at a time, and
+copy it into the parameter; no rank ever reads, dequantizes or holds the whole model.
 
 Left out: sequence parallelism (the norms run replicated), splitting a KV head over ranks, pipeline parallelism.
 """
@@ -108,31 +109,41 @@ class Shard:
         return replace(config, num_attention_heads=len(self.q_heads), num_key_value_heads=len(self.kv_heads),
                        intermediate_size=len(self.intermediate), vocab_size=self.vocab_rows)
 
-    def slice_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's part of the checkpoint tensor ``name`` (a Hugging Face name): a view where possible."""
-        d = self.head_dim
-        q, kv, inter = self.q_heads, self.kv_heads, self.intermediate
+    def part(self, name: str) -> tuple[slice, slice] | None:
+        """The (rows, columns) of checkpoint tensor ``name`` (a Hugging Face name) this rank keeps; None: all of it.
+        The loaders read just that (``minivllm.model.loader.read_checkpoint(..., part=shard.part)``)."""
+        d, q, kv, inter, every = self.head_dim, self.q_heads, self.kv_heads, self.intermediate, slice(None)
         if name.endswith(".q_proj.weight"):  # column-parallel: output rows
-            return tensor[q.start * d: q.stop * d]
+            return slice(q.start * d, q.stop * d), every
         if name.endswith((".k_proj.weight", ".v_proj.weight")):
-            return tensor[kv.start * d: kv.stop * d]
+            return slice(kv.start * d, kv.stop * d), every
         if name.endswith((".gate_proj.weight", ".up_proj.weight")):
-            return tensor[inter.start: inter.stop]
+            return slice(inter.start, inter.stop), every
         if name.endswith(".o_proj.weight"):  # row-parallel: input columns
-            return tensor[:, q.start * d: q.stop * d]
+            return every, slice(q.start * d, q.stop * d)
         if name.endswith(".down_proj.weight"):
-            return tensor[:, inter.start: inter.stop]
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # vocab-parallel rows, zero-padded
-            rows = tensor[self.vocab.start: self.vocab.stop]
-            if len(self.vocab) == self.vocab_rows:
-                return rows
-            padded = rows.new_zeros((self.vocab_rows, *rows.shape[1:]))
-            padded[: len(self.vocab)] = rows
-            return padded
-        return tensor  # norms: replicated
+            return every, slice(inter.start, inter.stop)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):  # vocab-parallel rows
+            return slice(self.vocab.start, self.vocab.stop), every
+        return None  # norms: replicated
+
+    def fit(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``name`` as its parameter holds it: a vocab shard shorter than ``vocab_rows`` padded."""
+        if name not in ("model.embed_tokens.weight", "lm_head.weight") or tensor.shape[0] == self.vocab_rows:
+            return tensor
+        padded = tensor.new_zeros((self.vocab_rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        return padded
+
+    def slice_tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the whole checkpoint tensor ``name``: a view where possible."""
+        part = self.part(name)
+        return self.fit(name, tensor[part] if part is not None else tensor)
 
 
-def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], shard: Shard) -> Iterator[tuple[str, torch.Tensor]]:
-    """A checkpoint's (name, tensor) stream -> the same names with this rank's slices (see :meth:`Shard.slice_tensor`)."""
+def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], shard: Shard, *,
+                  sliced: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint's (name, tensor) stream -> this rank's parts (see :meth:`Shard.part`). ``sliced``: the stream
+    already holds the parts (read with ``part=shard.part``); only the vocab padding is left to add."""
     for name, tensor in weights:
-        yield name, shard.slice_tensor(name, tensor)
+        yield name, shard.fit(name, tensor) if sliced else shard.slice_tensor(name, tensor)

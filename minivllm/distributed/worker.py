@@ -52,14 +52,21 @@ class PlanMirror:
 def share_cores(size: int) -> int:
     """Give this rank its share of the CPU cores, for torch and for numba's parallel kernels (the CPU paged
     attention): oversubscribed threads spin while they wait for each other, and every all-reduce waits for the
-    slowest rank. Returns the threads per rank."""
+    slowest rank. Returns the previous (torch, numba) thread counts."""
     threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     threads = max(1, threads // size)
+    return set_threads(threads, threads)
+
+
+def set_threads(torch_threads: int, numba_threads: int) -> tuple[int, int]:
+    """Set torch's and numba's CPU threads; returns the previous (torch, numba) counts."""
+    import kernels  # noqa: F401  (first: it decides about numba's CUDA simulator before numba loads)
     import numba  # NOTE: its OpenMP threading layer sets OpenMP's thread count when it launches; so set it too
 
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    torch.set_num_threads(threads)
-    return threads
+    before = torch.get_num_threads(), numba.get_num_threads()
+    numba.set_num_threads(max(1, min(numba_threads, numba.config.NUMBA_NUM_THREADS)))
+    torch.set_num_threads(torch_threads)
+    return before
 
 
 def main(fd: int) -> None:
@@ -92,8 +99,12 @@ def _serve(config, rank: int, port: int, conn) -> None:
 
     size = config.tensor_parallel_size
     device = torch.device("cuda", rank) if config.torch_device.type == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
+    if device.type == "cuda":  # NOTE: untested on GPUs (no multi-GPU machine when this was written)
         torch.cuda.set_device(device)
+        import kernels  # noqa: F401  (first: it decides about numba's simulator before numba loads)
+        from numba import cuda as numba_cuda
+
+        numba_cuda.select_device(rank)  # numba's kernels launch on torch's streams of this device
     else:
         share_cores(size)
     group = TensorParallelGroup(rank, size, device)

@@ -13,7 +13,7 @@ Left out: running quantized matmuls (weights become float on load), architecture
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +60,29 @@ def unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
             .transpose(1, 2).reshape(weight.shape))  # (heads, 2, d/2, ...): halves again
 
 
-def read_gguf(path: str | Path | GGUFFile) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
-    """A GGUF path or open file: its config, its number of tensors, and an iterator of (HF name, float32 tensor)."""
+Part = Callable[[str], tuple[slice, slice] | None]  # HF name -> (rows, columns) to read; None: all of it
+
+
+def _raw_part(raw: np.ndarray, kind, columns: int, part: tuple[slice, slice]) -> tuple[np.ndarray, slice]:
+    """The bytes of ``raw`` (rows, bytes per row) that hold ``part``: its rows, and its columns when they start and
+    end on whole quantization blocks (the columns left to cut after dequantizing, else ``slice(None)``)."""
+    import gguf
+
+    rows, cols = part
+    raw = raw[rows]
+    start, stop, _ = cols.indices(columns)
+    block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+    if start % block or (stop % block and stop != columns):
+        return raw, cols  # NOTE: a column range inside a block: dequantize whole rows, then cut
+    return raw[:, start // block * nbytes: -(-stop // block) * nbytes], slice(None)
+
+
+def read_gguf(path: str | Path | GGUFFile,
+              part: Part | None = None) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
+    """A GGUF path or open file: its config, its number of tensors, and an iterator of (HF name, float32 tensor).
+
+    ``part``: for each 2-D tensor, the rows and columns to read (a tensor-parallel rank's slice); only those are
+    dequantized (whole blocks), so a rank never dequantizes the rest."""
     import gguf
 
     file = path if isinstance(path, GGUFFile) else GGUFFile(path)  # memory-mapped: read when dequantized
@@ -73,17 +94,23 @@ def read_gguf(path: str | Path | GGUFFile) -> tuple[ModelConfig, int, Iterator[t
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, info in file.tensors.items():
             kind = gguf.GGMLQuantizationType(info.type)
+            raw, shape, cut = file.raw(name), info.shape, None
+            wanted = part(hf_name(name)) if part is not None and len(shape) == 2 else None
+            if wanted is not None:
+                raw, cut = _raw_part(raw, kind, shape[-1], wanted)
+                shape = (raw.shape[0], -1)
             try:
-                array = gguf.quants.dequantize(file.raw(name), kind)  # (rows, columns) float32
+                array = gguf.quants.dequantize(raw, kind)  # (rows, columns) float32
             except NotImplementedError as e:
                 raise UnsupportedModelError(f"tensor {name} is stored as {kind.name}, which the gguf package "
                                             f"cannot dequantize ({e})") from None
             with warnings.catch_warnings():  # F32 tensors are read-only views of the file: we only read them
                 warnings.simplefilter("ignore", UserWarning)
-                weight = torch.from_numpy(np.asarray(array, dtype=np.float32).reshape(info.shape))
+                weight = torch.from_numpy(np.asarray(array, dtype=np.float32).reshape(shape))
+            if cut is not None:
+                weight = weight[:, cut]
             if config.architecture in PERMUTED_ARCHITECTURES and name.endswith((".attn_q.weight", ".attn_k.weight")):
-                heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
-                weight = unpermute_qk(weight, heads)
+                weight = unpermute_qk(weight, weight.shape[0] // config.head_dim)  # whole heads, even in a part
             yield hf_name(name), weight
 
     return config, len(file.tensors), tensors()

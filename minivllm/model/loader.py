@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from minivllm.gguf_file import GGUFFile
 from minivllm.model.config import ModelConfig
+from minivllm.model.gguf_loader import Part, read_gguf
 from minivllm.model.qwen3 import Qwen3ForCausalLM
 
 ModelPath = str | os.PathLike | None
@@ -70,14 +71,20 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every file, read one at a time from the memory-mapped file."""
+def iter_safetensors(files: list[Path], part: Part | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every file, read one at a time from the memory-mapped file;
+    with ``part``, only the rows and columns it names of each 2-D tensor are read."""
     from safetensors import safe_open
 
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if part is None:
+                    yield name, f.get_tensor(name)
+                    continue
+                lazy = f.get_slice(name)
+                wanted = part(name) if len(lazy.get_shape()) == 2 else None
+                yield name, lazy[wanted] if wanted is not None else lazy[:]
 
 
 def _count_safetensors(files: list[Path]) -> int:
@@ -93,32 +100,26 @@ def _count_safetensors(files: list[Path]) -> int:
 def load_config(model: ModelPath | GGUFFile = None) -> ModelConfig:
     """The config of a checkpoint directory or GGUF file (a path or an open one), without loading weights."""
     if isinstance(model, GGUFFile):
-        from minivllm.model.gguf_loader import read_gguf
-
         return read_gguf(model)[0]
     path = resolve_model_path(model)
     if path.is_dir():
         return ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    from minivllm.model.gguf_loader import read_gguf
-
     return read_gguf(path)[0]
 
 
-def read_checkpoint(model: ModelPath | GGUFFile = None) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
+def read_checkpoint(model: ModelPath | GGUFFile = None,
+                    part: Part | None = None) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
     """A checkpoint directory or GGUF file: its config, its number of tensors, and a stream of (HF name, tensor)
-    read one at a time (what :func:`load_model` copies in; a tensor-parallel rank slices it on the way)."""
+    read one at a time (what :func:`load_model` copies in). ``part(name) -> (rows, columns)`` reads only that
+    slice of each 2-D tensor (a tensor-parallel rank's: ``minivllm.distributed.sharding``)."""
     if isinstance(model, GGUFFile):
-        from minivllm.model.gguf_loader import read_gguf
-
-        return read_gguf(model)
+        return read_gguf(model, part)
     path = resolve_model_path(model)
     if path.is_dir():
         config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
         files = safetensors_files(path)
-        return config, _count_safetensors(files), iter_safetensors(files)
-    from minivllm.model.gguf_loader import read_gguf
-
-    return read_gguf(path)
+        return config, _count_safetensors(files), iter_safetensors(files, part)
+    return read_gguf(path, part)
 
 
 def load_model(model: ModelPath | GGUFFile = None, *, device: torch.device | str | None = None,
