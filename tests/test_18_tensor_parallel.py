@@ -24,7 +24,7 @@ from minivllm.batch import ScheduledSequence, SchedulerOutput  # noqa: E402
 from minivllm.config import EngineConfig  # noqa: E402
 from minivllm.distributed.executor import TensorParallelError  # noqa: E402
 from minivllm.distributed.sharding import Shard, shard_weights, split  # noqa: E402
-from minivllm.distributed.worker import PlanMirror, plan_message  # noqa: E402
+from minivllm.distributed.worker import PlanMirror, PlanSender  # noqa: E402
 from minivllm.llm import LLM  # noqa: E402
 from minivllm.model.config import ModelConfig  # noqa: E402
 from minivllm.runner import ModelRunner  # noqa: E402
@@ -223,14 +223,18 @@ def test_a_worker_rebuilds_the_plan_with_tables_that_grow_in_place():
     plan = SchedulerOutput(step=0, scheduled=[ScheduledSequence(seq, 3, 0, True, True)], input_ids=[1, 2, 3],
                            positions=[0, 1, 2], slot_mapping=[16, 17, 18], cu_seqlens_q=[0, 3], seq_lens=[3],
                            block_tables=[table], sample_indices=[2])
-    mirror = PlanMirror()
-    first = mirror.rebuild(plan_message(plan))
+    sender, mirror = PlanSender(), PlanMirror()
+    first = mirror.rebuild(sender.message(plan))
     assert first.scheduled[0].seq == 7 and first.input_ids == [1, 2, 3] and first.block_tables == [[4, 5]]
-    table.append(9)  # the sequence's table grows: the worker's copy grows in place (the same list)
-    second = mirror.rebuild(plan_message(plan))
+    assert first.scheduled[0].num_new_tokens == 3 and first.scheduled[0].needs_sample
+    table.append(9)  # the sequence's table grows: only the new block is sent, and the worker's list grows in place
+    message = sender.message(plan)
+    assert message["block_tables"] == [(2, [9])]
+    second = mirror.rebuild(message)
     assert second.block_tables[0] is first.block_tables[0] and second.block_tables[0] == [4, 5, 9]
-    plan.block_tables = [[8]]  # released and admitted again: a new list
-    assert mirror.rebuild(plan_message(plan)).block_tables[0] is not first.block_tables[0]
+    plan.block_tables = [[8]]  # released and admitted again: a new list, sent whole
+    third = mirror.rebuild(sender.message(plan))
+    assert third.block_tables == [[8]] and third.block_tables[0] is not first.block_tables[0]
 
 
 # ----------------------------------------------------------------------------- on GPUs (NCCL)

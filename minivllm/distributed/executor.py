@@ -6,7 +6,7 @@
     ──► process group up ──► every rank: how many KV blocks fit ──► the smallest, on every rank
 
 Then each step, :class:`TensorParallelRunner` sends the scheduler's plan down every worker's pipe (a pickled dict
-of flat lists, ~0.1 ms) and runs rank 0's forward pass; the ranks meet at each all-reduce, and rank 0 gets the
+of flat lists and the blocks each table gained: ~0.35 ms and 7.6 kB at batch 256 on the 2-core CI machine) and runs rank 0's forward pass; the ranks meet at each all-reduce, and rank 0 gets the
 gathered logits and samples. Only rank 0 schedules, caches prefixes and samples: a worker just executes plans.
 
 Failure is never a hang: while starting, rank 0 waits on the workers' pipes *and* their process handles, so a
@@ -36,7 +36,7 @@ from minivllm.config import EngineConfig
 from minivllm.distributed.group import TensorParallelGroup
 from minivllm.distributed.model import TensorParallelQwen3ForCausalLM
 from minivllm.distributed.sharding import check_tensor_parallel_size
-from minivllm.distributed.worker import plan_message, set_threads, share_cores
+from minivllm.distributed.worker import PlanSender, set_threads, share_cores
 
 STARTUP_TIMEOUT_S = 600.0  # a rank loading a large checkpoint from a slow disk
 POLL_S = 0.2  # while starting, how often rank 0 checks that the workers are alive
@@ -112,6 +112,7 @@ class TensorParallelExecutor:
         self.conns: list[Connection] = []
         self.error: TensorParallelError | None = None
         self._threads_before: tuple[int, int] | None = None  # this process's (torch, numba) threads, given back
+        self.plans = PlanSender()
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
 
     @classmethod
@@ -195,7 +196,7 @@ class TensorParallelExecutor:
             raise self._failure(f"sending a step ({e})") from None
 
     def send_plan(self, out: SchedulerOutput) -> None:
-        self._send(pickle.dumps(plan_message(out), pickle.HIGHEST_PROTOCOL))
+        self._send(pickle.dumps(self.plans.message(out), pickle.HIGHEST_PROTOCOL))
 
     def _failure(self, context: str) -> TensorParallelError:
         """The error to raise once something went wrong: which workers died and how; then stop the rest."""

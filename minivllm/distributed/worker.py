@@ -14,36 +14,59 @@ import os
 import pickle
 import traceback
 from dataclasses import fields
+from operator import attrgetter
 
 import torch
 
 from minivllm.batch import ScheduledSequence, SchedulerOutput
 
 
-def plan_message(out: SchedulerOutput) -> dict:
-    """What a worker needs of a step's plan: every field, with each sequence replaced by its id (picklable, small)."""
-    message = {f.name: getattr(out, f.name) for f in fields(SchedulerOutput)}
-    message["scheduled"] = [(s.seq.seq_id, *(getattr(s, f.name) for f in fields(ScheduledSequence)[1:]))
-                            for s in out.scheduled]
-    return message
+_ENTRY = attrgetter(*(f.name for f in fields(ScheduledSequence)[1:]))  # a ScheduledSequence's fields after .seq
+
+
+class PlanSender:
+    """Rank 0: a step's plan as a small picklable dict. Every field of the ``SchedulerOutput`` goes as it is, except
+    the sequences (their ids) and the block tables: a table that grew in place since the last step goes as its new
+    blocks only (``(start, blocks)``: "the blocks from ``start`` on"; ``start == 0``: a new table)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, tuple[list[int], int]] = {}  # seq id -> (its live table, blocks sent)
+
+    def message(self, out: SchedulerOutput) -> dict:
+        message = {f.name: getattr(out, f.name) for f in fields(SchedulerOutput)}
+        message["scheduled"] = [(e.seq.seq_id, *_ENTRY(e)) for e in out.scheduled]
+        tables, sent, now = [], self.sent, {}
+        for e, table in zip(out.scheduled, out.block_tables):
+            seq_id = e.seq.seq_id
+            known = sent.get(seq_id)
+            # NOTE: a running sequence's table only grows in place (minivllm.batch), as the runner assumes too
+            start = known[1] if known is not None and known[0] is table and known[1] <= len(table) else 0
+            tables.append((start, table[start:]))
+            now[seq_id] = (table, len(table))
+        self.sent = now
+        message["block_tables"] = tables
+        return message
 
 
 class PlanMirror:
-    """Rebuilds ``SchedulerOutput`` s on a worker, with block tables that behave like rank 0's: a sequence's table
-    is one list that grows in place while it runs (what ``BlockTableRows`` relies on), a new list otherwise."""
+    """A worker: rebuilds each ``SchedulerOutput`` from :class:`PlanSender`'s messages, with block tables that behave
+    like rank 0's: one list per sequence that grows in place while it runs (what ``BlockTableRows`` relies on),
+    a new list when rank 0's is new. ``ScheduledSequence.seq`` is the sequence's id here."""
 
     def __init__(self) -> None:
         self.tables: dict[int, list[int]] = {}
 
     def rebuild(self, message: dict) -> SchedulerOutput:
-        scheduled = [ScheduledSequence(*row) for row in message["scheduled"]]  # .seq is the sequence id
+        scheduled = [ScheduledSequence(*row) for row in message["scheduled"]]
         tables, kept = [], {}
-        for s, table in zip(scheduled, message["block_tables"]):
-            old = self.tables.get(s.seq)
-            if old is not None and len(old) <= len(table) and old == table[: len(old)]:
-                old.extend(table[len(old):])
-                table = old
-            kept[s.seq] = table
+        for e, (start, blocks) in zip(scheduled, message["block_tables"]):
+            if start:
+                table = self.tables[e.seq]
+                assert len(table) == start, "the worker's table fell out of step with rank 0's"
+                table.extend(blocks)
+            else:
+                table = list(blocks)
+            kept[e.seq] = table
             tables.append(table)
         self.tables = kept
         return SchedulerOutput(**{**message, "scheduled": scheduled, "block_tables": tables})
