@@ -13,8 +13,9 @@ rows belong to whom. ``q, k, v`` are one matmul (``qkv_proj``) and ``gate, up`` 
 
 RMSNorm, RoPE and SiLU·mul go through ``minivllm.model.layers`` (the ``kernels`` launchers); linear
 layers are ``F.linear`` (cuBLAS on a GPU); attention is ``minivllm.model.attention``. Inference only:
-parameters never require grad. ``minivllm.model.quant`` swaps the linear layers for fbgemm fp16/int8 ones on a CPU.
-Left out: tensor parallelism, 4-bit matmuls, LoRA.
+parameters never require grad. ``minivllm.model.quant`` swaps the linear layers for 4-bit block (numba) or fbgemm
+fp16/int8 ones on a CPU; ``minivllm.distributed`` splits the model over ranks (tensor parallelism).
+Left out: LoRA.
 """
 
 from collections.abc import Callable, Iterable
@@ -184,12 +185,19 @@ class Qwen3ForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
+    block_decoder = None  # set by minivllm.model.quant.quantize_model("q4") on a CPU; see forward
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         """input_ids, positions: (tokens,) -> hidden states (tokens, hidden_size).
 
-        ``attn_metadata=None``: the tokens are one whole sequence and nothing is cached.
+        ``attn_metadata=None``: the tokens are one whole sequence and nothing is cached. A CPU model with 4-bit
+        block weights (``quantize_model(model, "q4")``) hands the decode steps it accepts to its ``block_decoder``
+        (:mod:`minivllm.model.q4_decode`: the same math in a few numba calls per layer).
         """
+        decoder = self.block_decoder
+        if decoder is not None and decoder.accepts(input_ids, attn_metadata):
+            return decoder(input_ids, positions, attn_metadata)
         return self.model(input_ids, positions, attn_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
