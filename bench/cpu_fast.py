@@ -303,7 +303,8 @@ def run_breakdown(args) -> dict:
         label = f"{q}_decoder" if on else q
         llm = fast_llm(q, max_model_len=1024)
         ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True)
-        llm.generate([ids], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+        with decoder_hook(on):  # warm-up (compiles, or loads from numba's cache, what the steps run)
+            llm.generate([ids], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         engine = llm.engine
         rid = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=args.max_tokens + 8, ignore_eos=True))
         engine.step()  # the prompt (one prefill step at the CPU budget for a short prompt)

@@ -24,7 +24,10 @@ a multiple of 32 (such layers stay on the fp16 path), and more than a few rows (
 unpacking for every row, so larger batches go to fbgemm: see :class:`minivllm.model.quant.Q4Linear`).
 """
 
+import contextlib
+
 import kernels  # noqa: F401  (first: it picks numba's CUDA simulator on a CPU-only machine before numba loads)
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -47,52 +50,63 @@ def _padded(weight: torch.Tensor) -> np.ndarray:
     return w.contiguous().numpy()
 
 
-@njit(cache=True)
+# Fast-math without "reassoc": the lanes are independent, so vectorizing needs no reassociation, and keeping
+# the order keeps the four accumulators below four independent FMA chains (one chain, latency-bound: 2x slower).
+FASTMATH = {"contract", "nnan", "ninf", "nsz", "arcp", "afn"}
+
+
+# the quantizers: no reassociation either (the error check is exact arithmetic); blocks are read row by row and
+# written lane-fastest, a tile (TILE rows x one block: 4 KB of fp32) at a time
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _quantize_q4_1(w, P, D, M, limit):  # pragma: no cover - compiled
     """Fill the tiled Q4_1 arrays from w (tiles * TILE, K) fp32; returns the largest |dequantized - w|, early
-    (the arrays half filled) as soon as it passes ``limit``."""
+    (the arrays part filled) once it passes ``limit``."""
     tiles, blocks = D.shape[0], D.shape[1]
-    err = _f32(0.0)
-    for t in range(tiles):
-        for lane in range(TILE):
-            o = t * TILE + lane
-            for b in range(blocks):
-                block = w[o, b * BLOCK:(b + 1) * BLOCK]
+    errs = np.zeros(tiles, np.float32)
+    for t in prange(tiles):
+        err = _f32(0.0)
+        for b in range(blocks):
+            if err > limit:
+                break
+            for lane in range(TILE):
+                block = w[t * TILE + lane, b * BLOCK:(b + 1) * BLOCK]
                 lo, hi = block.min(), block.max()
                 d = (hi - lo) / _f32(15.0)
+                inv = _f32(1.0) / d if d > 0 else _f32(0.0)
                 D[t, b, lane], M[t, b, lane] = d, lo
                 for j in range(16):  # byte j: q[j] | q[j + 16] << 4
                     v0, v1 = block[j], block[j + 16]
-                    q0 = min(15, max(0, int(np.floor((v0 - lo) / d + 0.5)))) if d > 0 else 0
-                    q1 = min(15, max(0, int(np.floor((v1 - lo) / d + 0.5)))) if d > 0 else 0
+                    q0 = min(np.int32(15), max(np.int32(0), np.int32(np.floor((v0 - lo) * inv + _f32(0.5)))))
+                    q1 = min(np.int32(15), max(np.int32(0), np.int32(np.floor((v1 - lo) * inv + _f32(0.5)))))
                     err = max(err, abs(d * _f32(q0) + lo - v0), abs(d * _f32(q1) + lo - v1))
-                    P[t, b, j, lane] = q0 | (q1 << 4)
-                if err > limit:
-                    return err
-    return err
+                    P[t, b, j, lane] = q0 | (q1 << np.int32(4))
+        errs[t] = err
+    return errs.max()
 
 
-@njit(cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _quantize_q8_0(w, P, D, limit):  # pragma: no cover - compiled
     """Fill the tiled Q8_0 arrays from w (tiles * TILE, K) fp32; returns the largest |dequantized - w|, early
-    as soon as it passes ``limit``."""
+    once it passes ``limit``."""
     tiles, blocks = D.shape[0], D.shape[1]
-    err = _f32(0.0)
-    for t in range(tiles):
-        for lane in range(TILE):
-            o = t * TILE + lane
-            for b in range(blocks):
-                block = w[o, b * BLOCK:(b + 1) * BLOCK]
-                d = np.abs(block).max() / _f32(127.0)
+    errs = np.zeros(tiles, np.float32)
+    for t in prange(tiles):
+        err = _f32(0.0)
+        for b in range(blocks):
+            if err > limit:
+                break
+            for lane in range(TILE):
+                block = w[t * TILE + lane, b * BLOCK:(b + 1) * BLOCK]
+                d = max(block.max(), -block.min()) / _f32(127.0)
+                inv = _f32(1.0) / d if d > 0 else _f32(0.0)
                 D[t, b, lane] = d
                 for j in range(BLOCK):
                     v = block[j]
-                    q = min(127, max(-127, int(np.floor(v / d + 0.5)))) if d > 0 else 0
+                    q = min(np.int32(127), max(np.int32(-127), np.int32(np.floor(v * inv + _f32(0.5)))))
                     err = max(err, abs(d * _f32(q) - v))
                     P[t, b, j, lane] = q
-                if err > limit:
-                    return err
-    return err
+        errs[t] = err
+    return errs.max()
 
 
 def quantize_q4_1(weight: torch.Tensor, limit: float = np.inf) -> tuple[tuple[np.ndarray, ...], float]:
@@ -119,11 +133,6 @@ def quantize_q8_0(weight: torch.Tensor, limit: float = np.inf) -> tuple[tuple[np
     tiles, blocks = w.shape[0] // TILE, w.shape[1] // BLOCK
     P, D = np.empty((tiles, blocks, BLOCK, TILE), np.int8), np.empty((tiles, blocks, TILE), np.float32)
     return (P, D), float(_quantize_q8_0(w, P, D, _f32(min(limit, 3e38))))
-
-
-# Fast-math without "reassoc": the lanes are independent, so vectorizing needs no reassociation, and keeping
-# the order keeps the four accumulators below four independent FMA chains (one chain, latency-bound: 2x slower).
-FASTMATH = {"contract", "nnan", "ninf", "nsz", "arcp", "afn"}
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -230,7 +239,18 @@ class BlockWeight:
         return y if self.padded_out == self.out_features else y[:, : self.out_features]
 
 
-def exact_blocks(weight: torch.Tensor, rtol: float = 1e-6) -> BlockWeight | None:
+@contextlib.contextmanager
+def numba_threads(n: int):
+    """The kernels' numba threads set to ``n`` (at most the core count) for a while (benchmarks' thread sweeps)."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(old)
+
+
+def exact_blocks(weight: torch.Tensor, rtol: float = 1e-5) -> BlockWeight | None:
     """The smallest block form of ``weight`` that gives it back to fp32 rounding (Q4_1, else Q8_0), or None.
 
     A weight loaded from a GGUF's Q4_1 (Q8_0) blocks is exactly one; a bf16 checkpoint's is neither, and

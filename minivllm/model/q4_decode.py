@@ -23,6 +23,7 @@ separate functions).
 import math
 
 import kernels  # noqa: F401  (first: it picks numba's CUDA simulator on a CPU-only machine before numba loads)
+import numba
 import numpy as np
 import torch
 from numba import njit
@@ -115,6 +116,7 @@ class BlockDecoder:
     def __init__(self, model, layers: list[dict], max_rows: int):  # the model's own tensors, viewed
         c = model.config
         self.layers, self.max_rows = layers, max_rows
+        self.threads: int | None = None  # numba threads during a step; None: numba's own setting (the core count)
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps = _f32(c.rms_norm_eps)
         self.scale = _f32(1.0 / math.sqrt(c.head_dim))
@@ -169,6 +171,16 @@ class BlockDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """input_ids, positions (n,) -> the final hidden states (n, hidden): ``Qwen3ForCausalLM.forward``'s."""
+        if self.threads is None:
+            return self._forward(input_ids, positions, meta)
+        old = numba.get_num_threads()
+        numba.set_num_threads(min(self.threads, old))
+        try:
+            return self._forward(input_ids, positions, meta)
+        finally:
+            numba.set_num_threads(old)
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         n = input_ids.shape[0]
         buf, kv = self._buffer(n), self._cache(meta)
         ids, pos = input_ids.numpy(), positions.numpy()
