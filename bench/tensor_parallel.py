@@ -16,7 +16,7 @@ other rank), then measured twice:
 
 Random models get random weights per rank (``seed + rank``): the TP sizes compute on different numbers, the same
 shapes. Every figure is stored with the machine's load average beside it: on a shared CPU, compare the TP sizes
-of one run (ratios), not runs with each other. Results: ``bench/results/18_tensor_parallel_<device>.json``.
+of one run (ratios), not runs with each other. Results: ``bench/results/18_tensor_parallel_<device>_<config>.json``.
 
 Left out: online serving under load (bench.latency), pipeline parallelism, CUDA graphs (off when tp > 1).
 """
@@ -124,7 +124,7 @@ def main() -> None:
             "workload": {"num_requests": args.num_requests, "len_range": [args.min_len, args.max_len],
                          "latency_tokens": args.latency_tokens, "max_num_seqs": args.max_num_seqs, "seed": args.seed},
             "runs": {str(tp): r for tp, r in runs.items()}}
-    path = save(f"18_tensor_parallel_{device.type}", data, args.out)
+    path = save(f"18_tensor_parallel_{device.type}_{config}", data, args.out)
     print(f"saved {path}")
 
 
