@@ -128,9 +128,13 @@ class BlockDecoder:
 
     @classmethod
     def for_model(cls, model) -> "BlockDecoder | None":
-        """A decoder over ``model``'s own weights, or None unless every layer's four linears are blocks."""
+        """A decoder over ``model``'s own weights, or None unless every layer's four linears are blocks (a
+        tensor-parallel shard's ``RowParallel`` layers and embedding are not: its all-reduces stay)."""
+        from minivllm.model.qwen3 import Embedding
         from minivllm.model.quant import BlockLinear
 
+        if type(model.model.embed_tokens) is not Embedding:  # a tensor-parallel shard: its ranks must talk
+            return None
         none = np.empty(0, np.float32)
         layers = []
         for layer in model.model.layers:
