@@ -151,6 +151,16 @@ def test_a_killed_worker_ends_the_engine_with_a_clear_error(default_tp2):
         default_tp2.generate("Hello", SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
 
 
+def test_a_worker_that_cannot_start_ends_the_start_with_a_clear_error(monkeypatch):
+    model = ModelConfig("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, head_dim=16, qk_norm=True)
+    monkeypatch.setattr("sys.executable", "/bin/false")  # the worker's interpreter exits at once, with status 1
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"while starting.*worker rank 1 .*died \(exit code 1\)"):
+        LLM(model, tensor_parallel_size=2, **ENGINE)
+    assert time.monotonic() - start < 5
+
+
 @pytest.mark.parametrize("tp, message", [(0, "positive int"), (-1, "positive int"), (True, "positive int"),
                                          (1.5, "positive int"), (4, "at least one of its 3 KV heads")])
 def test_bad_sizes_are_refused_when_configured(tp, message):

@@ -15,6 +15,9 @@ Why this layout (vLLM's FlashAttention layout, with K and V of one block side by
 * one tensor per layer (not one for the whole model) keeps each layer's pool contiguous and lets the
   model hand a layer exactly its own pool.
 
+With tensor parallelism (``minivllm.distributed``) every rank allocates its own pool over its own KV heads
+(``KVShape.num_kv_heads`` of its shard), with the same number of blocks: one block table serves all ranks.
+
 How many blocks: on a GPU, whatever is left of ``gpu_memory_utilization * total`` once the weights are
 loaded and a profiling forward pass has reached its peak activation memory (:func:`gpu_kv_budget`);
 on a CPU, a budget in bytes. Either way :func:`blocks_for_budget` turns bytes into blocks.

@@ -113,6 +113,7 @@ class TensorParallelExecutor:
         self.error: TensorParallelError | None = None
         self._threads_before: tuple[int, int] | None = None  # this process's (torch, numba) threads, given back
         self.plans = PlanSender()
+        self.worker_errors: dict[int, str] = {}  # rank -> the traceback it sent
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
 
     @classmethod
@@ -144,7 +145,10 @@ class TensorParallelExecutor:
             theirs.close()
             self.procs.append(proc)
             self.conns.append(Connection(ours.detach()))
-            self.conns[-1].send((config, rank, store.port))
+            try:
+                self.conns[-1].send((config, rank, store.port))
+            except OSError:  # it is already gone
+                raise self._failure(f"while starting (rank {rank}'s pipe closed)") from None
         self.group, self.store = TensorParallelGroup(0, size, device), store
         self.model, self.tokenizer = load_shard(config, self.group, tokenizer=True)  # while the workers load theirs
         self._wait_for("loaded")
@@ -179,9 +183,10 @@ class TensorParallelExecutor:
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            raise self._failure(f"rank {rank}'s pipe closed") from None
+            raise self._failure(f"while starting (rank {rank}'s pipe closed)") from None
         if message[0] == "error":
-            raise self._failure(f"rank {rank} raised:\n{message[1]}")
+            self.worker_errors[rank] = message[1]
+            raise self._failure("while starting")
         return message
 
     def _send(self, data: bytes) -> None:
@@ -215,9 +220,11 @@ class TensorParallelExecutor:
                 while conn.poll():
                     message = conn.recv()
                     if message[0] == "error":
-                        lines.append(f"worker rank {rank} raised:\n{message[1].rstrip()}")
+                        self.worker_errors[rank] = message[1]
             except (EOFError, OSError):
                 pass
+            if rank in self.worker_errors:
+                lines.append(f"worker rank {rank} raised:\n{self.worker_errors[rank].rstrip()}")
         detail = "; ".join(lines) if lines else "no worker died; a collective failed or timed out"
         self.error = TensorParallelError(f"tensor parallelism (tp={self.size}) failed {context}: {detail}. "
                                          f"The engine cannot continue; build a new one.")

@@ -69,6 +69,11 @@ class TensorParallelQwen3ForCausalLM(Qwen3ForCausalLM):
             layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, group)
         self.model.embed_tokens = VocabParallelEmbedding(self.model.embed_tokens.weight, shard.vocab, group)
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata=None) -> torch.Tensor:
+        """Always the modules, whose row-parallel projections and embedding hold the collectives: never a fused
+        single-device path (the q4 ``block_decoder`` of ``minivllm.model.quant``, which knows nothing of ranks)."""
+        return self.model(input_ids, positions, attn_metadata)
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Rank 0: (tokens, vocab_size), every rank's slice gathered. Other ranks: their own slice (unused)."""
         local = super().compute_logits(hidden_states)  # (tokens, ceil(V / tp))
