@@ -139,6 +139,20 @@ def test_default_model_tp2_generates_tp1s_greedy_tokens(default_tp2):
     assert default_tp2.engine.model.shard_config.num_attention_heads == 6  # 9 query heads split 6 + 3
 
 
+def test_default_model_serves_with_tp2(default_tp2):
+    """The OpenAI-compatible server over the TP=2 engine (its engine thread drives rank 0): the same completion."""
+    httpx = pytest.importorskip("httpx")
+    from minivllm.server import ServerThread, build_app
+
+    prompt, p = "The capital of France is", SamplingParams(max_tokens=6, temperature=0)
+    want = default_tp2.generate(prompt, p, use_tqdm=False)[0].outputs[0].text
+    with ServerThread(build_app(default_tp2.engine, model_name="smollm2")) as server:
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"model": "smollm2", "prompt": prompt, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+
+
 def test_a_killed_worker_ends_the_engine_with_a_clear_error(default_tp2):
     engine = default_tp2.engine
     proc = engine.tp.procs[0]
