@@ -135,6 +135,9 @@ class EngineConfig:
             raise ValueError("the learner's engine runs on one device: drop tensor_parallel_size or learner")
         if self.torch_device.type == "cuda" and torch.cuda.device_count() < tp:
             raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs; PyTorch sees {torch.cuda.device_count()}")
+        if self.torch_device.type == "cuda" and self.torch_device.index not in (None, 0):
+            raise ValueError(f"with tensor parallelism rank r runs on cuda:r; give device='cuda', not {self.device!r} "
+                             "(CUDA_VISIBLE_DEVICES picks the GPUs)")
         if not isinstance(self.model, str | Path | None):  # a ModelConfig: its heads are known now
             from minivllm.distributed.sharding import check_tensor_parallel_size
 
