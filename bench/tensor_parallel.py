@@ -2,6 +2,7 @@
 
     python -m bench.tensor_parallel                                  # GPUs if any: Qwen3-8B shapes, TP 1/2/4
     python -m bench.tensor_parallel --device cuda --tp 1,2,4,8 --config qwen3-8b
+    python -m bench.tensor_parallel --device cuda --enforce-eager    # TP=1 without CUDA graphs too (TP > 1 has none)
     python -m bench.tensor_parallel --device cpu                     # tiny random model, TP 1/2 over gloo
     python -m bench.tensor_parallel --device cpu --config default --num-requests 8   # the embedded SmolLM2
 
@@ -48,7 +49,7 @@ MODELS = {**RANDOM_MODELS, "qwen3-8b": QWEN3_8B}  # "default": the embedded GGUF
 def build(config: str, device: torch.device, tp: int, args: argparse.Namespace):
     from minivllm.llm import LLM
 
-    options = dict(device=device.type, tensor_parallel_size=tp, seed=args.seed,
+    options = dict(device=device.type, tensor_parallel_size=tp, seed=args.seed, enforce_eager=args.enforce_eager,
                    max_num_seqs=args.max_num_seqs, max_model_len=2 * args.max_len + args.latency_tokens)
     if device.type == "cpu":
         options["dtype"] = "float32" if config != "default" else "auto"  # the GGUF: the engine's fp16 linears
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=None, help="default: 1024 on GPUs, 48 on a CPU")
     parser.add_argument("--latency-tokens", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=None, help="default: 256 on GPUs, 16 on a CPU")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs at TP=1 either (TP > 1 runs "
+                                                                      "eager): the same execution for every size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -121,6 +124,7 @@ def main() -> None:
             r["speedup_vs_tp1"] = round(r["output_tokens_per_s"] / runs[1]["output_tokens_per_s"], 3)
             r["scaling_efficiency"] = round(r["speedup_vs_tp1"] / tp, 3)
     data = {"device": device.type, "config": config, "cpu_count": os.cpu_count(),
+            "enforce_eager": args.enforce_eager, "cuda_graphs": "TP=1 only" if gpu and not args.enforce_eager else "none",
             "workload": {"num_requests": args.num_requests, "len_range": [args.min_len, args.max_len],
                          "latency_tokens": args.latency_tokens, "max_num_seqs": args.max_num_seqs, "seed": args.seed},
             "runs": {str(tp): r for tp, r in runs.items()}}
