@@ -124,7 +124,7 @@ def main() -> None:
             r["speedup_vs_tp1"] = round(r["output_tokens_per_s"] / runs[1]["output_tokens_per_s"], 3)
             r["scaling_efficiency"] = round(r["speedup_vs_tp1"] / tp, 3)
     data = {"device": device.type, "config": config, "cpu_count": os.cpu_count(),
-            "enforce_eager": args.enforce_eager, "cuda_graphs": "TP=1 only" if gpu and not args.enforce_eager else "none",
+            "cuda_graphs": "TP=1 only" if gpu and not args.enforce_eager else "none",
             "workload": {"num_requests": args.num_requests, "len_range": [args.min_len, args.max_len],
                          "latency_tokens": args.latency_tokens, "max_num_seqs": args.max_num_seqs, "seed": args.seed},
             "runs": {str(tp): r for tp, r in runs.items()}}

@@ -6,8 +6,9 @@
     ──► process group up ──► every rank: how many KV blocks fit ──► the smallest, on every rank
 
 Then each step, :class:`TensorParallelRunner` sends the scheduler's plan down every worker's pipe (a pickled dict
-of flat lists and the blocks each table gained: ~0.35 ms and 7.6 kB at batch 256 on the 2-core CI machine) and runs rank 0's forward pass; the ranks meet at each all-reduce, and rank 0 gets the
-gathered logits and samples. Only rank 0 schedules, caches prefixes and samples: a worker just executes plans.
+of flat lists and the blocks each table gained: ~0.35 ms and 7.6 kB at batch 256 on the 2-core CI machine) and
+runs rank 0's forward pass; the ranks meet at each all-reduce, and rank 0 gets the gathered logits and samples.
+Only rank 0 schedules, caches prefixes and samples: a worker just executes plans.
 
 Failure is never a hang: while starting, rank 0 waits on the workers' pipes *and* their process handles, so a
 worker that raises (its traceback comes back through the pipe) or dies ends the start with a
@@ -34,7 +35,7 @@ import torch
 from minivllm.batch import SchedulerOutput
 from minivllm.config import EngineConfig
 from minivllm.distributed.group import TensorParallelGroup
-from minivllm.distributed.model import TensorParallelQwen3ForCausalLM
+from minivllm.distributed.model import load_shard, shard_num_kv_blocks
 from minivllm.distributed.sharding import check_tensor_parallel_size
 from minivllm.distributed.worker import PlanSender, set_threads, share_cores
 
@@ -44,56 +45,6 @@ POLL_S = 0.2  # while starting, how often rank 0 checks that the workers are ali
 
 class TensorParallelError(RuntimeError):
     """A tensor-parallel worker failed or died: the engine cannot go on (build a new one)."""
-
-
-def load_shard(config: EngineConfig, group: TensorParallelGroup, *, tokenizer: bool):
-    """This rank's :class:`TensorParallelQwen3ForCausalLM` with its weights, quantized as ``config`` says, and (when
-    ``tokenizer``) the checkpoint's tokenizer. A ``ModelConfig`` gives random weights (seed + rank) and no tokenizer."""
-    from minivllm.gguf_file import GGUFFile
-    from minivllm.model import ModelConfig, resolve_model_path
-    from minivllm.model.loader import read_checkpoint
-    from minivllm.model.quant import quantize_model
-    from minivllm.tokenizer import Tokenizer
-
-    device, dtype, tok = group.device, config.torch_dtype, None
-    if isinstance(config.model, ModelConfig):
-        model = TensorParallelQwen3ForCausalLM(config.model, group, device=device, dtype=dtype)
-        gen = torch.Generator(device=device).manual_seed(config.seed + group.rank)
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-    else:
-        path = resolve_model_path(config.model)
-        source = path if path.is_dir() else GGUFFile(path)  # one parse of a GGUF for weights and tokenizer
-        model_config = read_checkpoint(source)[0]
-        model = TensorParallelQwen3ForCausalLM(model_config, group, device=device, dtype=dtype)
-        model.load_weights(read_checkpoint(source, part=model.shard.part)[2], sliced=True)  # only its slices read
-        if tokenizer and path.is_dir():
-            tok = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
-        elif tokenizer:
-            tok = Tokenizer.from_gguf(source)
-    quantize_model(model.eval(), config.quantization_method)  # NOTE: each rank quantizes its own shard
-    return model, tok
-
-
-def shard_num_kv_blocks(config: EngineConfig, model: TensorParallelQwen3ForCausalLM, max_model_len: int) -> int:
-    """How many KV blocks fit on this rank (``minivllm.components.num_kv_blocks`` for a shard's KV heads). On a GPU
-    the profiling forward pass meets the other ranks at its all-reduces: every rank runs it at the same time."""
-    from minivllm.cache import blocks_for_budget, gpu_kv_budget
-
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    device, dtype = model.device, config.torch_dtype
-    if device.type == "cuda":
-        tokens = min(config.scheduler_config.max_num_batched_tokens, max_model_len)
-
-        def profile():
-            hidden = model(torch.zeros(tokens, dtype=torch.long, device=device), torch.arange(tokens, device=device))
-            model.compute_logits(hidden[: config.max_num_seqs])
-
-        budget = gpu_kv_budget(device, config.gpu_memory_utilization, profile)
-    else:
-        budget = config.kv_cache_memory
-    return blocks_for_budget(model.shard_config.kv_shape, budget, dtype, config.block_size)
 
 
 def _model_config(config: EngineConfig):

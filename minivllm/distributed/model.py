@@ -12,6 +12,9 @@ MLP width, its vocabulary rows: :meth:`Shard.model_config`), so attention, RoPE,
 inner layer for an fp16 one and the all-reduce stays: on a CPU each rank quantizes its own shard. A tied LM head
 is built from the rank's embedding rows, so it is vocab-parallel too. With ``tensor_parallel_size=1`` none of this
 is used: the engine builds the plain model.
+
+:func:`load_shard` builds a rank's model and reads only its slices of the checkpoint; :func:`shard_num_kv_blocks`
+says how many KV blocks of its heads fit beside it.
 """
 
 from collections.abc import Callable, Iterable
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minivllm.config import EngineConfig
 from minivllm.distributed.group import TensorParallelGroup
 from minivllm.distributed.sharding import Shard, shard_weights
 from minivllm.model.config import ModelConfig
@@ -99,3 +103,53 @@ class TensorParallelQwen3ForCausalLM(Qwen3ForCausalLM):
 
     def parameter_counts(self) -> dict[str, int]:
         raise NotImplementedError("parameter_counts describes the whole model: build it with tensor_parallel_size=1")
+
+
+def load_shard(config: EngineConfig, group: TensorParallelGroup, *, tokenizer: bool):
+    """This rank's :class:`TensorParallelQwen3ForCausalLM` with its weights, quantized as ``config`` says, and (when
+    ``tokenizer``) the checkpoint's tokenizer. A ``ModelConfig`` gives random weights (seed + rank) and no tokenizer."""
+    from minivllm.gguf_file import GGUFFile
+    from minivllm.model import ModelConfig, resolve_model_path
+    from minivllm.model.loader import read_checkpoint
+    from minivllm.model.quant import quantize_model
+    from minivllm.tokenizer import Tokenizer
+
+    device, dtype, tok = group.device, config.torch_dtype, None
+    if isinstance(config.model, ModelConfig):
+        model = TensorParallelQwen3ForCausalLM(config.model, group, device=device, dtype=dtype)
+        gen = torch.Generator(device=device).manual_seed(config.seed + group.rank)
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+    else:
+        path = resolve_model_path(config.model)
+        source = path if path.is_dir() else GGUFFile(path)  # one parse of a GGUF for weights and tokenizer
+        model_config = read_checkpoint(source)[0]
+        model = TensorParallelQwen3ForCausalLM(model_config, group, device=device, dtype=dtype)
+        model.load_weights(read_checkpoint(source, part=model.shard.part)[2], sliced=True)  # only its slices read
+        if tokenizer and path.is_dir():
+            tok = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() else None
+        elif tokenizer:
+            tok = Tokenizer.from_gguf(source)
+    quantize_model(model.eval(), config.quantization_method)  # NOTE: each rank quantizes its own shard
+    return model, tok
+
+
+def shard_num_kv_blocks(config: EngineConfig, model: TensorParallelQwen3ForCausalLM, max_model_len: int) -> int:
+    """How many KV blocks fit on this rank (``minivllm.components.num_kv_blocks`` for a shard's KV heads). On a GPU
+    the profiling forward pass meets the other ranks at its all-reduces: every rank runs it at the same time."""
+    from minivllm.cache import blocks_for_budget, gpu_kv_budget
+
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    device, dtype = model.device, config.torch_dtype
+    if device.type == "cuda":
+        tokens = min(config.scheduler_config.max_num_batched_tokens, max_model_len)
+
+        def profile():
+            hidden = model(torch.zeros(tokens, dtype=torch.long, device=device), torch.arange(tokens, device=device))
+            model.compute_logits(hidden[: config.max_num_seqs])
+
+        budget = gpu_kv_budget(device, config.gpu_memory_utilization, profile)
+    else:
+        budget = config.kv_cache_memory
+    return blocks_for_budget(model.shard_config.kv_shape, budget, dtype, config.block_size)
