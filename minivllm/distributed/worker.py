@@ -5,9 +5,9 @@ every rank) and builds an ordinary :class:`~minivllm.runner.ModelRunner`. Then, 
 plan rank 0's scheduler made, rebuilds a :class:`~minivllm.batch.SchedulerOutput` from it and executes it: the
 same forward pass as rank 0, meeting it at every all-reduce. Its logits are not used: rank 0 samples.
 
-The pipe to rank 0 carries the protocol: worker -> rank 0 ``("loaded",)`` or ``("error", traceback)``; rank 0 ->
-worker ``(EngineConfig, rank, store port)``, ``("blocks", max_model_len)``, then one pickled plan per step (:class:`PlanSender`), empty bytes to stop.
-When rank 0's process ends, the pipe closes and the worker exits.
+The pipe to rank 0 carries the protocol: rank 0 -> worker ``(EngineConfig, rank, store port)``; worker -> rank 0
+``("loaded",)`` or ``("error", traceback)``; rank 0 -> worker ``("blocks", max_model_len)``, then one pickled plan
+per step (:class:`PlanSender`), empty bytes to stop. When rank 0's process ends, the pipe closes and the worker exits.
 """
 
 import os
