@@ -27,8 +27,10 @@ class TensorParallelGroup:
         self.rank, self.size, self.device = rank, size, torch.device(device)
         self.pg = None  # connect() makes it; a rank may build and load its shard before (the sizes are known)
 
-    def connect(self, store: dist.Store, timeout: datetime.timedelta = COLLECTIVE_TIMEOUT) -> None:
-        """Join the other ranks (blocks until all of them have called it)."""
+    def connect(self, store: dist.Store, timeout: datetime.timedelta | None = None) -> None:
+        """Join the other ranks (blocks until all of them have called it); collectives time out after ``timeout``
+        (default ``COLLECTIVE_TIMEOUT``)."""
+        timeout = timeout or COLLECTIVE_TIMEOUT
         store = dist.PrefixStore("minivllm-tp", store)
         if self.device.type == "cuda":  # NOTE: untested on GPUs (no multi-GPU machine when this was written)
             options = dist.ProcessGroupNCCL.Options()
