@@ -15,6 +15,9 @@ table's storage (no copies). It returns the final hidden states, as ``Qwen3ForCa
 LM head stays ``compute_logits``' (one call). Anything else (prefill, a mixed step, more rows, a model whose
 linears are not all blocks, another dtype) is not accepted, and the module path runs.
 
+Every call uses numba's threads (the core count): on 2 shared cores, one thread for the small calls (qkv, o,
+attention) or for all of them measured 5-20% slower (bench/cpu_fast.py's thread sweep covers the whole step).
+
 Left out: fusing the SiLU into the down matmul's input and the norms into the matmuls (one call each is cheap
 next to a torch op), and a whole layer in one parallel region (numba cannot nest ``prange`` regions of
 separate functions).
@@ -23,7 +26,6 @@ separate functions).
 import math
 
 import kernels  # noqa: F401  (first: it picks numba's CUDA simulator on a CPU-only machine before numba loads)
-import numba
 import numpy as np
 import torch
 from numba import njit
@@ -116,7 +118,6 @@ class BlockDecoder:
     def __init__(self, model, layers: list[dict], max_rows: int):  # the model's own tensors, viewed
         c = model.config
         self.layers, self.max_rows = layers, max_rows
-        self.threads: int | None = None  # numba threads during a step; None: numba's own setting (the core count)
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.eps = _f32(c.rms_norm_eps)
         self.scale = _f32(1.0 / math.sqrt(c.head_dim))
@@ -175,16 +176,6 @@ class BlockDecoder:
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         """input_ids, positions (n,) -> the final hidden states (n, hidden): ``Qwen3ForCausalLM.forward``'s."""
-        if self.threads is None:
-            return self._forward(input_ids, positions, meta)
-        old = numba.get_num_threads()
-        numba.set_num_threads(min(self.threads, old))
-        try:
-            return self._forward(input_ids, positions, meta)
-        finally:
-            numba.set_num_threads(old)
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
         n = input_ids.shape[0]
         buf, kv = self._buffer(n), self._cache(meta)
         ids, pos = input_ids.numpy(), positions.numpy()

@@ -1,13 +1,20 @@
-"""The fast CPU path: linear layers whose weights fbgemm reads as fp16 (or int8), swapped into a loaded model.
+"""The fast CPU path: linear layers that read fewer weight bytes, swapped into a loaded model.
 
 On a CPU the model's matmuls are the step: fp32 decode at batch 1 reads ~540 MB of weights per token, and
-MKL's fp32 GEMM runs at only ~12-20 GFLOP/s on the course's AMD CPUs at batch 32. Two replacements, both
-fbgemm kernels that ship with PyTorch:
+MKL's fp32 GEMM runs at only ~12-20 GFLOP/s on the course's AMD CPUs at batch 32. Three replacements:
 
-* :class:`Fp16Linear` (``"fp16"``, the CPU default): weights stored as fp16 (half the bytes), activations and
-  accumulation fp32. The GGUF's Q4_1/Q8_0 values are exact in a few bits, so the results differ from fp32 by
-  ~2e-4 relative. Measured (2 cores, 30 layers' weights cycled so they come from memory): 2-2.5x fp32 at
-  batch 1, 2.5-4x at batch 32.
+* :class:`BlockLinear` (``"q4"``, the CPU default): the weight as the GGUF stored it, Q4_1 blocks for the
+  layers and Q8_0 for the embedding (our tied LM head), ~105 MB a token instead of 540, multiplied by the numba
+  kernels of :mod:`minivllm.model.q4` for up to ``max_rows`` rows (decode), and fbgemm fp16 beyond (prefill,
+  large batches). Each weight keeps the block form only if it gives the weight back exactly (so a bf16
+  checkpoint's weights stay fp16, never re-quantized); the embedded model's do, bit for bit, so its logits are
+  fp32's to ~1e-5. A q4 model also gets a :class:`~minivllm.model.q4_decode.BlockDecoder`, which runs a whole
+  decode step as numba calls (``Qwen3ForCausalLM.forward`` hands it those steps): 2-3x the module path at batch
+  1, since there the ~30 small torch ops per layer cost as much as the matmuls (bench/results/14_cpu_fast.json).
+* :class:`Fp16Linear` (``"fp16"``): weights stored as fp16 (half the bytes), activations and accumulation fp32
+  (fbgemm). The GGUF's Q4_1/Q8_0 values are exact in a few bits, so the results differ from fp32 by ~2e-4
+  relative. Measured (2 cores, 30 layers' weights cycled so they come from memory): 2-2.5x fp32 at batch 1,
+  2.5-4x at batch 32.
 * :class:`Int8Linear` (``"int8"``, opt-in): int8 weights, one scale per output row, and activations quantized
   per call to 7-bit uint8 *per tensor* (fbgemm's dynamic linear). Faster again (the LM head 5x fp32), but on
   SmolLM2 the activation outliers cost too much: 46-89% teacher-forced top-1 agreement with fp32 (see
@@ -18,9 +25,9 @@ and an untied lm_head) and gives a tied model a separate ``lm_head`` built from 
 fp32 for the token lookup). It is idempotent. What ``EngineConfig.quantization="auto"`` means is decided in
 one place, ``EngineConfig.quantization_method``.
 
-Left out: 4-bit weights at run time (the GGUF's Q4_1 blocks through a numba kernel measured 1.3-5 G
-weights/s here, no faster than fbgemm fp16 and 10x slower at batch 32), GPUs (fbgemm is CPU-only; a GPU runs
-bf16), static activation scales (SmoothQuant), and quantizing attention or the KV cache.
+Left out: re-quantizing float weights to 4 bits (lossy: a checkpoint that is not blocks keeps fp16), GPUs
+(fbgemm and the numba CPU kernels are CPU-only; a GPU runs bf16), static activation scales (SmoothQuant), and
+quantizing attention or the KV cache.
 """
 
 import warnings
