@@ -5,8 +5,8 @@ Greedy decoding is deterministic, and splitting a matmul over ranks only changes
 hard case of the scheduler on: several requests per step, prompts chunked over steps, prefix-cache hits, and a
 KV pool so small that sequences are preempted and recomputed. The Qwen3 config splits evenly; the Llama one
 does not (3 KV heads, an odd MLP width, an odd vocabulary: ranks get 2 + 1 KV heads and a padded vocab shard).
-The embedded SmolLM2 (9 query heads, 3 KV heads) runs with the default fp16 linears: each rank quantizes its own
-shard. Then the failure paths: a killed worker ends the engine with a clear error within seconds; bad sizes are
+The embedded SmolLM2 (9 query heads, 3 KV heads) runs with the CPU's default linears (4-bit blocks): each rank
+quantizes its own shard. Then the failure paths: a killed worker ends the engine with a clear error within seconds; bad sizes are
 refused before any process starts. Worker processes are started once per engine, engines once per module.
 """
 
@@ -44,7 +44,7 @@ VARIANTS = {  # (config class, model class, sizes): Qwen3 splits evenly; Llama u
 }
 # block_size 4, 24 blocks: 96 slots for 6 requests of up to 74 tokens, so preemption is certain; 16-token steps
 # chunk every prompt longer than 16; 4 sequences at once
-ENGINE = dict(dtype="float32", block_size=4, num_kv_blocks=24, max_num_seqs=4, max_num_batched_tokens=16)
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=24, max_num_seqs=4, max_num_batched_tokens=16)
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
@@ -125,7 +125,7 @@ def default_tp2():
     from minivllm.default_model import default_model_path
 
     default_model_path()  # installed by `make test`: a clear error, not a skip, when it is missing
-    llm = LLM(tensor_parallel_size=2)  # the embedded GGUF, fp16 linears (each rank quantizes its shard)
+    llm = LLM(device="cpu", tensor_parallel_size=2)  # the embedded GGUF, the CPU's default linears, per shard
     yield llm
     llm.close()
 
@@ -133,7 +133,7 @@ def default_tp2():
 def test_default_model_tp2_generates_tp1s_greedy_tokens(default_tp2):
     prompt = "The capital of France is"
     p = SamplingParams(max_tokens=8, temperature=0)
-    want = LLM().generate(prompt, p, use_tqdm=False)[0].outputs[0]
+    want = LLM(device="cpu").generate(prompt, p, use_tqdm=False)[0].outputs[0]
     got = default_tp2.generate(prompt, p, use_tqdm=False)[0].outputs[0]
     assert got.token_ids == want.token_ids, f"TP=2 {got.text!r} vs TP=1 {want.text!r}"
     assert default_tp2.engine.model.shard_config.num_attention_heads == 6  # 9 query heads split 6 + 3
@@ -268,8 +268,8 @@ def test_on_two_gpus_tp2_greedy_equals_transformers(tiny):
     """fp32 on cuda:0 and cuda:1 through NCCL, the numba kernels on each rank's own device, against transformers."""
     hf, directory, _ = tiny
     prompts = prompts_for(hf.config.vocab_size, seed=3)
-    with LLM(str(directory), tensor_parallel_size=2, device="cuda", **{**ENGINE, "block_size": 16,
-                                                                        "num_kv_blocks": 12}) as llm:
+    with LLM(str(directory), tensor_parallel_size=2, **{**ENGINE, "device": "cuda", "block_size": 16,
+                                                        "num_kv_blocks": 12}) as llm:
         assert llm.engine.model.device == torch.device("cuda", 0) and llm.engine.runner.graph_batch == 0
         outs = llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY), use_tqdm=False)
         for i, (prompt, out) in enumerate(zip(prompts, outs)):
