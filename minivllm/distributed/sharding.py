@@ -35,8 +35,9 @@ LM head gather to rank 0        1                  V / tp values from each rank,
 
 A ring all-reduce makes each rank send and receive ``2 (tp - 1) / tp`` times the tensor, so a token costs each
 rank about ``(2L + 1) * H * b * 2 (tp - 1) / tp`` bytes: Qwen3-8B in bf16 (H = 4096, L = 36, tp = 2) 0.6 MB,
-SmolLM2-135M in fp32 (H = 576, L = 30) 0.14 MB. Decode moves few tokens, so there each all-reduce is a latency
-(tens of microseconds over NVLink, ~0.1 ms through gloo on one CPU host), paid 2L + 1 times a step.
+SmolLM2-135M in fp32 (H = 576, L = 30) 0.14 MB. Decode moves few tokens, so there each all-reduce is a latency,
+paid 2L + 1 times a step: tens of microseconds over NVLink; 0.5-1 ms through gloo between two processes on the
+course's busy 2-core CPU (load 2.5), which makes TP=2 slower than TP=1 there (bench/results/18_tensor_parallel_cpu_*).
 
 **Uneven splits.** Heads are dealt out whole KV groups at a time: with ``kv`` KV heads each serving ``q / kv``
 query heads, the first ``kv % tp`` ranks get one KV head more. So SmolLM2 (9 query heads, 3 KV heads) splits
