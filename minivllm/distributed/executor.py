@@ -103,12 +103,18 @@ class TensorParallelExecutor:
         self.group, self.store = TensorParallelGroup(0, size, device), store
         self.model, self.tokenizer = load_shard(config, self.group, tokenizer=True)  # while the workers load theirs
         self._wait_for("loaded")
-        self.group.connect(store)
+        try:
+            self.group.connect(store)
+        except RuntimeError as e:  # a worker died between "loaded" and joining, or hung past the timeout
+            raise self._failure(f"while connecting ({str(e).splitlines()[0][:200]})") from e
 
     def agree_num_kv_blocks(self, max_model_len: int) -> int:
         """The KV blocks every rank can hold (the smallest of the ranks' budgets); the workers allocate theirs."""
         self._send(pickle.dumps(("blocks", max_model_len)))
-        return self.group.all_reduce_min(shard_num_kv_blocks(self.config, self.model, max_model_len))
+        try:
+            return self.group.all_reduce_min(shard_num_kv_blocks(self.config, self.model, max_model_len))
+        except RuntimeError as e:  # a collective of the profiling pass (GPU) or of the agreement failed
+            raise self._failure(f"while sizing the KV cache ({str(e).splitlines()[0][:200]})") from e
 
     def wrap(self, runner) -> "TensorParallelRunner":
         return TensorParallelRunner(runner, self)
