@@ -2,7 +2,8 @@
 
 ``LLMEngine.__init__`` calls these once; each returns values, nothing is written back into the config.
 
-Left out: tensor parallelism (one device), downloading checkpoints (local paths only).
+Left out: downloading checkpoints (local paths only). A tensor-parallel engine loads its shards through
+``minivllm.distributed`` instead (``LLMEngine``, ``tensor_parallel_size > 1``).
 """
 
 import torch
