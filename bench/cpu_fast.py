@@ -5,8 +5,10 @@
 
 One process, one machine load, the same GGUF (the embedded SmolLM2-135M-Instruct, Q4_1) for every peer. The
 fast path is the CPU default, ``quantization="q4"`` (the GGUF's Q4_1 / Q8_0 blocks through numba kernels for
-up to ``BlockLinear.max_rows`` rows, fbgemm fp16 beyond); ``"fp16"`` (fbgemm fp16 linears for every row count)
-is measured beside it.
+up to ``BlockLinear.max_rows`` rows, fbgemm fp16 beyond) with its decode steps on the model's
+``block_decoder`` (:mod:`minivllm.model.q4_decode`); ``minivllm_q4`` is the same linears on the module path
+(:func:`decoder_hook` with ``on=False``), and ``"fp16"`` (fbgemm fp16 linears for every row count) is measured
+beside them.
 
 * ``quality``: teacher-forced over a fixed English text (the first ``--quality-tokens`` tokens of CPython's
   LICENSE.txt): top-1 agreement of each fast path with exact fp32, and each one's perplexity. The text is one
