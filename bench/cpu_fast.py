@@ -244,7 +244,7 @@ def run_batch1(args) -> dict:
            "fast_path_threads_sweep": threads, "torch_threads": torch.get_num_threads(),
            "same_32_greedy_tokens_as_fp32": {k: v == tokens["minivllm_fp32"] for k, v in tokens.items()},
            "llama_cpp": "measured" if "llama_cpp" in runners else "not installed (llama_cpp not importable)",
-           "block_decoder": "in Qwen3ForCausalLM.forward" if decoder_built_in() else "hook patched in by this benchmark",
+           "block_decoder": "in Qwen3ForCausalLM.forward" if decoder_built_in() else "hook patched in by the bench",
            "decoder_vs_module_path": round(best[fast] / best[f"minivllm_{FAST}"], 2),
            "fast_vs_fp16": round(best[fast] / best["minivllm_fp16"], 2),
            "fast_vs_fp32": round(best[fast] / best["minivllm_fp32"], 2),

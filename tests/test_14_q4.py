@@ -29,8 +29,8 @@ def _close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     worst = int(err.argmax())
     row, col = divmod(worst, ref.shape[1])
     bound = 1e-5 * ref.abs().max().item() + 1e-6  # fp32 sums in another order
-    assert err.max().item() <= bound, (f"{what}: row {row}, output {col}: got {got[row, col].item():.6g}, "
-                                       f"expected {ref[row, col].item():.6g} (|diff| {err.max().item():.3g} > {bound:.3g})")
+    assert err.max().item() <= bound, (f"{what}: row {row}, output {col}: got {got[row, col].item():.6g}, expected "
+                                       f"{ref[row, col].item():.6g} (|diff| {err.max().item():.3g} > {bound:.3g})")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -143,8 +143,9 @@ def test_block_decoder_equals_the_module_path(qk_norm):
     tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # two sequences, 8 slots each
 
     def meta(slots, lens, decodes, query_lens=()):
-        return PagedAttentionMetadata(cache, torch.tensor(slots), tables[: len(lens)], torch.tensor(lens, dtype=torch.int32),
-                                      decodes, max(lens), list(query_lens), list(lens)[decodes:], backend="auto")
+        return PagedAttentionMetadata(cache, torch.tensor(slots), tables[: len(lens)],
+                                      torch.tensor(lens, dtype=torch.int32), decodes, max(lens), list(query_lens),
+                                      list(lens)[decodes:], backend="auto")
 
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
