@@ -130,18 +130,19 @@ def _block_model(tied: bool = True, qk_norm: bool = True):
     return model
 
 
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_block_decoder_equals_the_module_path(qk_norm):
-    """q4_decode.BlockDecoder against the model's own forward on a paged cache: a 5-token prefill, then two
-    decode steps of two sequences; the hidden states and the K/V it stores must match."""
+@pytest.mark.parametrize("qk_norm,seqs", [(True, 2), (False, 2), (True, 5)])
+def test_block_decoder_equals_the_module_path(qk_norm, seqs):
+    """q4_decode.BlockDecoder against the model's own forward on a paged cache: a 5-token prefill per sequence,
+    then two decode steps of all of them (5 rows: past BlockLinear.max_rows, the decoder's matmuls are fbgemm's);
+    the hidden states and the K/V it stores must match."""
     from minivllm.cache.kv_cache import PagedKVCache
     from minivllm.model.paged_attention import PagedAttentionMetadata
 
     model = quantize_model(_block_model(qk_norm=qk_norm), "q4")
     decoder = model.block_decoder
     assert decoder is not None
-    cache = PagedKVCache.allocate(model.config.kv_shape, 8, block_size=4)
-    tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)  # two sequences, 8 slots each
+    cache = PagedKVCache.allocate(model.config.kv_shape, 2 * seqs, block_size=4)
+    tables = torch.arange(2 * seqs, dtype=torch.int32).reshape(seqs, 2)  # sequence s: blocks 2s, 2s + 1 (8 slots)
 
     def meta(slots, lens, decodes, query_lens=()):
         return PagedAttentionMetadata(cache, torch.tensor(slots), tables[: len(lens)],
@@ -150,12 +151,13 @@ def test_block_decoder_equals_the_module_path(qk_norm):
 
     g = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        prompt = torch.randint(0, 128, (10,), generator=g)  # 5 tokens each, slots 0..4 and 8..12
-        model(prompt, torch.arange(5).repeat(2), meta(list(range(5)) + list(range(8, 13)), [5, 5], 0, [5, 5]))
+        prompt = torch.randint(0, 128, (5 * seqs,), generator=g)  # 5 tokens each, slots 8s .. 8s + 4
+        prefill = meta([8 * s + i for s in range(seqs) for i in range(5)], [5] * seqs, 0, [5] * seqs)
+        model(prompt, torch.arange(5).repeat(seqs), prefill)
         for step in range(2):
-            ids, pos = torch.randint(0, 128, (2,), generator=g), torch.tensor([5 + step] * 2)
-            m = meta([5 + step, 13 + step], [6 + step] * 2, 2)
-            assert decoder.accepts(ids, m) and not decoder.accepts(prompt, meta(list(range(10)), [5, 5], 0, [5, 5]))
+            ids, pos = torch.randint(0, 128, (seqs,), generator=g), torch.tensor([5 + step] * seqs)
+            m = meta([8 * s + 5 + step for s in range(seqs)], [6 + step] * seqs, seqs)
+            assert decoder.accepts(ids, m) and not decoder.accepts(prompt, prefill)
             before = [t.clone() for t in cache.kv]
             model.block_decoder = None  # the module path, even once Qwen3ForCausalLM.forward hands steps to it
             ref = model(ids, pos, m)

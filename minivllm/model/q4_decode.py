@@ -3,17 +3,18 @@
 At batch 1 on a CPU the matmuls are not the whole step: the model runs ~30 torch ops per layer (RMSNorm as its
 reference's six ops, RoPE's ten, the KV store's indexing, reshapes), each a few to tens of microseconds of
 dispatch on a small CPU, i.e. about as long as the block kernels themselves (bench/cpu_fast.py ``breakdown``).
-:class:`BlockDecoder` runs the same math for a decode-only step (every row one token of its own sequence, at
-most ``BlockLinear.max_rows`` rows) with nine calls per layer, each a numba function on numpy views of the
-model's own tensors::
+:class:`BlockDecoder` runs the same math for a decode-only step (every row one token of its own sequence)
+with nine calls per layer, each a numba function on numpy views of the model's own tensors; past
+``BlockLinear.max_rows`` rows its four matmuls are fbgemm's fp16 GEMM, as ``BlockLinear``'s own (32 chats on
+2 cores, back to back at load ~1.3: 8 requests 106-109 -> 154-158 output tok/s, 32 requests 188-201 -> 243-252)::
 
     add + RMSNorm ─► qkv (Q4_1) ─► [QK-norm] RoPE, K/V into the paged cache ─► paged decode attention ─►
     o (Q4_1) ─► add + RMSNorm ─► gate_up (Q4_1) ─► SiLU·mul ─► down (Q4_1)
 
 The weights are the model's: the :class:`~minivllm.model.quant.BlockLinear` blocks, the norms' and the RoPE
 table's storage (no copies). It returns the final hidden states, as ``Qwen3ForCausalLM.forward`` does; the
-LM head stays ``compute_logits``' (one call). Anything else (prefill, a mixed step, more rows, a model whose
-linears are not all blocks, another dtype) is not accepted, and the module path runs.
+LM head stays ``compute_logits``' (one call). Anything else (prefill, a mixed step, a model whose linears are
+not all blocks, another dtype) is not accepted, and the module path runs.
 
 Every call uses numba's threads (the core count): on 2 shared cores, one thread for the small calls (qkv, o,
 attention) or for all of them measured 5-20% slower (bench/cpu_fast.py's thread sweep covers the whole step).
@@ -108,8 +109,14 @@ def _silu_mul(gate_up, out):  # pragma: no cover - compiled
             out[r, i] = g / (_f32(1.0) + np.exp(-g)) * gate_up[r, n + i]
 
 
-def _matmul(blocks, x: np.ndarray, y: np.ndarray) -> None:
-    (q4_1_matmul if blocks.bits == 4 else q8_0_matmul)(x, *blocks.arrays, y)
+def _matmul(layer: dict, name: str, x: np.ndarray, y: np.ndarray, max_rows: int) -> None:
+    """y = x @ W.T for the layer's linear ``name``: the block kernel up to ``max_rows`` rows, fbgemm fp16 beyond
+    (what :class:`~minivllm.model.quant.BlockLinear` itself does)."""
+    if x.shape[0] <= max_rows:
+        blocks = layer[name]
+        (q4_1_matmul if blocks.bits == 4 else q8_0_matmul)(x, *blocks.arrays, y)
+    else:
+        y[:] = layer["fp16"][name](torch.from_numpy(x)).numpy()
 
 
 class BlockDecoder:
@@ -145,6 +152,7 @@ class BlockDecoder:
                        for m in linears.values()):
                 return None
             layers.append({**{k: m.blocks for k, m in linears.items()},
+                           "fp16": {k: m.fp16 for k, m in linears.items()},  # past max_rows rows: fbgemm's GEMM
                            "in_norm": layer.input_layernorm.weight.detach().numpy(),
                            "post_norm": layer.post_attention_layernorm.weight.detach().numpy(),
                            "q_norm": attn.q_norm.weight.detach().numpy() if attn.q_norm is not None else none,
@@ -156,7 +164,7 @@ class BlockDecoder:
         from minivllm.model.paged_attention import PagedAttentionMetadata
 
         n = input_ids.shape[0]
-        return (isinstance(meta, PagedAttentionMetadata) and meta.num_decodes == n and 0 < n <= self.max_rows
+        return (isinstance(meta, PagedAttentionMetadata) and meta.num_decodes == n and n > 0
                 and meta.kv_cache.kv[0].dtype == torch.float32 and not meta.kv_cache.kv[0].is_cuda)
 
     def _cache(self, meta) -> list[np.ndarray]:
@@ -189,15 +197,15 @@ class BlockDecoder:
         x[:] = 0.0  # what the first layer adds to it
         for i, layer in enumerate(self.layers):
             _add_rms_norm(x, res, layer["in_norm"], self.eps, h)
-            _matmul(layer["qkv"], h, qkv)
+            _matmul(layer, "qkv", h, qkv, self.max_rows)
             _rope_store(qkv, pos, self.cos_sin, self.heads, self.kv_heads, layer["q_norm"], layer["k_norm"],
                         self.eps, kv[i], slots, q_rot)
             _paged_decode_kernel(q_rot, kv[i], tables, lens, self.scale, q)  # -> attn (n, heads * d)
-            _matmul(layer["o"], attn, x)
+            _matmul(layer, "o", attn, x, self.max_rows)
             _add_rms_norm(x, res, layer["post_norm"], self.eps, h)
-            _matmul(layer["gate_up"], h, buf["gate_up"])
+            _matmul(layer, "gate_up", h, buf["gate_up"], self.max_rows)
             _silu_mul(buf["gate_up"], buf["act"])
-            _matmul(layer["down"], buf["act"], x)
+            _matmul(layer, "down", buf["act"], x, self.max_rows)
         out = np.empty_like(h)
         _add_rms_norm(x, res, self.final_norm, self.eps, out)
         return torch.from_numpy(out)
