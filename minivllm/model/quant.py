@@ -9,8 +9,9 @@ MKL's fp32 GEMM runs at only ~12-20 GFLOP/s on the course's AMD CPUs at batch 32
   large batches). Each weight keeps the block form only if it gives the weight back exactly (so a bf16
   checkpoint's weights stay fp16, never re-quantized); the embedded model's do, bit for bit, so its logits are
   fp32's to ~1e-5. A q4 model also gets a :class:`~minivllm.model.q4_decode.BlockDecoder`, which runs a whole
-  decode step as numba calls (``Qwen3ForCausalLM.forward`` hands it those steps): 2-3x the module path at batch
-  1, since there the ~30 small torch ops per layer cost as much as the matmuls (bench/results/14_cpu_fast.json).
+  decode step of any batch as numba calls, its matmuls fbgemm's past ``max_rows`` rows (``Qwen3ForCausalLM.forward``
+  hands it those steps): 2-3x the module path at batch 1 and ~1.3-1.5x at 8-32 chats, since the ~30 small torch
+  ops per layer cost as much as the matmuls there (bench/results/14_cpu_fast.json).
 * :class:`Fp16Linear` (``"fp16"``): weights stored as fp16 (half the bytes), activations and accumulation fp32
   (fbgemm). The GGUF's Q4_1/Q8_0 values are exact in a few bits, so the results differ from fp32 by ~2e-4
   relative. Measured (2 cores, 30 layers' weights cycled so they come from memory): 2-2.5x fp32 at batch 1,
