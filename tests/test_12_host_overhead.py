@@ -119,7 +119,8 @@ def test_a_final_only_request_reports_once_with_what_a_streamed_one_reports_at_t
     engine.tokenizer = engine.processor.tokenizer = engine.inputs.tokenizer = _byte_tokenizer()
     kinds = {}
     for i in range(6):  # the same three prompts and seeds, each once per mode, in one batch
-        params = SamplingParams(temperature=1.0, seed=i % 3, max_tokens=10 + 7 * (i % 3), ignore_eos=True, stop=["\x85"])
+        params = SamplingParams(temperature=1.0, seed=i % 3, max_tokens=10 + 7 * (i % 3), ignore_eos=True,
+                                stop=["\x85"])
         kinds[engine.add_request([200 + i % 3, 201, 7], params, final_only=i >= 3)] = (i % 3, i >= 3)
     reports, finals = {rid: 0 for rid in kinds}, {}
     while engine.has_unfinished_requests():

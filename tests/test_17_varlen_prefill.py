@@ -38,7 +38,8 @@ def _step(seed, prefills, *, decodes=0, q_heads=4, kv_heads=2, dim=32, block_siz
     v = torch.randn(tokens, kv_heads, dim, generator=g).to(dtype).to(device)
     meta = pa.PagedAttentionMetadata(
         kv_cache=SimpleNamespace(kv=[kv]), slot_mapping=torch.tensor(slots, device=device),
-        block_tables=tables.to(device), context_lens=torch.tensor([c for _, c in seqs], dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        context_lens=torch.tensor([c for _, c in seqs], dtype=torch.int32, device=device),
         num_decodes=decodes, max_context_len=max(c for _, c in seqs),
         query_lens=[n for n, _ in prefills], prefill_context_lens=[c for _, c in prefills])
     return q, k, v, meta
