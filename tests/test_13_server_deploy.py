@@ -182,6 +182,10 @@ def test_shutdown_ends_streams_with_abort_and_answers_waiting_requests_with_json
     long = _body(max_tokens=200, ignore_eos=True, logprobs=0)
     with ThreadPoolExecutor(2) as pool:
         waiting = pool.submit(httpx.post, server.url + "/v1/completions", json=long, timeout=60)
+        deadline = time.monotonic() + 30
+        while app.state.front.num_in_flight < 1:  # NOTE: in the server before it stops, not refused at the door
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         lines: list[str] = []
         with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True, "n": 2},
                           timeout=60) as response:
