@@ -123,12 +123,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = quantize_model(load_model(source, device=config.torch_device, **dtype),
                            config.quantization_method)  # the engine's rule: fp16 linears on a CPU by default
     load_seconds = time.perf_counter() - start
-    if args.raw:
-        prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt_ids = _prompt_ids(tokenizer, args)
     out = GenerationOutput([], "length", len(prompt_ids))
     text = tokenizer.detokenizer()
     for token_id in stream(model, prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -145,6 +140,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_ids(tokenizer, args: argparse.Namespace) -> list[int]:
+    """``generate``'s prompt as token ids: the text as is (``--raw``), else a chat turn (with ``--system``)."""
+    if args.raw:
+        return tokenizer.encode(args.prompt, add_special_tokens=True)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": args.prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
 def _generate_with_engine(args: argparse.Namespace) -> int:
     """``generate`` through the engine (``LLM``): what tensor parallelism needs (the plain path is one model)."""
     from minivllm.llm import LLM
@@ -155,12 +159,7 @@ def _generate_with_engine(args: argparse.Namespace) -> int:
              tensor_parallel_size=args.tensor_parallel_size, seed=args.seed or 0) as llm:
         load_seconds = time.perf_counter() - start
         tokenizer = llm.tokenizer
-        if args.raw:
-            prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=True)
-        else:
-            messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                       [{"role": "user", "content": args.prompt}]
-            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt_ids = _prompt_ids(tokenizer, args)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
         start = time.perf_counter()
         for piece in llm.stream(prompt_ids, params):

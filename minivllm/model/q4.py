@@ -61,9 +61,9 @@ FASTMATH = {"contract", "nnan", "ninf", "nsz", "arcp", "afn"}
 
 # the quantizers: no reassociation either (the error check is exact arithmetic); a tile's block (TILE rows x 32) is
 # copied lanes-last, then quantized vectorized over the lanes. One thread: ~0.3 s for the default model's layers,
-# where two threads on two busy cores took ~3 s (each tile's parallel region waits for a descheduled thread). The error they return is a block's
-# largest |dequantized - w| beyond fp32 rounding (ROUNDING x the block's largest |w|), in units of its step: 0 for
-# a weight that was these blocks, up to 0.5 for any other
+# where two threads on two busy cores took ~3 s (each tile's parallel region waits for a descheduled thread). The
+# error they return is a block's largest |dequantized - w| beyond fp32 rounding (ROUNDING x the block's largest
+# |w|), in units of its step: 0 for a weight that was these blocks, up to 0.5 for any other
 ROUNDING = _f32(4 * 2.0**-24)
 
 
