@@ -13,8 +13,9 @@ the CPU, ``--batch`` sequences whose prompts of ~``--context`` tokens are prefil
 decode-only steps are timed. Each step is split into the phases of :meth:`LLMEngine.step
 <minivllm.engine.LLMEngine.step>`:
 
-* ``schedule``: the scheduler's plan and the step's flat arrays (``Scheduler.schedule``);
-* ``inputs``: the runner's input tensors and attention metadata (``ModelRunner.execute`` minus the model);
+* ``schedule``: the scheduler's plan and the step's flat arrays (``Scheduler.schedule``, or ``schedule_ahead``);
+* ``inputs``: the runner's input tensors and attention metadata (``ModelRunner.prepare`` and ``launch`` minus the
+  model);
 * ``forward``: the model's forward pass and logits -- the tiny model on a CPU, *not* a GPU's forward:
   reported apart, and left out of the host time;
 * ``sampling_batch``: the sampler's per-row parameter tensors (``OutputProcessor.sampling_batch``);
@@ -29,6 +30,10 @@ as well as wall time, and steps are summarized by their median; the load average
 With ``--device cuda`` the same model runs in bf16 with CUDA graphs, and every phase is bracketed by a device
 synchronize, so ``forward`` is the graph replay's GPU time and ``host`` what the GPU would wait for if nothing
 overlapped; read the wall times there (a synchronize spins, so CPU time counts the waiting).
+
+With ``--overlap`` the engine runs its overlapped loop (``async_scheduling=True``): each call plans and prepares
+step N+1, queues N's sampler and N+1's forward pass, then post-processes N. On a CPU nothing runs concurrently, so
+the phases add up as before; on a GPU every phase but the launches runs while the device computes the next step.
 
 Writes ``bench/results/17_host_overhead_<device>.json`` (one entry per ``--label``). Left out: prefill and
 mixed steps, structured output.
@@ -109,7 +114,9 @@ class TimedSampler:
 def instrument(engine: LLMEngine, clock: Clock) -> None:
     """Time each phase of ``engine.step`` (instance attributes shadow the methods; the engine is not changed)."""
     engine.scheduler.schedule = clock.wrap("schedule", engine.scheduler.schedule)
-    engine.runner.execute = clock.wrap("execute", engine.runner.execute)
+    engine.scheduler.schedule_ahead = clock.wrap("schedule", engine.scheduler.schedule_ahead)  # the overlapped loop
+    engine.runner.prepare = clock.wrap("prepare", engine.runner.prepare)  # execute() = launch(prepare(plan))
+    engine.runner.launch = clock.wrap("launch", engine.runner.launch)
     engine.runner.model = TimedModel(engine.runner.model, clock)
     for graph in engine.runner.graphs.values():  # on a GPU a decode step replays a captured graph instead
         graph.replay = clock.wrap("forward", graph.replay)
@@ -123,7 +130,7 @@ def build_engine(args, device: torch.device) -> LLMEngine:
     engine = LLMEngine(model=TINY, device=device.type, dtype="float32" if device.type == "cpu" else "bfloat16",
                        max_model_len=args.context + args.context // 16 + max_tokens(args),
                        max_num_seqs=args.batch, max_num_batched_tokens=8192, gpu_memory_utilization=0.5,
-                       kv_cache_memory=2**30)
+                       kv_cache_memory=2**30, async_scheduling=args.overlap)
     if args.tokenizer != "none":  # the random model has no tokenizer: lend one, so outputs are detokenized
         from minivllm.tokenizer import Tokenizer
 
@@ -191,8 +198,8 @@ def run(args) -> dict:
         rec = engine.step_log[-1]
         assert rec.num_prefill_tokens == 0 and rec.num_decode_tokens == args.batch, f"not a full decode step: {rec}"
         s = clock.step
-        execute, forward = s.pop("execute"), s.setdefault("forward", [0.0, 0.0])
-        s["inputs"] = [execute[i] - forward[i] for i in (0, 1)]
+        prepare, launch, forward = s.pop("prepare"), s.pop("launch"), s.setdefault("forward", [0.0, 0.0])
+        s["inputs"] = [prepare[i] + launch[i] - forward[i] for i in (0, 1)]
         s["host"] = [s["step"][i] - s["forward"][i] for i in (0, 1)]
         steps.append(s)
     load.append(round(os.getloadavg()[0], 2))
@@ -203,7 +210,7 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(), "load_avg_1min": {"start": load[0], "end": load[1]},
         "workload": {"batch": args.batch, "context_mean": round(statistics.fmean(contexts), 1),
                      "context_min": min(contexts), "context_max": max(contexts), "sampling": args.sampling,
-                     "final_only": args.final_only,
+                     "final_only": args.final_only, "async_scheduling": args.overlap,
                      "tokenizer": args.tokenizer, "timed_steps": args.steps, "prefill_seconds": round(prefill_s, 2)},
         "cpu_ms_per_step": summarize(steps, 0), "wall_ms_per_step": summarize(steps, 1),
     }
@@ -228,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, help="print cProfile's top N functions of the timed steps")
     p.add_argument("--final-only", action="store_true",
                    help="requests report only when they finish (LLM.generate's mode), not after every step")
+    p.add_argument("--overlap", action="store_true",
+                   help="the engine's overlapped loop (async_scheduling=True): step N+1 planned ahead of step N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

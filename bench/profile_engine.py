@@ -3,7 +3,7 @@
     python -m bench.profile_engine [--batch 256] [--context 800]
 
 Qwen3-0.6B shapes, random bf16 weights. Prints milliseconds per step for schedule / execute (inputs +
-graph replay, synchronized) / sample / postprocess / outputs, then the top kernels of three replayed steps.
+graph replay, synchronized: prepare + launch) / sample / postprocess / outputs, then the top kernels of three replayed steps.
 """
 
 import argparse
@@ -47,7 +47,7 @@ def main() -> None:
             return r
         setattr(obj, name, g)
 
-    for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "execute"), (engine.runner, "_replay"),
+    for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "prepare"), (engine.runner, "launch"),
                       (engine, "sample"), (engine.scheduler, "postprocess"), (engine.processor, "process")):
         timed(obj, name)
     steps = 30

@@ -222,6 +222,8 @@ def run(args: argparse.Namespace) -> dict:
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     if args.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    if args.async_scheduling:
+        options["async_scheduling"] = True
     start = time.perf_counter()
     llm = LLM(**engine_config(name, mc, device, **options))
     if hf is not None and mc is not None:
@@ -273,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine: GPU 256, CPU 64")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: GPU 8192, CPU 2048")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--async-scheduling", action="store_true", help="engine: the overlapped loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p

@@ -3,13 +3,16 @@
 A neutral module: the scheduler builds a :class:`SchedulerOutput`, the runner turns it into tensors,
 the output processor reads which rows were sampled. None of them imports another for it.
 
-Rows of the flattened arrays follow ``scheduled``: decodes first (one token each), then prefill chunks.
+Rows of the flattened arrays follow ``scheduled``: decodes first (one token each), then prefill chunks. The
+arrays are Python lists, or numpy arrays in a steady decode step (the scheduler's fast path, ``decode_batch``).
 Block tables are the sequences' live tables, not copies: read them before the next ``schedule()``. While a
 sequence runs its table only grows in place (blocks appended); released and admitted again, it gets a new
 list. The runner's persistent block-table rows (``minivllm.runner.BlockTableRows``) rely on both.
 """
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from minivllm.sequence import Sequence
 
@@ -38,6 +41,12 @@ class SchedulerOutput:
     sample_indices: list[int] = field(default_factory=list)  # flat rows whose logits are sampled
     preempted: list[int] = field(default_factory=list)  # seq ids preempted while scheduling this step
     finished: list[int] = field(default_factory=list)  # seq ids finished ("length"): the cache cannot hold them
+    ended: list[Sequence] = field(default_factory=list)  # filled by Scheduler.postprocess: the sequences it ended
+    dropped: int = 0  # filled by Scheduler.postprocess: sampled rows whose sequence had already ended (not appended)
+    decode_batch: int | None = None  # a steady decode step (Scheduler's fast path): its batch's id, else None
+    pending_inputs: np.ndarray | None = None  # planned ahead: row i's input is the previous step's sampled row
+    #   pending_inputs[i], not known when planned (input_ids holds -1 there; Scheduler.schedule_ahead)
+    _num_decodes: int | None = None  # counted once (the runner, the sampler and the step log all ask)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -45,15 +54,17 @@ class SchedulerOutput:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for s in self.scheduled if not s.is_prefill)
+        if self._num_decodes is None:
+            self._num_decodes = sum(1 for s in self.scheduled if not s.is_prefill)
+        return self._num_decodes
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled if not s.is_prefill)
+        return self.num_decodes  # a decode computes one token
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled if s.is_prefill)
+        return self.num_batched_tokens - self.num_decodes
 
     @property
     def sampled_seqs(self) -> list[Sequence]:

@@ -86,6 +86,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto": the fastest correct one per phase; "numba": our kernels; "torch"
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
+    async_scheduling: bool = False  # overlap: plan and prepare decode step N+1 while step N runs, output
+    #                                 processing behind the device too (LLMEngine's docstring; not with tensor
+    #                                 parallelism). vLLM's --async-scheduling. Off by default: not yet measured on a GPU
     # the course: True (or a workspace folder) builds the engine from the learner's passed components
     learner: bool | str | Path = False  # see minivllm.learner; default folder notebooks/workspace
     # tensor parallelism (minivllm.distributed): the model's heads, MLP and vocabulary split over this many ranks,
@@ -119,6 +122,9 @@ class EngineConfig:
             if device.type not in ("cuda", "cpu"):
                 raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
         self._check_tensor_parallel()
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling does not work with tensor_parallel_size > 1 yet (the workers would "
+                             "need the sampled tokens of the step before)")
         if self.torch_device.type == "cuda":  # one clear message for a GPU without bf16 (a T4, a V100)
             from kernels._env import check_gpu_supported
 

@@ -449,6 +449,7 @@ class _Recorder:
     """A stand-in engine whose components record every call and answer with fresh tokens (no model)."""
 
     learner_step = None  # the package's LLMEngine.step runs its own moves on it
+    overlap = False  # its plain loop (the five moves), not the overlapped one
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []

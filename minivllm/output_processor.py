@@ -11,6 +11,7 @@ it is advanced here by each new token, and a complete grammar ends the sequence 
 Left out: prompt logprobs, beam search, and detokenizing on a thread of its own.
 """
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -60,6 +61,7 @@ class _Sample:
     logprobs: list[dict[int, float]] | None = None
     matcher: GrammarMatcher | None = None  # structured output: the grammar's state after num_accepted tokens
     num_accepted: int = 0
+    quiet: bool = False  # nothing to do per step: reported once, with no stop strings, logprobs or grammar
 
 
 @dataclass(slots=True, eq=False)
@@ -92,6 +94,7 @@ class OutputProcessor:
         self._grammars: GrammarCompiler | None = None  # built at the first structured-output request
         self._sampling_batch: tuple[list[Sequence], torch.device, SamplingBatch] | None = None  # the last reusable one
         self._texts: dict[int, str] = {}  # token id -> its text alone, when its bytes are whole UTF-8 (_detokenize)
+        self._busy: tuple[int, list[int], list] | None = None  # (decode batch id, busy rows, step-log rows)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "prefill_tokens_computed": 0,
                       "cached_prompt_tokens": 0, "requests_finished": 0}
 
@@ -108,7 +111,8 @@ class OutputProcessor:
                 index=index, seq=Sequence(seq_id, ids, p), generator=None if p.greedy else make_generator(p.seed),
                 detokenizer=detok, stop=self.stop_checker(p.stop, p.include_stop_str_in_output),
                 logprobs=[] if p.logprobs is not None else None,
-                matcher=self._grammars.matcher(grammar) if grammar is not None else None))
+                matcher=self._grammars.matcher(grammar) if grammar is not None else None,
+                quiet=final_only and not p.stop and p.logprobs is None and grammar is None))
         for sample in request.samples:
             self._by_seq[sample.seq.seq_id] = (request, sample)
         self.requests[request_id] = request
@@ -126,7 +130,8 @@ class OutputProcessor:
             return []
         rows = []
         for row, seq in enumerate(seqs):
-            matcher = self._by_seq[seq.seq_id][1].matcher
+            entry = self._by_seq.get(seq.seq_id)  # NOTE: none for a row the overlapped loop computes in vain
+            matcher = entry[1].matcher if entry is not None else None
             if matcher is not None:
                 rows.append((row, matcher))
         return rows
@@ -152,28 +157,47 @@ class OutputProcessor:
         batch = SamplingBatch.from_requests(
             [s.sampling_params for s in seqs], output_token_ids=[s.output_token_ids for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
-            generators=[self._by_seq[s.seq_id][1].generator for s in seqs],
+            generators=[self._generator(s) for s in seqs],
             eos_token_ids=self.eos_token_ids, device=device)
         reusable = batch.penalties is None and batch.banned is None
         self._sampling_batch = (list(seqs), device, batch) if reusable else None
         return batch
 
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        entry = self._by_seq.get(seq.seq_id)
+        if entry is not None:
+            return entry[1].generator
+        # a finished request's wasted row (the overlapped loop): its draw is dropped, any generator will do
+        p = seq.sampling_params
+        return make_generator(p.seed) if p.seed is not None and not p.greedy else None
+
     # ------------------------------------------------------------------ after a step
     def process(self, plan: SchedulerOutput, sampled: SampledTokens, start: float,
                 graph: bool = False) -> list[RequestOutput]:
         """Text, stop strings, logprobs, metrics and the step record; an output per request that progressed
-        (a ``final_only`` request: only when it finishes)."""
+        (a ``final_only`` request: only when it finishes).
+
+        A steady decode step (``plan.decode_batch``) visits only the rows with work every step -- a sample that
+        streams, has stop strings, logprobs or a grammar -- and the sequences ``postprocess`` ended
+        (``plan.ended``). The others (``LLM.generate``'s requests) are detokenized when they finish."""
         now = time.monotonic()
         touched: dict[str, _Request] = {}
         for seq_id in plan.finished:  # the cache could not hold them any longer
             if seq_id in self._by_seq:
                 request = self._by_seq[seq_id][0]
                 touched[request.request_id] = request
-        row = -1
-        for e in plan.scheduled:
+        if plan.decode_batch is None:
+            rows = zip(plan.scheduled, itertools.accumulate(e.needs_sample for e in plan.scheduled))
+        else:
+            scheduled = plan.scheduled
+            rows = ((scheduled[i], i + 1) for i in self._busy_rows(plan))
+            for seq in plan.ended:
+                entry = self._by_seq.get(seq.seq_id)
+                if entry is not None:
+                    entry[0].metrics.last_token_time = now
+                    touched[entry[0].request_id] = entry[0]
+        for e, sampled_rows in rows:
             seq = e.seq
-            if e.needs_sample:
-                row += 1
             entry = self._by_seq.get(seq.seq_id)
             if entry is None:
                 continue  # aborted since the step was planned
@@ -190,12 +214,22 @@ class OutputProcessor:
                 m.first_token_time = now
             m.last_token_time = now
             if sample.logprobs is not None:
-                self._record_logprobs(sample, sampled, row)
+                self._record_logprobs(sample, sampled, sampled_rows - 1)
             if sample.matcher is not None:
                 self._advance_grammar(sample)
-            self._detokenize(sample)
+            if not sample.quiet:  # NOTE: a quiet sample's text is made when it is reported (output)
+                self._detokenize(sample)
         self._log(plan, sampled, start, graph)
         return [self._finish_or_keep(r) for r in touched.values() if not r.final_only or r.finished]
+
+    def _busy_rows(self, plan: SchedulerOutput) -> list[int]:
+        """The rows of a steady decode batch whose samples need work every step (cached per batch)."""
+        if self._busy is None or self._busy[0] != plan.decode_batch:
+            rows = [i for i, e in enumerate(plan.scheduled)
+                    if (entry := self._by_seq.get(e.seq.seq_id)) is not None and not entry[1].quiet]
+            steps = [(e.seq.seq_id, 1, False) for e in plan.scheduled]
+            self._busy = (plan.decode_batch, rows, steps)
+        return self._busy[1]
 
     def _record_logprobs(self, sample: _Sample, sampled: SampledTokens, row: int) -> None:
         k = sample.seq.sampling_params.logprobs
@@ -238,16 +272,18 @@ class OutputProcessor:
 
     def _log(self, plan: SchedulerOutput, sampled: SampledTokens, start: float, graph: bool) -> None:
         # prompt tokens the prefix cache served: counted at each admission's first chunk
-        cached = sum(e.start for e in plan.scheduled if e.start and e.start == e.seq.num_cached_tokens)
+        steady = plan.decode_batch is not None and self._busy is not None and self._busy[0] == plan.decode_batch
+        cached = 0 if steady else sum(e.start for e in plan.scheduled if e.start and e.start == e.seq.num_cached_tokens)
         prefill = plan.num_prefill_tokens
-        self.stats["generation_tokens"] += len(sampled.token_ids)
+        self.stats["generation_tokens"] += len(sampled.token_ids) - plan.dropped
         self.stats["prefill_tokens_computed"] += prefill
         self.stats["cached_prompt_tokens"] += cached
         sched = self.scheduler
         self.step_log.append(StepRecord(
             step=plan.step, start=start, end=time.monotonic(), num_decode_tokens=plan.num_decode_tokens,
             num_prefill_tokens=prefill, num_cached_prefill_tokens=cached,
-            seqs=[(e.seq.seq_id, e.num_new_tokens, e.is_prefill) for e in plan.scheduled], preempted=plan.preempted,
+            seqs=self._busy[2] if steady else [(e.seq.seq_id, e.num_new_tokens, e.is_prefill) for e in plan.scheduled],
+            preempted=plan.preempted,
             num_running=len(sched.running), num_waiting=len(sched.waiting), kv_blocks_used=sched.num_blocks_used,
             graph=graph))
 
@@ -268,6 +304,8 @@ class OutputProcessor:
             seq, stop = s.seq, s.stop
             finished = finished and seq.is_finished
             reason = seq.finish_reason.value if seq.finish_reason is not None else None
+            if s.num_decoded < seq.num_output_tokens and not stop.stopped:
+                self._detokenize(s)  # a quiet sample's tokens, all at once
             if reason is not None and s.detokenizer is not None and not stop.stopped:
                 tail = s.detokenizer.flush()  # the request ended otherwise: held-back text is final
                 s.delta_text += (stop.push(tail, check=False) if tail else "") + stop.flush()

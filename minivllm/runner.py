@@ -18,8 +18,12 @@ Inputs are built with little per-step host work: the block tables live in one ar
 sequence (:class:`BlockTableRows`: a step writes only the blocks a table gained), the flat lists become numpy
 arrays in one C call each, and on a GPU they go through pinned buffers kept between steps (asynchronous copies).
 
-Left out: overlapping the next step's scheduling with this step's GPU work, piecewise graphs for
-prefill, and multi-GPU.
+A step is prepared (:meth:`ModelRunner.prepare`: inputs staged, copies queued) and then launched
+(:meth:`ModelRunner.launch`); ``execute`` does both. The engine's overlapped loop (``async_scheduling=True``)
+prepares step N+1 while step N runs, and launches it with input tokens that are still on the device (step N's
+sampled tokens).
+
+Left out: piecewise graphs for prefill, and multi-GPU.
 """
 
 from dataclasses import dataclass
@@ -58,13 +62,17 @@ class BlockTableRows:
     again) has its row rewritten; one that left the batch gives its row back.
     """
 
-    def __init__(self, width: int, rows: int = 64) -> None:
+    def __init__(self, width: int, rows: int = 64, block_size: int = 16) -> None:
         self.array = np.full((rows, width), PAD_BLOCK, dtype=np.int32)
         self.rows: dict[Sequence, _Row] = {}
         self.free = list(range(rows - 1, -1, -1))
+        self.block_size = block_size
+        self.batch: tuple[int, list[int], int] | None = None  # (decode batch id, row index, width) of the last step
 
     def gather(self, out: SchedulerOutput) -> np.ndarray:
         """(sequences, longest table) int32: the step's tables in ``out.scheduled`` order."""
+        if out.decode_batch is not None and self.batch is not None and self.batch[0] == out.decode_batch:
+            return self._gather_steady(out)
         rows, index = self.rows, []
         for e, table in zip(out.scheduled, out.block_tables):
             row = rows.get(e.seq)
@@ -75,7 +83,22 @@ class BlockTableRows:
             live = {e.seq for e in out.scheduled}
             for seq in [s for s in rows if s not in live]:
                 self._release(seq)
-        return self.array[index, : max(map(len, out.block_tables))]
+        width = max(map(len, out.block_tables))
+        self.batch = (out.decode_batch, index, width) if out.decode_batch is not None else None
+        return self.array[index, :width]
+
+    def _gather_steady(self, out: SchedulerOutput) -> np.ndarray:
+        """The same decode batch as the last step: only a sequence whose next position starts a block can have
+        gained one (the scheduler's fast path grows no other table)."""
+        _, index, width = self.batch
+        for r in np.flatnonzero(out.positions % self.block_size == 0).tolist():
+            seq, table = out.scheduled[r].seq, out.block_tables[r]
+            row = self.rows[seq]
+            if row.written != len(table):
+                self._update(seq, table, row)
+                width = max(width, len(table))
+        self.batch = (out.decode_batch, index, width)
+        return self.array[index, :width]
 
     def _update(self, seq: Sequence, table: list[int], row: _Row | None) -> _Row:
         """Write the blocks ``table`` gained since the row last saw it (all of them, for a new row)."""
@@ -99,6 +122,18 @@ class BlockTableRows:
         self.free.append(row.index)
 
 
+@dataclass(slots=True)
+class PreparedStep:
+    """A step whose inputs are on their way to the device (:meth:`ModelRunner.prepare`), to be launched."""
+
+    out: SchedulerOutput
+    graph: bool  # replays a captured graph (its inputs are in the static buffers)
+    input_ids: torch.Tensor | None = None  # eager: the device tensors
+    positions: torch.Tensor | None = None
+    meta: PagedAttentionMetadata | None = None
+    rows: torch.Tensor | None = None  # the hidden rows to sample (None: all of them, in order)
+
+
 class ModelRunner:
     def __init__(self, model: Qwen3ForCausalLM, kv_cache: PagedKVCache, *, max_model_len: int,
                  attention_backend: str = "auto", use_cuda_graphs: bool = True, cuda_graph_max_batch: int = 256):
@@ -109,7 +144,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = cdiv(max_model_len, self.block_size)  # block-table width
         self.backend = attention_backend
-        self.tables = BlockTableRows(self.max_blocks)
+        self.tables = BlockTableRows(self.max_blocks, block_size=self.block_size)
         self.pinned: dict[str, torch.Tensor] = {}  # GPU: host staging buffers (_stage)
         self.copied = torch.cuda.Event() if self.device.type == "cuda" else None  # the last step's copies are done
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -118,18 +153,29 @@ class ModelRunner:
         if use_cuda_graphs and self.device.type == "cuda":
             self.capture(cuda_graph_max_batch)
 
-    # ------------------------------------------------------------------ eager
+    # ------------------------------------------------------------------ a step
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Run one planned step; returns float logits (len(out.sample_indices), vocab), None for an empty step."""
+    def execute(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run one planned step; returns float logits (len(out.sample_indices), vocab), None for an empty step.
+
+        ``input_ids``: the step's tokens already on the device (a step planned ahead, ``out.pending_inputs``)."""
+        return self.launch(self.prepare(out), input_ids)
+
+    @torch.inference_mode()
+    def prepare(self, out: SchedulerOutput) -> "PreparedStep | None":
+        """The step's inputs on their way to the device (copies queued), everything but launching the model: the
+        engine's overlapped loop prepares step N+1 before it queues step N's sampler. None for an empty step."""
         num_seqs, num_decodes = len(out.scheduled), out.num_decodes
-        self.last_step_graph = num_decodes == num_seqs and 0 < num_seqs <= self.graph_batch
+        graph = num_decodes == num_seqs and 0 < num_seqs <= self.graph_batch
+        self.last_step_graph = graph
         if not num_seqs:
             return None
         self._wait_for_copies()
         tables = self.tables.gather(out)
-        if self.last_step_graph:
-            return self._replay(out, tables)
+        staged_ids = out.pending_inputs is None
+        if graph:
+            self._fill_static(out, tables, staged_ids)
+            return PreparedStep(out, True)
         dev = self.device
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
@@ -137,19 +183,42 @@ class ModelRunner:
             block_tables=self._stage("block_tables", tables, np.int32).to(dev, non_blocking=True),
             context_lens=self._stage("context_lens", out.seq_lens, np.int32).to(dev, non_blocking=True),
             num_decodes=num_decodes,
-            max_context_len=max(out.seq_lens),
+            max_context_len=int(np.max(out.seq_lens)),
             query_lens=[e.num_new_tokens for e in out.scheduled[num_decodes:]],
             prefill_context_lens=out.seq_lens[num_decodes:],
             backend=self.backend,
         )
-        input_ids = self._stage("input_ids", out.input_ids, np.int64).to(dev, non_blocking=True)
+        input_ids = self._stage("input_ids", out.input_ids, np.int64).to(dev, non_blocking=True) if staged_ids else None
         positions = self._stage("positions", out.positions, np.int64).to(dev, non_blocking=True)
         rows = None
         if len(out.sample_indices) != len(out.input_ids):  # NOTE: else every row is sampled, in order
             rows = self._stage("sample_indices", out.sample_indices, np.int64).to(dev, non_blocking=True)
         self._copies_queued()
-        hidden = self.model(input_ids, positions, meta)  # (tokens, hidden)
-        return self.model.compute_logits(hidden if rows is None else hidden[rows]).float()
+        return PreparedStep(out, False, input_ids, positions, meta, rows)
+
+    @torch.inference_mode()
+    def launch(self, step: "PreparedStep | None", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Queue the prepared step's forward pass (a graph replay or eager ops); returns its float logits."""
+        if step is None:
+            return None
+        if (input_ids is None) != (step.out.pending_inputs is None):
+            raise ValueError("a step planned ahead needs its input_ids on the device, and only such a step takes them")
+        if step.graph:
+            n = len(step.out.scheduled)
+            b = self._bucket(n)
+            if input_ids is not None:
+                self.static["input_ids"][:n].copy_(input_ids)
+            self.graphs[b].replay()
+            return self.static_logits[b][:n].float()
+        input_ids = step.input_ids if input_ids is None else input_ids
+        hidden = self.model(input_ids, step.positions, step.meta)  # (tokens, hidden)
+        return self.model.compute_logits(hidden if step.rows is None else hidden[step.rows]).float()
+
+    def to_device(self, name: str, values, dtype) -> torch.Tensor:
+        """A host array on the runner's device, copied asynchronously through the pinned buffer ``name``."""
+        tensor = self._stage(name, values, dtype).to(self.device, non_blocking=True)
+        self._copies_queued()
+        return tensor
 
     def _stage(self, name: str, values, dtype) -> torch.Tensor:
         """``values`` (a list or an array) as a host tensor: on a CPU it is the input itself; on a GPU it is
@@ -209,22 +278,26 @@ class ModelRunner:
         torch.cuda.synchronize()
         self.graph_batch = max_batch
 
-    def _replay(self, out: SchedulerOutput, tables: np.ndarray) -> torch.Tensor:
+    def _bucket(self, n: int) -> int:
+        return next(size for size in sorted(self.graphs) if size >= n)
+
+    def _fill_static(self, out: SchedulerOutput, tables: np.ndarray, with_ids: bool) -> None:
+        """Queue the copies of a decode step's inputs into the graphs' static buffers, padded to its bucket."""
         n = len(out.scheduled)
-        b = next(size for size in sorted(self.graphs) if size >= n)
-        pad = b - n  # padding rows: token 0 at position 0, slot -1 (nothing stored), context 1 in block 0
+        b = self._bucket(n)
+        # padding rows: token 0 at position 0, slot -1 (nothing stored), context 1 in block 0
         padded = self._padding_tables(b, tables.shape[1])
         padded[:n] = tables
         s = self.static
-        for name, values, fill, dtype in (("input_ids", out.input_ids, 0, np.int64),
+        for name, values, fill, dtype in (("input_ids", out.input_ids if with_ids else (), 0, np.int64),
                                           ("positions", out.positions, 0, np.int64),
                                           ("slot_mapping", out.slot_mapping, -1, np.int64),
                                           ("context_lens", out.seq_lens, 1, np.int32)):
-            s[name][:b].copy_(self._stage(name, values + [fill] * pad, dtype), non_blocking=True)
+            padded_values = np.full(b, fill, dtype=dtype)
+            padded_values[: len(values)] = values
+            s[name][:b].copy_(self._stage(name, padded_values, dtype), non_blocking=True)
         s["block_tables"][:b, : tables.shape[1]].copy_(self._stage("block_tables", padded, np.int32), non_blocking=True)
         self._copies_queued()
-        self.graphs[b].replay()
-        return self.static_logits[b][:n].float()
 
     @staticmethod
     def _padding_tables(rows: int, width: int, tables: list[list[int]] = ()) -> np.ndarray:

@@ -296,3 +296,74 @@ def prefix(result: dict) -> Figure:
     fig.text(0.5, 0.01, textwrap.fill(note, 130), ha="center", va="bottom", fontsize=8, color="#555555", gid="note")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
+
+
+# ----------------------------------------------------------------------------- the host behind the device
+HOST_PHASES = (("schedule", "schedule"), ("inputs", "inputs"), ("sampling_batch", "sampler batch"),
+               ("sampler", "sampler"), ("postprocess", "postprocess"), ("process", "outputs, text"))
+
+
+def overlap_timeline(host_ms: float, device_ms: float, steps: int = 4) -> Figure:
+    """Host and device lanes for ``steps`` decode steps, plain loop above, overlapped loop below.
+
+    Plain: the device computes step N, then waits while the host post-processes N and plans N+1. Overlapped: the
+    host plans and prepares N+1 while the device computes N; the device waits only when the host is slower."""
+    fig, axes = plt.subplots(2, 1, figsize=(10, 3.6), sharex=True)
+    plt.close(fig)
+    colors = [DECODE, PREFILL, "#59a14f", "#b07aa1"]
+    for ax, overlapped in ((axes[0], False), (axes[1], True)):
+        if overlapped:  # step 1 is planned before anything runs; then the host prepares N+1 while N runs
+            ax.barh(1, host_ms, left=0, color=colors[0], alpha=0.5, edgecolor="black", lw=0.5)
+        start, host_free = host_ms, host_ms  # when the device starts the step; when the host is free again
+        starts = []
+        for n in range(steps):
+            starts.append(start)
+            c = colors[n % len(colors)]
+            ax.barh(0, device_ms, left=start, color=c, edgecolor="black", lw=0.5)
+            ax.text(start + device_ms / 2, 0, f"step {n + 1}", ha="center", va="center", fontsize=8)
+            if not overlapped:  # host: N's outputs after N ran, then N+1's plan; the device waits meanwhile
+                ax.barh(1, host_ms, left=start + device_ms, color=c, alpha=0.5, edgecolor="black", lw=0.5)
+                start += device_ms + host_ms
+            else:  # host: N+1's plan and N's outputs, from when N was launched
+                h = max(host_free, start)
+                ax.barh(1, host_ms, left=h, color=colors[(n + 1) % len(colors)], alpha=0.5, edgecolor="black", lw=0.5)
+                host_free = h + host_ms
+                start = max(start + device_ms, host_free)
+        ax.set_yticks([0, 1], ["device", "host"])
+        per_step = (starts[-1] - starts[0]) / (steps - 1)  # from one step's start to the next
+        ax.set_title(("overlapped loop: the host works on step N+1 (and N's outputs) while the device runs N"
+                      if overlapped else "plain loop: the device waits while the host post-processes and plans")
+                     + f"  ->  {per_step:.1f} ms per step", fontsize=9, loc="left")
+        ax.set_ylim(-0.6, 1.6)
+    axes[1].set_xlabel(f"ms (illustrative: {host_ms:g} ms of host work and {device_ms:g} ms of device work per step)")
+    fig.tight_layout()
+    return fig
+
+
+def host_overhead(result: dict, labels: Sequence[tuple[str, str]]) -> Figure:
+    """Host milliseconds per decode step, phase by phase (stacked), for the ``bench.host_overhead`` runs named in
+    ``labels`` (``(run label, title)``), with the 1 ms target."""
+    runs = [(result["runs"][key], title) for key, title in labels if key in result["runs"]]
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(runs) + 1.8))
+    plt.close(fig)
+    colors = [DECODE, PREFILL, "#bab0ac", "#59a14f", "#edc948", "#b07aa1"]
+    names = [title for _, title in runs]
+    left = [0.0] * len(runs)
+    for (phase, label), color in zip(HOST_PHASES, colors):
+        values = [r["cpu_ms_per_step"][phase]["median"] for r, _ in runs]
+        ax.barh(names, values, left=left, color=color, label=label, edgecolor="white", lw=0.5)
+        left = [a + b for a, b in zip(left, values)]
+    for y, total in enumerate(left):
+        ax.text(total, y, f"  {total:.2f} ms", va="center", fontsize=9)
+    ax.axvline(1.0, color="black", ls="--", lw=1, label="target: 1 ms")
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(left) * 1.25)
+    ax.set_xlabel("host CPU ms per decode step (median), the forward pass left out")
+    ax.legend(fontsize=8, ncol=4, loc="lower right")
+    first = runs[0][0] if runs else {}
+    w = first.get("workload", {})
+    ax.set_title(f"batch {w.get('batch')}, context ~{w.get('context_mean', 0):.0f} tokens, tiny random model on one CPU "
+                 f"thread (host work does not depend on the model's size)\n`{result.get('meta', {}).get('command', '')}`",
+                 fontsize=9, loc="left")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,360 @@
+"""The host behind the device (issue 17): the steady-decode fast path and the overlapped loop, each against the
+plain definition it replaces.
+
+* ``Scheduler``'s fast path (a steady decode batch planned from arrays) against ``Scheduler.plan`` itself: every
+  field of every plan, every post-processing outcome, block tables and queues, on random workloads with chunked
+  prefill, prefix hits, preemption, EOS, stop tokens, ``max_tokens`` and aborts;
+* ``Scheduler.schedule_ahead`` (the next step planned before this one's tokens are known) against the plain loop:
+  the same tokens, finish reasons and free blocks, with the wasted rows of finished sequences dropped;
+* ``LLMEngine(async_scheduling=True)`` against the plain engine: the same tokens, text, finish reasons, logprobs
+  and token counts, for streamed and ``final_only`` requests, stop strings, ``n > 1``, penalties, ``min_tokens``,
+  seeded sampling, preemption, prefix hits and aborts in flight; and no KV block left behind.
+"""
+
+import random
+
+import numpy as np
+import pytest
+
+from bench.models import TINY
+from minivllm.engine import LLMEngine
+from minivllm.learner import WORKLOAD_EOS, Workload, random_workload, workload_token
+from minivllm.sampling_params import SamplingParams
+from minivllm.scheduler import Scheduler
+from minivllm.tokenizer import Tokenizer
+
+FIELDS = ("input_ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "sample_indices", "preempted",
+          "finished")
+
+
+class PlanOnly(Scheduler):
+    """The package's policy with the fast path off: overriding ``plan`` turns it off (as a learner's policy does)."""
+
+    def plan(self):
+        return super().plan()
+
+
+def decode_heavy_workload(seed: int) -> Workload:
+    """Few requests that decode for many steps (so the fast path runs, crossing blocks), some with stop tokens'
+    stand-in (EOS every few tokens: ``workload_token``), a KV pool that may run short."""
+    rng = random.Random(seed)
+    bs = rng.choice([2, 4, 8])
+    requests = []
+    for k in range(rng.randint(2, 7)):
+        prompt = [30 + k] * rng.randint(1, 3 * bs)
+        max_tokens = rng.choice([None, 3, 17, 40, 64]) if k else 64
+        requests.append((rng.randint(0, 10), k, tuple(prompt), max_tokens))
+    need = max(len(p) + (m - 1 if m else 64) for _, _, p, m in requests)
+    num_blocks = -(-need // bs) + rng.choice([0, 2, 8, 200])
+    return Workload(bs, num_blocks, rng.randint(8, 40), rng.randint(2, 6), rng.random() < 0.5, tuple(requests))
+
+
+def plans(a, b):
+    """Each field of two SchedulerOutputs, as lists (the fast path's are numpy arrays)."""
+    for name in FIELDS:
+        yield name, list(np.asarray(getattr(a, name)).tolist()), list(np.asarray(getattr(b, name)).tolist())
+
+
+def run_side_by_side(workload: Workload, seed: int, abort_rate: float = 0.0) -> int:
+    """The package's scheduler and ``PlanOnly`` on copies of ``workload``; asserts every plan and outcome match.
+    Returns how many steps took the fast path."""
+    fast, full = workload.scheduler(), workload.scheduler()
+    full.__class__ = PlanOnly
+    pending = list(zip(workload.sequences(), workload.sequences()))
+    rng, fast_steps = random.Random(seed), 0
+    for step in range(3000):
+        while pending and pending[0][0][0] <= step:
+            (_, s), (_, t) = pending.pop(0)
+            fast.add(s)
+            full.add(t)
+        if not fast.has_unfinished():
+            assert not full.has_unfinished()
+            if not pending:
+                return fast_steps
+            continue
+        if abort_rate and fast.running and rng.random() < abort_rate:  # an abort between two steps
+            k = rng.randrange(len(fast.running))
+            victim = fast.running[k].seq_id
+            fast.abort(victim)
+            full.abort(victim)
+        a, b = fast.schedule(), full.schedule()
+        fast_steps += a.decode_batch is not None
+        assert b.decode_batch is None, "a scheduler whose plan() is overridden took the fast path"
+        for name, x, y in plans(a, b):
+            assert x == y, f"step {step}: {name} {x} != {y}"
+        assert [(e.seq.seq_id, e.num_new_tokens, e.start, e.is_prefill, e.needs_sample) for e in a.scheduled] == \
+               [(e.seq.seq_id, e.num_new_tokens, e.start, e.is_prefill, e.needs_sample) for e in b.scheduled]
+        assert [list(t) for t in a.block_tables] == [list(t) for t in b.block_tables]
+        tokens = [workload_token(s) for s in a.sampled_seqs]
+        done_a, done_b = fast.postprocess(a, tokens), full.postprocess(b, tokens)
+        assert [(s.seq_id, s.finish_reason, s.stop_reason) for s in done_a] == \
+               [(s.seq_id, s.finish_reason, s.stop_reason) for s in done_b]
+        for name in ("running", "waiting"):
+            assert [s.seq_id for s in getattr(fast, name)] == [s.seq_id for s in getattr(full, name)]
+        assert [(s.num_computed_tokens, s.output_token_ids) for s in fast.running] == \
+               [(s.num_computed_tokens, s.output_token_ids) for s in full.running]
+        assert fast.num_blocks_used == full.num_blocks_used
+    raise AssertionError("the workload did not finish")
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fast_path_plans_what_plan_plans(seed):
+    fast_steps = run_side_by_side(decode_heavy_workload(seed), seed, abort_rate=0.05 if seed % 3 == 0 else 0.0)
+    run_side_by_side(random_workload(seed), seed)  # the schedule check's workloads: pressure, ties, tiny budgets
+    if seed % 10 == 0:
+        assert fast_steps > 0  # the comparison above is not vacuous
+
+
+def test_fast_path_is_taken_for_most_steady_steps():
+    w = Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * (5 + k), 50) for k in range(8)))
+    sched = w.scheduler()
+    for _, s in w.sequences():
+        sched.add(s)
+    kinds = []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        kinds.append(out.decode_batch is not None)
+        sched.postprocess(out, [1] * len(out.sample_indices))  # never EOS: all run to max_tokens
+    assert sum(kinds) >= len(kinds) - 3, kinds  # the first steps prefill and start the batch; then all fast
+
+
+def test_an_eos_among_the_fast_rows_ends_only_that_sequence():
+    w = Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * 3, 20) for k in range(4)))
+    sched = w.scheduler()
+    seqs = [s for _, s in w.sequences()]
+    for s in seqs:
+        sched.add(s)
+    for step in range(6):
+        out = sched.schedule()
+        sched.postprocess(out, [WORKLOAD_EOS if (step == 4 and e.seq is seqs[2]) else 5 for e in out.scheduled])
+    assert out.decode_batch is not None  # the EOS came in a fast step
+    assert seqs[2].is_finished and seqs[2].finish_reason.value == "stop" and seqs[2].output_token_ids[-1] == WORKLOAD_EOS
+    assert all(not s.is_finished for i, s in enumerate(seqs) if i != 2)
+    out = sched.schedule()  # the batch without it
+    assert [e.seq for e in out.scheduled] == [seqs[0], seqs[1], seqs[3]] and out.decode_batch is not None
+
+
+def loop_ahead(workload: Workload) -> tuple[dict[int, tuple], int]:
+    """The engine's overlapped loop at the scheduler's level: step N+1 planned ahead before N is post-processed,
+    its input tokens taken from N's sampled rows (``pending_inputs``). Checks that each row planned ahead was fed
+    its own sequence's latest token, and that no block is left behind."""
+    sched = workload.scheduler()
+    pending = workload.sequences()
+    seqs = {s.seq_id: s for _, s in pending}
+    inflight, ahead_steps = None, 0
+    for step in range(3000):
+        while pending and pending[0][0] <= step:
+            sched.add(pending.pop(0)[1])
+        if inflight is None:
+            if not sched.has_unfinished():
+                if not pending:
+                    break
+                continue
+            inflight = (sched.schedule(), None)
+        plan, fed = inflight
+        if fed is not None:  # planned ahead: each live row was fed its sequence's latest token
+            for e, token in zip(plan.scheduled, fed):
+                if e.seq.status.value == "running":
+                    assert token == e.seq.output_token_ids[-1]
+                    assert e.start == e.seq.num_computed_tokens == e.seq.num_tokens - 1
+        # "sample" N: the token the plain loop gets (a function of the sequence after N-1's token)
+        tokens = [workload_token(s) if s.status.value == "running" else -5 for s in plan.sampled_seqs]
+        ahead = sched.schedule_ahead(plan)
+        if ahead is not None:
+            ahead_steps += 1
+            assert (ahead.input_ids == -1).all()
+            inflight = (ahead, [tokens[i] for i in ahead.pending_inputs.tolist()])
+        else:
+            inflight = None
+        sched.postprocess(plan, tokens)
+    assert not sched.has_unfinished() and inflight is None
+    assert sched.allocator.num_free + (sched.cache.evictable_blocks if sched.cache else 0) == sched.allocator.num_blocks
+    return {i: (s.output_token_ids, s.finish_reason, s.stop_reason) for i, s in seqs.items()}, ahead_steps
+
+
+def loop_plain(workload: Workload) -> dict[int, tuple]:
+    sched = workload.scheduler()
+    pending = workload.sequences()
+    seqs = {s.seq_id: s for _, s in pending}
+    for step in range(3000):
+        while pending and pending[0][0] <= step:
+            sched.add(pending.pop(0)[1])
+        if not sched.has_unfinished() and not pending:
+            break
+        plan = sched.schedule()
+        sched.postprocess(plan, [workload_token(s) for s in plan.sampled_seqs])
+    return {i: (s.output_token_ids, s.finish_reason, s.stop_reason) for i, s in seqs.items()}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_planning_ahead_gives_the_plain_loops_sequences(seed):
+    w = decode_heavy_workload(seed)
+    ahead, ahead_steps = loop_ahead(w)
+    assert ahead == loop_plain(w)
+    if seed % 10 == 0:
+        assert ahead_steps > 0
+
+
+def test_a_step_planned_ahead_reads_each_sequences_latest_token():
+    """Row i of the step planned ahead is fed row ``pending_inputs[i]`` of the step before: that row's sequence."""
+    w = Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * 3, 30) for k in range(5)))
+    sched = w.scheduler()
+    seqs = [s for _, s in w.sequences()]
+    for s in seqs:
+        sched.add(s)
+    plan = sched.schedule()
+    sched.postprocess(plan, [1] * 5)
+    plan = sched.schedule()  # a full-path decode step: the batch starts here
+    sched.postprocess(plan, [2, WORKLOAD_EOS, 2, 2, 2])  # seqs[1] ends
+    assert seqs[1].is_finished
+    plan = sched.schedule()
+    ahead = sched.schedule_ahead(plan)
+    assert [e.seq for e in plan.scheduled] == [seqs[0], seqs[2], seqs[3], seqs[4]]
+    assert [e.seq for e in ahead.scheduled] == [e.seq for e in plan.scheduled]
+    assert ahead.pending_inputs.tolist() == [0, 1, 2, 3]
+    assert [e.start for e in ahead.scheduled] == [e.start + 1 for e in plan.scheduled]
+    sched.postprocess(plan, [3, 3, WORKLOAD_EOS, 3])  # N's token ends seqs[3]: N+1's row for it is wasted
+    assert seqs[3].is_finished
+    n_before = seqs[0].num_output_tokens
+    sched.postprocess(ahead, [4, 4, 4, 4])
+    assert ahead.dropped == 1 and seqs[3].output_token_ids == [1, 2, WORKLOAD_EOS]
+    assert seqs[0].num_output_tokens == n_before + 1
+    after = sched.schedule_ahead(ahead)  # not until it is planned from the latest step: ahead was post-processed
+    assert after is None
+    nxt = sched.schedule()
+    assert [e.seq for e in nxt.scheduled] == [seqs[0], seqs[2], seqs[4]] and nxt.input_ids.tolist() == [4, 4, 4]
+
+
+# ----------------------------------------------------------------------------- the engine
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_name("cl100k_base")
+
+
+def engine(tokenizer, overlap: bool, **kwargs) -> LLMEngine:
+    e = LLMEngine(model=TINY, device="cpu", dtype="float32", max_model_len=256, async_scheduling=overlap,
+                  **{"max_num_seqs": 6, **kwargs})
+    e.tokenizer = e.processor.tokenizer = e.inputs.tokenizer = tokenizer  # the random model has none: lend one
+    return e
+
+
+def requests(seed: int, stop_text: dict[int, str] | None = None):
+    """Varied requests: greedy, seeded random, penalties, min_tokens, logprobs, stop tokens, n = 2, final_only."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(14):
+        prompt = [rng.randrange(1, TINY.vocab_size) for _ in range(rng.randint(3, 70))]
+        if i % 4 == 1:
+            prompt = out[0][0][:30] + prompt[:5]  # a shared prefix: a radix-cache hit
+        kw = dict(max_tokens=rng.randint(1, 45))
+        kind = i % 7
+        if kind == 1:
+            kw |= dict(temperature=0.9, top_p=0.9, seed=100 + i)
+        elif kind == 2:
+            kw |= dict(temperature=0, presence_penalty=0.5, repetition_penalty=1.2)
+        elif kind == 3:
+            kw |= dict(temperature=0, min_tokens=5, stop_token_ids=[rng.randrange(TINY.vocab_size)])
+        elif kind == 4:
+            kw |= dict(temperature=0, logprobs=3)
+        elif kind == 5:
+            kw |= dict(temperature=0.8, seed=7 + i, n=2)
+        else:
+            kw |= dict(temperature=0)
+        if stop_text and i in stop_text:
+            kw["stop"] = [stop_text[i]]
+        out.append((prompt, SamplingParams(**kw), i % 2 == 0))
+    return out
+
+
+def drive(e: LLMEngine, reqs, abort_at: dict[int, int] | None = None) -> dict:
+    """Run every request to its end; returns request id -> (per sample: tokens, text, finish, stop, logprobs)."""
+    ids = [e.add_request(p, params, final_only=fo) for p, params, fo in reqs]
+    streamed: dict[str, list[str]] = {}
+    final = {}
+    step = 0
+    while e.has_unfinished_requests():
+        for rid in [r for r, at in (abort_at or {}).items() if at == step]:
+            out = e.abort(ids[rid])
+            if out is not None:
+                final[ids[rid]] = "aborted"
+        for out in e.step():
+            for c in out.outputs:
+                streamed.setdefault((out.request_id, c.index), []).append(c.delta_text)
+            if out.finished:
+                final[out.request_id] = [(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                                          [sorted(d) for d in c.logprobs] if c.logprobs is not None else None)
+                                         for c in out.outputs]
+                for c in out.outputs:  # a streamed request's deltas add up to its text
+                    if not reqs[ids.index(out.request_id)][2]:
+                        assert "".join(streamed[(out.request_id, c.index)]) == c.text
+        step += 1
+    e.check_no_leaks()
+    return final
+
+
+def test_overlapped_engine_gives_the_plain_engines_outputs(tokenizer):
+    plain = drive(engine(tokenizer, False), requests(0))
+    stop_text = {}
+    for i in (0, 3, 6):  # a stop string from the middle of what the plain engine wrote
+        text = plain[str(i)][0][1]
+        if len(text) > 8:
+            stop_text[i] = text[len(text) // 2: len(text) // 2 + 3]
+    reqs = requests(0, stop_text)
+    plain = drive(engine(tokenizer, False), reqs)
+    e, ahead = engine(tokenizer, True), []
+    schedule_ahead = e.scheduler.schedule_ahead
+    e.scheduler.schedule_ahead = lambda out: ahead.append(schedule_ahead(out)) or ahead[-1]
+    overlapped = drive(e, reqs)
+    assert overlapped == plain
+    assert sum(a is not None for a in ahead) > 20  # steps were planned ahead
+    assert any(r[0][2] == "stop" and r[0][3] in stop_text.values() for r in plain.values() if r != "aborted")
+    assert any(rec.num_decode_tokens and rec.num_prefill_tokens == 0 for rec in e.step_log)
+
+
+def test_overlapped_engine_counts_only_tokens_it_keeps(tokenizer):
+    reqs = [([5 + i] * (4 + i), SamplingParams(temperature=0, max_tokens=10 + 3 * i), True) for i in range(5)]
+    a, b = engine(tokenizer, False), engine(tokenizer, True)
+    assert drive(a, reqs) == drive(b, reqs)
+    assert a.stats == b.stats and a.stats["generation_tokens"] == sum(10 + 3 * i for i in range(5))
+    assert len(b.step_log) > len(a.step_log)  # the overlapped loop computed wasted rows ...
+    assert sum(r.num_decode_tokens for r in b.step_log) > sum(r.num_decode_tokens for r in a.step_log)
+
+
+@pytest.mark.parametrize("blocks", [None, 12])
+def test_overlapped_engine_under_preemption_and_aborts(tokenizer, blocks):
+    reqs = [(p, params, fo) for p, params, fo in requests(1) if params.n == 1][:8]
+    abort_at = {2: 5, 5: 9, 7: 30}
+    kw = {"num_kv_blocks": blocks, "block_size": 8} if blocks else {}
+    plain_engine, overlapped_engine = engine(tokenizer, False, **kw), engine(tokenizer, True, **kw)
+    plain = drive(plain_engine, reqs, abort_at)
+    overlapped = drive(overlapped_engine, reqs, abort_at)
+    # an abort lands one step later in the overlapped loop's reports, so compare the requests nobody aborted
+    for rid in set(plain) | set(overlapped):
+        if int(rid) not in abort_at:
+            assert overlapped[rid] == plain[rid]
+    if blocks:
+        assert plain_engine.scheduler.num_preemptions > 0 and overlapped_engine.scheduler.num_preemptions > 0
+
+
+def test_the_fast_path_and_the_full_plan_give_the_same_engine_outputs(tokenizer, monkeypatch):
+    reqs = requests(2)
+    fast_engine, fast_steps = engine(tokenizer, False), []
+    schedule = fast_engine.scheduler.schedule
+
+    def recorded():
+        out = schedule()
+        fast_steps.append(out.decode_batch is not None)
+        return out
+    monkeypatch.setattr(fast_engine.scheduler, "schedule", recorded)
+    fast = drive(fast_engine, reqs)
+    slow_engine = engine(tokenizer, False)
+    monkeypatch.setattr(slow_engine.scheduler, "_next_decode_step", lambda: None)
+    assert drive(slow_engine, reqs) == fast
+    assert sum(fast_steps) > 10  # the fast path ran
+
+
+def test_async_scheduling_is_refused_with_tensor_parallelism():
+    from minivllm.config import EngineConfig
+
+    with pytest.raises(ValueError, match="async_scheduling"):
+        EngineConfig(model=TINY, device="cpu", async_scheduling=True, tensor_parallel_size=2)
