@@ -23,7 +23,8 @@ decode-only steps are timed. Each step is split into the phases of :meth:`LLMEng
 * ``postprocess``: appending tokens, stop tokens and lengths (``Scheduler.postprocess``);
 * ``process``: outputs, detokenization, stop strings, the step log (``OutputProcessor.process``).
 
-``host`` = the step minus ``forward``. Other processes share this machine's cores, so every phase is timed in
+``host`` = the step minus ``forward``; ``host_without_sampler`` leaves out the sampler's tensor ops too, which on a
+GPU are device work like the forward pass (here they run on the CPU: a greedy argmax over the tiny vocabulary). Other processes share this machine's cores, so every phase is timed in
 CPU time of this thread (``time.thread_time``; torch and numba held to one thread, so all of a step's work is on it)
 as well as wall time, and steps are summarized by their median; the load average is recorded.
 
@@ -36,7 +37,7 @@ step N+1, queues N's sampler and N+1's forward pass, then post-processes N. On a
 the phases add up as before; on a GPU every phase but the launches runs while the device computes the next step.
 
 Writes ``bench/results/17_host_overhead_<device>.json`` (one entry per ``--label``). Left out: prefill and
-mixed steps, structured output.
+mixed steps, structured output. ``--finishing`` times steps in which sequences end (the batch shrinks).
 """
 
 import argparse
@@ -148,9 +149,12 @@ def add_requests(engine: LLMEngine, args) -> None:
     rng = random.Random(args.seed)
     spread = args.context // 16
     for _ in range(args.batch):
-        params = SamplingParams(temperature=0, max_tokens=max_tokens(args), ignore_eos=True)
+        n_out = max_tokens(args)
+        if args.finishing and rng.random() < 0.5:  # half the sequences end at spread points of the timed steps
+            n_out -= rng.randint(8, args.steps + 8)
+        params = SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True)
         if args.sampling == "random":
-            params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=max_tokens(args), ignore_eos=True)
+            params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=n_out, ignore_eos=True)
         n = rng.randint(args.context - spread, args.context + spread)
         engine.add_request(random_ids(rng, n, TINY.vocab_size), params, final_only=args.final_only)
 
@@ -158,7 +162,7 @@ def add_requests(engine: LLMEngine, args) -> None:
 def summarize(steps: list[dict[str, list[float]]], index: int) -> dict:
     """Median and mean ms per phase over the timed steps; ``index`` 0: CPU time, 1: wall time."""
     out = {}
-    for name in (*PHASES, "step", "host"):
+    for name in (*PHASES, "step", "host", "host_without_sampler"):
         values = [s.get(name, [0.0, 0.0])[index] * 1e3 for s in steps]
         out[name] = {"median": round(statistics.median(values), 3), "mean": round(statistics.fmean(values), 3)}
     return out
@@ -186,7 +190,7 @@ def run(args) -> dict:
     clock = Clock(device)
     instrument(engine, clock)
     step = clock.wrap("step", engine.step)
-    steps, profiler = [], cProfile.Profile() if args.profile else None
+    steps, batches, profiler = [], [], cProfile.Profile() if args.profile else None
     load = [round(os.getloadavg()[0], 2)]
     for _ in range(args.steps):
         clock.step = {}
@@ -196,11 +200,15 @@ def run(args) -> dict:
         if profiler:
             profiler.disable()
         rec = engine.step_log[-1]
-        assert rec.num_prefill_tokens == 0 and rec.num_decode_tokens == args.batch, f"not a full decode step: {rec}"
+        assert rec.num_prefill_tokens == 0 and (args.finishing or rec.num_decode_tokens == args.batch), \
+            f"not a full decode step: {rec}"
+        batches.append(rec.num_decode_tokens)
         s = clock.step
         prepare, launch, forward = s.pop("prepare"), s.pop("launch"), s.setdefault("forward", [0.0, 0.0])
         s["inputs"] = [prepare[i] + launch[i] - forward[i] for i in (0, 1)]
         s["host"] = [s["step"][i] - s["forward"][i] for i in (0, 1)]
+        sampler = s.get("sampler", [0.0, 0.0])
+        s["host_without_sampler"] = [s["host"][i] - sampler[i] for i in (0, 1)]
         steps.append(s)
     load.append(round(os.getloadavg()[0], 2))
     contexts = [s.num_tokens for s in engine.scheduler.running]
@@ -210,7 +218,8 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(), "load_avg_1min": {"start": load[0], "end": load[1]},
         "workload": {"batch": args.batch, "context_mean": round(statistics.fmean(contexts), 1),
                      "context_min": min(contexts), "context_max": max(contexts), "sampling": args.sampling,
-                     "final_only": args.final_only, "async_scheduling": args.overlap,
+                     "final_only": args.final_only, "async_scheduling": args.overlap, "finishing": args.finishing,
+                     "timed_batch_mean": round(statistics.fmean(batches), 1),
                      "tokenizer": args.tokenizer, "timed_steps": args.steps, "prefill_seconds": round(prefill_s, 2)},
         "cpu_ms_per_step": summarize(steps, 0), "wall_ms_per_step": summarize(steps, 1),
     }
@@ -237,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests report only when they finish (LLM.generate's mode), not after every step")
     p.add_argument("--overlap", action="store_true",
                    help="the engine's overlapped loop (async_scheduling=True): step N+1 planned ahead of step N")
+    p.add_argument("--finishing", action="store_true",
+                   help="about half the sequences end during the timed steps (the batch changes), at spread lengths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu, wall = result["cpu_ms_per_step"], result["wall_ms_per_step"]
     print(f"{args.label}: batch {args.batch}, context ~{result['workload']['context_mean']:.0f}, "
           f"load {result['load_avg_1min']}; ms per decode step, median (CPU time / wall)")
-    for k in (*PHASES, "step", "host"):
+    for k in (*PHASES, "step", "host", "host_without_sampler"):
         print(f"  {k:15s} {cpu[k]['median']:8.3f} {wall[k]['median']:8.3f}")
     print("->", path)
     return 0

@@ -67,7 +67,7 @@ class BlockTableRows:
         self.rows: dict[Sequence, _Row] = {}
         self.free = list(range(rows - 1, -1, -1))
         self.block_size = block_size
-        self.batch: tuple[int, list[int], int] | None = None  # (decode batch id, row index, width) of the last step
+        self.batch: tuple[int, np.ndarray, int] | None = None  # (decode batch id, row index, width) of the last step
 
     def gather(self, out: SchedulerOutput) -> np.ndarray:
         """(sequences, longest table) int32: the step's tables in ``out.scheduled`` order."""
@@ -84,6 +84,7 @@ class BlockTableRows:
             for seq in [s for s in rows if s not in live]:
                 self._release(seq)
         width = max(map(len, out.block_tables))
+        index = np.asarray(index, dtype=np.intp)
         self.batch = (out.decode_batch, index, width) if out.decode_batch is not None else None
         return self.array[index, :width]
 
@@ -112,7 +113,10 @@ class BlockTableRows:
                 self.free = list(range(self.array.shape[0] - 1, old.shape[0] - 1, -1))
             row = self.rows[seq] = _Row(self.free.pop(), table, 0)
         # NOTE: tables only grow in place (BlockManager.grow appends), so the first row.written blocks are unchanged
-        self.array[row.index, row.written: len(table)] = table[row.written:]
+        if len(table) == row.written + 1:  # a decode entered a new block (the common case): one element
+            self.array[row.index, row.written] = table[-1]
+        else:
+            self.array[row.index, row.written: len(table)] = table[row.written:]
         row.written = len(table)
         return row
 

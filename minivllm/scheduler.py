@@ -112,6 +112,7 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}
         self._decode: DecodeBatch | None = None  # the latest steady decode batch (fast path), None after any change
         self._planned: dict[int, tuple[SchedulerOutput, DecodeBatch]] = {}  # step -> its batch, until postprocess
+        self._num_ended = 0  # sequences finished or aborted so far (a steady step's rows are all live if unchanged)
         self._eos = np.array(sorted(self.eos_token_ids), dtype=np.int64)
 
     @classmethod
@@ -232,7 +233,8 @@ class Scheduler:
         else:
             input_ids, pending = d.next_ids, None
         out = SchedulerOutput(self.num_steps, scheduled, input_ids, positions, slots, arange, positions + 1,
-                              d.tables, arange[:n], decode_batch=d.batch_id, pending_inputs=pending, _num_decodes=n)
+                              d.tables, arange[:n], decode_batch=d.batch_id, pending_inputs=pending, _num_decodes=n,
+                              ended_before=self._num_ended)
         d.out, d.positions, d.slots, d.next_ids = out, positions, slots, None
         self._remember(out, d)
         return out
@@ -382,19 +384,24 @@ class Scheduler:
         if len(tokens) != len(d.seqs):
             raise ValueError(f"expected {len(d.seqs)} sampled token ids (one per sample row), got {len(tokens)}")
         running, dropped = SequenceStatus.RUNNING, 0
-        for seq, token in zip(d.seqs, tokens.tolist()):
-            if seq.status is running:
+        if self._num_ended == output.ended_before:  # nobody ended since the plan: every row is live
+            for seq, token in zip(d.seqs, tokens.tolist()):
                 seq.num_computed_tokens += 1
                 seq.output_token_ids.append(token)
-            else:  # aborted, or ended by a stop string or an earlier step, since the plan
-                dropped += 1
+        else:
+            for seq, token in zip(d.seqs, tokens.tolist()):
+                if seq.status is running:
+                    seq.num_computed_tokens += 1
+                    seq.output_token_ids.append(token)
+                else:  # aborted, or ended by a stop string or an earlier step, since the plan
+                    dropped += 1
         output.dropped = dropped
         if d.out is output and self._decode is d:
             d.next_ids = tokens  # the next step's input tokens
         # output tokens after this one: the step computed position p, so the sequence now holds p + 2 tokens
         maybe = d.stop_anyway | (np.asarray(output.positions) + 2 - d.prompt_lens >= d.max_tokens)
-        if len(self._eos):
-            maybe |= np.isin(tokens, self._eos)
+        for eos in self._eos:  # NOTE: a model has one EOS id or a few: a comparison each beats np.isin here
+            maybe |= tokens == eos
         done = []
         for row in np.flatnonzero(maybe).tolist():
             seq = d.seqs[row]
@@ -426,6 +433,7 @@ class Scheduler:
         self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        self._num_ended += 1
         seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, reason, stop_reason
         seq.num_computed_tokens = 0
         del self._seqs[seq.seq_id]

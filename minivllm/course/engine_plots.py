@@ -342,28 +342,31 @@ def overlap_timeline(host_ms: float, device_ms: float, steps: int = 4) -> Figure
 
 def host_overhead(result: dict, labels: Sequence[tuple[str, str]]) -> Figure:
     """Host milliseconds per decode step, phase by phase (stacked), for the ``bench.host_overhead`` runs named in
-    ``labels`` (``(run label, title)``), with the 1 ms target."""
+    ``labels`` (``(run label, title)``), with the 1 ms target. "other" is the glue between the phases."""
     runs = [(result["runs"][key], title) for key, title in labels if key in result["runs"]]
-    fig, ax = plt.subplots(figsize=(10, 0.55 * len(runs) + 1.8))
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(runs) + 2.2))
     plt.close(fig)
-    colors = [DECODE, PREFILL, "#bab0ac", "#59a14f", "#edc948", "#b07aa1"]
+    colors = [DECODE, PREFILL, "#bab0ac", "#59a14f", "#edc948", "#b07aa1", "#e0e0e0"]
     names = [title for _, title in runs]
     left = [0.0] * len(runs)
-    for (phase, label), color in zip(HOST_PHASES, colors):
-        values = [r["cpu_ms_per_step"][phase]["median"] for r, _ in runs]
+    phases = [*HOST_PHASES, ("other", "other")]
+    for (phase, label), color in zip(phases, colors):
+        if phase == "other":
+            values = [max(0.0, r["cpu_ms_per_step"]["host"]["median"] - x) for (r, _), x in zip(runs, left)]
+        else:
+            values = [r["cpu_ms_per_step"][phase]["median"] for r, _ in runs]
         ax.barh(names, values, left=left, color=color, label=label, edgecolor="white", lw=0.5)
         left = [a + b for a, b in zip(left, values)]
     for y, total in enumerate(left):
-        ax.text(total, y, f"  {total:.2f} ms", va="center", fontsize=9)
+        ax.text(total, y, f" {total:.2f} ms", va="center", fontsize=9)
     ax.axvline(1.0, color="black", ls="--", lw=1, label="target: 1 ms")
     ax.invert_yaxis()
-    ax.set_xlim(0, max(left) * 1.25)
+    ax.set_xlim(0, max(left) * 1.15)
     ax.set_xlabel("host CPU ms per decode step (median), the forward pass left out")
     ax.legend(fontsize=8, ncol=4, loc="lower right")
-    first = runs[0][0] if runs else {}
-    w = first.get("workload", {})
-    ax.set_title(f"batch {w.get('batch')}, context ~{w.get('context_mean', 0):.0f} tokens, tiny random model on one CPU "
-                 f"thread (host work does not depend on the model's size)\n`{result.get('meta', {}).get('command', '')}`",
-                 fontsize=9, loc="left")
+    batch = runs[0][0]["workload"]["batch"] if runs else "?"
+    fig.suptitle(f"Host work per decode step at batch {batch}, ~880-token contexts: `python -m bench.host_overhead`"
+                 "\n(a tiny random model on one CPU thread: host work depends on the batch, not on the model)",
+                 fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
     return fig
