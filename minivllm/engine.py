@@ -256,14 +256,15 @@ class LLMEngine:
         self._inflight = None
         ahead = self.scheduler.schedule_ahead(now.plan)
         prepared = self.runner.prepare(ahead) if ahead is not None else None
-        sampled = self._sample(now.logits, now.plan)
-        copy = _HostCopy(sampled, self._pinned)
+        sampled = self._sample(now.logits, now.plan)  # None: only prefill chunks, nothing sampled (no step ahead)
+        copy = _HostCopy(sampled, self._pinned) if sampled is not None else None
         if prepared is not None:
             ids, rows = copy.device_tokens, ahead.pending_inputs
             if len(rows) != len(ids):  # some sequences ended: their rows are not read
                 ids = ids[self.runner.to_device("pending_inputs", rows, np.int64)]
             self._inflight = _InFlight(ahead, self.runner.launch(prepared, ids), time.monotonic(), prepared.graph)
-        tokens = copy.wait()  # NOTE: only step N's work is waited for; step N+1 keeps the device busy meanwhile
+        tokens = copy.wait() if copy is not None else SampledTokens()  # NOTE: only step N's work is waited for;
+        #                                                                  step N+1 keeps the device busy meanwhile
         self.scheduler.postprocess(now.plan, tokens.token_ids)
         return self.processor.process(now.plan, tokens, now.start, graph=now.graph)
 

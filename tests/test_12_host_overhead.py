@@ -186,7 +186,7 @@ def test_host_overhead_bench_dry_run(tmp_path):
     run = data["runs"]["one"]
     assert run["workload"]["batch"] == 6 and 38 <= run["workload"]["context_min"] and run["load_avg_1min"]
     cpu = run["cpu_ms_per_step"]
-    assert set(cpu) == {*host_overhead.PHASES, "step", "host"}
+    assert set(cpu) == {*host_overhead.PHASES, "step", "host", "host_without_sampler"}
     assert cpu["forward"]["median"] > 0 and cpu["process"]["median"] > 0
     assert 0 < cpu["host"]["median"] <= cpu["step"]["median"]  # host = step - forward, step by step
 

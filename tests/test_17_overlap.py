@@ -320,6 +320,13 @@ def test_overlapped_engine_counts_only_tokens_it_keeps(tokenizer):
     assert sum(r.num_decode_tokens for r in b.step_log) > sum(r.num_decode_tokens for r in a.step_log)
 
 
+def test_overlapped_engine_with_chunked_prefill(tokenizer):
+    """A small token budget: steps of prompt chunks that sample nothing, mixed with decodes."""
+    reqs = requests(3)
+    plain = drive(engine(tokenizer, False, max_num_batched_tokens=16), reqs)
+    assert drive(engine(tokenizer, True, max_num_batched_tokens=16), reqs) == plain
+
+
 @pytest.mark.parametrize("blocks", [None, 12])
 def test_overlapped_engine_under_preemption_and_aborts(tokenizer, blocks):
     reqs = [(p, params, fo) for p, params, fo in requests(1) if params.n == 1][:8]

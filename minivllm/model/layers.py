@@ -90,6 +90,20 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return q, k
 
 
+def qkv_prep_supported(head_dim: int) -> bool:
+    """Whether ``kernels.qkv_prep`` exists and takes this head size."""
+    fn = launcher("qkv_prep", "supported")
+    return fn is not None and fn(head_dim)
+
+
+def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+             kv_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None,
+             k_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QK-norm (with weights), RoPE and the KV store of one layer in one kernel: ``kernels.qkv_prep``."""
+    return launcher("qkv_prep", "qkv_prep")(qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping,
+                                           q_weight, k_weight, eps, backend=_backend(qkv))
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gate: (tokens, 2 * n) holding [gate | up] -> silu(gate) * up, (tokens, n)."""
     if gate_up.is_cuda and "silu_and_mul" in LEARNER_KERNELS:

@@ -190,9 +190,11 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                    meta: PagedAttentionMetadata) -> torch.Tensor:
-    """q: (tokens, q_heads, d), k, v: (tokens, kv_heads, d) -> (tokens, q_heads * d)."""
-    store(k, v, layer, meta)
+                    meta: PagedAttentionMetadata, stored: bool = False) -> torch.Tensor:
+    """q: (tokens, q_heads, d), k, v: (tokens, kv_heads, d) -> (tokens, q_heads * d). ``stored``: k and v are in
+    the cache already (``kernels.qkv_prep`` stored them)."""
+    if not stored:
+        store(k, v, layer, meta)
     n = meta.num_decodes
     if n == q.shape[0]:
         return decode(q, layer, meta).reshape(q.shape[0], -1)

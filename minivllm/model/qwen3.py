@@ -27,7 +27,17 @@ from torch import nn
 from minivllm.model import layers
 from minivllm.model.attention import AttentionMetadata, attention
 from minivllm.model.config import ModelConfig
+from minivllm.model.paged_attention import PagedAttentionMetadata, paged_attention
 from minivllm.model.weights import checkpoint_to_param, load_weights
+
+_UNFUSED = ("rms_norm", "apply_rope", "store_kv")  # a learner's kernel for any of these: run the steps apart
+
+
+def fuse_qkv_prep(qkv: torch.Tensor, meta, head_dim: int) -> bool:
+    """Whether a layer takes the fused QK-norm + RoPE + KV-store kernel (``kernels.qkv_prep``): on a GPU, for the
+    engine's paged steps with our kernels (not ``attention_backend="torch"``), unless the learner's kernels run."""
+    return (qkv.is_cuda and isinstance(meta, PagedAttentionMetadata) and meta.backend != "torch"
+            and not any(name in layers.LEARNER_KERNELS for name in _UNFUSED) and layers.qkv_prep_supported(head_dim))
 
 def _empty(*shape: int, device, dtype) -> nn.Parameter:
     # uninitialised: every value is overwritten by the loader, so no time is spent on a random init
@@ -100,7 +110,15 @@ class Qwen3Attention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
         tokens = hidden_states.shape[0]
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden_states)
+        if fuse_qkv_prep(qkv, attn_metadata, self.head_dim):  # the next three steps in one kernel, K and V stored
+            norm = self.q_norm is not None
+            q, k, v = layers.qkv_prep(qkv, self.num_heads, self.num_kv_heads, positions, self.rotary_emb.cos_sin,
+                                      attn_metadata.kv_cache.kv[self.layer], attn_metadata.slot_mapping,
+                                      self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                                      self.q_norm.eps if norm else 0.0)
+            return self.o_proj(paged_attention(q, k, v, self.layer, attn_metadata, stored=True))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(tokens, self.num_heads, self.head_dim)  # (tokens, q_heads, d), views into qkv
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, d)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)

@@ -1,0 +1,184 @@
+"""From the qkv projection to attention's inputs in one pass: QK-norm, RoPE and the KV store, fused.
+
+Each attention layer turns the output of its ``qkv_proj`` matmul, ``(tokens, (q_heads + 2 kv_heads) * d)``, into
+attention's inputs with four element-wise steps, each a kernel launch of its own (plus copies that make the
+strided q, k and v views contiguous):
+
+    q, k   = rms_norm(q_heads), rms_norm(k_heads)   # Qwen3's QK-norm (Llama: none)
+    q, k   = rope(q, k, positions)                  # rotate each head's pairs (i, i + d/2)
+    cache <- store_kv(k, v, slot_mapping)           # this step's keys and values into the paged cache
+
+Every one of them reads a head vector and writes it back: fused, each head is read once and written once. One
+block per (token, head) with ``d / 2`` threads, a thread per pair ``(i, i + d/2)`` -- exactly the pair RoPE
+rotates, so nothing moves between threads except the sum of squares of the norm (a shuffle reduction). A key
+head's block also stores it, and its value head, into the cache. On a GPU this turns ~7 launches per layer into 1
+(28 layers: ~170 fewer kernels per step), which is what batch-1 decode and the eager prefill pay for.
+
+The roundings are the unfused kernels' (``kernels.rmsnorm`` then ``kernels.rope``): the norm's fp32 result is
+rounded to the dtype (written, read back), then RoPE's fp32 result is rounded once more.
+
+Limits: ``d / 2`` a power of two up to 1024 (head sizes 64, 128, 256); q, k and v heads in qkv's column order
+(q's heads, then k's, then v's: ``Qwen3Attention``'s split); positions outside the RoPE table give NaN (no GPU
+sync to check), slots are not checked on the GPU. ``python -m kernels.qkv_prep`` checks it against the reference.
+"""
+
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import cuda
+
+from kernels._checks import FLOAT_DTYPES, check_tensor
+from kernels._launch import launch, resolve_backend
+from kernels._reduce import group_reduce_sum
+from kernels.basics import WARP
+from kernels.rmsnorm import rms_norm_ref
+from kernels.rope import apply_rope_ref, check_positions
+from kernels.store_kv import store_kv_ref
+
+
+# ----------------------------------------------------------------------------- reference
+def split_qkv(qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int):
+    """Views (tokens, heads, d) of q, k and v in the projection's output (strided: no copy)."""
+    tokens = qkv.shape[0]
+    q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return (q.view(tokens, q_heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim))
+
+
+def qkv_prep_ref(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
+                 k_weight: torch.Tensor | None = None, eps: float = 1e-6):
+    """The unfused steps with the references: returns (q, k, v) and stores k, v into ``kv_cache``."""
+    head_dim = cos_sin.shape[1]
+    q, k, v = split_qkv(qkv, q_heads, kv_heads, head_dim)
+    if q_weight is not None:
+        q, k = rms_norm_ref(q, q_weight, eps), rms_norm_ref(k, k_weight, eps)
+    q, k = apply_rope_ref(q, k, positions, cos_sin)
+    store_kv_ref(k, v.contiguous(), kv_cache, slot_mapping)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------- kernel
+@cuda.jit
+def qkv_prep_kernel(qkv, q_out, k_out, q_weight, k_weight, eps, norm, positions, cos_sin, kv_cache, slot_mapping):
+    # qkv: (tokens, (q_heads + 2 kv_heads) * d); q_out: (tokens, q_heads, d); k_out: (tokens, kv_heads, d)
+    # kv_cache: (blocks, 2, block_size, kv_heads, d); blockDim.x == d / 2, one block per (token, head)
+    partials = cuda.shared.array(WARP, numba.float32)
+    q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
+    half = d // 2
+    heads = q_heads + kv_heads
+    i = cuda.threadIdx.x  # this thread's pair: (i, i + half)
+    item = cuda.blockIdx.x
+    while item < positions.size * heads:  # grid-stride; the same for every thread of the block (barriers)
+        t, h = item // heads, item % heads
+        is_q = h < q_heads
+        out = q_out if is_q else k_out
+        head = h if is_q else h - q_heads
+        col = h * d  # q's heads, then k's: head h starts at column h * d
+        a, b = numba.float32(qkv[t, col + i]), numba.float32(qkv[t, col + i + half])
+        if norm:
+            total = group_reduce_sum(a * a + b * b, half, partials)
+            inv_rms = numba.float32(1.0) / math.sqrt(total / numba.float32(d) + eps)
+            w = q_weight if is_q else k_weight
+            out[t, head, i] = (a * inv_rms) * numba.float32(w[i])
+            out[t, head, i + half] = (b * inv_rms) * numba.float32(w[i + half])
+            a, b = numba.float32(out[t, head, i]), numba.float32(out[t, head, i + half])  # rounded, as unfused
+        p = positions[t]
+        if 0 <= p < cos_sin.shape[0]:
+            cos, sin = cos_sin[p, i], cos_sin[p, i + half]
+        else:  # outside the table: NaN rather than a read out of bounds (kernels.rope does the same)
+            cos = sin = numba.float32(np.nan)
+        out[t, head, i] = a * cos - b * sin
+        out[t, head, i + half] = b * cos + a * sin
+        if not is_q:
+            slot = slot_mapping[t]
+            if slot >= 0:  # -1: a padding row of a CUDA-graph batch, stored nowhere
+                block, offset = slot // kv_cache.shape[2], slot % kv_cache.shape[2]
+                v_col = (q_heads + kv_heads) * d + head * d
+                kv_cache[block, 0, offset, head, i] = out[t, head, i]
+                kv_cache[block, 0, offset, head, i + half] = out[t, head, i + half]
+                kv_cache[block, 1, offset, head, i] = qkv[t, v_col + i]
+                kv_cache[block, 1, offset, head, i + half] = qkv[t, v_col + i + half]
+        item += cuda.gridDim.x
+
+
+_TYPES = ("float32", "float16", "bfloat16")
+SIGNATURES = {
+    qkv_prep_kernel: [f"void({t}[:, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[::1], {t}[::1], float32, boolean, "
+                      f"int64[::1], float32[:, ::1], {t}[:, :, :, :, ::1], int64[::1])" for t in _TYPES],
+}
+
+
+# ----------------------------------------------------------------------------- launcher
+def supported(head_dim: int) -> bool:
+    """Whether the fused kernel takes this head size: ``d / 2`` a power of two up to 1024."""
+    half = head_dim // 2
+    return head_dim % 2 == 0 and 0 < half <= 1024 and half & (half - 1) == 0
+
+
+def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor, cos_sin: torch.Tensor,
+             kv_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
+             k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, max_blocks: int = 65535,
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QK-norm (when weights are given), RoPE and the KV store in one launch.
+
+    qkv: (tokens, (q_heads + 2 kv_heads) * d) contiguous; positions, slot_mapping: (tokens,) int64; cos_sin:
+    (max_position, d) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, d). Returns q
+    (tokens, q_heads, d) and k (tokens, kv_heads, d), new and contiguous, and v, a view of qkv; k and v are
+    stored at ``slot_mapping`` (-1: skipped)."""
+    d = cos_sin.shape[1] if cos_sin.dim() == 2 else -1
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=2)
+    tokens = qkv.shape[0]
+    if d <= 0 or qkv.shape[1] != (q_heads + 2 * kv_heads) * d:
+        raise ValueError(f"qkv must be (tokens, (q_heads + 2 * kv_heads) * head_dim) = (tokens, "
+                         f"{(q_heads + 2 * kv_heads) * max(d, 0)}), got {tuple(qkv.shape)}")
+    if not supported(d):
+        raise ValueError(f"head_dim {d}: the fused kernel needs head_dim / 2 a power of two up to 1024")
+    check_tensor("positions", positions, dtypes=(torch.int64,), shape=(tokens,), device=qkv.device)
+    check_tensor("cos_sin", cos_sin, dtypes=(torch.float32,), device=qkv.device)
+    check_tensor("kv_cache", kv_cache, dtypes=(qkv.dtype,), shape=(None, 2, None, kv_heads, d), device=qkv.device)
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(tokens,), device=qkv.device)
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q_weight and k_weight (QK-norm), or neither")
+    for name, w in (("q_weight", q_weight), ("k_weight", k_weight)):
+        if w is not None:
+            check_tensor(name, w, dtypes=(qkv.dtype,), shape=(d,), device=qkv.device)
+    check_positions(positions, cos_sin.shape[0])
+    where = resolve_backend(backend, qkv, positions, cos_sin, kv_cache, slot_mapping)
+    if where == "torch":
+        return qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping, q_weight, k_weight, eps)
+    q = torch.empty(tokens, q_heads, d, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(tokens, kv_heads, d, dtype=qkv.dtype, device=qkv.device)
+    v = split_qkv(qkv, q_heads, kv_heads, d)[2]
+    if tokens:
+        norm = q_weight is not None
+        qw, kw = (q_weight, k_weight) if norm else (cos_sin.new_empty(d, dtype=qkv.dtype),) * 2
+        blocks = min(tokens * (q_heads + kv_heads), 4 if where == "simulator" else max_blocks)
+        launch(qkv_prep_kernel, blocks, d // 2, qkv, q, k, qw, kw, numba.float32(eps), norm, positions, cos_sin,
+               kv_cache, slot_mapping, backend=where)
+    return q, k, v
+
+
+def _main() -> None:
+    from kernels.rope import rope_cache
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    tokens, q_heads, kv_heads, d = (4096, 16, 8, 128) if on_gpu else (3, 4, 2, 16)
+    cos_sin = rope_cache(d, 8192, 1e6, device=device)
+    for dtype in FLOAT_DTYPES:
+        torch.manual_seed(0)
+        qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d, device=device).to(dtype)
+        qw, kw = (1 + 0.1 * torch.randn(d, device=device)).to(dtype), (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
+        positions = torch.randint(0, 8192, (tokens,), device=device)
+        slots = torch.randperm(tokens * 2, device=device)[:tokens]
+        caches = [torch.zeros(tokens * 2 // 16 + 1, 2, 16, kv_heads, d, device=device, dtype=dtype) for _ in range(2)]
+        want = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, caches[0], slots, qw, kw)
+        got = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots, qw, kw)
+        err = max((a.float() - b.float()).abs().max().item() for a, b in zip((*want[:2], caches[0]), (*got[:2], caches[1])))
+        print(f"{str(dtype)[6:]:9s} {tokens} tokens  max |diff| {err:.3g}")
+
+
+if __name__ == "__main__":
+    _main()
