@@ -80,10 +80,13 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"device": device.type, "config": name, "dtype": "bfloat16" if device.type == "cuda" else "float32",
                     "threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "output_len": args.output_len,
                     "ttft_prompt_len": args.ttft_len, "repeats": args.repeats, "engine": options}
-    modes = {"cuda_graphs": False, "eager": True} if device.type == "cuda" else {"eager": True}
-    for mode, eager in modes.items():
+    # (enforce_eager, async_scheduling) per mode; on a GPU also graphs with the overlapped loop
+    modes = ({"cuda_graphs": (False, False), "eager": (True, False), "cuda_graphs_async": (False, True)}
+             if device.type == "cuda" else {"eager": (True, False)})
+    for mode, (eager, overlap) in modes.items():
         start = time.perf_counter()
-        llm = LLM(**engine_config(name, mc, device, seed=args.seed, enforce_eager=eager, **options))
+        llm = LLM(**engine_config(name, mc, device, seed=args.seed, enforce_eager=eager, async_scheduling=overlap,
+                                  **options))
         setup = time.perf_counter() - start
         result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
         del llm

@@ -177,7 +177,27 @@ def _main() -> None:
         want = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, caches[0], slots, qw, kw)
         got = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots, qw, kw)
         err = max((a.float() - b.float()).abs().max().item() for a, b in zip((*want[:2], caches[0]), (*got[:2], caches[1])))
-        print(f"{str(dtype)[6:]:9s} {tokens} tokens  max |diff| {err:.3g}")
+        line = f"{str(dtype)[6:]:9s} {tokens} tokens  max |diff| {err:.3g}"
+        if on_gpu:  # the fused kernel against the unfused kernels it replaces (copies included), per call
+            from kernels._timing import graph_time
+            from kernels.rmsnorm import rms_norm
+            from kernels.rope import apply_rope
+            from kernels.store_kv import store_kv
+
+            def unfused():
+                q, k, v = split_qkv(qkv, q_heads, kv_heads, d)
+                q = rms_norm(q.reshape(-1, d).contiguous(), qw).view(tokens, q_heads, d)
+                k = rms_norm(k.reshape(-1, d).contiguous(), kw).view(tokens, kv_heads, d)
+                apply_rope(q, k, positions, cos_sin)
+                store_kv(k, v.contiguous(), caches[0], slots)
+
+            fused_us = graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots,
+                                                   qw, kw)).median_us
+            unfused_us = graph_time(unfused).median_us
+            moved = qkv.nbytes + 2 * (q_heads + 2 * kv_heads) * d * tokens * qkv.element_size()  # read + q, k, cache
+            line += (f"  fused {fused_us:7.1f} us ({moved / fused_us / 1e3:5.0f} GB/s)  unfused kernels "
+                     f"{unfused_us:7.1f} us")
+        print(line)
 
 
 if __name__ == "__main__":
