@@ -150,10 +150,18 @@ class OutputProcessor:
 
         The same sequences as the previous step's, in the same order (a steady decode batch), get the same
         batch again when it depends on nothing that changes per step: no penalties (they count the tokens so
-        far), no ``min_tokens`` ban left (it only lifts as outputs grow)."""
+        far), no ``min_tokens`` ban left (it only lifts as outputs grow). Fewer of them (the others finished): the
+        previous batch's rows for them (``SamplingBatch.select``)."""
         last = self._sampling_batch
         if last is not None and last[1] == device and last[0] == seqs:  # NOTE: list == compares identity first
             return last[2]
+        if last is not None and last[1] == device and len(seqs) < len(last[0]):  # some left: keep the others' rows
+            where = {id(s): i for i, s in enumerate(last[0])}
+            rows = [where.get(id(s)) for s in seqs]
+            if None not in rows:
+                batch = last[2].select(rows)
+                self._sampling_batch = (list(seqs), device, batch)
+                return batch
         batch = SamplingBatch.from_requests(
             [s.sampling_params for s in seqs], output_token_ids=[s.output_token_ids for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],

@@ -365,3 +365,31 @@ def test_async_scheduling_is_refused_with_tensor_parallelism():
 
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(model=TINY, device="cpu", async_scheduling=True, tensor_parallel_size=2)
+
+
+def test_a_selected_sampling_batch_samples_what_a_rebuilt_one_does():
+    """``SamplingBatch.select`` (the rows of sequences still running) against ``from_requests`` of those rows."""
+    import torch
+
+    from minivllm.sampler import Sampler, SamplingBatch, make_generator
+
+    kinds = [dict(temperature=0), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_p=0.8, seed=3),
+             dict(temperature=0.9, min_p=0.1), dict(temperature=0, logprobs=2), dict(temperature=1.2, seed=11)]
+    params = [SamplingParams(**kinds[i % len(kinds)]) for i in range(13)]
+    keep = [0, 2, 3, 4, 5, 8, 11, 12]  # rows 6 and 10 (and others) finished
+    logits = torch.randn(13, 50, generator=torch.Generator().manual_seed(0))
+
+    def gens(ps):
+        return [make_generator(p.seed) if p.seed is not None else None for p in ps]
+    full = SamplingBatch.from_requests(params, generators=gens(params))
+    picked = full.select(keep)
+    rebuilt = SamplingBatch.from_requests([params[i] for i in keep], generators=gens([params[i] for i in keep]))
+    assert sorted(picked.generators) == sorted(rebuilt.generators)
+    for _ in range(3):
+        a = Sampler(torch.Generator().manual_seed(5))(logits[keep], picked)
+        b = Sampler(torch.Generator().manual_seed(5))(logits[keep], rebuilt)
+        assert torch.equal(a.token_ids, b.token_ids)
+        assert torch.equal(a.logprobs.token_ids[:, :3], b.logprobs.token_ids[:, :3])
+    penalized = SamplingBatch.from_requests([SamplingParams(presence_penalty=0.5)] * 2)
+    with pytest.raises(ValueError, match="rebuilt"):
+        penalized.select([0])

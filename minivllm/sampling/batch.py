@@ -5,9 +5,10 @@ far and (if seeded) generator. :meth:`SamplingBatch.from_requests` turns them in
 the sampler treats the whole batch with a few tensor ops. A knob no row uses is ``None``: a batch of plain
 temperature requests pays for no sort, no penalty and no mask. Greedy rows get neutral values.
 
-Left out: updating only the rows that changed (vLLM's ``InputBatch`` does). A batch is rebuilt, O(batch)
-Python, not O(vocabulary), when its sequences change; while the same ones decode, the output processor hands
-the sampler the same batch again (``OutputProcessor.sampling_batch``).
+While the same sequences decode, the output processor hands the sampler the same batch again
+(``OutputProcessor.sampling_batch``); when some of them finish, :meth:`SamplingBatch.select` keeps the others' rows
+with a few tensor indexings instead of rebuilding them in Python. Left out: adding rows to a batch in place
+(vLLM's ``InputBatch`` does); a batch that gains a sequence is rebuilt, O(batch) Python, not O(vocabulary).
 """
 
 from collections.abc import Collection, Sequence
@@ -63,6 +64,24 @@ class SamplingBatch:
     @property
     def batch_size(self) -> int:
         return self.temperature.shape[0]
+
+    def select(self, rows: Sequence[int]) -> "SamplingBatch":
+        """The batch of these rows only, in this order (sequences that left: the others finished). Only for a
+        batch without penalties or ``min_tokens`` bans (those count each row's tokens: rebuild it instead).
+        ``max_top_k`` and ``max_num_logprobs`` stay the old batch's, bounds that still hold for the rows kept."""
+        if self.penalties is not None or self.banned is not None:
+            raise ValueError("a batch with penalties or min_tokens bans is rebuilt, not selected from")
+        index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
+        where = {old: new for new, old in enumerate(rows)}
+        greedy = self.greedy[index]
+        return SamplingBatch(
+            temperature=self.temperature[index], greedy=greedy,
+            all_greedy=self.all_greedy, all_random=self.all_random,  # NOTE: true of every subset (else both False)
+            top_k=None if self.top_k is None else self.top_k[index], max_top_k=self.max_top_k,
+            top_p=None if self.top_p is None else self.top_p[index],
+            min_p=None if self.min_p is None else self.min_p[index],
+            generators={where[old]: g for old, g in self.generators.items() if old in where},
+            penalties=None, banned=None, max_num_logprobs=self.max_num_logprobs)
 
     @classmethod
     def from_requests(cls, params: Sequence[SamplingParams], *,
