@@ -44,9 +44,22 @@ from minivllm.config import SchedulerConfig
 from minivllm.sequence import FinishReason, Sequence, SequenceStatus
 from minivllm.stop import check_stop
 
-__all__ = ["DecodeBatch", "ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
+__all__ = ["DecodeBatch", "ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput",
+           "next_decode_positions"]
 
 _batch_ids = itertools.count()
+
+
+def next_decode_positions(positions: np.ndarray, slots: np.ndarray, block_size: int):
+    """A steady decode batch's next step from the one just planned: every position and every KV slot one further
+    (a sequence's consecutive positions sit in consecutive slots of a block), except that a row whose next
+    position starts a new block has no slot until that block is allocated: -1 there. Returns (positions, slots,
+    the rows that need a new block, ascending)."""
+    positions = positions + 1
+    fresh = np.flatnonzero(positions % block_size == 0)
+    slots = slots + 1
+    slots[fresh] = -1
+    return positions, slots, fresh
 
 
 @dataclass(slots=True, eq=False)
@@ -215,8 +228,8 @@ class Scheduler:
                 return None
             d = self._decode = d.keep(source)
         bs = self.config.block_size
-        positions, slots = d.positions + 1, d.slots + 1
-        for row in np.flatnonzero(positions % bs == 0).tolist():  # these enter a new block
+        positions, slots, fresh = next_decode_positions(d.positions, d.slots, bs)
+        for row in fresh.tolist():  # these enter a new block
             seq, p = d.seqs[row], int(positions[row])
             if self.blocks.fit(seq, 1 + lag) < 1 + lag:
                 return None  # memory is short: plan() preempts
