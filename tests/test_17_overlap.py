@@ -231,9 +231,9 @@ def tokenizer():
     return Tokenizer.from_name("cl100k_base")
 
 
-def engine(tokenizer, overlap: bool, **kwargs) -> LLMEngine:
-    e = LLMEngine(model=TINY, device="cpu", dtype="float32", max_model_len=256, async_scheduling=overlap,
-                  **{"max_num_seqs": 6, **kwargs})
+def engine(tokenizer, overlap: bool, device: str = "cpu", **kwargs) -> LLMEngine:
+    e = LLMEngine(model=TINY, device=device, dtype="float32" if device == "cpu" else "bfloat16", max_model_len=256,
+                  async_scheduling=overlap, **{"max_num_seqs": 6, **kwargs})
     e.tokenizer = e.processor.tokenizer = e.inputs.tokenizer = tokenizer  # the random model has none: lend one
     return e
 
@@ -393,3 +393,19 @@ def test_a_selected_sampling_batch_samples_what_a_rebuilt_one_does():
     penalized = SamplingBatch.from_requests([SamplingParams(presence_penalty=0.5)] * 2)
     with pytest.raises(ValueError, match="rebuilt"):
         penalized.select([0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("eager", [False, True])
+def test_overlapped_engine_on_a_gpu(tokenizer, eager):
+    """On the GPU: CUDA graphs (or eager), pinned copies behind an event, input tokens gathered on the device."""
+    reqs = [(p, params, fo) for p, params, fo in requests(4) if params.n == 1]
+    kw = dict(device="cuda", enforce_eager=eager, gpu_memory_utilization=0.2)
+    plain = drive(engine(tokenizer, False, **kw), reqs, {3: 6})
+    e, ahead = engine(tokenizer, True, **kw), []
+    schedule_ahead = e.scheduler.schedule_ahead
+    e.scheduler.schedule_ahead = lambda out: ahead.append(schedule_ahead(out)) or ahead[-1]
+    overlapped = drive(e, reqs, {3: 6})
+    assert {r: v for r, v in overlapped.items() if r != "3"} == {r: v for r, v in plain.items() if r != "3"}
+    assert sum(a is not None for a in ahead) > 10

@@ -2,7 +2,8 @@
 
 In numba's CUDA simulator (the kernel's own source, thread by thread) on tiny shapes: every dtype, with and
 without QK-norm (Qwen3 / Llama), head sizes whose pairs reduce by shuffles (<= 32 threads) and across warps
-(64 threads), padding slots (-1) stored nowhere, a position outside the RoPE table poisoned with NaN. Two
+(64 threads), padding slots (-1) stored nowhere, a position outside the RoPE table refused. On a GPU the same
+cases run the kernel itself, and Qwen3-0.6B's shapes too. Two
 references: the torch references of the three steps (``qkv_prep_ref``), and the three unfused *kernels* the model
 ran before (``kernels.rmsnorm`` / ``kernels.rope`` / ``kernels.store_kv``). And the model: a Qwen3 and a Llama
 layer give the same logits through the fused path as through the unfused one. Compiling it for every GPU target
@@ -13,26 +14,28 @@ import pytest
 import torch
 
 import kernels  # noqa: F401  (numba's simulator without a GPU)
+from kernels._env import simulator_enabled
 from kernels.qkv_prep import qkv_prep, qkv_prep_ref, split_qkv, supported
 from kernels.rmsnorm import rms_norm
 from kernels.rope import apply_rope, rope_cache
 from kernels.store_kv import store_kv
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the simulator on a CPU, the kernel itself on a GPU
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 
 
-def case(dtype, d, q_heads=4, kv_heads=2, tokens=3, seed=0):
+def case(dtype, d, q_heads=4, kv_heads=2, tokens=3, seed=0, block_size=4):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=g).mul(3).to(dtype)
     qw = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype)
     kw = (1 + 0.2 * torch.randn(d, generator=g)).to(dtype)
     positions = torch.randint(0, 500, (tokens,), generator=g)
-    block_size, blocks = 4, 6
+    blocks = tokens // block_size + 4
     slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
     slots[1] = -1  # a padding row: stored nowhere
     cache = torch.zeros(blocks, 2, block_size, kv_heads, d, dtype=dtype)
-    return qkv, qw, kw, positions, rope_cache(d, 512, 1e6), cache, slots
+    return tuple(x.to(DEVICE) for x in (qkv, qw, kw, positions, rope_cache(d, 512, 1e6), cache, slots))
 
 
 def unfused_kernels(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, qw, kw, eps=1e-6):
@@ -69,12 +72,28 @@ def test_fused_equals_the_three_steps(dtype, d, norm):
     if dtype != torch.float32:  # most values round to the very same dtype value as the unfused kernels'
         assert (q == ker_q).float().mean() > 0.97 and (k == ker_k).float().mean() > 0.97
     stored = set(slots[slots >= 0].tolist())
-    flat = cache.view(-1, 2, 4, kv_heads, d).permute(0, 2, 1, 3, 4).reshape(-1, 2, kv_heads, d)  # (slots, 2, ...)
+    flat = cache.permute(0, 2, 1, 3, 4).reshape(-1, 2, kv_heads, d)  # (slots, 2, kv_heads, d)
     for s in range(flat.shape[0]):
         assert bool(flat[s].abs().sum() > 0) == (s in stored), f"slot {s}"  # -1 rows went nowhere
 
 
-def test_a_position_outside_the_table_is_nan_not_a_wild_read():
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="a GPU: real shapes (the simulator takes tiny ones)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_on_real_shapes(dtype):
+    q_heads, kv_heads, d = 16, 8, 128  # Qwen3-0.6B
+    qkv, qw, kw, positions, cos_sin, cache, slots = case(dtype, d, q_heads, kv_heads, tokens=777, block_size=16)
+    ref_cache, ker_cache = cache.clone(), cache.clone()
+    want_q, want_k, _ = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, ref_cache, slots, qw, kw)
+    q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, qw, kw)
+    ker_q, ker_k = unfused_kernels(qkv, q_heads, kv_heads, positions, cos_sin, ker_cache, slots, qw, kw)
+    for got, want, ker in ((q, want_q, ker_q), (k, want_k, ker_k), (cache, ref_cache, ker_cache)):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        torch.testing.assert_close(got, ker, **TOL[dtype])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="positions are checked on CPU tensors only (no GPU sync)")
+def test_a_position_outside_the_table_is_refused_before_launching():
     qkv, qw, kw, positions, cos_sin, cache, slots = case(torch.float32, 8)
     with pytest.raises(ValueError, match="positions"):  # CPU tensors: checked before launching
         qkv_prep(qkv, 4, 2, positions + 1000, cos_sin, cache, slots, qw, kw, backend="numba")
@@ -87,10 +106,12 @@ def test_bad_arguments_get_clear_errors():
     with pytest.raises(ValueError, match="both q_weight and k_weight"):
         qkv_prep(qkv, 4, 2, positions, cos_sin, cache, slots, qw, None)
     with pytest.raises(ValueError, match="head_dim 12"):
-        qkv_prep(torch.zeros(3, 8 * 12), 4, 2, positions, rope_cache(12, 512, 1e6), cache, slots)
+        qkv_prep(torch.zeros(3, 8 * 12, device=DEVICE), 4, 2, positions, rope_cache(12, 512, 1e6).to(DEVICE), cache,
+                 slots)
     assert [d for d in range(2, 300, 2) if supported(d)] == [2, 4, 8, 16, 32, 64, 128, 256]
 
 
+@pytest.mark.skipif(not simulator_enabled(), reason="runs the model's kernels in numba's CUDA simulator")
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_the_model_gives_the_same_logits_through_the_fused_path(arch, monkeypatch):
     """A two-layer model on paged attention metadata, its kernels in the simulator: the fused path against the
