@@ -11,7 +11,9 @@ plain definition it replaces.
   seeded sampling, preemption, prefix hits and aborts in flight; and no KV block left behind.
 """
 
+import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -410,3 +412,41 @@ def test_overlapped_engine_on_a_gpu(tokenizer, eager):
     overlapped = drive(e, reqs, {3: 6})
     assert {r: v for r, v in overlapped.items() if r != "3"} == {r: v for r, v in plain.items() if r != "3"}
     assert sum(a is not None for a in ahead) > 10
+
+
+def test_the_server_streams_the_same_text_with_the_overlapped_loop(tokenizer):
+    """The OpenAI server over an overlapped engine: streamed and whole completions equal the plain engine's, a
+    client that leaves mid-stream frees its blocks, and the engine thread keeps serving."""
+    import httpx
+
+    from minivllm.server import ServerThread, build_app
+
+    e = engine(tokenizer, False, max_num_seqs=8)
+    prompts = [[(7 * i + j) % TINY.vocab_size for j in range(5 + 3 * i)] for i in range(6)]  # token ids: the
+    #                                                                     tiny model's vocabulary is cl100k's first 512
+    body = dict(model="random-weights", max_tokens=20, temperature=0)
+    answers = {}
+    app = build_app(e, model_name="random-weights")
+    with ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for overlapped in (False, True):
+            e.overlap = overlapped
+            whole = [http.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
+                     for p in prompts]
+            streamed = []
+            for p in prompts[:2]:
+                with http.stream("POST", "/v1/completions", json={**body, "prompt": p, "stream": True}) as r:
+                    text = ""
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                    streamed.append(text)
+            with http.stream("POST", "/v1/completions", json={**body, "prompt": prompts[3], "stream": True,
+                                                              "max_tokens": 200}) as r:
+                next(r.iter_lines())  # the first chunk, then hang up
+            answers[overlapped] = (whole, streamed)
+        deadline = time.monotonic() + 30
+        while app.state.front.num_in_flight or app.state.front.snapshot.running:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert answers[True] == answers[False] and answers[True][1] == answers[True][0][:2]
+    e.check_no_leaks()
