@@ -208,9 +208,11 @@ class Scheduler:
 
         Only a steady decode batch can be planned ahead: every sequence of ``out`` that is still running decodes
         once more. Its input tokens are not known yet: ``input_ids`` holds -1 and ``pending_inputs[i]`` says which
-        of ``out``'s sampled rows row ``i`` reads (the engine gathers them on the device). A sequence that ``out``'s
-        tokens end computes one wasted token, dropped by ``postprocess``. None: the next step needs ``out``'s
-        outcome first (someone may be admitted, memory is short, or ``out`` was not a decode step)."""
+        of ``out``'s sampled rows row ``i`` reads (the engine gathers them on the device). A sequence whose token
+        in ``out`` is its ``max_tokens``-th is left out (it ends there for sure); one that ``out``'s token ends
+        otherwise (EOS, a stop token or string) computes one wasted token, dropped by ``postprocess``. None: the
+        next step needs ``out``'s outcome first (someone may be admitted, memory is short, ``out`` was not a
+        decode step) or nobody goes on."""
         d = self._decode
         if d is None or d.out is not out or d.next_ids is not None or out.step not in self._planned:
             return None
@@ -221,10 +223,19 @@ class Scheduler:
         sequence's ``num_computed_tokens`` is one behind (its blocks must hold that step's token and the next)."""
         if self.waiting and len(self.running) < self.config.max_num_seqs:
             return None  # plan() may admit someone
-        source = None  # rows of d.out that this step's rows continue (when some finished)
+        keep = None  # (rows,) bool: the rows of d.out that this step continues, when not all of them
         if len(self.running) != len(d.seqs):  # some finished since (nobody is added outside plan())
-            source = np.flatnonzero([s.status is SequenceStatus.RUNNING for s in d.seqs])
-            if len(source) != len(self.running) or not len(source):
+            keep = np.array([s.status is SequenceStatus.RUNNING for s in d.seqs])
+            if keep.sum() != len(self.running):
+                return None
+        if lag:  # a row whose token in d.out is its max_tokens-th ends there for sure: no wasted row for it
+            ending = d.positions + 2 - d.prompt_lens >= d.max_tokens  # output tokens once d.out's is in
+            if ending.any():
+                keep = ~ending if keep is None else keep & ~ending
+        source = None  # rows of d.out that this step's rows continue
+        if keep is not None:
+            source = np.flatnonzero(keep)
+            if not len(source):
                 return None
             d = self._decode = d.keep(source)
         bs = self.config.block_size
