@@ -29,8 +29,9 @@ on the device from this step's sampled tokens. So a call of ``step()`` with step
     runner.launch(staged, tokens[ahead.pending_inputs])  # N+1's forward pass, queued behind N's sampler
     wait for N's tokens; scheduler.postprocess(N); processor.process(N)   # while the device runs N+1
 
-returns step N's outputs (one step later than the plain loop). A sequence that N's token ends has computed one
-wasted token in N+1, which ``postprocess`` drops; its KV blocks are freed before N+1 has run, which is safe
+returns step N's outputs (one step later than the plain loop). A sequence that N's token ends by an EOS, a stop
+token or a stop string has computed one wasted token in N+1, which ``postprocess`` drops (one that reaches
+``max_tokens`` in N is left out of N+1); its KV blocks are freed before N+1 has run, which is safe
 because the device runs every later use of those blocks after N+1. N's sampler is queued only after N-1 was
 post-processed, so penalties, ``min_tokens`` and grammars see every token before it. When N+1 cannot be planned
 ahead (someone may be admitted, memory is short, a prefill is running), the step ends like a plain one.
