@@ -17,24 +17,8 @@ drives it (``LLM`` in a loop, or the server's engine thread).
 With ``tensor_parallel_size > 1`` the model is split over worker processes (``minivllm.distributed``):
 rank 0 runs all of the above, the workers only the forward pass of each plan.
 
-**Overlapped steps** (``async_scheduling=True``, vLLM's async scheduling). On a GPU the five moves leave the device
-idle while the host plans, post-processes and detokenizes. In a steady decode batch the next step does not need
-this step's tokens on the host: the scheduler can plan it ahead (every running sequence decodes once more,
-:meth:`Scheduler.schedule_ahead <minivllm.scheduler.Scheduler.schedule_ahead>`) and its input tokens can be read
-on the device from this step's sampled tokens. So a call of ``step()`` with step N's forward pass in flight::
-
-    ahead   = scheduler.schedule_ahead(N.plan)        # step N+1, planned before N's tokens are known
-    staged  = runner.prepare(ahead)                   # its inputs copied to the device (asynchronously)
-    tokens  = sample(N) -> pinned host buffer, event  # N's sampler, queued behind N's forward pass
-    runner.launch(staged, tokens[ahead.pending_inputs])  # N+1's forward pass, queued behind N's sampler
-    wait for N's tokens; scheduler.postprocess(N); processor.process(N)   # while the device runs N+1
-
-returns step N's outputs (one step later than the plain loop). A sequence that N's token ends by an EOS, a stop
-token or a stop string has computed one wasted token in N+1, which ``postprocess`` drops (one that reaches
-``max_tokens`` in N is left out of N+1); its KV blocks are freed before N+1 has run, which is safe
-because the device runs every later use of those blocks after N+1. N's sampler is queued only after N-1 was
-post-processed, so penalties, ``min_tokens`` and grammars see every token before it. When N+1 cannot be planned
-ahead (someone may be admitted, memory is short, a prefill is running), the step ends like a plain one.
+**Overlapped steps** (``async_scheduling=True``, vLLM's async scheduling): step N+1 is planned and launched
+before step N's tokens reach the host, and N is post-processed while N+1 runs (:mod:`minivllm.overlap`).
 
 Left out: pipeline parallelism, swapping KV to the CPU, beam search, prompt logprobs.
 """
@@ -42,9 +26,7 @@ Left out: pipeline parallelism, swapping KV to the CPU, beam search, prompt logp
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from minivllm.cache import PagedKVCache
@@ -55,52 +37,12 @@ from minivllm.generation_config import load_generation_defaults
 from minivllm.inputs import InputProcessor
 from minivllm.output_processor import OutputProcessor, SampledTokens
 from minivllm.outputs import EngineSnapshot, RequestOutput, StepRecord
+from minivllm.overlap import OverlappedLoop
 from minivllm.runner import ModelRunner
 from minivllm.sampler import SamplerOutput
 from minivllm.sampling_params import SamplingParams
-from minivllm.scheduler import Scheduler, SchedulerOutput
+from minivllm.scheduler import Scheduler
 from minivllm.structured_output import apply_bitmask, fill_bitmask
-
-
-@dataclass(slots=True)
-class _InFlight:
-    """A step whose forward pass is queued on the device (the overlapped loop), not yet sampled."""
-
-    plan: SchedulerOutput
-    logits: torch.Tensor
-    start: float
-    graph: bool
-
-
-class _HostCopy:
-    """A step's sampled tokens (and logprobs) on their way to the host: copies queued into pinned buffers behind
-    the sampler, and an event that says they landed. On a CPU they are already there."""
-
-    def __init__(self, out: SamplerOutput, pinned: dict[str, torch.Tensor]) -> None:
-        self.device_tokens = out.token_ids  # stays on the device: the next step's input tokens are read from it
-        tensors = {"token_ids": out.token_ids}
-        if out.logprobs is not None:
-            tensors |= {"logprob_ids": out.logprobs.token_ids, "logprobs": out.logprobs.logprobs}
-        if out.token_ids.device.type != "cuda":
-            self.host, self.event = tensors, None
-            return
-        self.host = {}
-        for name, t in tensors.items():
-            buffer = pinned.get(name)
-            if buffer is None or buffer.numel() < t.numel() or buffer.dtype != t.dtype:
-                buffer = pinned[name] = torch.empty(max(2 * t.numel(), 1024), dtype=t.dtype, pin_memory=True)
-            self.host[name] = buffer[: t.numel()].view(t.shape)
-            self.host[name].copy_(t, non_blocking=True)
-        self.event = torch.cuda.Event()
-        self.event.record()
-
-    def wait(self) -> SampledTokens:
-        if self.event is not None:
-            self.event.synchronize()
-        h = self.host
-        if "logprobs" not in h:
-            return SampledTokens(h["token_ids"].tolist())
-        return SampledTokens(h["token_ids"].tolist(), h["logprob_ids"].tolist(), h["logprobs"].tolist())
 
 
 class LLMEngine:
@@ -143,9 +85,8 @@ class LLMEngine:
         self.processor = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids,
                                          stop_checker=learner.stop_checker_class(parts))
         self.learner_step = parts.functions.get("step")  # phase 12's step, when the learner's engine has it
-        self.overlap = config.async_scheduling and self.tp is None  # the overlapped loop (see the module docstring)
-        self._inflight: _InFlight | None = None  # the overlapped loop: a step queued on the device, not yet sampled
-        self._pinned: dict[str, torch.Tensor] = {}  # its host buffers for sampled tokens
+        self.overlap = config.async_scheduling and self.tp is None  # step() runs the overlapped loop (switchable)
+        self.loop = OverlappedLoop(self)  # its state: the step in flight, pinned buffers for sampled tokens
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -207,7 +148,7 @@ class LLMEngine:
         return self.processor.output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or self.loop.in_flight
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -218,8 +159,8 @@ class LLMEngine:
         """Schedule, execute, sample, postprocess; returns an output for every request that progressed."""
         if self.learner_step is not None:
             return self.learner_step(self)
-        if self.overlap:
-            return self._step_overlapped()
+        if self.overlap or self.loop.in_flight:  # NOTE: switched off with a step in flight: that one finishes first
+            return self.loop.step(plan_ahead=self.overlap)
         start = time.monotonic()
         plan = self.scheduler.schedule()
         logits = self.runner.execute(plan)  # (sampled rows, vocab); None when nothing was scheduled
@@ -228,10 +169,10 @@ class LLMEngine:
         return self.processor.process(plan, sampled, start, graph=self.runner.last_step_graph)
 
     def sample(self, logits: torch.Tensor | None, plan) -> SampledTokens:
-        out = self._sample(logits, plan)
+        out = self.sample_tensors(logits, plan)
         return SampledTokens() if out is None else SampledTokens.from_sampler(out)
 
-    def _sample(self, logits: torch.Tensor | None, plan) -> SamplerOutput | None:
+    def sample_tensors(self, logits: torch.Tensor | None, plan) -> SamplerOutput | None:
         """The sampler's tensors (on the logits' device) for the plan's sampled rows; None if none."""
         seqs = plan.sampled_seqs
         if logits is None or not seqs:
@@ -241,33 +182,6 @@ class LLMEngine:
             bitmask = fill_bitmask([m for _, m in grammars])
             logits = apply_bitmask(logits, bitmask, [row for row, _ in grammars])
         return self.sampler(logits, self.processor.sampling_batch(seqs, logits.device))
-
-    def _step_overlapped(self) -> list[RequestOutput]:
-        """One call of the overlapped loop (the module docstring): returns the outputs of the step that was in
-        flight, after queuing the next one when it can be planned ahead."""
-        start = time.monotonic()
-        now = self._inflight
-        if now is None:  # nothing queued: plan this step in full, as the plain loop does
-            plan = self.scheduler.schedule()
-            prepared = self.runner.prepare(plan)
-            if prepared is None:  # nothing to run (the plan may still have finished someone)
-                self.scheduler.postprocess(plan, [])
-                return self.processor.process(plan, SampledTokens(), start)
-            now = _InFlight(plan, self.runner.launch(prepared), start, prepared.graph)
-        self._inflight = None
-        ahead = self.scheduler.schedule_ahead(now.plan)
-        prepared = self.runner.prepare(ahead) if ahead is not None else None
-        sampled = self._sample(now.logits, now.plan)  # None: only prefill chunks, nothing sampled (no step ahead)
-        copy = _HostCopy(sampled, self._pinned) if sampled is not None else None
-        if prepared is not None:
-            ids, rows = copy.device_tokens, ahead.pending_inputs
-            if len(rows) != len(ids):  # some sequences ended: their rows are not read
-                ids = ids[self.runner.to_device("pending_inputs", rows, np.int64)]
-            self._inflight = _InFlight(ahead, self.runner.launch(prepared, ids), time.monotonic(), prepared.graph)
-        tokens = copy.wait() if copy is not None else SampledTokens()  # NOTE: only step N's work is waited for;
-        #                                                                  step N+1 keeps the device busy meanwhile
-        self.scheduler.postprocess(now.plan, tokens.token_ids)
-        return self.processor.process(now.plan, tokens, now.start, graph=now.graph)
 
     def use_scheduler(self, scheduler: Scheduler) -> None:
         """Swap in another scheduler over the same KV blocks (a policy to try); only with no request in flight."""

@@ -32,6 +32,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -449,7 +450,8 @@ class _Recorder:
     """A stand-in engine whose components record every call and answer with fresh tokens (no model)."""
 
     learner_step = None  # the package's LLMEngine.step runs its own moves on it
-    overlap = False  # its plain loop (the five moves), not the overlapped one
+    overlap = False  # its plain loop (the five moves), not the overlapped one, with nothing in flight
+    loop = SimpleNamespace(in_flight=False)
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []

@@ -16,14 +16,8 @@ token-level rules of :func:`minivllm.stop.check_stop` (EOS, ``stop_token_ids``, 
 Blocks are the :class:`~minivllm.block_manager.BlockManager`'s business (prefix hits, growing and releasing
 tables, the reference rules); the scheduler only asks it how many tokens fit.
 
-**A steady decode batch** (every running sequence decoding, nobody to admit) is planned without a loop over
-its sequences in Python: a :class:`DecodeBatch` keeps the batch's positions and slots as arrays from step to
-step, so the next plan is "every position + 1", plus a block for the sequences that cross into a new one
-(1 in ``block_size``); sequences that finished since are dropped from it. ``postprocess`` of such a step tests
-the stop rules on arrays and runs :func:`~minivllm.stop.check_stop` only on the rows that may stop. The plan is
-the one :meth:`Scheduler.plan` would make: anything else (an admission, a preemption, a prefill) takes the full
-path, which starts a new batch. At batch 256 this is the difference between ~1.2 ms of host time per step and
-~0.1 ms: on a GPU the forward pass of a small model takes a few milliseconds, and the GPU waits for the host.
+**A steady decode batch** (every running sequence decoding, nobody to admit) is planned from arrays, without a
+loop over its sequences in Python (:mod:`minivllm.decode_batch`); anything else takes :meth:`Scheduler.plan`.
 
 Left out: the model (``postprocess`` takes the sampled token ids), sampling, text, swapping KV to the
 CPU, priorities.
@@ -32,7 +26,6 @@ CPU, priorities.
 import bisect
 import itertools
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,62 +34,11 @@ from minivllm.block_manager import BlockManager
 from minivllm.cache import BlockAllocator, RadixCache
 from minivllm.cache.block_table import token_slots
 from minivllm.config import SchedulerConfig
+from minivllm.decode_batch import DecodeBatch, next_decode_positions
 from minivllm.sequence import FinishReason, Sequence, SequenceStatus
 from minivllm.stop import check_stop
 
-__all__ = ["DecodeBatch", "ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput",
-           "next_decode_positions"]
-
-_batch_ids = itertools.count()
-
-
-def next_decode_positions(positions: np.ndarray, slots: np.ndarray, block_size: int):
-    """A steady decode batch's next step from the one just planned: every position and every KV slot one further
-    (a sequence's consecutive positions sit in consecutive slots of a block), except that a row whose next
-    position starts a new block has no slot until that block is allocated: -1 there. Returns (positions, slots,
-    the rows that need a new block, ascending)."""
-    positions = positions + 1
-    fresh = np.flatnonzero(positions % block_size == 0)
-    slots = slots + 1
-    slots[fresh] = -1
-    return positions, slots, fresh
-
-
-@dataclass(slots=True, eq=False)
-class DecodeBatch:
-    """A steady decode batch: its sequences as rows, and the latest step planned for them as arrays.
-
-    Row ``i`` is ``seqs[i]`` (arrival order, as :meth:`Scheduler.plan` orders decodes). The rows never change:
-    when some sequences finish, :meth:`keep` makes a new batch of the others."""
-
-    batch_id: int  # a new id whenever the rows change (the runner and the output side cache per-row work by it)
-    seqs: list[Sequence]
-    tables: list[list[int]]  # their live block tables
-    prompt_lens: np.ndarray  # (rows,) int64
-    max_tokens: np.ndarray  # (rows,) int64: max_tokens (a huge number for None)
-    stop_anyway: np.ndarray  # (rows,) bool: rows that check_stop must see every step (they have stop_token_ids)
-    out: SchedulerOutput  # the latest step planned for these rows
-    positions: np.ndarray  # (rows,) int64: the position each row computes in that step
-    slots: np.ndarray  # (rows,) int64: where its key and value go
-    next_ids: np.ndarray | None = None  # (rows,) int64: the tokens sampled in that step, once post-processed
-
-    @classmethod
-    def of(cls, out: SchedulerOutput) -> "DecodeBatch":
-        seqs = [e.seq for e in out.scheduled]
-        return cls(next(_batch_ids), seqs, list(out.block_tables),
-                   np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64),
-                   np.array([s.max_tokens if s.max_tokens is not None else 2**62 for s in seqs], dtype=np.int64),
-                   np.array([bool(s.sampling_params.stop_token_ids) for s in seqs], dtype=bool),
-                   out, np.asarray(out.positions, dtype=np.int64), np.asarray(out.slot_mapping, dtype=np.int64))
-
-    def keep(self, rows: np.ndarray) -> "DecodeBatch":
-        """Only these rows (the others finished): a new batch."""
-        picked = rows.tolist()
-        return DecodeBatch(next(_batch_ids), [self.seqs[i] for i in picked], [self.tables[i] for i in picked],
-                           self.prompt_lens[rows], self.max_tokens[rows], self.stop_anyway[rows], self.out,
-                           self.positions[rows], self.slots[rows],
-                           self.next_ids[rows] if self.next_ids is not None else None)
-
+__all__ = ["ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 class Scheduler:
     """Waiting and running queues over one :class:`BlockAllocator` (and a :class:`RadixCache`, optional).
