@@ -471,3 +471,21 @@ def test_the_server_streams_the_same_text_with_the_overlapped_loop(tokenizer):
             time.sleep(0.05)
     assert answers[True] == answers[False] and answers[True][1] == answers[True][0][:2]
     e.check_no_leaks()
+
+
+def test_switching_the_overlap_off_mid_run_finishes_the_step_in_flight(tokenizer):
+    reqs = [(p, params, fo) for p, params, fo in requests(6) if params.n == 1][:6]
+    plain = drive(engine(tokenizer, False), reqs)
+    e = engine(tokenizer, True)
+    switched = []
+    step = e.step
+
+    def step_then_switch():
+        out = step()
+        if len(e.step_log) == 8:  # mid-run, with a decode step in flight
+            switched.append(e.loop.in_flight)
+            e.overlap = False
+        return out
+    e.step = step_then_switch
+    assert drive(e, reqs) == plain
+    assert switched == [True] and not e.loop.in_flight
