@@ -350,12 +350,15 @@ class Scheduler:
         if len(tokens) != len(d.seqs):
             raise ValueError(f"expected {len(d.seqs)} sampled token ids (one per sample row), got {len(tokens)}")
         running, dropped = SequenceStatus.RUNNING, 0
+        values = sampled_token_ids  # Python ints (the engine's), else converted once
+        if not isinstance(values, list) or (values and type(values[0]) is not int):
+            values = tokens.tolist()
         if self._num_ended == output.ended_before:  # nobody ended since the plan: every row is live
-            for seq, token in zip(d.seqs, tokens.tolist()):
+            for seq, token in zip(d.seqs, values):
                 seq.num_computed_tokens += 1
                 seq.output_token_ids.append(token)
         else:
-            for seq, token in zip(d.seqs, tokens.tolist()):
+            for seq, token in zip(d.seqs, values):
                 if seq.status is running:
                     seq.num_computed_tokens += 1
                     seq.output_token_ids.append(token)
