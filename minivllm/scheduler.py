@@ -332,14 +332,20 @@ class Scheduler:
             if token is None:
                 continue
             seq.output_token_ids.append(int(token))
-            finish = check_stop(seq.sampling_params, seq.output_token_ids, self.eos_token_ids)
-            if finish is not None:
-                self.running.remove(seq)
-                self.blocks.release(seq, cache_blocks=True)
-                self._finish(seq, FinishReason(finish.reason), finish.stop_reason)
+            if self._end_if_stopped(seq):
                 done.append(seq)
         output.ended += done
         return done
+
+    def _end_if_stopped(self, seq: Sequence) -> bool:
+        """:func:`check_stop` after ``seq``'s newest token; if it says so, end ``seq`` (its full blocks to the cache)."""
+        finish = check_stop(seq.sampling_params, seq.output_token_ids, self.eos_token_ids)
+        if finish is None:
+            return False
+        self.running.remove(seq)
+        self.blocks.release(seq, cache_blocks=True)
+        self._finish(seq, FinishReason(finish.reason), finish.stop_reason)
+        return True
 
     def _postprocess_decodes(self, output: SchedulerOutput, d: DecodeBatch, sampled_token_ids) -> list[Sequence]:
         """``postprocess`` of a steady decode step (``d``'s rows): the same rules, tested on arrays first.
@@ -374,13 +380,7 @@ class Scheduler:
         done = []
         for row in np.flatnonzero(maybe).tolist():
             seq = d.seqs[row]
-            if seq.status is not running:
-                continue
-            finish = check_stop(seq.sampling_params, seq.output_token_ids, self.eos_token_ids)
-            if finish is not None:
-                self.running.remove(seq)
-                self.blocks.release(seq, cache_blocks=True)
-                self._finish(seq, FinishReason(finish.reason), finish.stop_reason)
+            if seq.status is running and self._end_if_stopped(seq):
                 done.append(seq)
         output.ended += done
         return done

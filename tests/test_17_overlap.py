@@ -121,12 +121,16 @@ def test_fast_path_is_taken_for_most_steady_steps():
     assert sum(kinds) >= len(kinds) - 3, kinds  # the first steps prefill and start the batch; then all fast
 
 
-def test_an_eos_among_the_fast_rows_ends_only_that_sequence():
-    w = Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * 3, 20) for k in range(4)))
-    sched = w.scheduler()
-    seqs = [s for _, s in w.sequences()]
+def started(w: Workload):
+    """A scheduler for ``w`` with all its sequences added (all arrive at once); returns (scheduler, sequences)."""
+    sched, seqs = w.scheduler(), [s for _, s in w.sequences()]
     for s in seqs:
         sched.add(s)
+    return sched, seqs
+
+
+def test_an_eos_among_the_fast_rows_ends_only_that_sequence():
+    sched, seqs = started(Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * 3, 20) for k in range(4))))
     for step in range(6):
         out = sched.schedule()
         sched.postprocess(out, [WORKLOAD_EOS if (step == 4 and e.seq is seqs[2]) else 5 for e in out.scheduled])
@@ -200,11 +204,7 @@ def test_planning_ahead_gives_the_plain_loops_sequences(seed):
 
 def test_a_step_planned_ahead_reads_each_sequences_latest_token():
     """Row i of the step planned ahead is fed row ``pending_inputs[i]`` of the step before: that row's sequence."""
-    w = Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * 3, 30) for k in range(5)))
-    sched = w.scheduler()
-    seqs = [s for _, s in w.sequences()]
-    for s in seqs:
-        sched.add(s)
+    sched, seqs = started(Workload(4, 500, 64, 8, False, tuple((0, k, (7,) * 3, 30) for k in range(5))))
     plan = sched.schedule()
     sched.postprocess(plan, [1] * 5)
     plan = sched.schedule()  # a full-path decode step: the batch starts here
