@@ -26,6 +26,7 @@ sampled tokens).
 Left out: piecewise graphs for prefill, and multi-GPU.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,26 +253,11 @@ class ModelRunner:
     @torch.inference_mode()
     def capture(self, max_batch: int) -> None:
         """Capture the decode forward pass for every bucket up to ``max_batch`` (largest first, one memory pool)."""
-        dev, n = self.device, max_batch
-        self.static = {
-            "input_ids": torch.zeros(n, dtype=torch.long, device=dev),
-            "positions": torch.zeros(n, dtype=torch.long, device=dev),
-            "slot_mapping": torch.full((n,), -1, dtype=torch.long, device=dev),
-            "block_tables": torch.from_numpy(self._padding_tables(n, self.max_blocks)).to(dev),
-            "context_lens": torch.ones(n, dtype=torch.int32, device=dev),
-        }
+        self.static = self.static_buffers(max_batch)
         self.static_logits: dict[int, torch.Tensor] = {}
         pool = None
         for b in reversed(graph_buckets(max_batch)):
-            s = self.static
-            meta = PagedAttentionMetadata(self.kv_cache, s["slot_mapping"][:b], s["block_tables"][:b],
-                                          s["context_lens"][:b], num_decodes=b, max_context_len=self.max_model_len,
-                                          query_lens=[], prefill_context_lens=[], backend=self.backend)
-
-            def forward(b=b, meta=meta):
-                hidden = self.model(s["input_ids"][:b], s["positions"][:b], meta)
-                return self.model.compute_logits(hidden)
-
+            forward = functools.partial(self.static_forward, b)
             forward()  # warm-up: compiles the kernels for these shapes, settles the allocator
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -281,6 +267,25 @@ class ModelRunner:
             self.graphs[b] = graph
         torch.cuda.synchronize()
         self.graph_batch = max_batch
+
+    def static_buffers(self, n: int) -> dict[str, torch.Tensor]:
+        """The graphs' input buffers for up to ``n`` decodes (every row a padding row to start with)."""
+        dev = self.device
+        return {
+            "input_ids": torch.zeros(n, dtype=torch.long, device=dev),
+            "positions": torch.zeros(n, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((n,), -1, dtype=torch.long, device=dev),
+            "block_tables": torch.from_numpy(self._padding_tables(n, self.max_blocks)).to(dev),
+            "context_lens": torch.ones(n, dtype=torch.int32, device=dev),
+        }
+
+    def static_forward(self, b: int) -> torch.Tensor:
+        """The decode forward pass of bucket ``b`` on the static buffers: what a graph captures. (b, vocab) logits."""
+        s = self.static
+        meta = PagedAttentionMetadata(self.kv_cache, s["slot_mapping"][:b], s["block_tables"][:b],
+                                      s["context_lens"][:b], num_decodes=b, max_context_len=self.max_model_len,
+                                      query_lens=[], prefill_context_lens=[], backend=self.backend)
+        return self.model.compute_logits(self.model(s["input_ids"][:b], s["positions"][:b], meta))
 
     def _bucket(self, n: int) -> int:
         return next(size for size in sorted(self.graphs) if size >= n)
