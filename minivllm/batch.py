@@ -44,7 +44,6 @@ class SchedulerOutput:
     ended: list[Sequence] = field(default_factory=list)  # filled by Scheduler.postprocess: the sequences it ended
     dropped: int = 0  # filled by Scheduler.postprocess: sampled rows whose sequence had already ended (not appended)
     decode_batch: int | None = None  # a steady decode step (Scheduler's fast path): its batch's id, else None
-    ended_before: int = -1  # a steady decode step: how many sequences the scheduler had ended when it planned it
     pending_inputs: np.ndarray | None = None  # planned ahead: row i's input is the previous step's sampled row
     #   pending_inputs[i], not known when planned (input_ids holds -1 there; Scheduler.schedule_ahead)
     _num_decodes: int | None = None  # counted once (the runner, the sampler and the step log all ask)

@@ -103,7 +103,7 @@ class OverlappedLoop:
             if prepared is None:  # nothing to run (the plan may still have finished someone)
                 scheduler.postprocess(plan, [])
                 return engine.processor.process(plan, SampledTokens(), start)
-            now = InFlight(plan, runner.launch(prepared), start, prepared.graph)
+            now = InFlight(plan, runner.launch(prepared), start, prepared.bucket > 0)
         ahead = scheduler.schedule_ahead(now.plan) if plan_ahead else None
         prepared = runner.prepare(ahead) if ahead is not None else None
         sampled = engine.sample_tensors(now.logits, now.plan)  # None: only prefill chunks (then no step ahead)
@@ -112,7 +112,7 @@ class OverlappedLoop:
             ids, rows = copy.device_tokens, ahead.pending_inputs
             if len(rows) != len(ids):  # some sequences ended: their rows are not read
                 ids = ids[runner.to_device("pending_inputs", rows, np.int64)]
-            self.now = InFlight(ahead, runner.launch(prepared, ids), time.monotonic(), prepared.graph)
+            self.now = InFlight(ahead, runner.launch(prepared, ids), time.monotonic(), prepared.bucket > 0)
         # NOTE: only step N's work is waited for; step N+1 keeps the device busy meanwhile
         tokens = copy.wait() if copy is not None else SampledTokens()
         scheduler.postprocess(now.plan, tokens.token_ids)

@@ -132,7 +132,7 @@ class PreparedStep:
     """A step whose inputs are on their way to the device (:meth:`ModelRunner.prepare`), to be launched."""
 
     out: SchedulerOutput
-    graph: bool  # replays a captured graph (its inputs are in the static buffers)
+    bucket: int  # > 0: replays the graph of this batch size (its inputs are in the static buffers); 0: eager
     input_ids: torch.Tensor | None = None  # eager: the device tensors
     positions: torch.Tensor | None = None
     meta: PagedAttentionMetadata | None = None
@@ -179,8 +179,9 @@ class ModelRunner:
         tables = self.tables.gather(out)
         staged_ids = out.pending_inputs is None
         if graph:
-            self._fill_static(out, tables, staged_ids)
-            return PreparedStep(out, True)
+            bucket = self._bucket(num_seqs)
+            self._fill_static(out, tables, staged_ids, bucket)
+            return PreparedStep(out, bucket)
         dev = self.device
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
@@ -199,7 +200,7 @@ class ModelRunner:
         if len(out.sample_indices) != len(out.input_ids):  # NOTE: else every row is sampled, in order
             rows = self._stage("sample_indices", out.sample_indices, np.int64).to(dev, non_blocking=True)
         self._copies_queued()
-        return PreparedStep(out, False, input_ids, positions, meta, rows)
+        return PreparedStep(out, 0, input_ids, positions, meta, rows)
 
     @torch.inference_mode()
     def launch(self, step: "PreparedStep | None", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -208,13 +209,12 @@ class ModelRunner:
             return None
         if (input_ids is None) != (step.out.pending_inputs is None):
             raise ValueError("a step planned ahead needs its input_ids on the device, and only such a step takes them")
-        if step.graph:
+        if step.bucket:
             n = len(step.out.scheduled)
-            b = self._bucket(n)
             if input_ids is not None:
                 self.static["input_ids"][:n].copy_(input_ids)
-            self.graphs[b].replay()
-            return self.static_logits[b][:n].float()
+            self.graphs[step.bucket].replay()
+            return self.static_logits[step.bucket][:n].float()
         input_ids = step.input_ids if input_ids is None else input_ids
         hidden = self.model(input_ids, step.positions, step.meta)  # (tokens, hidden)
         return self.model.compute_logits(hidden if step.rows is None else hidden[step.rows]).float()
@@ -288,12 +288,12 @@ class ModelRunner:
         return self.model.compute_logits(self.model(s["input_ids"][:b], s["positions"][:b], meta))
 
     def _bucket(self, n: int) -> int:
+        """The smallest captured batch size that holds ``n`` decodes."""
         return next(size for size in sorted(self.graphs) if size >= n)
 
-    def _fill_static(self, out: SchedulerOutput, tables: np.ndarray, with_ids: bool) -> None:
-        """Queue the copies of a decode step's inputs into the graphs' static buffers, padded to its bucket."""
+    def _fill_static(self, out: SchedulerOutput, tables: np.ndarray, with_ids: bool, b: int) -> None:
+        """Queue the copies of a decode step's inputs into the graphs' static buffers, padded to its bucket ``b``."""
         n = len(out.scheduled)
-        b = self._bucket(n)
         # padding rows: token 0 at position 0, slot -1 (nothing stored), context 1 in block 0
         padded = self._padding_tables(b, tables.shape[1])
         padded[:n] = tables

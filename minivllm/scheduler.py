@@ -40,6 +40,7 @@ from minivllm.stop import check_stop
 
 __all__ = ["ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
+
 class Scheduler:
     """Waiting and running queues over one :class:`BlockAllocator` (and a :class:`RadixCache`, optional).
 
@@ -67,7 +68,6 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}
         self._decode: DecodeBatch | None = None  # the latest steady decode batch (fast path), None after any change
         self._planned: dict[int, tuple[SchedulerOutput, DecodeBatch]] = {}  # step -> its batch, until postprocess
-        self._num_ended = 0  # sequences finished or aborted so far (a steady step's rows are all live if unchanged)
         self._eos = np.array(sorted(self.eos_token_ids), dtype=np.int64)
 
     @classmethod
@@ -199,8 +199,7 @@ class Scheduler:
         else:
             input_ids, pending = d.next_ids, None
         out = SchedulerOutput(self.num_steps, scheduled, input_ids, positions, slots, arange, positions + 1,
-                              d.tables, arange[:n], decode_batch=d.batch_id, pending_inputs=pending, _num_decodes=n,
-                              ended_before=self._num_ended)
+                              d.tables, arange[:n], decode_batch=d.batch_id, pending_inputs=pending, _num_decodes=n)
         d.out, d.positions, d.slots, d.next_ids = out, positions, slots, None
         self._remember(out, d)
         return out
@@ -338,7 +337,7 @@ class Scheduler:
         return done
 
     def _end_if_stopped(self, seq: Sequence) -> bool:
-        """:func:`check_stop` after ``seq``'s newest token; if it says so, end ``seq`` (its full blocks to the cache)."""
+        """:func:`check_stop` after ``seq``'s newest token; if it says so, end ``seq`` (full blocks to the cache)."""
         finish = check_stop(seq.sampling_params, seq.output_token_ids, self.eos_token_ids)
         if finish is None:
             return False
@@ -359,17 +358,12 @@ class Scheduler:
         values = sampled_token_ids  # Python ints (the engine's), else converted once
         if not isinstance(values, list) or (values and type(values[0]) is not int):
             values = tokens.tolist()
-        if self._num_ended == output.ended_before:  # nobody ended since the plan: every row is live
-            for seq, token in zip(d.seqs, values):
+        for seq, token in zip(d.seqs, values):
+            if seq.status is running:
                 seq.num_computed_tokens += 1
                 seq.output_token_ids.append(token)
-        else:
-            for seq, token in zip(d.seqs, values):
-                if seq.status is running:
-                    seq.num_computed_tokens += 1
-                    seq.output_token_ids.append(token)
-                else:  # aborted, or ended by a stop string or an earlier step, since the plan
-                    dropped += 1
+            else:  # aborted, or ended by a stop string or an earlier step, since the plan
+                dropped += 1
         output.dropped = dropped
         if d.out is output and self._decode is d:
             d.next_ids = tokens  # the next step's input tokens
@@ -402,7 +396,6 @@ class Scheduler:
         self._finish(seq, reason, stop_reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None) -> None:
-        self._num_ended += 1
         seq.status, seq.finish_reason, seq.stop_reason = SequenceStatus.FINISHED, reason, stop_reason
         seq.num_computed_tokens = 0
         del self._seqs[seq.seq_id]
