@@ -24,9 +24,10 @@ decode-only steps are timed. Each step is split into the phases of :meth:`LLMEng
 * ``process``: outputs, detokenization, stop strings, the step log (``OutputProcessor.process``).
 
 ``host`` = the step minus ``forward``; ``host_without_sampler`` leaves out the sampler's tensor ops too, which on a
-GPU are device work like the forward pass (here they run on the CPU: a greedy argmax over the tiny vocabulary). Other processes share this machine's cores, so every phase is timed in
-CPU time of this thread (``time.thread_time``; torch and numba held to one thread, so all of a step's work is on it)
-as well as wall time, and steps are summarized by their median; the load average is recorded.
+GPU are device work like the forward pass (here they run on the CPU: a greedy argmax over the tiny vocabulary).
+Other processes share this machine's cores, so every phase is timed in CPU time of this thread
+(``time.thread_time``; torch and numba held to one thread, so all of a step's work is on it) as well as wall time,
+and steps are summarized by their median; the load average is recorded.
 
 With ``--device cuda`` the same model runs in bf16 with CUDA graphs, and every phase is bracketed by a device
 synchronize, so ``forward`` is the graph replay's GPU time and ``host`` what the GPU would wait for if nothing

@@ -170,13 +170,14 @@ def _main() -> None:
     for dtype in FLOAT_DTYPES:
         torch.manual_seed(0)
         qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * d, device=device).to(dtype)
-        qw, kw = (1 + 0.1 * torch.randn(d, device=device)).to(dtype), (1 + 0.1 * torch.randn(d, device=device)).to(dtype)
+        qw, kw = ((1 + 0.1 * torch.randn(d, device=device)).to(dtype) for _ in range(2))
         positions = torch.randint(0, 8192, (tokens,), device=device)
         slots = torch.randperm(tokens * 2, device=device)[:tokens]
         caches = [torch.zeros(tokens * 2 // 16 + 1, 2, 16, kv_heads, d, device=device, dtype=dtype) for _ in range(2)]
         want = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, caches[0], slots, qw, kw)
         got = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots, qw, kw)
-        err = max((a.float() - b.float()).abs().max().item() for a, b in zip((*want[:2], caches[0]), (*got[:2], caches[1])))
+        pairs = zip((*want[:2], caches[0]), (*got[:2], caches[1]))  # q, k and the cache
+        err = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
         line = f"{str(dtype)[6:]:9s} {tokens} tokens  max |diff| {err:.3g}"
         if on_gpu:  # the fused kernel against the unfused kernels it replaces (copies included), per call
             from kernels._timing import graph_time

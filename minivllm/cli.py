@@ -184,7 +184,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           quantization=args.quantization,
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-          enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size, api_key=args.api_key,
+          enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, seed=args.seed,
+          tensor_parallel_size=args.tensor_parallel_size, api_key=args.api_key,
           allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
           max_request_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser, learner=args.learner)
     return 0

@@ -87,7 +87,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
     async_scheduling: bool = False  # overlap: plan and prepare decode step N+1 while step N runs, output
-    #                                 processing behind the device too (LLMEngine's docstring; not with tensor
+    #                                 processing behind the device too (minivllm.overlap; not with tensor
     #                                 parallelism). vLLM's --async-scheduling. Off by default: not yet measured on a GPU
     # the course: True (or a workspace folder) builds the engine from the learner's passed components
     learner: bool | str | Path = False  # see minivllm.learner; default folder notebooks/workspace

@@ -135,7 +135,8 @@ def test_an_eos_among_the_fast_rows_ends_only_that_sequence():
         out = sched.schedule()
         sched.postprocess(out, [WORKLOAD_EOS if (step == 4 and e.seq is seqs[2]) else 5 for e in out.scheduled])
     assert out.decode_batch is not None  # the EOS came in a fast step
-    assert seqs[2].is_finished and seqs[2].finish_reason.value == "stop" and seqs[2].output_token_ids[-1] == WORKLOAD_EOS
+    assert seqs[2].is_finished and seqs[2].finish_reason.value == "stop"
+    assert seqs[2].output_token_ids[-1] == WORKLOAD_EOS
     assert all(not s.is_finished for i, s in enumerate(seqs) if i != 2)
     out = sched.schedule()  # the batch without it
     assert [e.seq for e in out.scheduled] == [seqs[0], seqs[1], seqs[3]] and out.decode_batch is not None
@@ -264,7 +265,8 @@ def requests(seed: int, stop_text: dict[int, str] | None = None):
         elif kind == 2:
             kw |= dict(temperature=0, presence_penalty=0.5, repetition_penalty=1.2)
         elif kind == 3:
-            kw |= dict(temperature=0, min_tokens=min(5, kw["max_tokens"]), stop_token_ids=[rng.randrange(TINY.vocab_size)])
+            kw |= dict(temperature=0, min_tokens=min(5, kw["max_tokens"]),
+                       stop_token_ids=[rng.randrange(TINY.vocab_size)])
         elif kind == 4:
             kw |= dict(temperature=0, logprobs=3)
         elif kind == 5:

@@ -5,7 +5,8 @@ One decoder layer, pre-norm, with the residual stream carried beside the hidden 
     x ─► RMSNorm ─► qkv_proj ─► [q_norm, k_norm] ─► RoPE ─► attention (GQA) ─► o_proj ─► + ─►
       RMSNorm ─► gate_up_proj ─► SiLU(gate) · up ─► down_proj ─► +
 
-``[q_norm, k_norm]`` (RMSNorm over head_dim on every q and k head) is Qwen3's; Llama skips it.
+``[q_norm, k_norm]`` (RMSNorm over head_dim on every q and k head) is Qwen3's; Llama skips it. On a GPU, in
+the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``).
 Everything else is shared. As in vLLM, the model works on a batch of *flattened tokens*,
 ``input_ids (tokens,)`` with ``positions (tokens,)``, and the attention metadata says which cache
 rows belong to whom. ``q, k, v`` are one matmul (``qkv_proj``) and ``gate, up`` another
@@ -38,6 +39,7 @@ def fuse_qkv_prep(qkv: torch.Tensor, meta, head_dim: int) -> bool:
     engine's paged steps with our kernels (not ``attention_backend="torch"``), unless the learner's kernels run."""
     return (qkv.is_cuda and isinstance(meta, PagedAttentionMetadata) and meta.backend != "torch"
             and not any(name in layers.LEARNER_KERNELS for name in _UNFUSED) and layers.qkv_prep_supported(head_dim))
+
 
 def _empty(*shape: int, device, dtype) -> nn.Parameter:
     # uninitialised: every value is overwritten by the loader, so no time is spent on a random init
