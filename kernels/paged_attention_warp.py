@@ -16,12 +16,15 @@ Here a CUDA block (sequence, KV head, split) has ``WARPS`` warps; warp ``w`` tak
 reads each row as a few fully used 64-byte segments (coalesced). Measured on the H200 (bf16, 16/8 heads
 x 128; bench/results/08_paged_attention.json): with 4-byte loads this layout reached only ~24% of HBM
 (each warp waits on one row at a time); reading 16 bytes per lane (8 bf16, two tokens per warp) brings it
-to 54-69% of the KV-bandwidth floor at batch >= 32 and >= 2k context. Issuing the loads of ``unroll``
-tokens before using them was slower (the registers it takes cost more warps than the loads in flight gain). The score ``q_g . k`` is a sum over the
-lanes: five ``shfl_xor`` steps leave it in every lane. Each warp keeps its own online softmax (running
-max ``m``, sum ``l``, accumulator in registers) for each of the ``group`` query heads that share the KV
-head, so K and V are read once for the whole group. At the end the warps' states are merged through
-shared memory, exactly like split-K partial results (``out = sum_w l_w e^(m_w - M) acc_w / sum_w ...``).
+to 54-69% of the KV-bandwidth floor at batch >= 32 and >= 2k context. In the 4-byte kernel, issuing the
+loads of ``unroll`` tokens before using them was slower (its registers cost more warps than the loads in
+flight gained); the 16-byte kernel takes ``UNROLL16`` tokens per lane group per trip, loads them all first
+and rescales its softmax once per chunk (bench.paged_decode sweeps these settings against the floor). The
+score ``q_g . k`` is a sum over the lanes: five ``shfl_xor`` steps leave it in every lane. Each warp keeps
+its own online softmax (running max ``m``, sum ``l``, accumulator in registers) for each of the ``group``
+query heads that share the KV head, so K and V are read once for the whole group. At the end the warps'
+states are merged through shared memory, exactly like split-K partial results
+(``out = sum_w l_w e^(m_w - M) acc_w / sum_w ...``).
 
 The group size and the elements per lane are compile-time constants of a kernel made per shape
 (:func:`_kernel`), so the accumulators stay in registers. Split-K writes partial results that
@@ -41,7 +44,9 @@ from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
 WARPS = 4  # warps per block
-UNROLL = 1  # tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
+UNROLL = 1  # 4-byte kernel: tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
+UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, loaded before any is used
+MIN_SPLIT = 128  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 
@@ -157,13 +162,17 @@ def _kernel(group: int, dim: int, warps: int, unroll: int = 4):
 
 
 @functools.cache
-def _kernel16(group: int, dim: int, warps: int):
+def _kernel16(group: int, dim: int, warps: int, unroll: int):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
-    its own online softmax. The pool and queries arrive as complex128 views (one 16-byte element each)."""
+    its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
+    before using any (more bytes in flight per warp), then updates its softmax once for the chunk (one
+    rescale instead of ``unroll``). The pool and queries arrive as complex128 views (one 16-byte element each)."""
     lpr = dim // 8  # lanes per row
-    tpw = 32 // lpr  # tokens per warp per trip
-    slots = warps * tpw  # online-softmax states per block
+    tpw = 32 // lpr  # tokens per warp per load instruction
+    slots = warps * tpw  # online-softmax states per block (one per lane group)
+    span = slots * unroll  # tokens a block reads per trip
+    words = 4 * unroll  # 32-bit words of K (or V) a lane holds per trip
     gd = group * 8
     offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
 
@@ -176,8 +185,9 @@ def _kernel16(group: int, dim: int, warps: int):
         sm_acc = cuda.shared.array((slots, group, dim), numba.float32)
         qr = cuda.local.array(gd, numba.float32)
         acc = cuda.local.array(gd, numba.float32)
-        kf = cuda.local.array(8, numba.float32)
-        vf = cuda.local.array(8, numba.float32)
+        kw = cuda.local.array(words, numba.int32)  # the chunk's K rows, still as bf16 pairs
+        vw = cuda.local.array(words, numba.int32)
+        sc = cuda.local.array(unroll, numba.float32)
         m = cuda.local.array(group, numba.float32)
         l = cuda.local.array(group, numba.float32)
 
@@ -200,34 +210,45 @@ def _kernel16(group: int, dim: int, warps: int):
             for i in range(8):
                 acc[g * 8 + i] = 0.0
 
-        for first in range(start, end, slots):  # the same trips for every thread (see the simulator NOTE)
-            t = first + slot
-            ok = t < end
-            b, o = 0, 0
-            if ok:
-                b = block_tables[seq, t // block_size]
-                o = t % block_size
-            w0, w1, w2, w3 = load_words(kv_cache[b, 0, o, kvh], c)
-            x0, x1, x2, x3 = load_words(kv_cache[b, 1, o, kvh], c)
-            kf[0], kf[1], kf[2], kf[3] = bf16_lo(w0), bf16_hi(w0), bf16_lo(w1), bf16_hi(w1)
-            kf[4], kf[5], kf[6], kf[7] = bf16_lo(w2), bf16_hi(w2), bf16_lo(w3), bf16_hi(w3)
-            vf[0], vf[1], vf[2], vf[3] = bf16_lo(x0), bf16_hi(x0), bf16_lo(x1), bf16_hi(x1)
-            vf[4], vf[5], vf[6], vf[7] = bf16_lo(x2), bf16_hi(x2), bf16_lo(x3), bf16_hi(x3)
+        for first in range(start, end, span):  # the same trips for every thread (see the simulator NOTE)
+            for u in range(unroll):  # token first + u * slots + slot: neighbouring lane groups, neighbouring rows
+                t = first + u * slots + slot
+                b, o = 0, 0
+                if t < end:
+                    b = block_tables[seq, t // block_size]
+                    o = t % block_size
+                kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
+                vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
+            seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
             for g in range(group):
-                s = numba.float32(0.0)
-                for i in range(8):
-                    s += qr[g * 8 + i] * kf[i]
-                for offset in offsets:  # the sum over the row's lanes, left in each of them
-                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
-                if not ok:
+                top = m[g]
+                for u in range(unroll):
+                    s = numba.float32(0.0)
+                    for i in range(4):
+                        w = kw[4 * u + i]
+                        s += qr[g * 8 + 2 * i] * bf16_lo(w) + qr[g * 8 + 2 * i + 1] * bf16_hi(w)
+                    for offset in offsets:  # the sum over the row's lanes, left in each of them
+                        s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                    sc[u] = s
+                    if first + u * slots + slot < end:
+                        top = max(top, s)
+                if not seen:
                     continue
-                m_new = max(m[g], s)
-                alpha = math.exp(m[g] - m_new)
-                p = math.exp(s - m_new)
-                l[g] = l[g] * alpha + p
-                m[g] = m_new
+                alpha = math.exp(m[g] - top)  # 0 on this lane group's first chunk (m = -inf)
+                m[g] = top
+                total = l[g] * alpha
                 for i in range(8):
-                    acc[g * 8 + i] = acc[g * 8 + i] * alpha + p * vf[i]
+                    acc[g * 8 + i] *= alpha
+                for u in range(unroll):
+                    p = numba.float32(0.0)
+                    if first + u * slots + slot < end:
+                        p = math.exp(sc[u] - top)
+                    total += p
+                    for i in range(4):
+                        w = vw[4 * u + i]
+                        acc[g * 8 + 2 * i] += p * bf16_lo(w)
+                        acc[g * 8 + 2 * i + 1] += p * bf16_hi(w)
+                l[g] = total
 
         for g in range(group):
             if c == 0:
@@ -244,7 +265,7 @@ def _kernel16(group: int, dim: int, warps: int):
 
 _TYPES = ("float32", "float16", "bfloat16")
 SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_dim 128), SmolLM2 (3, 64)
-    _kernel(group, dim, WARPS): [
+    _kernel(group, dim, WARPS, UNROLL): [
         f"void({t}[:, :, ::1], {t}[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, {t}[:, :, ::1], "
         f"float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)" for t in _TYPES]
     for group, dim in ((2, 128), (3, 64))
@@ -253,7 +274,7 @@ SIGNATURES[_merge_states] = [
     f"void(float32[:, ::1], float32[:, ::1], float32[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, "
     f"int64, int64, {t}[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1])" for t in _TYPES]
 SIGNATURES.update({
-    _kernel16(group, dim, WARPS): [
+    _kernel16(group, dim, WARPS, UNROLL16): [
         "void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
         "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)"]
     for group, dim in ((2, 128), (3, 64))
@@ -263,13 +284,15 @@ SIGNATURES.update({
 def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
-                         warps: int = WARPS, unroll: int = UNROLL, wide: bool = True,
+                         warps: int | None = None, unroll: int | None = None, wide: bool = True,
                          backend: str = "auto") -> torch.Tensor:
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
     graph needs it fixed). ``tokens_per_split``: keys per split-K chunk; None picks one on the GPU when the
-    grid of (seqs x kv_heads) blocks is too small to fill the machine.
+    grid of (seqs x kv_heads) blocks is too small to fill the machine. ``warps`` per block and ``unroll``
+    (tokens per lane group per trip) default to the module's ``WARPS`` and ``UNROLL16`` (``UNROLL`` for the
+    4-byte kernel), read at call time.
     """
     _check(q, kv_cache, block_tables, context_lens)
     seqs, q_heads, dim = q.shape
@@ -282,16 +305,17 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     if seqs == 0:
         return out
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    if tokens_per_split is None and where == "gpu" and seqs * kv_heads < 4 * 132 and longest > 128:
-        tokens_per_split = max(128, cdiv(longest, cdiv(4 * 132, seqs * kv_heads)))  # about 4 blocks per SM
+    if tokens_per_split is None and where == "gpu" and seqs * kv_heads < 4 * 132 and longest > MIN_SPLIT:
+        tokens_per_split = max(MIN_SPLIT, cdiv(longest, cdiv(4 * 132, seqs * kv_heads)))  # ~4 blocks per SM
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = longest if splits == 1 else tokens_per_split
     partial, m, l = split_buffers(q, splits)
+    warps = WARPS if warps is None else warps
     if wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0:  # 16-byte loads
-        kernel = _kernel16(q_heads // kv_heads, dim, warps)
+        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.complex128)
     else:
-        kernel = _kernel(q_heads // kv_heads, dim, warps, unroll)
+        kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)
         q_in, kv_in = q, kv_cache
     launch(kernel, (seqs, kv_heads, splits), warps * 32, q_in, kv_in, block_tables, context_lens,
            numba.float32(scale), out, partial, m, l, tokens_per_split, splits, backend=where)

@@ -52,3 +52,13 @@ def test_wide_bf16_kernel_matches_reference_in_the_simulator(q_heads, kv_heads, 
     q, cache, tables, lens = _case(2, q_heads, kv_heads, dim, max_len=13, dtype=torch.bfloat16, seed=dim)
     got = paged_attention_warp(q, cache, tables, lens, warps=2, wide=True)
     torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize(("unroll", "split"), [(4, None), (2, 12)])
+def test_wide_kernel_chunks_of_tokens_in_the_simulator(unroll, split):
+    """Chunks of ``unroll`` tokens per lane group (one softmax rescale per chunk): contexts that end inside a
+    chunk, chunks where only some lane groups have a token, and split-K chunks that are not a multiple of it."""
+    q, cache, tables, lens = _case(2, 2, 1, 64, max_len=30, dtype=torch.bfloat16, seed=unroll, block_size=4)
+    lens[0] = 1  # a single token: one lane group of one warp sees it
+    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=unroll, wide=True, tokens_per_split=split)
+    torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=1e-2, rtol=1e-2)

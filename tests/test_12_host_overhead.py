@@ -212,7 +212,8 @@ def test_gpu_inputs_reach_the_model_as_planned_in_eager_and_graph_steps():
         else:
             got, got_tables = captured["lists"], captured["tables"]
             seen["eager"] += 1
-        assert got == [out.input_ids, out.positions, out.slot_mapping, out.seq_lens], f"step {out.step}"
+        planned = [np.asarray(x).tolist() for x in (out.input_ids, out.positions, out.slot_mapping, out.seq_lens)]
+        assert got == planned, f"step {out.step}"  # lists from plan(), numpy arrays from the steady-decode path
         np.testing.assert_array_equal(got_tables, tables)
         return logits
 

@@ -1,0 +1,131 @@
+"""Paged decode attention on the GPU: ``kernels.paged_attention_warp``'s launch settings against the
+KV-bandwidth floor, every setting in the same run.
+
+    python -m bench.paged_decode [--out DIR]        # GPU only; writes 17_paged_decode_cuda.json
+
+Qwen3-0.6B's attention (16 query / 8 KV heads x 128, bf16, 16-token blocks in shuffled order). A setting is
+(warps per block, tokens per lane group per trip); each is first checked against ``paged_attention_ref``, then
+timed by CUDA-graph replay on every case:
+
+* the floor cases of issue 17's target: batch 32 / 64 / 256 at 2k and 8k tokens of context;
+* the offline workload's decode steps: batch 139 at ~850 tokens (bench.throughput's mean), one context for
+  all and contexts spread over 200..1,500;
+* small batches as the engine's graphs call them (``max_context_len`` = 2,060, the workload's
+  ``max_model_len``), where split-K decides the time; for these the smallest split chunk is swept too.
+
+The floor is the K and V bytes read / 4.3 TB/s. The best setting is the one with the least total time over
+the batch >= 32 cases; the module's defaults are reported next to it.
+"""
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from bench._harness import HBM_PEAK_GBPS, RESULTS, save
+
+NAME = "17_paged_decode_cuda"
+Q_HEADS, KV_HEADS, DIM, BLOCK = 16, 8, 128, 16
+GRAPH_MAX_LEN = 2060  # bench.throughput's max_model_len: what the engine's graphs pass as max_context_len
+SETTINGS = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (2, 4)]  # (warps, unroll)
+MIN_SPLITS = (32, 64, 128, 256)
+FLOOR_TARGET = 0.7
+
+
+def case(name: str, lens: list[int], *, graph_max: int | None = None, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    width = -(-max(lens) // BLOCK)
+    num_blocks = len(lens) * width
+    cache = torch.randn(num_blocks, 2, BLOCK, KV_HEADS, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32).view(len(lens), width)
+    q = torch.randn(len(lens), Q_HEADS, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    if graph_max is not None:  # the engine's graphs: a table as wide as max_model_len
+        pad = torch.zeros(len(lens), -(-graph_max // BLOCK) - width, dtype=torch.int32, device="cuda")
+        tables = torch.cat([tables, pad], 1)
+    kv_bytes = 2 * sum(lens) * KV_HEADS * DIM * 2
+    return {"name": name, "batch": len(lens), "mean_context": round(sum(lens) / len(lens)), "lens": lens,
+            "max_context_len": graph_max or max(lens), "floor_us": kv_bytes / (HBM_PEAK_GBPS * 1e3),
+            "tensors": (q, cache, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"))}
+
+
+def cases() -> list[dict]:
+    rng = random.Random(0)
+    out = [case(f"b{b}_ctx{c}", [c] * b) for b in (32, 64, 256) for c in (2048, 8192)]
+    out.append(case("workload_b139_ctx850", [850] * 139))
+    out.append(case("workload_b139_mixed", [rng.randint(200, 1500) for _ in range(139)]))
+    out.append(case("graph_b1_ctx300", [300], graph_max=GRAPH_MAX_LEN))
+    out.append(case("graph_b8_mixed", [rng.randint(100, 1500) for _ in range(8)], graph_max=GRAPH_MAX_LEN))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.paged_decode measures a GPU kernel; this machine has no GPU", file=sys.stderr)
+        return 2
+    import kernels.paged_attention_warp as w
+    from kernels._timing import graph_time
+    from kernels.paged_attention import paged_attention_ref
+
+    defaults = {"warps": w.WARPS, "unroll": w.UNROLL16, "min_split": w.MIN_SPLIT}
+    all_cases = cases()
+    check = case("check", [random.Random(1).randint(1, 1000) for _ in range(8)], seed=1)
+    want = paged_attention_ref(*check["tensors"]).float()
+
+    def run(c: dict, warps: int, unroll: int) -> torch.Tensor:
+        return w.paged_attention_warp(*c["tensors"], max_context_len=c["max_context_len"], warps=warps,
+                                      unroll=unroll)
+
+    results: dict[str, dict] = {}
+    for warps, unroll in SETTINGS:
+        key = f"w{warps}_u{unroll}"
+        err = (run(check, warps, unroll).float() - want).abs().max().item()
+        row = {"warps": warps, "unroll": unroll, "max_abs_err": err, "us": {}, "floor_fraction": {}}
+        for c in all_cases:
+            us = graph_time(lambda c=c: run(c, warps, unroll), reps=10, iters=5).median_us
+            row["us"][c["name"]] = round(us, 2)
+            row["floor_fraction"][c["name"]] = round(c["floor_us"] / us, 3)
+        big = [c["name"] for c in all_cases if c["batch"] >= 32]
+        row["total_us_batch_ge_32"] = round(sum(row["us"][n] for n in big), 1)
+        results[key] = row
+        print(f"{key:7s} err {err:.1e} | " + " ".join(f"{n} {row['us'][n]:.1f}us {row['floor_fraction'][n]:.0%}"
+                                                        for n in row["us"]), flush=True)
+    best_key = min(results, key=lambda k: results[k]["total_us_batch_ge_32"] if results[k]["max_abs_err"] < 5e-2
+                   else float("inf"))
+    best = results[best_key]
+    small = [c for c in all_cases if c["batch"] < 32]
+    split_us = {}
+    saved = w.MIN_SPLIT
+    try:
+        for ms in MIN_SPLITS:
+            w.MIN_SPLIT = ms
+            split_us[ms] = {c["name"]: round(graph_time(lambda c=c: run(c, best["warps"], best["unroll"]), reps=10,
+                                                        iters=5).median_us, 2) for c in small}
+            print(f"min split {ms:4d}: {split_us[ms]}", flush=True)
+    finally:
+        w.MIN_SPLIT = saved
+    best_split = min(split_us, key=lambda ms: sum(split_us[ms].values()))
+    target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
+    summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split},
+               "defaults": defaults,
+               "best_floor_fraction_batch_ge_32_ctx_ge_2k": {n: best["floor_fraction"][n] for n in target_cases},
+               "defaults_meet": None}
+    d = results.get(f"w{defaults['warps']}_u{defaults['unroll']}")
+    if d is not None:
+        summary["defaults_meet"] = all(d["floor_fraction"][n] >= FLOOR_TARGET for n in target_cases)
+    print(f"best: {summary['best']} (defaults {defaults}); fractions of the floor at batch >= 32, ctx >= 2k: "
+          f"{summary['best_floor_fraction_batch_ge_32_ctx_ge_2k']}")
+    data = {"shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK,
+                       "dtype": "bfloat16"},
+            "cases": [{k: v for k, v in c.items() if k not in ("tensors", "lens")} for c in all_cases],
+            "settings": results, "min_split_us": split_us, "floor_target": FLOOR_TARGET, **summary}
+    print(f"saved {save(NAME, data, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
