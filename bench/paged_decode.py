@@ -29,7 +29,7 @@ from bench._harness import HBM_PEAK_GBPS, RESULTS, save
 NAME = "17_paged_decode_cuda"
 Q_HEADS, KV_HEADS, DIM, BLOCK = 16, 8, 128, 16
 GRAPH_MAX_LEN = 2060  # bench.throughput's max_model_len: what the engine's graphs pass as max_context_len
-SETTINGS = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4), (2, 4)]  # (warps, unroll)
+SETTINGS = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (2, 4)]  # (warps, unroll)
 MIN_SPLITS = (32, 64, 128, 256)
 FLOOR_TARGET = 0.7
 

@@ -204,11 +204,14 @@ def run(args: argparse.Namespace) -> dict:
                                  "greedy": True}}
 
     # transformers first: on a GPU its KV cache must be gone before the engine sizes its own
-    hf_tokens = None
-    try:
-        hf = transformers_model(mc, device, dtype, args.seed)
-    except ImportError as e:
-        hf, result["transformers"] = None, {"error": f"transformers is not installed ({e})"}
+    hf_tokens, hf = None, None
+    if k == 0:  # --peer-requests 0: the engine alone (random weights of its own; the same speed)
+        result["transformers"] = {"skipped": "--peer-requests 0"}
+    else:
+        try:
+            hf = transformers_model(mc, device, dtype, args.seed)
+        except ImportError as e:
+            result["transformers"] = {"error": f"transformers is not installed ({e})"}
     if hf is not None:
         transformers_generate(hf, prompts[:1], [2], 1, device)  # warm-up
         seconds, hf_tokens = transformers_generate(hf, prompts[:k], max_tokens[:k], args.peer_batch, device)
@@ -268,7 +271,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None, help="random workload: longest prompt and output")
     p.add_argument("--min-tokens", type=int, default=64, help="chat workload: smallest max_tokens")
     p.add_argument("--max-tokens", type=int, default=128, help="chat workload: largest max_tokens")
-    p.add_argument("--peer-requests", type=int, default=None, help="requests transformers runs (GPU 64, CPU 4)")
+    p.add_argument("--peer-requests", type=int, default=None,
+                   help="requests transformers runs (GPU 64, CPU 4; 0: no transformers run)")
     p.add_argument("--peer-batch", type=int, default=None, help="transformers batch (GPU: all peer requests, CPU 1)")
     p.add_argument("--llama-requests", type=int, default=4, help="requests llama.cpp runs (default model only)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="llama.cpp threads")
@@ -310,11 +314,11 @@ def main(argv: list[str] | None = None) -> int:
           f"mean decode batch {e['mean_decode_batch']}, {e['graph_steps']} graph steps)")
     for peer in ("transformers", "llama_cpp"):
         r = data.get(peer)
-        if r and "error" not in r:
+        if r and "output_tokens_per_s" in r:
             print(f"{peer:13s} {r['output_tokens_per_s']:10,.1f} output tok/s  ({r['requests']} requests, "
                   f"{r['seconds']} s)   speedup {data.get(f'speedup_vs_{peer}')}x")
         elif r:
-            print(f"{peer}: {r['error']}")
+            print(f"{peer}: {r.get('error') or r.get('skipped')}")
     if "parity_vs_transformers" in data:
         print(f"parity: {data['parity_vs_transformers']}")
     device = data["device"] if data["config"] != "tiny" else "tiny"

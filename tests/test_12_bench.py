@@ -33,6 +33,16 @@ def test_throughput_dry_run_matches_transformers(tmp_path):
     assert e["steps"] >= max(3, w["max_tokens_range"][1]) and e["preemptions"] == 0
 
 
+def test_throughput_without_a_peer(tmp_path):
+    """--peer-requests 0: the engine alone (GPU sessions short of time), no ratio and no parity claimed."""
+    assert throughput.main(["--config", "tiny", "--device", "cpu", "--num-requests", "4", "--peer-requests", "0",
+                            "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "12_throughput_tiny.json")
+    assert data["transformers"] == {"skipped": "--peer-requests 0"}
+    assert "speedup_vs_transformers" not in data and "parity_vs_transformers" not in data
+    assert data["minivllm"]["output_tokens"] == data["workload"]["output_tokens"]
+
+
 def test_prefix_dry_run_computes_only_what_the_cache_cannot_serve(tmp_path):
     n, shared, own = 5, 48, 7
     assert prefix.main(["--config", "tiny", "--device", "cpu", "--num-requests", str(n), "--shared-len", str(shared),
