@@ -222,3 +222,41 @@ def decode_vs_floor(result: dict, *, batch: int = 32) -> Figure:
     fig.tight_layout(rect=(0, 0.13, 1, 1))
     plt.close(fig)
     return fig
+
+
+def decode_settings(result: dict) -> Figure:
+    """``bench/results/17_paged_decode_cuda.json`` drawn (``python -m bench.paged_decode``): for each case, the
+    fraction of the bandwidth floor that each launch setting of version 2's 16-byte kernel reaches: warps per
+    block and tokens per lane group per trip (``unroll``: its loads all issued before any is used). The dotted
+    line is the target; the setting the module uses is outlined."""
+    from minivllm.course.plots import provenance
+
+    settings = result["settings"]
+    names = [c["name"] for c in result["cases"]]
+    if not settings or not names:
+        raise ValueError("the result has no settings or no cases")
+    keys = sorted(settings, key=lambda k: (settings[k]["warps"], settings[k]["unroll"]))
+    default = f"w{result['defaults']['warps']}_u{result['defaults']['unroll']}"
+    width = 0.8 / len(keys)
+    colors = _shades("Purples", len(keys))
+    fig, ax = plt.subplots(figsize=(12, 4.6))
+    for i, (key, color) in enumerate(zip(keys, colors)):
+        s = settings[key]
+        xs = [j - 0.4 + (i + 0.5) * width for j in range(len(names))]
+        ax.bar(xs, [s["floor_fraction"][n] for n in names], width, color=color, gid=key,
+               edgecolor="black" if key == default else color, linewidth=1.5 if key == default else 0.5,
+               label=f"{s['warps']} warps, {s['unroll']} token{'s' if s['unroll'] > 1 else ''} per trip"
+                     + ("  (the default)" if key == default else ""))
+    target = result.get("floor_target")
+    if target:
+        ax.axhline(target, color="gray", linestyle=":", label=f"target {target:.0%}")
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax.set_ylabel("fraction of the bandwidth floor")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.set_title("paged decode attention (bf16, 16-byte loads), one layer: launch settings against the floor\n"
+                 f"measured on {provenance(result.get('meta', {}))}", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
