@@ -20,6 +20,7 @@ the batch >= 32 cases; the module's defaults are reported next to it.
 import argparse
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,22 +33,23 @@ GRAPH_MAX_LEN = 2060  # bench.throughput's max_model_len: what the engine's grap
 SETTINGS = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (2, 4)]  # (warps, unroll)
 MIN_SPLITS = (32, 64, 128, 256)
 FLOOR_TARGET = 0.7
+CHECK = (8, 1000)  # each setting's answer is checked first on this many sequences of up to this many keys
 
 
-def case(name: str, lens: list[int], *, graph_max: int | None = None, seed: int = 0) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def case(name: str, lens: list[int], *, graph_max: int | None = None, seed: int = 0, device: str = "cuda") -> dict:
+    g = torch.Generator(device=device).manual_seed(seed)
     width = -(-max(lens) // BLOCK)
     num_blocks = len(lens) * width
-    cache = torch.randn(num_blocks, 2, BLOCK, KV_HEADS, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
-    tables = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32).view(len(lens), width)
-    q = torch.randn(len(lens), Q_HEADS, DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(num_blocks, 2, BLOCK, KV_HEADS, DIM, generator=g, device=device, dtype=torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=g, device=device).to(torch.int32).view(len(lens), width)
+    q = torch.randn(len(lens), Q_HEADS, DIM, generator=g, device=device, dtype=torch.bfloat16)
     if graph_max is not None:  # the engine's graphs: a table as wide as max_model_len
-        pad = torch.zeros(len(lens), -(-graph_max // BLOCK) - width, dtype=torch.int32, device="cuda")
+        pad = torch.zeros(len(lens), -(-graph_max // BLOCK) - width, dtype=torch.int32, device=device)
         tables = torch.cat([tables, pad], 1)
     kv_bytes = 2 * sum(lens) * KV_HEADS * DIM * 2
     return {"name": name, "batch": len(lens), "mean_context": round(sum(lens) / len(lens)), "lens": lens,
             "max_context_len": graph_max or max(lens), "floor_us": kv_bytes / (HBM_PEAK_GBPS * 1e3),
-            "tensors": (q, cache, tables, torch.tensor(lens, dtype=torch.int32, device="cuda"))}
+            "tensors": (q, cache, tables, torch.tensor(lens, dtype=torch.int32, device=device))}
 
 
 def cases() -> list[dict]:
@@ -60,33 +62,33 @@ def cases() -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.paged_decode measures a GPU kernel; this machine has no GPU", file=sys.stderr)
-        return 2
+def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], object]], float] | None = None) -> dict:
+    """Every setting on every case (printed as it goes); the data of ``17_paged_decode_cuda.json``. ``timer``:
+    µs per call of a function (default: CUDA-graph replay); a test passes CPU cases and a stand-in."""
     import kernels.paged_attention_warp as w
     from kernels._timing import graph_time
     from kernels.paged_attention import paged_attention_ref
 
     defaults = {"warps": w.WARPS, "unroll": w.UNROLL16, "min_split": w.MIN_SPLIT}
-    all_cases = cases()
-    check = case("check", [random.Random(1).randint(1, 1000) for _ in range(8)], seed=1)
+    if timer is None:
+        def timer(fn):
+            return graph_time(fn, reps=10, iters=5).median_us
+    all_cases = cases() if all_cases is None else all_cases
+    device = all_cases[0]["tensors"][0].device.type
+    check = case("check", [random.Random(1).randint(1, CHECK[1]) for _ in range(CHECK[0])], seed=1, device=device)
     want = paged_attention_ref(*check["tensors"]).float()
 
-    def run(c: dict, warps: int, unroll: int) -> torch.Tensor:
+    def call(c: dict, warps: int, unroll: int) -> torch.Tensor:
         return w.paged_attention_warp(*c["tensors"], max_context_len=c["max_context_len"], warps=warps,
                                       unroll=unroll)
 
     results: dict[str, dict] = {}
     for warps, unroll in SETTINGS:
         key = f"w{warps}_u{unroll}"
-        err = (run(check, warps, unroll).float() - want).abs().max().item()
+        err = (call(check, warps, unroll).float() - want).abs().max().item()
         row = {"warps": warps, "unroll": unroll, "max_abs_err": err, "us": {}, "floor_fraction": {}}
         for c in all_cases:
-            us = graph_time(lambda c=c: run(c, warps, unroll), reps=10, iters=5).median_us
+            us = timer(lambda c=c: call(c, warps, unroll))
             row["us"][c["name"]] = round(us, 2)
             row["floor_fraction"][c["name"]] = round(c["floor_us"] / us, 3)
         big = [c["name"] for c in all_cases if c["batch"] >= 32]
@@ -103,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for ms in MIN_SPLITS:
             w.MIN_SPLIT = ms
-            split_us[ms] = {c["name"]: round(graph_time(lambda c=c: run(c, best["warps"], best["unroll"]), reps=10,
-                                                        iters=5).median_us, 2) for c in small}
+            split_us[ms] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
+                            for c in small}
             print(f"min split {ms:4d}: {split_us[ms]}", flush=True)
     finally:
         w.MIN_SPLIT = saved
@@ -119,11 +121,20 @@ def main(argv: list[str] | None = None) -> int:
         summary["defaults_meet"] = all(d["floor_fraction"][n] >= FLOOR_TARGET for n in target_cases)
     print(f"best: {summary['best']} (defaults {defaults}); fractions of the floor at batch >= 32, ctx >= 2k: "
           f"{summary['best_floor_fraction_batch_ge_32_ctx_ge_2k']}")
-    data = {"shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK,
+    return {"shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK,
                        "dtype": "bfloat16"},
             "cases": [{k: v for k, v in c.items() if k not in ("tensors", "lens")} for c in all_cases],
             "settings": results, "min_split_us": split_us, "floor_target": FLOOR_TARGET, **summary}
-    print(f"saved {save(NAME, data, args.out)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.paged_decode measures a GPU kernel; this machine has no GPU", file=sys.stderr)
+        return 2
+    print(f"saved {save(NAME, run(), args.out)}")
     return 0
 
 

@@ -4,6 +4,7 @@
     python -m bench.run kernels           # phases 03-05: RMSNorm, RoPE, SwiGLU vs eager and torch.compile
     python -m bench.run attention         # phase 07: prefill attention, ours vs SDPA's flash backend
     python -m bench.run paged_attention   # phase 08: decode attention vs the HBM floor and gather + SDPA; store_kv
+    python -m bench.run paged_decode      # the paged decode kernel's launch settings against the floor
     python -m bench.run all
     python -m bench.run basics --out DIR  # e.g. $OUT on the device machine
 
@@ -22,7 +23,8 @@ from bench._harness import RESULTS, save
 # name -> ("module" or "module:function" returning the data, results file)
 BENCHMARKS = {"basics": ("bench.basics", "01_basics"), "kernels": ("bench.kernels", "03_05_kernels"),
               "attention": ("bench.attention:run_prefill", "07_attention"),
-              "paged_attention": ("bench.attention:run_decode", "08_paged_attention")}
+              "paged_attention": ("bench.attention:run_decode", "08_paged_attention"),
+              "paged_decode": ("bench.paged_decode", "17_paged_decode_cuda")}
 
 
 def main(argv: list[str] | None = None) -> int:

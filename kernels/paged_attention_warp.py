@@ -18,8 +18,8 @@ x 128; bench/results/08_paged_attention.json): with 4-byte loads this layout rea
 (each warp waits on one row at a time); reading 16 bytes per lane (8 bf16, two tokens per warp) brings it
 to 54-69% of the KV-bandwidth floor at batch >= 32 and >= 2k context. In the 4-byte kernel, issuing the
 loads of ``unroll`` tokens before using them was slower (its registers cost more warps than the loads in
-flight gained); the 16-byte kernel takes ``UNROLL16`` tokens per lane group per trip, loads them all first
-and rescales its softmax once per chunk (bench.paged_decode sweeps these settings against the floor). The
+flight gained); the 16-byte kernel can take ``unroll`` tokens per lane group per trip, load them all first
+and rescale its softmax once per chunk (``bench.paged_decode`` sweeps these settings against the floor). The
 score ``q_g . k`` is a sum over the lanes: five ``shfl_xor`` steps leave it in every lane. Each warp keeps
 its own online softmax (running max ``m``, sum ``l``, accumulator in registers) for each of the ``group``
 query heads that share the KV head, so K and V are read once for the whole group. At the end the warps'
@@ -45,7 +45,9 @@ from kernels.paged_attention import _check, merge_splits, paged_attention_ref, s
 
 WARPS = 4  # warps per block
 UNROLL = 1  # 4-byte kernel: tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
-UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, loaded before any is used
+UNROLL16 = 1  # 16-byte kernel: tokens per lane group per trip, all loaded before any is used. NOTE: 1 reads
+#   as the kernel measured on the H200 did (45% of the floor at batch 139 x 850 keys); larger values pass the
+#   simulator tests but are not yet timed on a GPU: `python -m bench.paged_decode` sweeps them, names the best
 MIN_SPLIT = 128  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
