@@ -341,9 +341,11 @@ def overlap_timeline(host_ms: float, device_ms: float, steps: int = 4) -> Figure
     return fig
 
 
-def host_overhead(result: dict, labels: Sequence[tuple[str, str]]) -> Figure:
+def host_overhead(result: dict, labels: Sequence[tuple[str, str]], *,
+                  where: str = "a tiny random model on one CPU thread") -> Figure:
     """Host milliseconds per decode step, phase by phase (stacked), for the ``bench.host_overhead`` runs named in
-    ``labels`` (``(run label, title)``), with the 1 ms target. "other" is the glue between the phases."""
+    ``labels`` (``(run label, title)``), with the 1 ms target. "other" is the glue between the phases. ``where``:
+    what ran the forward passes, for the title."""
     runs = [(result["runs"][key], title) for key, title in labels if key in result["runs"]]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(runs) + 2.2))
     plt.close(fig)
@@ -367,7 +369,7 @@ def host_overhead(result: dict, labels: Sequence[tuple[str, str]]) -> Figure:
     ax.legend(fontsize=8, ncol=4, loc="lower right")
     batch = runs[0][0]["workload"]["batch"] if runs else "?"
     fig.suptitle(f"Host work per decode step at batch {batch}, ~880-token contexts: `python -m bench.host_overhead`"
-                 "\n(a tiny random model on one CPU thread: host work depends on the batch, not on the model)",
+                 f"\n({where}: host work depends on the batch, not on the model)",
                  fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
     return fig
