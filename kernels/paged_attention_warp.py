@@ -83,7 +83,7 @@ def _merge_states(sm_m, sm_l, sm_acc, states, group, dim, tid, threads, seq, kvh
 
 
 @functools.cache
-def _kernel(group: int, dim: int, warps: int, unroll: int = 4):
+def _kernel(group: int, dim: int, warps: int, unroll: int):
     """The kernel for one (group, head_dim, warps): constants, so loops unroll and arrays live in registers."""
     epl = (dim + 31) // 32  # elements per lane
     gd = group * epl
