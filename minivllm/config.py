@@ -86,6 +86,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto": the fastest correct one per phase; "numba": our kernels; "torch"
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
+    cuda_graph_max_tokens: int = 2048  # prefill and mixed steps up to this many tokens replay piecewise graphs
+    #                                    (minivllm.piecewise; capped at max_num_batched_tokens); 0: they run eagerly
     async_scheduling: bool = False  # overlap: plan and prepare decode step N+1 while step N runs, output
     #                                 processing behind the device too (minivllm.overlap; not with tensor
     #                                 parallelism). vLLM's --async-scheduling. Off by default: not yet measured on a GPU
@@ -100,6 +102,9 @@ class EngineConfig:
         if not isinstance(self.cuda_graph_max_batch, int) or isinstance(self.cuda_graph_max_batch, bool) \
                 or self.cuda_graph_max_batch <= 0:
             raise ValueError(f"cuda_graph_max_batch must be a positive int, got {self.cuda_graph_max_batch!r}")
+        if not isinstance(self.cuda_graph_max_tokens, int) or isinstance(self.cuda_graph_max_tokens, bool) \
+                or self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens must be an int >= 0, got {self.cuda_graph_max_tokens!r}")
         for name in ("max_model_len", "num_kv_blocks"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

@@ -76,7 +76,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, max_model_len=self.max_model_len,
                                   attention_backend=config.attention_backend,
                                   use_cuda_graphs=not config.enforce_eager and self.tp is None,
-                                  cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs))
+                                  cuda_graph_max_batch=min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                  cuda_graph_max_tokens=min(config.cuda_graph_max_tokens,
+                                                            config.scheduler_config.max_num_batched_tokens))
         if self.tp is not None:  # sends each step's plan to the workers, then runs rank 0's part
             self.runner = self.tp.wrap(self.runner)
         self.sampler = learner.sampler_class(parts)(torch.Generator().manual_seed(config.seed))

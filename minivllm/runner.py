@@ -3,9 +3,12 @@
 The scheduler plans a step as flat Python lists (``SchedulerOutput``); the runner turns them into
 tensors on the model's device, builds the step's :class:`PagedAttentionMetadata` and runs the model.
 
-Two ways to run a step:
+Three ways to run a step:
 
-* **eager** (every prefill or mixed step, and everything on a CPU): one forward pass, launched op by op;
+* **eager** (everything on a CPU, and steps larger than the graphs): one forward pass, launched op by op;
+* **piecewise CUDA graphs** (prefill and mixed steps up to ``cuda_graph_max_tokens`` tokens on a GPU): the
+  forward pass cut at every attention call, each piece captured per token-count bucket, attention run eagerly
+  between them (:mod:`minivllm.piecewise`);
 * **CUDA graph** (decode-only steps on a GPU): at start-up the decode forward pass is captured once per
   batch-size bucket (1, 2, 4, 8, 16, 32, ...) into a ``torch.cuda.CUDAGraph`` over static input buffers;
   a step copies its inputs into the buffers of the smallest bucket that holds it (a padding row is a
@@ -23,7 +26,7 @@ A step is prepared (:meth:`ModelRunner.prepare`: inputs staged, copies queued) a
 prepares step N+1 while step N runs, and launches it with input tokens that are still on the device (step N's
 sampled tokens).
 
-Left out: piecewise graphs for prefill, and multi-GPU.
+Left out: multi-GPU (the tensor-parallel runner wraps this one and runs eagerly).
 """
 
 import functools
@@ -37,6 +40,7 @@ from minivllm.cache.block_table import PAD_BLOCK, block_table_array
 from minivllm.cache.kv_cache import PagedKVCache
 from minivllm.model.paged_attention import PagedAttentionMetadata
 from minivllm.model.qwen3 import Qwen3ForCausalLM
+from minivllm.piecewise import PiecewiseGraphs
 from minivllm.sequence import Sequence
 from minivllm.utils import cdiv
 
@@ -137,11 +141,13 @@ class PreparedStep:
     positions: torch.Tensor | None = None
     meta: PagedAttentionMetadata | None = None
     rows: torch.Tensor | None = None  # the hidden rows to sample (None: all of them, in order)
+    pieces: bool = False  # replays the piecewise graphs (its inputs are in their static buffers)
 
 
 class ModelRunner:
     def __init__(self, model: Qwen3ForCausalLM, kv_cache: PagedKVCache, *, max_model_len: int,
-                 attention_backend: str = "auto", use_cuda_graphs: bool = True, cuda_graph_max_batch: int = 256):
+                 attention_backend: str = "auto", use_cuda_graphs: bool = True, cuda_graph_max_batch: int = 256,
+                 cuda_graph_max_tokens: int = 0):
         self.model = model
         self.kv_cache = kv_cache
         self.device = model.device
@@ -155,8 +161,13 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_batch = 0
         self.last_step_graph = False  # whether the latest execute() replayed a graph (the step log shows it)
+        self.pieces: PiecewiseGraphs | None = None
         if use_cuda_graphs and self.device.type == "cuda":
-            self.capture(cuda_graph_max_batch)
+            pool = torch.cuda.graph_pool_handle()  # NOTE: one pool; a step replays one bucket's graphs at a time
+            if cuda_graph_max_tokens:
+                self.pieces = PiecewiseGraphs(model, kv_cache, cuda_graph_max_tokens, backend=attention_backend,
+                                              pool=pool)
+            self.capture(cuda_graph_max_batch, pool)
 
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()
@@ -183,9 +194,18 @@ class ModelRunner:
             self._fill_static(out, tables, staged_ids, bucket)
             return PreparedStep(out, bucket)
         dev = self.device
+        tokens = len(out.input_ids)
+        pieces = self.pieces is not None and tokens <= self.pieces.max_tokens
+        if pieces:  # the inputs go to the pieces' static buffers, padded to the bucket
+            split, b = self.pieces.split, self.pieces.bucket(tokens)
+            self._copy_padded({"input_ids": split.input_ids, "positions": split.positions,
+                               "slot_mapping": split.slot_mapping}, out, staged_ids, b)
+            slots = split.slot_mapping[:tokens]
+        else:
+            slots = self._stage("slot_mapping", out.slot_mapping, np.int64).to(dev, non_blocking=True)
         meta = PagedAttentionMetadata(
             kv_cache=self.kv_cache,
-            slot_mapping=self._stage("slot_mapping", out.slot_mapping, np.int64).to(dev, non_blocking=True),
+            slot_mapping=slots,
             block_tables=self._stage("block_tables", tables, np.int32).to(dev, non_blocking=True),
             context_lens=self._stage("context_lens", out.seq_lens, np.int32).to(dev, non_blocking=True),
             num_decodes=num_decodes,
@@ -194,13 +214,15 @@ class ModelRunner:
             prefill_context_lens=out.seq_lens[num_decodes:],
             backend=self.backend,
         )
-        input_ids = self._stage("input_ids", out.input_ids, np.int64).to(dev, non_blocking=True) if staged_ids else None
-        positions = self._stage("positions", out.positions, np.int64).to(dev, non_blocking=True)
-        rows = None
-        if len(out.sample_indices) != len(out.input_ids):  # NOTE: else every row is sampled, in order
+        input_ids = positions = rows = None
+        if not pieces:
+            if staged_ids:
+                input_ids = self._stage("input_ids", out.input_ids, np.int64).to(dev, non_blocking=True)
+            positions = self._stage("positions", out.positions, np.int64).to(dev, non_blocking=True)
+        if len(out.sample_indices) != tokens:  # NOTE: else every row is sampled, in order
             rows = self._stage("sample_indices", out.sample_indices, np.int64).to(dev, non_blocking=True)
         self._copies_queued()
-        return PreparedStep(out, 0, input_ids, positions, meta, rows)
+        return PreparedStep(out, 0, input_ids, positions, meta, rows, pieces)
 
     @torch.inference_mode()
     def launch(self, step: "PreparedStep | None", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -215,8 +237,14 @@ class ModelRunner:
                 self.static["input_ids"][:n].copy_(input_ids)
             self.graphs[step.bucket].replay()
             return self.static_logits[step.bucket][:n].float()
-        input_ids = step.input_ids if input_ids is None else input_ids
-        hidden = self.model(input_ids, step.positions, step.meta)  # (tokens, hidden)
+        if step.pieces:
+            tokens = len(step.out.input_ids)
+            if input_ids is not None:
+                self.pieces.split.input_ids[:tokens].copy_(input_ids)
+            hidden = self.pieces.forward(tokens, step.meta)  # (tokens, hidden)
+        else:
+            input_ids = step.input_ids if input_ids is None else input_ids
+            hidden = self.model(input_ids, step.positions, step.meta)  # (tokens, hidden)
         return self.model.compute_logits(hidden if step.rows is None else hidden[step.rows]).float()
 
     def to_device(self, name: str, values, dtype) -> torch.Tensor:
@@ -251,11 +279,10 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ CUDA graphs
     @torch.inference_mode()
-    def capture(self, max_batch: int) -> None:
+    def capture(self, max_batch: int, pool=None) -> None:
         """Capture the decode forward pass for every bucket up to ``max_batch`` (largest first, one memory pool)."""
         self.static = self.static_buffers(max_batch)
         self.static_logits: dict[int, torch.Tensor] = {}
-        pool = None
         for b in reversed(graph_buckets(max_batch)):
             forward = functools.partial(self.static_forward, b)
             forward()  # warm-up: compiles the kernels for these shapes, settles the allocator
@@ -294,19 +321,28 @@ class ModelRunner:
     def _fill_static(self, out: SchedulerOutput, tables: np.ndarray, with_ids: bool, b: int) -> None:
         """Queue the copies of a decode step's inputs into the graphs' static buffers, padded to its bucket ``b``."""
         n = len(out.scheduled)
-        # padding rows: token 0 at position 0, slot -1 (nothing stored), context 1 in block 0
         padded = self._padding_tables(b, tables.shape[1])
         padded[:n] = tables
         s = self.static
-        for name, values, fill, dtype in (("input_ids", out.input_ids if with_ids else (), 0, np.int64),
-                                          ("positions", out.positions, 0, np.int64),
-                                          ("slot_mapping", out.slot_mapping, -1, np.int64),
-                                          ("context_lens", out.seq_lens, 1, np.int32)):
-            padded_values = np.full(b, fill, dtype=dtype)
-            padded_values[: len(values)] = values
-            s[name][:b].copy_(self._stage(name, padded_values, dtype), non_blocking=True)
+        self._copy_padded(s, out, with_ids, b)
         s["block_tables"][:b, : tables.shape[1]].copy_(self._stage("block_tables", padded, np.int32), non_blocking=True)
         self._copies_queued()
+
+    _PADDING = {"input_ids": 0, "positions": 0, "slot_mapping": -1, "context_lens": 1}  # a padding row: token 0
+    #                                                      at position 0, nothing stored, context 1 (in block 0)
+
+    def _copy_padded(self, static: dict[str, torch.Tensor], out: SchedulerOutput, with_ids: bool, b: int) -> None:
+        """Queue the copies of the step's per-row inputs into ``static``'s buffers, padded to ``b`` rows.
+        ``with_ids=False``: the ids are left to the launch (they are still on the device)."""
+        rows = {"input_ids": out.input_ids if with_ids else (), "positions": out.positions,
+                "slot_mapping": out.slot_mapping, "context_lens": out.seq_lens}
+        for name, buffer in static.items():
+            if name not in self._PADDING:
+                continue
+            values, dtype = rows[name], np.int32 if name == "context_lens" else np.int64
+            padded = np.full(b, self._PADDING[name], dtype=dtype)
+            padded[: len(values)] = values
+            buffer[:b].copy_(self._stage(name, padded, dtype), non_blocking=True)
 
     @staticmethod
     def _padding_tables(rows: int, width: int, tables: list[list[int]] = ()) -> np.ndarray:

@@ -255,7 +255,7 @@ def throughput(result: dict) -> Figure:
 
 def latency(result: dict) -> Figure:
     """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, eager), with targets."""
-    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "eager") if m in result]
+    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "decode_graphs_only", "eager") if m in result]
     targets = result.get("targets") or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(modes) + 2.2))
     plt.close(fig)
@@ -264,7 +264,7 @@ def latency(result: dict) -> Figure:
                                   (axes[1], "ttft_ms", targets.get("ttft_1k_ms"),
                                    f"time to first token, {result['ttft_prompt_len']}-token prompt: ms")):
         _bars(ax, [m.replace("_", " ") for m in modes], [result[m][key] for m in modes], "{:.2f}",
-              (DECODE, "#59a14f", PREFILL) if len(modes) == 3 else (DECODE, PREFILL))
+              (DECODE, "#59a14f", "#b07aa1", PREFILL)[:len(modes) - 1] + (PREFILL,))
         if target:
             ax.axvline(target, color="black", ls="--", lw=1, label=f"target {target}")
             ax.set_xlim(0, max(ax.get_xlim()[1], target * 1.2))

@@ -25,6 +25,7 @@ queries and whole context, packed (``cu_seqlens_q``, ``cu_seqlens_k``).
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ import torch.nn.functional as F
 from minivllm.cache.kv_cache import PagedKVCache
 from minivllm.model.layers import LEARNER_KERNELS, launcher
 from minivllm.utils import cdiv
+
+if TYPE_CHECKING:
+    from minivllm.piecewise import AttentionSplit
 
 _FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")  # FlashAttention-2 in CUDA builds of torch
 
@@ -49,6 +53,9 @@ class PagedAttentionMetadata:
     prefill_context_lens: list[int]  # (seqs - num_decodes,)
     backend: str = "auto"  # "auto" | "numba" | "torch"
     varlen: "VarlenLayout | None" = None  # built by the first layer's prefill, reused by the others
+    # NOTE: set only by the runner's piecewise CUDA graphs (minivllm.piecewise): the forward pass is cut at
+    # every attention call, which hands q, k, v to split.attend instead of attending
+    split: "AttentionSplit | None" = None
 
 
 @dataclass(slots=True)
@@ -193,6 +200,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
                     meta: PagedAttentionMetadata, stored: bool = False) -> torch.Tensor:
     """q: (tokens, q_heads, d), k, v: (tokens, kv_heads, d) -> (tokens, q_heads * d). ``stored``: k and v are in
     the cache already (``kernels.qkv_prep`` stored them)."""
+    if meta.split is not None:  # a piecewise CUDA graph ends here: attention runs between two pieces
+        return meta.split.attend(q, k, v, layer, stored)
     if not stored:
         store(k, v, layer, meta)
     n = meta.num_decodes
