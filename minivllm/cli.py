@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
                      help="largest request body; larger ones get 413 (default: 8 MiB)")
     srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    srv.add_argument("--cuda-graph-max-tokens", type=int, default=2048,
+                     help="prefill steps up to this many tokens replay piecewise CUDA graphs; 0: launched op by op")
     srv.add_argument("--async-scheduling", action="store_true",
                      help="plan and prepare each decode step while the one before runs (overlapped loop)")
     srv.add_argument("--reasoning-parser", default="auto", choices=["auto", "qwen3", "none"],
@@ -184,7 +186,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           quantization=args.quantization,
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-          enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling, seed=args.seed,
+          enforce_eager=args.enforce_eager, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
+          async_scheduling=args.async_scheduling, seed=args.seed,
           tensor_parallel_size=args.tensor_parallel_size, api_key=args.api_key,
           allowed_hosts=args.allowed_hosts.split(",") if args.allowed_hosts else None,
           max_request_bytes=args.max_request_bytes, reasoning_parser=args.reasoning_parser, learner=args.learner)
