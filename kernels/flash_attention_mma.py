@@ -1,0 +1,255 @@
+"""Prefill attention on tensor cores: the flash-attention algorithm with ``mma.sync`` from numba (sm_80+).
+
+``kernels.flash_attention`` computes every product as a scalar fp32 FMA, one query row per thread. A GPU's
+tensor cores multiply small matrix tiles instead: one ``mma.sync.m16n8k16`` instruction, issued by a whole
+warp, is a (16 x 16) @ (16 x 8) product of bf16 or fp16 values accumulated in fp32 -- 4,096 multiply-adds in
+one instruction. numba-cuda has no API for them, so ``kernels/_mma.cu`` wraps the instruction (and packing
+two floats into one bf16x2 word) in three-line CUDA C++ functions that the kernels call through
+``cuda.declare_device(..., link=...)``; numba's link-time optimization inlines them.
+
+The algorithm is the same online softmax as ``kernels.flash_attention``; the work is cut differently:
+
+* a block of 4 warps owns 64 query rows of one head; each warp owns 16 of them;
+* the warp's queries sit in registers as mma *A fragments* for the whole kernel (each lane holds pieces of
+  rows ``g`` and ``g + 8``, ``g = lane // 4``: the layout the instruction fixes);
+* the block walks the keys in tiles of 64: it copies the tile's K (row-major) and V (transposed, so that
+  consecutive keys pack into one 32-bit word) into shared memory, padded so the fragment loads hit 32 banks;
+* per tile each warp computes its 16 x 64 scores S = Q K^T (8 x head_dim/16 mma), masks them, updates its
+  running max and sums (4 lanes share a row: two shuffles), and accumulates P V (4 x head_dim/8 mma), where P
+  is the score fragment itself rounded to bf16/fp16: an mma's output layout is the next one's input layout.
+
+Everything is read and written as 32-bit words (a pair of bf16/fp16 values): the launcher views the tensors
+as ``int32``. Limits, honestly: bf16/fp16 only, head_dim 64 or 128, causal (end-aligned) or not; no
+software pipelining (a tile is loaded, then computed: the copy does not overlap the math, which
+FlashAttention-2 does with asynchronous copies); each kv head's tile is loaded once per query head. A GPU
+only: the CUDA simulator cannot run the linked instruction (the CPU checks compile and link the kernels for
+every supported GPU, ``kernels._ptx``; the GPU tests compare against SDPA in fp32).
+``python -m kernels.flash_attention_mma`` checks it and times it against PyTorch's SDPA.
+"""
+
+import math
+from pathlib import Path
+
+import numba
+import torch
+from numba import cuda, types
+
+from kernels._checks import check_tensor
+from kernels._launch import cdiv, launch, resolve_backend
+from kernels.flash_attention import flash_attention_ref
+
+HEAD_DIMS = (64, 128)
+ROWS = 64  # query rows per block (4 warps of 16)
+TILE = 64  # keys per shared-memory tile
+PAD = 4  # extra 32-bit words per shared row: rows start 4 banks apart, so a fragment load is conflict-free
+LOG2E = 1.4426950408889634
+
+_CU = str(Path(__file__).with_name("_mma.cu"))
+_F4 = types.UniTuple(types.float32, 4)
+_MMA_SIG = _F4(*([types.uint32] * 6 + [types.float32] * 4))
+mma_bf16 = cuda.declare_device("mma_bf16", _MMA_SIG, link=[_CU])
+mma_f16 = cuda.declare_device("mma_f16", _MMA_SIG, link=[_CU])
+pack_bf16 = cuda.declare_device("pack_bf16", types.uint32(types.float32, types.float32), link=[_CU])
+pack_f16 = cuda.declare_device("pack_f16", types.uint32(types.float32, types.float32), link=[_CU])
+
+
+def supported(q: torch.Tensor) -> bool:
+    """Whether the tensor-core kernel takes these queries: bf16/fp16 on an sm_80+ GPU, head_dim 64 or 128."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _build(mma, pack, head_dim: int):
+    """The kernel for one (dtype, head_dim): the sizes are constants, so the loops unroll into registers."""
+    W = head_dim // 2  # 32-bit words per row
+    KSTEPS = head_dim // 16  # mma steps over head_dim for S = Q K^T
+    NTILES = head_dim // 8  # 8-column output tiles of P V
+    KS, VT = (TILE, W + PAD), (head_dim, TILE // 2 + PAD)  # shared-memory shapes (constants for numba)
+    QA, S, O = 4 * KSTEPS, 4 * (TILE // 8), 4 * NTILES  # register arrays
+
+    def kernel(q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale_log2, causal):
+        # q, out: (total_q, q_heads, W) int32 words; k, v: (total_k, kv_heads, W); grid (q tiles, q_heads, batch)
+        ks = cuda.shared.array(KS, numba.uint32)  # K tile, row-major: ks[key, word]
+        vt = cuda.shared.array(VT, numba.uint32)  # V tile transposed: vt[d, key pair]
+        qa = cuda.local.array(QA, numba.uint32)  # the warp's Q as A fragments
+        s = cuda.local.array(S, numba.float32)  # scores of one tile: 8 n-tiles x 4 values
+        o = cuda.local.array(O, numba.float32)  # the output accumulators
+        tid = cuda.threadIdx.x
+        warp, lane = tid // 32, tid % 32
+        g, t = lane // 4, lane % 4
+        head, seq = cuda.blockIdx.y, cuda.blockIdx.z
+        kv_head = head // (q.shape[1] // k.shape[1])
+        q_start, k_start = cu_seqlens_q[seq], cu_seqlens_k[seq]
+        q_len, k_len = cu_seqlens_q[seq + 1] - q_start, cu_seqlens_k[seq + 1] - k_start
+        first = cuda.blockIdx.x * ROWS
+        if first >= q_len:
+            return  # the whole block leaves before any barrier
+        offset = k_len - q_len  # end-aligned causal mask: row r sees keys <= r + offset
+        row0 = first + warp * 16 + g  # this lane's two rows: row0 and row0 + 8
+        row1 = row0 + 8
+        for kk in range(KSTEPS):  # Q fragments: rows g / g + 8, words kk*8 + t and kk*8 + 4 + t
+            for h in range(2):
+                w = kk * 8 + 4 * h + t
+                qa[4 * kk + 2 * h] = numba.uint32(q[q_start + row0, head, w]) if row0 < q_len else numba.uint32(0)
+                qa[4 * kk + 2 * h + 1] = numba.uint32(q[q_start + row1, head, w]) if row1 < q_len \
+                    else numba.uint32(0)
+        for i in range(O):
+            o[i] = numba.float32(0.0)
+        m0 = m1 = numba.float32(-math.inf)  # running max (log2 units) of row0 / row1
+        l0 = l1 = numba.float32(0.0)  # this lane's part of the running sums
+        end = k_len
+        if causal:
+            end = min(k_len, min(first + ROWS, q_len) + offset)  # keys any row of the block sees
+        for tile in range(0, end, TILE):
+            for i in range(tid, TILE * W, 4 * 32):  # K tile: coalesced word loads
+                key, w = i // W, i % W
+                ks[key, w] = numba.uint32(k[k_start + tile + key, kv_head, w]) if tile + key < k_len \
+                    else numba.uint32(0)
+            for i in range(tid, (TILE // 2) * W, 4 * 32):  # V tile, transposed: two keys per word
+                pair, w = i // W, i % W
+                key = tile + 2 * pair
+                a = numba.uint32(v[k_start + key, kv_head, w]) if key < k_len else numba.uint32(0)
+                b = numba.uint32(v[k_start + key + 1, kv_head, w]) if key + 1 < k_len else numba.uint32(0)
+                vt[2 * w, pair] = (a & numba.uint32(0xFFFF)) | (b << numba.uint32(16))
+                vt[2 * w + 1, pair] = (a >> numba.uint32(16)) | (b & numba.uint32(0xFFFF0000))
+            cuda.syncthreads()
+            # S = Q K^T: n-tile j holds keys tile + 8j .. + 7; this lane's values: (row0, keys 2t, 2t+1), (row1, same)
+            for j in range(TILE // 8):
+                c0 = c1 = c2 = c3 = numba.float32(0.0)
+                for kk in range(KSTEPS):
+                    c0, c1, c2, c3 = mma(qa[4 * kk], qa[4 * kk + 1], qa[4 * kk + 2], qa[4 * kk + 3],
+                                         ks[8 * j + g, kk * 8 + t], ks[8 * j + g, kk * 8 + 4 + t], c0, c1, c2, c3)
+                key = tile + 8 * j + 2 * t
+                lim0 = min(k_len, row0 + offset + 1) if causal else k_len  # keys < lim are seen
+                lim1 = min(k_len, row1 + offset + 1) if causal else k_len
+                s[4 * j] = c0 * scale_log2 if key < lim0 else numba.float32(-math.inf)
+                s[4 * j + 1] = c1 * scale_log2 if key + 1 < lim0 else numba.float32(-math.inf)
+                s[4 * j + 2] = c2 * scale_log2 if key < lim1 else numba.float32(-math.inf)
+                s[4 * j + 3] = c3 * scale_log2 if key + 1 < lim1 else numba.float32(-math.inf)
+            mx0 = mx1 = numba.float32(-math.inf)
+            for j in range(TILE // 8):
+                mx0 = max(mx0, max(s[4 * j], s[4 * j + 1]))
+                mx1 = max(mx1, max(s[4 * j + 2], s[4 * j + 3]))
+            for lanes in (1, 2):  # the 4 lanes of a row agree on its max
+                mx0 = max(mx0, cuda.shfl_xor_sync(0xFFFFFFFF, mx0, lanes))
+                mx1 = max(mx1, cuda.shfl_xor_sync(0xFFFFFFFF, mx1, lanes))
+            new0, new1 = max(m0, mx0), max(m1, mx1)
+            # NOTE: a row that has seen no key yet keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+            base0 = new0 if new0 != -math.inf else numba.float32(0.0)
+            base1 = new1 if new1 != -math.inf else numba.float32(0.0)
+            alpha0, alpha1 = math.exp2(m0 - base0), math.exp2(m1 - base1)
+            m0, m1 = new0, new1
+            l0 *= alpha0
+            l1 *= alpha1
+            for n in range(NTILES):
+                o[4 * n] *= alpha0
+                o[4 * n + 1] *= alpha0
+                o[4 * n + 2] *= alpha1
+                o[4 * n + 3] *= alpha1
+            for j in range(TILE // 8):
+                s[4 * j] = math.exp2(s[4 * j] - base0)
+                s[4 * j + 1] = math.exp2(s[4 * j + 1] - base0)
+                s[4 * j + 2] = math.exp2(s[4 * j + 2] - base1)
+                s[4 * j + 3] = math.exp2(s[4 * j + 3] - base1)
+                l0 += s[4 * j] + s[4 * j + 1]
+                l1 += s[4 * j + 2] + s[4 * j + 3]
+            # O += P V, 16 keys per step: P's A fragment is two score n-tiles, rounded to the input type
+            for kk in range(TILE // 16):
+                a0 = pack(s[8 * kk], s[8 * kk + 1])
+                a1 = pack(s[8 * kk + 2], s[8 * kk + 3])
+                a2 = pack(s[8 * kk + 4], s[8 * kk + 5])
+                a3 = pack(s[8 * kk + 6], s[8 * kk + 7])
+                for n in range(NTILES):
+                    d = 8 * n + g
+                    o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3] = mma(
+                        a0, a1, a2, a3, vt[d, kk * 8 + t], vt[d, kk * 8 + 4 + t],
+                        o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3])
+            cuda.syncthreads()  # every warp is done with the tile before the next one overwrites it
+        for lanes in (1, 2):  # each row's sum over its 4 lanes
+            l0 += cuda.shfl_xor_sync(0xFFFFFFFF, l0, lanes)
+            l1 += cuda.shfl_xor_sync(0xFFFFFFFF, l1, lanes)
+        inv0 = numba.float32(1.0) / l0 if l0 > 0 else numba.float32(0.0)
+        inv1 = numba.float32(1.0) / l1 if l1 > 0 else numba.float32(0.0)
+        for n in range(NTILES):  # columns 8n + 2t, 8n + 2t + 1: word 4n + t
+            if row0 < q_len:
+                out[q_start + row0, head, 4 * n + t] = numba.int32(pack(o[4 * n] * inv0, o[4 * n + 1] * inv0))
+            if row1 < q_len:
+                out[q_start + row1, head, 4 * n + t] = numba.int32(pack(o[4 * n + 2] * inv1, o[4 * n + 3] * inv1))
+
+    return cuda.jit(kernel)
+
+
+flash_mma_bf16_64 = _build(mma_bf16, pack_bf16, 64)
+flash_mma_bf16_128 = _build(mma_bf16, pack_bf16, 128)
+flash_mma_f16_64 = _build(mma_f16, pack_f16, 64)
+flash_mma_f16_128 = _build(mma_f16, pack_f16, 128)
+KERNELS = {(torch.bfloat16, 64): flash_mma_bf16_64, (torch.bfloat16, 128): flash_mma_bf16_128,
+           (torch.float16, 64): flash_mma_f16_64, (torch.float16, 128): flash_mma_f16_128}
+_SIG = "void(int32[:, :, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[::1], int32[::1], " \
+       "float32, boolean)"
+SIGNATURES = {kernel: [_SIG] for kernel in KERNELS.values()}
+
+
+def flash_attention_mma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int | None = None, scale: float | None = None,
+                        causal: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Like ``kernels.flash_attention.flash_attention`` (packed varlen, GQA, end-aligned causal), on tensor cores.
+
+    q: (total_q, q_heads, d); k, v: (total_k, kv_heads, d), bf16 or fp16, contiguous; cu_seqlens_q/_k: int32
+    (batch + 1,) on the GPU. ``max_seqlen_q`` (the longest query run) sizes the grid; without it the launcher
+    reads ``cu_seqlens_q`` back (a device sync). No other checks read the device: the engine calls this once
+    per layer.
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    check_tensor("q", q, dtypes=(torch.bfloat16, torch.float16), ndim=3)
+    check_tensor("k", k, dtypes=(q.dtype,), shape=(None, None, q.shape[2]), device=q.device)
+    check_tensor("v", v, dtypes=(q.dtype,), shape=tuple(k.shape), device=q.device)
+    if q.shape[2] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
+    if resolve_backend("auto", q, k, v, cu_seqlens_q, cu_seqlens_k) != "gpu":
+        raise RuntimeError("flash_attention_mma runs on a GPU only (the CUDA simulator has no tensor cores)")
+    out = torch.empty_like(q) if out is None else out
+    if q.shape[0] == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    scale = q.shape[2] ** -0.5 if scale is None else scale
+    words = [x.view(torch.int32) for x in (q, k, v, out)]  # (tokens, heads, d / 2): pairs of 16-bit values
+    grid = (cdiv(max_seqlen_q, ROWS), q.shape[1], cu_seqlens_q.shape[0] - 1)
+    launch(KERNELS[(q.dtype, q.shape[2])], grid, 4 * 32, *words, cu_seqlens_q, cu_seqlens_k,
+           numba.float32(scale * LOG2E), bool(causal), backend="gpu")
+    return out
+
+
+def _main() -> None:
+    import torch.nn.functional as F
+
+    from kernels._timing import bench
+
+    if not torch.cuda.is_available():
+        print("needs a GPU (sm_80+); on a CPU, python -m kernels._ptx compiles and links the kernels")
+        return
+    heads, kv_heads, d = 16, 8, 128
+    for n in (1024, 4096, 16384):
+        for dtype in (torch.bfloat16, torch.float16):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(n, heads, d, device="cuda", dtype=dtype, generator=g)
+            k = torch.randn(n, kv_heads, d, device="cuda", dtype=dtype, generator=g)
+            v = torch.randn(n, kv_heads, d, device="cuda", dtype=dtype, generator=g)
+            cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            ours = flash_attention_mma(q, k, v, cu, cu, max_seqlen_q=n)
+            ref = flash_attention_ref(q, k, v, cu, cu)
+            err = (ours.float() - ref.float()).abs().max().item()
+            qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+            t_ours = bench(lambda: flash_attention_mma(q, k, v, cu, cu, max_seqlen_q=n)).median_us
+            t_sdpa = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+                           ).median_us
+            flops = 4 * n * n / 2 * d * heads  # causal: half the score matrix, two matmuls
+            print(f"{n:6d} tokens {str(dtype)[6:]:9s} max |err| {err:.1e}  ours {t_ours:9.1f} us "
+                  f"({flops / t_ours / 1e6:6.1f} TFLOP/s)  SDPA {t_sdpa:8.1f} us  ratio {t_sdpa / t_ours:.3f}")
+
+
+if __name__ == "__main__":
+    _main()

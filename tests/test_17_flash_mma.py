@@ -1,0 +1,65 @@
+"""The tensor-core flash-attention kernel (issue 17): ``kernels.flash_attention_mma`` against SDPA in fp32.
+
+On a CPU: the four kernels (bf16/fp16 x head_dim 64/128) compile and link for every supported GPU (sm_80-sm_90:
+``tests/test_01_compile.py`` builds every module's ``SIGNATURES``), and the launcher refuses CPU tensors clearly.
+On a GPU (marked ``gpu``): packed variable-length batches with GQA, causal (end-aligned: fewer queries than keys,
+as after a prefix hit) and not, lengths that end inside a tile, one-token sequences; the answer key is
+``flash_attention_ref`` (SDPA per sequence in fp32 on the same bf16/fp16 inputs).
+"""
+
+import pytest
+import torch
+
+import kernels.flash_attention_mma as fm
+from kernels.flash_attention import flash_attention_ref
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def test_every_dtype_and_head_dim_has_a_kernel_with_a_signature():
+    assert set(fm.KERNELS) == {(dt, d) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
+    assert set(fm.SIGNATURES) == set(fm.KERNELS.values())
+
+
+def test_cpu_tensors_get_a_clear_error():
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    k = torch.zeros(4, 1, 64, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="GPU only"):
+        fm.flash_attention_mma(q, k, k, cu, cu)
+    with pytest.raises(ValueError, match="head_dim"):
+        fm.flash_attention_mma(q[..., :32], k[..., :32], k[..., :32], cu, cu)
+
+
+def batch(q_lens, k_lens, heads, kv_heads, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(sum(q_lens), heads, d, device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(sum(k_lens), kv_heads, d, device="cuda", dtype=dtype, generator=g)
+    v = torch.randn(sum(k_lens), kv_heads, d, device="cuda", dtype=dtype, generator=g)
+    cu = [torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+          for lens in (q_lens, k_lens)]
+    return q, k, v, *cu
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_batches_match_sdpa(dtype, d, causal):
+    q_lens = [1, 63, 64, 65, 200, 7]
+    k_lens = [1, 63, 64, 130, 200, 300] if causal else [5, 63, 64, 130, 17, 300]  # causal: some keys cached
+    q, k, v, cu_q, cu_k = batch(q_lens, k_lens, 8, 2, d, dtype)
+    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, causal=causal)
+    want = flash_attention_ref(q, k, v, cu_q, cu_k, causal=causal)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("n", [4096, 16384])
+def test_long_prefill_matches_sdpa(n):
+    q, k, v, cu_q, cu_k = batch([n], [n], 16, 8, 128, torch.bfloat16, seed=n)
+    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, max_seqlen_q=n)
+    want = flash_attention_ref(q, k, v, cu_q, cu_k)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
