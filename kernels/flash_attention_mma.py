@@ -59,7 +59,7 @@ def supported(q: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
-def _build(mma, pack, head_dim: int):
+def _build(mma, pack, head_dim: int, name: str):
     """The kernel for one (dtype, head_dim): the sizes are constants, so the loops unroll into registers."""
     W = head_dim // 2  # 32-bit words per row
     KSTEPS = head_dim // 16  # mma steps over head_dim for S = Q K^T
@@ -176,13 +176,14 @@ def _build(mma, pack, head_dim: int):
             if row1 < q_len:
                 out[q_start + row1, head, 4 * n + t] = numba.int32(pack(o[4 * n + 2] * inv1, o[4 * n + 3] * inv1))
 
+    kernel.__name__ = kernel.__qualname__ = name
     return cuda.jit(kernel)
 
 
-flash_mma_bf16_64 = _build(mma_bf16, pack_bf16, 64)
-flash_mma_bf16_128 = _build(mma_bf16, pack_bf16, 128)
-flash_mma_f16_64 = _build(mma_f16, pack_f16, 64)
-flash_mma_f16_128 = _build(mma_f16, pack_f16, 128)
+flash_mma_bf16_64 = _build(mma_bf16, pack_bf16, 64, "flash_mma_bf16_64")
+flash_mma_bf16_128 = _build(mma_bf16, pack_bf16, 128, "flash_mma_bf16_128")
+flash_mma_f16_64 = _build(mma_f16, pack_f16, 64, "flash_mma_f16_64")
+flash_mma_f16_128 = _build(mma_f16, pack_f16, 128, "flash_mma_f16_128")
 KERNELS = {(torch.bfloat16, 64): flash_mma_bf16_64, (torch.bfloat16, 128): flash_mma_bf16_128,
            (torch.float16, 64): flash_mma_f16_64, (torch.float16, 128): flash_mma_f16_128}
 _SIG = "void(int32[:, :, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[::1], int32[::1], " \
