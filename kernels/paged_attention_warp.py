@@ -45,10 +45,10 @@ from kernels.paged_attention import _check, merge_splits, paged_attention_ref, s
 
 WARPS = 4  # warps per block
 UNROLL = 1  # 4-byte kernel: tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
-UNROLL16 = 1  # 16-byte kernel: tokens per lane group per trip, all loaded before any is used. NOTE: 1 reads
+UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded before any is used. NOTE: 1 reads
 #   as the kernel measured on the H200 did (45% of the floor at batch 139 x 850 keys); larger values pass the
 #   simulator tests but are not yet timed on a GPU: `python -m bench.paged_decode` sweeps them, names the best
-MIN_SPLIT = 128  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
+MIN_SPLIT = 64  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 

@@ -29,8 +29,8 @@ def test_token_buckets_cover_every_size_with_bounded_padding(cap):
 
 
 def build(device: str = "cpu", pieces: bool = False, max_tokens: int = 64, **kwargs) -> LLMEngine:
-    e = LLMEngine(model=TINY, device=device, dtype="float32", max_model_len=256,
-                  **{"max_num_seqs": 6, "max_num_batched_tokens": max_tokens, "enable_prefix_caching": True,
+    e = LLMEngine(model=TINY, device=device, max_model_len=256,
+                  **{"dtype": "float32", "max_num_seqs": 6, "max_num_batched_tokens": max_tokens, "enable_prefix_caching": True,
                      "cuda_graph_max_tokens": 0, **kwargs})
     # NOTE: weights ~N(0, 0.3): every token depends on its inputs (the default init makes the model repeat itself)
     g = torch.Generator().manual_seed(1)
