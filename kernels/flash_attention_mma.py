@@ -2,10 +2,9 @@
 
 ``kernels.flash_attention`` computes every product as a scalar fp32 FMA, one query row per thread. A GPU's
 tensor cores multiply small matrix tiles instead: one ``mma.sync.m16n8k16`` instruction, issued by a whole
-warp, is a (16 x 16) @ (16 x 8) product of bf16 or fp16 values accumulated in fp32 -- 4,096 multiply-adds in
-one instruction. numba-cuda has no API for them, so ``kernels/_mma.cu`` wraps the instruction (and packing
-two floats into one bf16x2 word) in three-line CUDA C++ functions that the kernels call through
-``cuda.declare_device(..., link=...)``; numba's link-time optimization inlines them.
+warp, is a (16 x 16) @ (16 x 8) product of bf16 or fp16 values accumulated in fp32 -- 2,048 multiply-adds in
+one instruction. numba-cuda has no API for them, so ``kernels._mma`` emits the instruction (and the packing of
+two floats into one bf16x2 word) as inline PTX from numba intrinsics: no call, no link step, registers only.
 
 The algorithm is the same online softmax as ``kernels.flash_attention``; the work is cut differently:
 
@@ -28,14 +27,14 @@ every supported GPU, ``kernels._ptx``; the GPU tests compare against SDPA in fp3
 """
 
 import math
-from pathlib import Path
 
 import numba
 import torch
-from numba import cuda, types
+from numba import cuda
 
 from kernels._checks import check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
+from kernels._mma import mma_bf16, mma_f16, pack_bf16, pack_f16
 from kernels.flash_attention import flash_attention_ref
 
 HEAD_DIMS = (64, 128)
@@ -43,14 +42,6 @@ ROWS = 64  # query rows per block (4 warps of 16)
 TILE = 64  # keys per shared-memory tile
 PAD = 4  # extra 32-bit words per shared row: rows start 4 banks apart, so a fragment load is conflict-free
 LOG2E = 1.4426950408889634
-
-_CU = str(Path(__file__).with_name("_mma.cu"))
-_F4 = types.UniTuple(types.float32, 4)
-_MMA_SIG = _F4(*([types.uint32] * 6 + [types.float32] * 4))
-mma_bf16 = cuda.declare_device("mma_bf16", _MMA_SIG, link=[_CU])
-mma_f16 = cuda.declare_device("mma_f16", _MMA_SIG, link=[_CU])
-pack_bf16 = cuda.declare_device("pack_bf16", types.uint32(types.float32, types.float32), link=[_CU])
-pack_f16 = cuda.declare_device("pack_f16", types.uint32(types.float32, types.float32), link=[_CU])
 
 
 def supported(q: torch.Tensor) -> bool:

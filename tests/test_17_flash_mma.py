@@ -63,3 +63,44 @@ def test_long_prefill_matches_sdpa(n):
     got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, max_seqlen_q=n)
     want = flash_attention_ref(q, k, v, cu_q, cu_k)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu
+def test_the_engine_prefills_with_it_under_the_numba_backend():
+    """``attention_backend="numba"``: the engine's prefill steps (a prefix hit included: cached keys gathered from
+    the pages) run this kernel, and give the logits of the default backend (PyTorch's FlashAttention-2)."""
+    from dataclasses import replace
+
+    from bench.models import TINY
+    from minivllm.engine import LLMEngine
+    from minivllm.model.layers import launcher
+    from minivllm.sampling_params import SamplingParams
+
+    config = replace(TINY, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    prompts = [list(range(1, 150)), list(range(1, 100)) + [7, 8, 9], [5] * 40]  # the second shares 99 tokens
+    logits = {}
+    for backend in ("auto", "numba"):
+        e = LLMEngine(model=config, device="cuda", dtype="bfloat16", max_model_len=512, attention_backend=backend,
+                      num_kv_blocks=128, enable_prefix_caching=True, cuda_graph_max_tokens=0)
+        calls = []
+        ours = fm.flash_attention_mma
+        if backend == "numba":  # count the calls (the engine finds the kernel through its cached launcher)
+            fm.flash_attention_mma = lambda *a, **kw: calls.append(1) or ours(*a, **kw)
+            launcher.cache_clear()
+        seen = []
+        compute = e.model.compute_logits
+        e.model.compute_logits = lambda h: seen.append(compute(h).float()) or seen[-1]
+        try:
+            for p in prompts:  # one at a time: the second is a prefix hit
+                e.add_request(p, SamplingParams(temperature=0, max_tokens=1))
+                while e.has_unfinished_requests():
+                    e.step()
+        finally:
+            fm.flash_attention_mma = ours
+            launcher.cache_clear()
+        logits[backend] = torch.cat(seen)
+        if backend == "numba":
+            assert len(calls) == len(prompts) * config.num_hidden_layers
+        assert any(rec.num_cached_prefill_tokens for rec in e.step_log)
+    torch.testing.assert_close(logits["numba"], logits["auto"], atol=0.05, rtol=0.02)

@@ -13,9 +13,10 @@ Each layer then
 3. prefills: each chunk's queries over its context, causal and aligned to the end. On a GPU in bf16/fp16,
    **one** variable-length FlashAttention call per layer for every prefill sequence of the step
    (``cu_seqlens``; tensor cores), the keys read back from the cache in one gather only when part of some
-   context was computed in an earlier step; ``attention_backend="numba"`` takes our
-   ``kernels.flash_attention_paged`` instead. Elsewhere (a CPU, fp32) one ``scaled_dot_product_attention``
-   per sequence.
+   context was computed in an earlier step; ``attention_backend="numba"`` takes our tensor-core kernel
+   (``kernels.flash_attention_mma``, sm_80+, head_dim 64/128) on the same inputs, or else our scalar
+   ``kernels.flash_attention_paged``. Elsewhere (a CPU, fp32) one ``scaled_dot_product_attention`` per
+   sequence.
 
 :class:`PagedAttentionMetadata` carries the batch's layout, built once per step by the runner and
 passed down explicitly. Host-side copies of the lengths avoid a device sync per layer. On a GPU, a learner's
@@ -90,12 +91,16 @@ def _varlen_layout(meta: PagedAttentionMetadata, block_size: int, device: torch.
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
-                  meta: PagedAttentionMetadata) -> torch.Tensor:
-    """Every prefill sequence in one FlashAttention call: q (tokens, q_heads, d) -> (tokens, q_heads, d)."""
+                  meta: PagedAttentionMetadata, ours: bool = False) -> torch.Tensor:
+    """Every prefill sequence in one FlashAttention call: q (tokens, q_heads, d) -> (tokens, q_heads, d).
+    ``ours``: our tensor-core kernel (``kernels.flash_attention_mma``) rather than PyTorch's FlashAttention-2."""
     kv = meta.kv_cache.kv[layer]  # (blocks, 2, block_size, kv_heads, d)
     lay = _varlen_layout(meta, kv.shape[2], q.device)
     if lay.blocks is not None:  # the whole contexts, cached keys included, in the packed order of cu_k
         k, v = kv[lay.blocks, 0, lay.offsets], kv[lay.blocks, 1, lay.offsets]
+    if ours:
+        return launcher("flash_attention_mma", "flash_attention_mma")(q, k, v, lay.cu_q, lay.cu_k,
+                                                                      max_seqlen_q=lay.max_q)
     # causal with fewer queries than keys aligns the queries to the end: query i sees keys <= its position
     return torch.ops.aten._flash_attention_forward(q, k, v, lay.cu_q, lay.cu_k, lay.max_q, lay.max_k, 0.0, True,
                                                    False)[0]
@@ -174,6 +179,8 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
                                                   _cu_seqlens(meta.prefill_context_lens, q.device))
     if _flash_ok(q, meta):
         return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), layer, meta)
+    if q.is_cuda and meta.backend == "numba" and launcher("flash_attention_mma", "supported")(q):
+        return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), layer, meta, ours=True)
     if q.is_cuda and meta.backend == "numba":
         n = meta.num_decodes
         cu = torch.tensor([0, *torch.tensor(meta.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
