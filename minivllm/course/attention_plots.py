@@ -198,7 +198,7 @@ def kernel_tiles(q_len: int, k_len: int, rows: int, tile: int) -> Figure:
 
 def prefill_speed(result: dict) -> Figure:
     """``bench/results/07_attention.json`` drawn: time per call (left) and TFLOP/s (right) against prompt length,
-    our numba kernel (dense and paged) and SDPA's flash backend; the right panel marks the spec-sheet peaks of
+    our numba kernels (scalar: dense and paged; tensor cores) and SDPA's flash backend; the right panel marks the spec-sheet peaks of
     scalar fp32 FMAs and of bf16 tensor cores. A series is drawn at the sizes where it was measured."""
     from minivllm.course.plots import provenance
 
@@ -209,6 +209,7 @@ def prefill_speed(result: dict) -> Figure:
     fig, (ax_ms, ax_tf) = plt.subplots(1, 2, figsize=(11, 4))
     series = [("numba", "ours (numba, scalar FMAs)", "#C44E52", "o-"),
               ("numba_paged", "ours, K/V from the paged pool", "#DD8452", "s--"),
+              ("mma", "ours on tensor cores (numba + mma.sync)", "#55A868", "^-"),
               ("sdpa", "SDPA flash backend (tensor cores)", "#4C72B0", "o-")]
     for key, label, color, style in series:
         pts = [(r["tokens"], r[f"{key}_ms"], r[f"{key}_tflops"]) for r in rows if r.get(f"{key}_ms") is not None]

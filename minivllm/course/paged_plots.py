@@ -224,11 +224,12 @@ def decode_vs_floor(result: dict, *, batch: int = 32) -> Figure:
     return fig
 
 
-def decode_settings(result: dict) -> Figure:
+def decode_settings(result: dict, current: tuple[int, int] | None = None) -> Figure:
     """``bench/results/17_paged_decode_cuda.json`` drawn (``python -m bench.paged_decode``): for each case, the
     fraction of the bandwidth floor that each launch setting of version 2's 16-byte kernel reaches: warps per
     block and tokens per lane group per trip (``unroll``: its loads all issued before any is used). The dotted
-    line is the target; the setting the module uses is outlined."""
+    line is the target; the setting the module uses is outlined: ``current`` = (warps, unroll), by default the
+    one the module used when it was measured."""
     from minivllm.course.plots import provenance
 
     settings = result["settings"]
@@ -236,7 +237,8 @@ def decode_settings(result: dict) -> Figure:
     if not settings or not names:
         raise ValueError("the result has no settings or no cases")
     keys = sorted(settings, key=lambda k: (settings[k]["warps"], settings[k]["unroll"]))
-    default = f"w{result['defaults']['warps']}_u{result['defaults']['unroll']}"
+    warps, unroll = current or (result["defaults"]["warps"], result["defaults"]["unroll"])
+    default = f"w{warps}_u{unroll}"
     width = 0.8 / len(keys)
     colors = _shades("Purples", len(keys))
     fig, ax = plt.subplots(figsize=(12, 4.6))
@@ -246,7 +248,7 @@ def decode_settings(result: dict) -> Figure:
         ax.bar(xs, [s["floor_fraction"][n] for n in names], width, color=color, gid=key,
                edgecolor="black" if key == default else color, linewidth=1.5 if key == default else 0.5,
                label=f"{s['warps']} warps, {s['unroll']} token{'s' if s['unroll'] > 1 else ''} per trip"
-                     + ("  (the default)" if key == default else ""))
+                     + ("  (the module's setting)" if key == default else ""))
     target = result.get("floor_target")
     if target:
         ax.axhline(target, color="gray", linestyle=":", label=f"target {target:.0%}")
