@@ -35,6 +35,7 @@ from numba import cuda
 from kernels._checks import check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
 from kernels._mma import mma_bf16, mma_f16, pack_bf16, pack_f16
+from kernels._vec16 import load_words
 from kernels.flash_attention import flash_attention_ref
 
 HEAD_DIMS = (64, 128)
@@ -50,16 +51,27 @@ def supported(q: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
+@cuda.jit(device=True, inline=True)
+def _transpose_pair(vt, d, pair, a, b):
+    """Words ``a`` (key 2p: elements d, d+1) and ``b`` (key 2p+1: the same elements) -> vt[d, p], vt[d+1, p]."""
+    a, b = numba.uint32(a), numba.uint32(b)
+    vt[d, pair] = (a & numba.uint32(0xFFFF)) | (b << numba.uint32(16))
+    vt[d + 1, pair] = (a >> numba.uint32(16)) | (b & numba.uint32(0xFFFF0000))
+
+
 def _build(mma, pack, head_dim: int, name: str):
     """The kernel for one (dtype, head_dim): the sizes are constants, so the loops unroll into registers."""
     W = head_dim // 2  # 32-bit words per row
+    C = head_dim // 8  # 16-byte chunks per row
+    THREADS = 4 * 32
     KSTEPS = head_dim // 16  # mma steps over head_dim for S = Q K^T
     NTILES = head_dim // 8  # 8-column output tiles of P V
     KS, VT = (TILE, W + PAD), (head_dim, TILE // 2 + PAD)  # shared-memory shapes (constants for numba)
     QA, S, O = 4 * KSTEPS, 4 * (TILE // 8), 4 * NTILES  # register arrays
 
     def kernel(q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale_log2, causal):
-        # q, out: (total_q, q_heads, W) int32 words; k, v: (total_k, kv_heads, W); grid (q tiles, q_heads, batch)
+        # q, out: (total_q, q_heads, W) int32 words; k, v: (total_k, kv_heads, C) 16-byte chunks (complex128);
+        # grid (q tiles, q_heads, batch), 4 warps per block
         ks = cuda.shared.array(KS, numba.uint32)  # K tile, row-major: ks[key, word]
         vt = cuda.shared.array(VT, numba.uint32)  # V tile transposed: vt[d, key pair]
         qa = cuda.local.array(QA, numba.uint32)  # the warp's Q as A fragments
@@ -92,17 +104,27 @@ def _build(mma, pack, head_dim: int, name: str):
         if causal:
             end = min(k_len, min(first + ROWS, q_len) + offset)  # keys any row of the block sees
         for tile in range(0, end, TILE):
-            for i in range(tid, TILE * W, 4 * 32):  # K tile: coalesced word loads
-                key, w = i // W, i % W
-                ks[key, w] = numba.uint32(k[k_start + tile + key, kv_head, w]) if tile + key < k_len \
-                    else numba.uint32(0)
-            for i in range(tid, (TILE // 2) * W, 4 * 32):  # V tile, transposed: two keys per word
-                pair, w = i // W, i % W
+            for i in range(tid, TILE * C, THREADS):  # K tile: 16-byte loads, consecutive lanes along a row
+                key, c = i // C, i % C
+                w0 = w1 = w2 = w3 = numba.int32(0)
+                if tile + key < k_len:
+                    w0, w1, w2, w3 = load_words(k[k_start + tile + key, kv_head], c)
+                ks[key, 4 * c] = numba.uint32(w0)
+                ks[key, 4 * c + 1] = numba.uint32(w1)
+                ks[key, 4 * c + 2] = numba.uint32(w2)
+                ks[key, 4 * c + 3] = numba.uint32(w3)
+            for i in range(tid, (TILE // 2) * C, THREADS):  # V tile, transposed: two keys per word
+                pair, c = i % (TILE // 2), i // (TILE // 2)  # NOTE: lanes along keys: conflict-free stores
                 key = tile + 2 * pair
-                a = numba.uint32(v[k_start + key, kv_head, w]) if key < k_len else numba.uint32(0)
-                b = numba.uint32(v[k_start + key + 1, kv_head, w]) if key + 1 < k_len else numba.uint32(0)
-                vt[2 * w, pair] = (a & numba.uint32(0xFFFF)) | (b << numba.uint32(16))
-                vt[2 * w + 1, pair] = (a >> numba.uint32(16)) | (b & numba.uint32(0xFFFF0000))
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = numba.int32(0)
+                if key < k_len:
+                    a0, a1, a2, a3 = load_words(v[k_start + key, kv_head], c)
+                if key + 1 < k_len:
+                    b0, b1, b2, b3 = load_words(v[k_start + key + 1, kv_head], c)
+                _transpose_pair(vt, 8 * c, pair, a0, b0)
+                _transpose_pair(vt, 8 * c + 2, pair, a1, b1)
+                _transpose_pair(vt, 8 * c + 4, pair, a2, b2)
+                _transpose_pair(vt, 8 * c + 6, pair, a3, b3)
             cuda.syncthreads()
             # S = Q K^T: n-tile j holds keys tile + 8j .. + 7; this lane's values: (row0, keys 2t, 2t+1), (row1, same)
             for j in range(TILE // 8):
@@ -177,8 +199,8 @@ flash_mma_f16_64 = _build(mma_f16, pack_f16, 64, "flash_mma_f16_64")
 flash_mma_f16_128 = _build(mma_f16, pack_f16, 128, "flash_mma_f16_128")
 KERNELS = {(torch.bfloat16, 64): flash_mma_bf16_64, (torch.bfloat16, 128): flash_mma_bf16_128,
            (torch.float16, 64): flash_mma_f16_64, (torch.float16, 128): flash_mma_f16_128}
-_SIG = "void(int32[:, :, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[::1], int32[::1], " \
-       "float32, boolean)"
+_SIG = "void(int32[:, :, ::1], complex128[:, :, ::1], complex128[:, :, ::1], int32[:, :, ::1], int32[::1], " \
+       "int32[::1], float32, boolean)"
 SIGNATURES = {kernel: [_SIG] for kernel in KERNELS.values()}
 
 
@@ -208,9 +230,11 @@ def flash_attention_mma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     scale = q.shape[2] ** -0.5 if scale is None else scale
-    words = [x.view(torch.int32) for x in (q, k, v, out)]  # (tokens, heads, d / 2): pairs of 16-bit values
+    k, v = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (k, v))  # NOTE: 16-byte loads need alignment
+    # q and out as 32-bit words (pairs of 16-bit values), k and v as 16-byte chunks (8 values)
+    args = (q.view(torch.int32), k.view(torch.complex128), v.view(torch.complex128), out.view(torch.int32))
     grid = (cdiv(max_seqlen_q, ROWS), q.shape[1], cu_seqlens_q.shape[0] - 1)
-    launch(KERNELS[(q.dtype, q.shape[2])], grid, 4 * 32, *words, cu_seqlens_q, cu_seqlens_k,
+    launch(KERNELS[(q.dtype, q.shape[2])], grid, 4 * 32, *args, cu_seqlens_q, cu_seqlens_k,
            numba.float32(scale * LOG2E), bool(causal), backend="gpu")
     return out
 
