@@ -11,11 +11,16 @@ columns 2t+8, 2t+9; a3 = row g+8, those columns; b0 = rows 2t, 2t+1 of column g;
 g; c and d = (row g, columns 2t, 2t+1), then (row g+8, the same columns). ``mma_f16``: the same for fp16.
 ``pack_bf16(lo, hi)`` / ``pack_f16(lo, hi)``: two floats rounded into one word, ``lo`` in bits 0-15 (the
 order of memory).
+
+In numba's CUDA simulator (a CPU) the four names are Python stand-ins that compute the same results from the
+same fragment layout (see the end of this module), so a kernel's indexing can be checked without a GPU.
 """
 
 from llvmlite import ir
 from numba import types
 from numba.cuda.extending import intrinsic
+
+from kernels._env import simulator_enabled
 
 _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0,$1,$2,$3}}, {{$4,$5,$6,$7}}, {{$8,$9}}, "
         "{{$10,$11,$12,$13}};")
@@ -55,3 +60,74 @@ mma_bf16 = _mma("bf16")
 mma_f16 = _mma("f16")
 pack_bf16 = _pack("bf16")
 pack_f16 = _pack("f16")
+
+
+# ----------------------------------------------------------------------------- the CUDA simulator
+# The simulator runs a kernel's Python source thread by thread; it cannot run PTX. These stand-ins compute what
+# the instructions compute, from the fragment layout of NVIDIA's PTX ISA (above): each lane publishes its
+# fragments, rebuilds the whole A (16 x 16) and B (16 x 8) from the warp's, and keeps its own four results. The
+# kernels' simulator tests check the kernels' indexing against that layout.
+def _halves_to_floats(bits, ptx_type: str):
+    """uint32 array of 16-bit values -> their float64 values (bf16 or fp16)."""
+    import numpy as np
+
+    if ptx_type == "bf16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+    return bits.astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+def _float_to_bits(x: float, ptx_type: str) -> int:
+    import numpy as np
+    import torch
+
+    if ptx_type == "bf16":
+        return int(torch.tensor(float(x), dtype=torch.float32).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+    return int(np.array(x, dtype=np.float16).view(np.uint16))
+
+
+def _simulated_mma(ptx_type: str):
+    import numpy as np
+
+    g, t = np.arange(32) // 4, np.arange(32) % 4  # every lane's group and thread-in-group
+    a_at = [(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]  # (row, column) of a0..a3's low half
+    b_at = [(2 * t, g), (2 * t + 8, g)]  # (row, column) of b0, b1's low half
+
+    def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        import threading
+
+        from kernels._simulator import warp_values
+
+        words = np.array(warp_values(tuple(int(np.uint32(x)) for x in (a0, a1, a2, a3, b0, b1))), dtype=np.uint32)
+        lo = _halves_to_floats(words & np.uint32(0xFFFF), ptx_type)  # (32 lanes, 6 words)
+        hi = _halves_to_floats(words >> np.uint32(16), ptx_type)
+        A, B = np.zeros((16, 16)), np.zeros((16, 8))
+        for i, (row, col) in enumerate(a_at):
+            A[row, col], A[row, col + 1] = lo[:, i], hi[:, i]
+        for i, (row, col) in enumerate(b_at):
+            B[row, col], B[row + 1, col] = lo[:, 4 + i], hi[:, 4 + i]
+        D = A @ B
+        lane = threading.current_thread().thread_id % 32
+        r, c = lane // 4, 2 * (lane % 4)
+        return (np.float32(D[r, c] + c0), np.float32(D[r, c + 1] + c1),
+                np.float32(D[r + 8, c] + c2), np.float32(D[r + 8, c + 1] + c3))
+
+    return mma
+
+
+def _simulated_pack(ptx_type: str):
+    def pack(lo, hi):
+        import numpy as np
+
+        return np.uint32(_float_to_bits(lo, ptx_type) | (_float_to_bits(hi, ptx_type) << 16))
+
+    return pack
+
+
+def _use_simulator() -> None:
+    global mma_bf16, mma_f16, pack_bf16, pack_f16
+    mma_bf16, mma_f16 = _simulated_mma("bf16"), _simulated_mma("f16")
+    pack_bf16, pack_f16 = _simulated_pack("bf16"), _simulated_pack("f16")
+
+
+if simulator_enabled():
+    _use_simulator()

@@ -30,6 +30,21 @@ def _exchange(module, value, source_lane) -> object:
     return out
 
 
+def warp_values(value) -> list:
+    """Every lane's ``value`` in this thread's warp, lane by lane (the simulated ``kernels._mma`` needs the
+    whole warp's fragments). Called by every thread of the block, like the shuffles."""
+    me = threading.current_thread()
+    import numba.cuda as module  # the simulator's fake module holds the mailbox in its namespace
+
+    box = module.__dict__.setdefault("_warp_gather_box", {})
+    base = me.thread_id - me.thread_id % 32
+    box[me.thread_id] = value
+    me.syncthreads()
+    out = [box.get(base + lane) for lane in range(32)]
+    me.syncthreads()
+    return out
+
+
 def _shfl_sync(self, mask, value, src_lane):
     return _exchange(self, value, lambda lane: src_lane % 32)
 
@@ -75,10 +90,45 @@ def _install_libdevice_casts() -> None:
     libdevice.longlong_as_double = lambda x: _bitcast(x, np.int64, np.float64)
 
 
+def _locked_shared_arrays() -> None:
+    """The simulator allocates a block's shared array when the first thread reaches ``cuda.shared.array`` --
+    a check-then-set without a lock, so two threads switched between the check and the set get two arrays and
+    stop sharing (rare at Python's default 5 ms thread switch interval, common at the short one ``launch``
+    uses). Make it atomic."""
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    if getattr(FakeCUDAShared.array, "_locked", False):
+        return
+    import sys
+
+    import numpy as np
+    from numba import types
+    from numba.np import numpy_support
+
+    lock, dynamic = threading.Lock(), FakeCUDAShared.array
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or the simulator's error
+            return dynamic(self, shape, dtype, alignment)
+        caller = sys._getframe(1)  # NOTE: one array per source line of the kernel, as the simulator keys them
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                res = self._allocations[key] = np.empty(shape, dt)
+        return res
+
+    array._locked = True
+    FakeCUDAShared.array = array
+
+
 def install() -> None:
-    """Add warp intrinsics and libdevice bit casts to the simulator (idempotent)."""
+    """Add warp intrinsics and libdevice bit casts to the simulator, lock its shared-array allocation
+    (idempotent)."""
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
+    _locked_shared_arrays()
     _install_libdevice_casts()
     for name, fn in {
         "shfl_sync": _shfl_sync,

@@ -20,9 +20,10 @@ The algorithm is the same online softmax as ``kernels.flash_attention``; the wor
 Everything is read and written as 32-bit words (a pair of bf16/fp16 values): the launcher views the tensors
 as ``int32``. Limits, honestly: bf16/fp16 only, head_dim 64 or 128, causal (end-aligned) or not; no
 software pipelining (a tile is loaded, then computed: the copy does not overlap the math, which
-FlashAttention-2 does with asynchronous copies); each kv head's tile is loaded once per query head. A GPU
-only: the CUDA simulator cannot run the linked instruction (the CPU checks compile and link the kernels for
-every supported GPU, ``kernels._ptx``; the GPU tests compare against SDPA in fp32).
+FlashAttention-2 does with asynchronous copies); each kv head's tile is loaded once per query head. Checked
+three ways: in numba's CUDA simulator on tiny shapes (``kernels._mma``'s stand-ins compute the instruction from
+its documented fragment layout), compiled and linked for every supported GPU on any machine (``kernels._ptx``),
+and on a GPU against SDPA in fp32 (``tests/test_17_flash_mma.py``).
 ``python -m kernels.flash_attention_mma`` checks it and times it against PyTorch's SDPA.
 """
 
@@ -39,7 +40,7 @@ from kernels._vec16 import load_words
 from kernels.flash_attention import flash_attention_ref
 
 HEAD_DIMS = (64, 128)
-ROWS = 64  # query rows per block (4 warps of 16)
+WARPS = 4  # warps per block, 16 query rows each (read at call time; the simulator tests use 1: fewer threads)
 TILE = 64  # keys per shared-memory tile
 PAD = 4  # extra 32-bit words per shared row: rows start 4 banks apart, so a fragment load is conflict-free
 LOG2E = 1.4426950408889634
@@ -59,11 +60,12 @@ def _transpose_pair(vt, d, pair, a, b):
     vt[d + 1, pair] = (a >> numba.uint32(16)) | (b & numba.uint32(0xFFFF0000))
 
 
-def _build(mma, pack, head_dim: int, name: str):
+def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
     """The kernel for one (dtype, head_dim): the sizes are constants, so the loops unroll into registers."""
     W = head_dim // 2  # 32-bit words per row
     C = head_dim // 8  # 16-byte chunks per row
-    THREADS = 4 * 32
+    THREADS = 32 * warps
+    ROWS = 16 * warps  # query rows per block
     KSTEPS = head_dim // 16  # mma steps over head_dim for S = Q K^T
     NTILES = head_dim // 8  # 8-column output tiles of P V
     KS, VT = (TILE, W + PAD), (head_dim, TILE // 2 + PAD)  # shared-memory shapes (constants for numba)
@@ -197,11 +199,21 @@ flash_mma_bf16_64 = _build(mma_bf16, pack_bf16, 64, "flash_mma_bf16_64")
 flash_mma_bf16_128 = _build(mma_bf16, pack_bf16, 128, "flash_mma_bf16_128")
 flash_mma_f16_64 = _build(mma_f16, pack_f16, 64, "flash_mma_f16_64")
 flash_mma_f16_128 = _build(mma_f16, pack_f16, 128, "flash_mma_f16_128")
+_VARIANTS = {torch.bfloat16: (mma_bf16, pack_bf16, "bf16"), torch.float16: (mma_f16, pack_f16, "f16")}
 KERNELS = {(torch.bfloat16, 64): flash_mma_bf16_64, (torch.bfloat16, 128): flash_mma_bf16_128,
            (torch.float16, 64): flash_mma_f16_64, (torch.float16, 128): flash_mma_f16_128}
 _SIG = "void(int32[:, :, ::1], complex128[:, :, ::1], complex128[:, :, ::1], int32[:, :, ::1], int32[::1], " \
        "int32[::1], float32, boolean)"
 SIGNATURES = {kernel: [_SIG] for kernel in KERNELS.values()}
+
+
+def _kernel(dtype: torch.dtype, head_dim: int, warps: int):
+    """The kernel for these constants: the four above at 4 warps, any other warp count built on first use."""
+    key = (dtype, head_dim) if warps == 4 else (dtype, head_dim, warps)
+    if key not in KERNELS:
+        mma, pack, name = _VARIANTS[dtype]
+        KERNELS[key] = _build(mma, pack, head_dim, f"flash_mma_{name}_{head_dim}_w{warps}", warps)
+    return KERNELS[key]
 
 
 def flash_attention_mma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -222,8 +234,10 @@ def flash_attention_mma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {q.shape[2]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q_heads ({q.shape[1]}) must be a multiple of kv_heads ({k.shape[1]})")
-    if resolve_backend("auto", q, k, v, cu_seqlens_q, cu_seqlens_k) != "gpu":
-        raise RuntimeError("flash_attention_mma runs on a GPU only (the CUDA simulator has no tensor cores)")
+    where = resolve_backend("auto", q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if where == "torch":
+        raise RuntimeError("flash_attention_mma runs on a GPU (sm_80+), or in numba's CUDA simulator (tiny shapes: "
+                           "set NUMBA_ENABLE_CUDASIM=1 before numba is imported)")
     out = torch.empty_like(q) if out is None else out
     if q.shape[0] == 0:
         return out
@@ -233,9 +247,10 @@ def flash_attention_mma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     k, v = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (k, v))  # NOTE: 16-byte loads need alignment
     # q and out as 32-bit words (pairs of 16-bit values), k and v as 16-byte chunks (8 values)
     args = (q.view(torch.int32), k.view(torch.complex128), v.view(torch.complex128), out.view(torch.int32))
-    grid = (cdiv(max_seqlen_q, ROWS), q.shape[1], cu_seqlens_q.shape[0] - 1)
-    launch(KERNELS[(q.dtype, q.shape[2])], grid, 4 * 32, *args, cu_seqlens_q, cu_seqlens_k,
-           numba.float32(scale * LOG2E), bool(causal), backend="gpu")
+    warps = WARPS
+    grid = (cdiv(max_seqlen_q, 16 * warps), q.shape[1], cu_seqlens_q.shape[0] - 1)
+    launch(_kernel(q.dtype, q.shape[2], warps), grid, 32 * warps, *args, cu_seqlens_q, cu_seqlens_k,
+           numba.float32(scale * LOG2E), bool(causal), backend=where)
     return out
 
 

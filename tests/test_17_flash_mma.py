@@ -1,7 +1,10 @@
 """The tensor-core flash-attention kernel (issue 17): ``kernels.flash_attention_mma`` against SDPA in fp32.
 
-On a CPU: the four kernels (bf16/fp16 x head_dim 64/128) compile and link for every supported GPU (sm_80-sm_90:
-``tests/test_01_compile.py`` builds every module's ``SIGNATURES``), and the launcher refuses CPU tensors clearly.
+On a CPU: the kernel's source runs in numba's CUDA simulator with ``kernels._mma``'s stand-ins for the tensor-core
+instruction (built from its documented fragment layout: an independent statement of what each lane holds), on
+shapes small enough for a simulator -- one warp per block, a prompt over cached context across two key tiles,
+bf16 and fp16, causal and not; the four kernels (bf16/fp16 x head_dim 64/128) compile and link for every supported
+GPU (sm_80-sm_90: ``tests/test_01_compile.py`` builds every module's ``SIGNATURES``).
 On a GPU (marked ``gpu``): packed variable-length batches with GQA, causal (end-aligned: fewer queries than keys,
 as after a prefix hit) and not, lengths that end inside a tile, one-token sequences; the answer key is
 ``flash_attention_ref`` (SDPA per sequence in fp32 on the same bf16/fp16 inputs).
@@ -11,24 +14,44 @@ import pytest
 import torch
 
 import kernels.flash_attention_mma as fm
+from kernels._env import simulator_enabled
 from kernels.flash_attention import flash_attention_ref
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def test_every_dtype_and_head_dim_has_a_kernel_with_a_signature():
-    assert set(fm.KERNELS) == {(dt, d) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
-    assert set(fm.SIGNATURES) == set(fm.KERNELS.values())
+    defaults = {(dt, d) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
+    assert defaults <= set(fm.KERNELS) and set(fm.SIGNATURES) == {fm.KERNELS[key] for key in defaults}
 
 
-def test_cpu_tensors_get_a_clear_error():
-    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
-    k = torch.zeros(4, 1, 64, dtype=torch.bfloat16)
+def test_bad_shapes_get_a_clear_error():
+    q = torch.zeros(4, 2, 32, dtype=torch.bfloat16)
     cu = torch.tensor([0, 4], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="GPU only"):
-        fm.flash_attention_mma(q, k, k, cu, cu)
     with pytest.raises(ValueError, match="head_dim"):
-        fm.flash_attention_mma(q[..., :32], k[..., :32], k[..., :32], cu, cu)
+        fm.flash_attention_mma(q, q[:, :1], q[:, :1], cu, cu)
+    q = torch.zeros(4, 3, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple"):
+        fm.flash_attention_mma(q, q[:, :2], q[:, :2], cu, cu)
+
+
+simulator = pytest.mark.skipif(not simulator_enabled(), reason="the CUDA simulator's check (a machine without a GPU)")
+
+
+@simulator
+@pytest.mark.parametrize("dtype, causal", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16-causal", "fp16"])
+def test_the_kernel_in_the_simulator(monkeypatch, dtype, causal):
+    """16 new queries after 54 cached keys (end-aligned causal: the first query sees 55 keys, the last all 70), so
+    two key tiles, the second partly past the end; GQA (2 query heads over 1 kv head). Non-causal: 9 queries."""
+    monkeypatch.setattr(fm, "WARPS", 1)  # 32 threads a block: the simulator's barriers cost per thread
+    g = torch.Generator().manual_seed(3)
+    q_len = 16 if causal else 9
+    q = torch.randn(q_len, 2, 64, generator=g).to(dtype)
+    k, v = (torch.randn(70, 1, 64, generator=g).to(dtype) for _ in range(2))
+    cu_q, cu_k = torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([0, 70], dtype=torch.int32)
+    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, causal=causal)
+    want = flash_attention_ref(q, k, v, cu_q, cu_k, causal=causal)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
 
 
 def batch(q_lens, k_lens, heads, kv_heads, d, dtype, seed=0):
