@@ -204,7 +204,8 @@ KERNELS = {(torch.bfloat16, 64): flash_mma_bf16_64, (torch.bfloat16, 128): flash
            (torch.float16, 64): flash_mma_f16_64, (torch.float16, 128): flash_mma_f16_128}
 _SIG = "void(int32[:, :, ::1], complex128[:, :, ::1], complex128[:, :, ::1], int32[:, :, ::1], int32[::1], " \
        "int32[::1], float32, boolean)"
-SIGNATURES = {kernel: [_SIG] for kernel in KERNELS.values()}
+SIGNATURES = {kernel: [_SIG] for kernel in KERNELS.values()} | {
+    _transpose_pair: ["void(uint32[:, ::1], int64, int64, int32, int32)"]}
 
 
 def _kernel(dtype: torch.dtype, head_dim: int, warps: int):

@@ -22,7 +22,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 def test_every_dtype_and_head_dim_has_a_kernel_with_a_signature():
     defaults = {(dt, d) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
-    assert defaults <= set(fm.KERNELS) and set(fm.SIGNATURES) == {fm.KERNELS[key] for key in defaults}
+    assert defaults <= set(fm.KERNELS)
+    assert {fm.KERNELS[key] for key in defaults} <= set(fm.SIGNATURES)  # kernels._ptx compiles each for every GPU
 
 
 def test_bad_shapes_get_a_clear_error():
