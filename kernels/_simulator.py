@@ -16,33 +16,27 @@ import threading
 _FULL_MASK = 0xFFFFFFFF
 
 
-def _exchange(module, value, source_lane) -> object:
-    """Publish ``value`` for this thread, then return what lane ``source_lane(lane)`` published."""
-    me = threading.current_thread()
-    box = module.__dict__.setdefault("_warp_mailbox", {})
-    lane = me.thread_id % 32
-    base = me.thread_id - lane
-    box[me.thread_id] = value
-    me.syncthreads()
-    src = source_lane(lane)
-    out = box.get(base + src, value) if 0 <= src < 32 else value
-    me.syncthreads()
-    return out
+_MAILBOX: dict[int, object] = {}  # thread id in the block -> the value it published (blocks run one at a time)
 
 
 def warp_values(value) -> list:
-    """Every lane's ``value`` in this thread's warp, lane by lane (the simulated ``kernels._mma`` needs the
-    whole warp's fragments). Called by every thread of the block, like the shuffles."""
+    """Publish ``value`` for this thread, then return every lane's value in its warp, lane by lane (None for a
+    lane the block does not have). Called by every thread of the block, like the shuffles built on it."""
     me = threading.current_thread()
-    import numba.cuda as module  # the simulator's fake module holds the mailbox in its namespace
-
-    box = module.__dict__.setdefault("_warp_gather_box", {})
     base = me.thread_id - me.thread_id % 32
-    box[me.thread_id] = value
+    threads = me._manager.block_state.size  # the block's thread count (its dimensions' product)
+    _MAILBOX[me.thread_id] = value
     me.syncthreads()
-    out = [box.get(base + lane) for lane in range(32)]
-    me.syncthreads()
+    out = [_MAILBOX[base + lane] if base + lane < threads else None for lane in range(32)]
+    me.syncthreads()  # nobody publishes again before everyone has read
     return out
+
+
+def _exchange(module, value, source_lane) -> object:
+    """Publish ``value`` for this thread, then return what lane ``source_lane(lane)`` published."""
+    values = warp_values(value)
+    src = source_lane(threading.current_thread().thread_id % 32)
+    return values[src] if 0 <= src < 32 and values[src] is not None else value
 
 
 def _shfl_sync(self, mask, value, src_lane):
