@@ -17,8 +17,8 @@ The algorithm is the same online softmax as ``kernels.flash_attention``; the wor
   running max and sums (4 lanes share a row: two shuffles), and accumulates P V (4 x head_dim/8 mma), where P
   is the score fragment itself rounded to bf16/fp16: an mma's output layout is the next one's input layout.
 
-Everything is read and written as 32-bit words (a pair of bf16/fp16 values): the launcher views the tensors
-as ``int32``. Limits, honestly: bf16/fp16 only, head_dim 64 or 128, causal (end-aligned) or not; no
+Values move as raw bits: the launcher views q and the output as ``int32`` words (a pair of bf16/fp16 values
+each) and k, v as 16-byte ``complex128`` chunks (8 values, one load; ``kernels._vec16``). Limits, honestly: bf16/fp16 only, head_dim 64 or 128, causal (end-aligned) or not; no
 software pipelining (a tile is loaded, then computed: the copy does not overlap the math, which
 FlashAttention-2 does with asynchronous copies); each kv head's tile is loaded once per query head. Checked
 three ways: in numba's CUDA simulator on tiny shapes (``kernels._mma``'s stand-ins compute the instruction from
