@@ -10,7 +10,8 @@ for ``activemask``), so nothing is called or linked and the fragments stay in re
 columns 2t+8, 2t+9; a3 = row g+8, those columns; b0 = rows 2t, 2t+1 of column g; b1 = rows 2t+8, 2t+9 of column
 g; c and d = (row g, columns 2t, 2t+1), then (row g+8, the same columns). ``mma_f16``: the same for fp16.
 ``pack_bf16(lo, hi)`` / ``pack_f16(lo, hi)``: two floats rounded into one word, ``lo`` in bits 0-15 (the
-order of memory).
+order of memory). ``opaque(x)``: ``x`` unchanged (an int64), through an instruction the compiler may not move or
+see through -- see its docstring.
 
 In numba's CUDA simulator (a CPU) the four names are Python stand-ins that compute the same results from the
 same fragment layout (see the end of this module), so a kernel's indexing can be checked without a GPU.
@@ -54,6 +55,24 @@ def _pack(ptx_type: str):
         return sig, codegen
 
     return intrinsic(typer)
+
+
+@intrinsic
+def opaque(typingctx, x):
+    """``x`` (int64) unchanged, as the output of a volatile ``mov``: the compiler cannot hoist it out of a loop.
+
+    Why a kernel wants that: the shared-memory addresses of a warp's mma fragments depend on the lane only, so
+    the compiler computes all of them once, before the key loop -- 256 addresses for head_dim 128, each a
+    64-bit register held across the loop, and ptxas spills. Derived from ``opaque(lane_offset)`` inside the
+    loop, they become one base register plus constant offsets, which the load instructions take as immediates.
+    """
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        return builder.call(ir.InlineAsm(fnty, "mov.b64 $0, $1;", "=l,l", side_effect=True), [args[0]])
+
+    return sig, codegen
 
 
 mma_bf16 = _mma("bf16")
@@ -124,9 +143,10 @@ def _simulated_pack(ptx_type: str):
 
 
 def _use_simulator() -> None:
-    global mma_bf16, mma_f16, pack_bf16, pack_f16
+    global mma_bf16, mma_f16, pack_bf16, pack_f16, opaque
     mma_bf16, mma_f16 = _simulated_mma("bf16"), _simulated_mma("f16")
     pack_bf16, pack_f16 = _simulated_pack("bf16"), _simulated_pack("f16")
+    opaque = int
 
 
 if simulator_enabled():

@@ -14,9 +14,8 @@ constants once the loops unroll), so the row is read from memory once:
 Measured on the H200 (bf16, 16,384 tokens): up to 4 chunks per thread (~80 registers) beat 8 (~170),
 and loading the weight after the reduction beat holding it in registers from the start.
 
-On the GPU the 16-byte loads and stores are single ``ld.global.v4.u32`` / ``st.global.v4.u32``
-instructions (:func:`load16`, :func:`store16`); numba's own complex128 access compiles to two 8-byte
-ones. In the simulator they are kernels._vec16's ``load_words`` / ``store_words``.
+The 16-byte loads and stores are kernels._vec16's ``load_words`` / ``store_words``: one ``ld.global.v4.u32``
+/ ``st.global.v4.u32`` instruction each on the GPU.
 
 Limits: a row must be whole chunks (width * element size % 16 == 0), every tensor 16-byte aligned,
 and at most ``MAX_CHUNKS`` chunks per thread in groups of at most 256 threads (rmsnorm.VEC_MAX_GROUP):
@@ -29,54 +28,13 @@ import math
 import numba
 import numpy as np
 import torch
-from numba import config, cuda
+from numba import cuda
 
 from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
 from kernels._reduce import group_reduce_sum
 from kernels.basics import WARP
 
 MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words
-
-
-# ----------------------------------------------------------------------------- 16-byte load and store
-if config.ENABLE_CUDASIM:
-    load16, store16 = load_words, store_words
-else:
-    from llvmlite import ir
-    from numba.cuda import cgutils, types
-    from numba.cuda.extending import intrinsic
-
-    _V4 = ir.VectorType(ir.IntType(32), 4)
-
-    def _pointer(context, builder, array_type, array, index):
-        array = context.make_array(array_type)(context, builder, array)
-        ptr = cgutils.get_item_pointer(context, builder, array_type, array, [index])
-        return builder.bitcast(ptr, _V4.as_pointer())
-
-    @intrinsic
-    def load16(typingctx, chunks, j):
-        """The four 32-bit words of ``chunks[j]`` (complex128, 16-byte aligned) in one instruction."""
-
-        def codegen(context, builder, sig, args):
-            vec = builder.load(_pointer(context, builder, sig.args[0], args[0], args[1]), align=16)
-            words = [builder.extract_element(vec, ir.Constant(ir.IntType(32), i)) for i in range(4)]
-            return context.make_tuple(builder, sig.return_type, words)
-
-        return types.UniTuple(types.int32, 4)(chunks, j), codegen
-
-    @intrinsic
-    def store16(typingctx, chunks, j, w0, w1, w2, w3):
-        """Write four int32 words as ``chunks[j]`` in one instruction."""
-
-        def codegen(context, builder, sig, args):
-            vec = ir.Constant(_V4, None)
-            for i in range(4):
-                word = context.cast(builder, args[2 + i], sig.args[2 + i], types.int32)
-                vec = builder.insert_element(vec, word, ir.Constant(ir.IntType(32), i))
-            builder.store(vec, _pointer(context, builder, sig.args[0], args[0], args[1]), align=16)
-            return context.get_dummy_value()
-
-        return types.void(chunks, j, w0, w1, w2, w3), codegen
 
 
 # ----------------------------------------------------------------------------- words <-> fp32 values
@@ -138,7 +96,7 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         for k in range(max_chunks):  # unrolled: ``w`` is indexed by constants and stays in registers
             j = lane + k * group
             if valid and j < src.size:
-                w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3] = load16(src, j)
+                w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3] = load_words(src, j)
 
     @cuda.jit(device=True, inline=True)
     def sum_squares(w, vals, chunks, lane, group):
@@ -161,7 +119,7 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
                 for i in range(per_chunk):
                     vals[i] = (vals[i] * inv_rms) * wvals[i]
                 pack(vals, w, 4 * k)
-                store16(dst[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
+                store_words(dst[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
 
     def rms_norm_vec(x, out, weight, eps, group):
         # x, out: (rows, chunks) complex128; weight: (chunks,) complex128; ``group`` threads per row
@@ -211,7 +169,7 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
                     for i in range(per_chunk):
                         vals[i] += wvals[i]
                     pack(vals, w, 4 * k)  # ``w`` now holds the new residual: normalize it
-                    store16(residual[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
+                    store_words(residual[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
             acc = sum_squares(w, vals, chunks, lane, group) if valid else numba.float32(0.0)
             total = group_reduce_sum(acc, group, partials)
             load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction

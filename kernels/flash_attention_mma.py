@@ -15,15 +15,20 @@ The algorithm is the same online softmax as ``kernels.flash_attention``; the wor
   consecutive keys pack into one 32-bit word) into shared memory, padded so the fragment loads hit 32 banks;
 * per tile each warp computes its 16 x 64 scores S = Q K^T (8 x head_dim/16 mma), masks them, updates its
   running max and sums (4 lanes share a row: two shuffles), and accumulates P V (4 x head_dim/8 mma), where P
-  is the score fragment itself rounded to bf16/fp16: an mma's output layout is the next one's input layout.
+  is the score fragment itself rounded to bf16/fp16: an mma's output layout is the next one's input layout;
+* the lane's shared-memory fragment addresses are re-derived in every tile from ``kernels._mma.opaque``: left
+  to itself, the compiler hoists all of them out of the key loop (for head_dim 128: 256 addresses of 64 bits,
+  held across the loop) and ptxas spills to local memory -- 1,288 bytes per thread and 320 spill loads in the
+  loop, in the previous version's sm_90 machine code. Now: 225 registers, no spills (``python -m kernels._ptx``).
 
 Values move as raw bits: the launcher views q and the output as ``int32`` words (a pair of bf16/fp16 values
-each) and k, v as 16-byte ``complex128`` chunks (8 values, one load; ``kernels._vec16``). Limits, honestly: bf16/fp16 only, head_dim 64 or 128, causal (end-aligned) or not; no
-software pipelining (a tile is loaded, then computed: the copy does not overlap the math, which
-FlashAttention-2 does with asynchronous copies); each kv head's tile is loaded once per query head. Checked
-three ways: in numba's CUDA simulator on tiny shapes (``kernels._mma``'s stand-ins compute the instruction from
-its documented fragment layout), compiled and linked for every supported GPU on any machine (``kernels._ptx``),
-and on a GPU against SDPA in fp32 (``tests/test_17_flash_mma.py``).
+each) and k, v as 16-byte ``complex128`` chunks (8 values, one ``LDG.E.128`` load; ``kernels._vec16``).
+Limits, honestly: bf16/fp16 only, head_dim 64 or 128, causal (end-aligned) or not; no software pipelining (a
+tile is loaded, then computed: the copy does not overlap the math, which FlashAttention-2 does with asynchronous
+copies); each kv head's tile is loaded once per query head. Checked three ways: in numba's CUDA simulator on
+tiny shapes (``kernels._mma``'s stand-ins compute the instruction from its documented fragment layout), compiled
+and linked for every supported GPU on any machine, with its sm_90 machine code read back (``kernels._ptx``), and
+on a GPU against SDPA in fp32 (``tests/test_17_flash_mma.py``).
 ``python -m kernels.flash_attention_mma`` checks it and times it against PyTorch's SDPA.
 """
 
@@ -35,7 +40,7 @@ from numba import cuda
 
 from kernels._checks import check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
-from kernels._mma import mma_bf16, mma_f16, pack_bf16, pack_f16
+from kernels._mma import mma_bf16, mma_f16, opaque, pack_bf16, pack_f16
 from kernels._vec16 import load_words
 from kernels.flash_attention import flash_attention_ref
 
@@ -128,12 +133,13 @@ def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
                 _transpose_pair(vt, 8 * c + 4, pair, a2, b2)
                 _transpose_pair(vt, 8 * c + 6, pair, a3, b3)
             cuda.syncthreads()
+            gl, tl = opaque(g), opaque(t)  # g and t, re-derived per tile: the fragment addresses are not hoisted
             # S = Q K^T: n-tile j holds keys tile + 8j .. + 7; this lane's values: (row0, keys 2t, 2t+1), (row1, same)
             for j in range(TILE // 8):
                 c0 = c1 = c2 = c3 = numba.float32(0.0)
                 for kk in range(KSTEPS):
                     c0, c1, c2, c3 = mma(qa[4 * kk], qa[4 * kk + 1], qa[4 * kk + 2], qa[4 * kk + 3],
-                                         ks[8 * j + g, kk * 8 + t], ks[8 * j + g, kk * 8 + 4 + t], c0, c1, c2, c3)
+                                         ks[8 * j + gl, kk * 8 + tl], ks[8 * j + gl, kk * 8 + 4 + tl], c0, c1, c2, c3)
                 key = tile + 8 * j + 2 * t
                 lim0 = min(k_len, row0 + offset + 1) if causal else k_len  # keys < lim are seen
                 lim1 = min(k_len, row1 + offset + 1) if causal else k_len
@@ -175,9 +181,9 @@ def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
                 a2 = pack(s[8 * kk + 4], s[8 * kk + 5])
                 a3 = pack(s[8 * kk + 6], s[8 * kk + 7])
                 for n in range(NTILES):
-                    d = 8 * n + g
+                    d = 8 * n + gl
                     o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3] = mma(
-                        a0, a1, a2, a3, vt[d, kk * 8 + t], vt[d, kk * 8 + 4 + t],
+                        a0, a1, a2, a3, vt[d, kk * 8 + tl], vt[d, kk * 8 + 4 + tl],
                         o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3])
             cuda.syncthreads()  # every warp is done with the tile before the next one overwrites it
         for lanes in (1, 2):  # each row's sum over its 4 lanes
