@@ -11,7 +11,9 @@ timed by CUDA-graph replay on every case:
 * the offline workload's decode steps: batch 139 at ~850 tokens (bench.throughput's mean), one context for
   all and contexts spread over 200..1,500;
 * small batches as the engine's graphs call them (``max_context_len`` = 2,060, the workload's
-  ``max_model_len``), where split-K decides the time; for these the smallest split chunk is swept too.
+  ``max_model_len``), where split-K decides the time; for these the smallest split chunk is swept too;
+* then, with the best setting, the largest split chunk (``MAX_SPLIT``) on the batch >= 32 cases: a full grid
+  cut into even chunks, against whole contexts per block (``none``) -- the waves of blocks, see the kernel.
 
 The floor is the K and V bytes read / 4.3 TB/s. The best setting is the one with the least total time over
 the batch >= 32 cases; the module's defaults are reported next to it.
@@ -32,6 +34,7 @@ Q_HEADS, KV_HEADS, DIM, BLOCK = 16, 8, 128, 16
 GRAPH_MAX_LEN = 2060  # bench.throughput's max_model_len: what the engine's graphs pass as max_context_len
 SETTINGS = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (2, 4)]  # (warps, unroll)
 MIN_SPLITS = (32, 64, 128, 256)
+MAX_SPLITS = (None, 256, 512, 1024)
 FLOOR_TARGET = 0.7
 CHECK = (8, 1000)  # each setting's answer is checked first on this many sequences of up to this many keys
 
@@ -70,7 +73,7 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     from kernels._timing import graph_time
     from kernels.paged_attention import paged_attention_ref
 
-    defaults = {"warps": w.WARPS, "unroll": w.UNROLL16, "min_split": w.MIN_SPLIT}
+    defaults = {"warps": w.WARPS, "unroll": w.UNROLL16, "min_split": w.MIN_SPLIT, "max_split": w.MAX_SPLIT}
     if timer is None:
         def timer(fn):
             return graph_time(fn, reps=10, iters=5).median_us
@@ -112,8 +115,23 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     finally:
         w.MIN_SPLIT = saved
     best_split = min(split_us, key=lambda ms: sum(split_us[ms].values()))
+    large = [c for c in all_cases if c["batch"] >= 32]
+    max_split_us = {}
+    saved = w.MAX_SPLIT
+    try:
+        for ms in MAX_SPLITS:
+            w.MAX_SPLIT = ms
+            key = str(ms).lower()  # "none": every block takes its whole context
+            max_split_us[key] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
+                                 for c in large}
+            print(f"max split {key:>4s}: {max_split_us[key]}", flush=True)
+    finally:
+        w.MAX_SPLIT = saved
+    best_max = min(max_split_us, key=lambda ms: sum(max_split_us[ms].values()))
     target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
-    summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split},
+    floors = {c["name"]: c["floor_us"] for c in all_cases}
+    summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split,
+                        "max_split": None if best_max == "none" else int(best_max)},
                "defaults": defaults,
                "best_floor_fraction_batch_ge_32_ctx_ge_2k": {n: best["floor_fraction"][n] for n in target_cases},
                "defaults_meet": None}
@@ -125,7 +143,10 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     return {"shapes": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK,
                        "dtype": "bfloat16"},
             "cases": [{k: v for k, v in c.items() if k not in ("tensors", "lens")} for c in all_cases],
-            "settings": results, "min_split_us": split_us, "floor_target": FLOOR_TARGET, **summary}
+            "settings": results, "min_split_us": split_us, "max_split_us": max_split_us,
+            "max_split_floor_fraction": {ms: {n: round(floors[n] / us, 3) for n, us in row.items()}
+                                         for ms, row in max_split_us.items()},
+            "floor_target": FLOOR_TARGET, **summary}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,11 @@ UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded befor
 #   as the kernel measured on the H200 did (45% of the floor at batch 139 x 850 keys); larger values pass the
 #   simulator tests but are not yet timed on a GPU: `python -m bench.paged_decode` sweeps them, names the best
 MIN_SPLIT = 64  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
+MAX_SPLIT = None  # split-K on a full grid: the most keys one block takes (None: a block takes its whole context).
+#   Why: a grid of (seqs x kv_heads) blocks runs in waves of ~4 blocks per SM (121 registers per thread), and
+#   batch 139 x 8 heads is 2.1 waves -- the last one nearly empty -- while uneven contexts leave SMs idle
+#   behind the longest. Chunks of MAX_SPLIT keys make many even blocks. Not yet timed: bench.paged_decode sweeps it
+SLOTS = 4 * 132  # blocks resident at once on an H100/H200 (132 SMs x ~4 blocks of 4 warps)
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 
@@ -283,6 +288,18 @@ SIGNATURES.update({
 })
 
 
+def split_size(blocks: int, longest: int) -> int | None:
+    """Keys per split-K chunk for a grid of ``blocks`` (seqs x kv_heads) over contexts of up to ``longest`` keys,
+    or None (no split). A grid too small to fill the GPU is split until it has ~``SLOTS`` blocks, in chunks of
+    at least ``MIN_SPLIT`` keys; a full one is cut into chunks of ``MAX_SPLIT`` keys, when that is set. The
+    module's constants are read at call time (``bench.paged_decode`` sweeps them)."""
+    if blocks < SLOTS and longest > MIN_SPLIT:
+        return max(MIN_SPLIT, cdiv(longest, cdiv(SLOTS, blocks)))
+    if MAX_SPLIT is not None and longest > MAX_SPLIT:
+        return MAX_SPLIT
+    return None
+
+
 def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
@@ -291,8 +308,9 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
-    graph needs it fixed). ``tokens_per_split``: keys per split-K chunk; None picks one on the GPU when the
-    grid of (seqs x kv_heads) blocks is too small to fill the machine. ``warps`` per block and ``unroll``
+    graph needs it fixed). ``tokens_per_split``: keys per split-K chunk; None lets :func:`split_size` pick one
+    on the GPU (when the grid of (seqs x kv_heads) blocks is too small to fill the machine, or ``MAX_SPLIT``
+    is set). ``warps`` per block and ``unroll``
     (tokens per lane group per trip) default to the module's ``WARPS`` and ``UNROLL16`` (``UNROLL`` for the
     4-byte kernel), read at call time.
     """
@@ -307,8 +325,8 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     if seqs == 0:
         return out
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    if tokens_per_split is None and where == "gpu" and seqs * kv_heads < 4 * 132 and longest > MIN_SPLIT:
-        tokens_per_split = max(MIN_SPLIT, cdiv(longest, cdiv(4 * 132, seqs * kv_heads)))  # ~4 blocks per SM
+    if tokens_per_split is None and where == "gpu":
+        tokens_per_split = split_size(seqs * kv_heads, longest)
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = longest if splits == 1 else tokens_per_split
     partial, m, l = split_buffers(q, splits)
