@@ -174,7 +174,10 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
     before using any (more bytes in flight per warp), then updates its softmax once for the chunk (one
-    rescale instead of ``unroll``). The pool and queries arrive as complex128 views (one 16-byte element each)."""
+    rescale instead of ``unroll``). A token's K and V address needs its cache block from the block table first:
+    the table entries of the next trip are read while this trip's K and V are in flight, so a trip waits on one
+    memory round trip instead of two in a row. The pool and queries arrive as complex128 views (one 16-byte
+    element each)."""
     lpr = dim // 8  # lanes per row
     tpw = 32 // lpr  # tokens per warp per load instruction
     slots = warps * tpw  # online-softmax states per block (one per lane group)
@@ -195,6 +198,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
         kw = cuda.local.array(words, numba.int32)  # the chunk's K rows, still as bf16 pairs
         vw = cuda.local.array(words, numba.int32)
         sc = cuda.local.array(unroll, numba.float32)
+        bt = cuda.local.array(unroll, numba.int32)  # the cache blocks of the trip's tokens, read one trip ahead
         m = cuda.local.array(group, numba.float32)
         l = cuda.local.array(group, numba.float32)
 
@@ -217,15 +221,18 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
             for i in range(8):
                 acc[g * 8 + i] = 0.0
 
+        for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
+            t = start + u * slots + slot
+            bt[u] = block_tables[seq, t // block_size] if t < end else 0
         for first in range(start, end, span):  # the same trips for every thread (see the simulator NOTE)
             for u in range(unroll):  # token first + u * slots + slot: neighbouring lane groups, neighbouring rows
                 t = first + u * slots + slot
-                b, o = 0, 0
-                if t < end:
-                    b = block_tables[seq, t // block_size]
-                    o = t % block_size
+                b, o = bt[u], t % block_size
                 kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
                 vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
+            for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight:
+                t = first + span + u * slots + slot  # a trip waits on one memory round trip, not two in a row
+                bt[u] = block_tables[seq, t // block_size] if t < end else 0
             seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
             for g in range(group):
                 top = m[g]
