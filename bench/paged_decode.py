@@ -13,7 +13,9 @@ timed by CUDA-graph replay on every case:
 * small batches as the engine's graphs call them (``max_context_len`` = 2,060, the workload's
   ``max_model_len``), where split-K decides the time; for these the smallest split chunk is swept too;
 * then, with the best setting, the largest split chunk (``MAX_SPLIT``) on the batch >= 32 cases: a full grid
-  cut into even chunks, against whole contexts per block (``none``) -- the waves of blocks, see the kernel.
+  cut into even chunks, against whole contexts per block (``none``) -- the waves of blocks, see the kernel;
+* and the rule that splits a grid smaller than one wave (``SPLIT_RULE``: "waves" keeps it within one wave,
+  "fill" is the earlier rule) on every case.
 
 The floor is the K and V bytes read / 4.3 TB/s. The best setting is the one with the least total time over
 the batch >= 32 cases; the module's defaults are reported next to it.
@@ -35,6 +37,7 @@ GRAPH_MAX_LEN = 2060  # bench.throughput's max_model_len: what the engine's grap
 SETTINGS = [(4, 1), (4, 2), (4, 4), (4, 8), (8, 4), (2, 4)]  # (warps, unroll)
 MIN_SPLITS = (32, 64, 128, 256)
 MAX_SPLITS = (None, 256, 512, 1024)
+SPLIT_RULES = ("waves", "fill")
 FLOOR_TARGET = 0.7
 CHECK = (8, 1000)  # each setting's answer is checked first on this many sequences of up to this many keys
 
@@ -73,7 +76,8 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     from kernels._timing import graph_time
     from kernels.paged_attention import paged_attention_ref
 
-    defaults = {"warps": w.WARPS, "unroll": w.UNROLL16, "min_split": w.MIN_SPLIT, "max_split": w.MAX_SPLIT}
+    defaults = {"warps": w.WARPS, "unroll": w.UNROLL16, "min_split": w.MIN_SPLIT, "max_split": w.MAX_SPLIT,
+                "split_rule": w.SPLIT_RULE}
     if timer is None:
         def timer(fn):
             return graph_time(fn, reps=10, iters=5).median_us
@@ -128,10 +132,21 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     finally:
         w.MAX_SPLIT = saved
     best_max = min(max_split_us, key=lambda ms: sum(max_split_us[ms].values()))
+    rule_us = {}
+    saved = w.SPLIT_RULE
+    try:
+        for rule in SPLIT_RULES:
+            w.SPLIT_RULE = rule
+            rule_us[rule] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
+                             for c in all_cases}
+            print(f"split rule {rule:>5s}: {rule_us[rule]}", flush=True)
+    finally:
+        w.SPLIT_RULE = saved
+    best_rule = min(rule_us, key=lambda r: sum(rule_us[r].values()))
     target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
     floors = {c["name"]: c["floor_us"] for c in all_cases}
     summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split,
-                        "max_split": None if best_max == "none" else int(best_max)},
+                        "max_split": None if best_max == "none" else int(best_max), "split_rule": best_rule},
                "defaults": defaults,
                "best_floor_fraction_batch_ge_32_ctx_ge_2k": {n: best["floor_fraction"][n] for n in target_cases},
                "defaults_meet": None}
@@ -146,6 +161,7 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
             "settings": results, "min_split_us": split_us, "max_split_us": max_split_us,
             "max_split_floor_fraction": {ms: {n: round(floors[n] / us, 3) for n, us in row.items()}
                                          for ms, row in max_split_us.items()},
+            "split_rule_us": rule_us,
             "floor_target": FLOOR_TARGET, **summary}
 
 

@@ -142,6 +142,29 @@ def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) ->
         raise ValueError(f"launch() runs numba kernels; backend {backend!r} has no kernel to launch")
 
 
+_resident: dict[tuple, int] = {}
+
+
+def resident_blocks(kernel, threads: int, device: torch.device) -> int:
+    """How many blocks of ``threads`` threads of ``kernel`` (a numba dispatcher) a GPU runs at once: blocks per
+    SM (the driver's occupancy calculator: registers, shared memory, block size) x SMs. A grid of more blocks
+    runs in waves; a last wave that is partly empty leaves SMs idle. Before the kernel's first launch (nothing
+    compiled yet to ask about) the answer is a guess, 4 per SM, and is not kept."""
+    key = (kernel, threads, device.index)
+    if key in _resident:
+        return _resident[key]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    compiled = list(getattr(kernel, "overloads", {}).values())
+    if not compiled:
+        return 4 * sms
+    try:
+        blocks = int(compiled[0].max_cooperative_grid_blocks(threads))
+    except Exception:  # noqa: BLE001 - an occupancy query is advice: a driver without it gets the guess
+        blocks = 0
+    _resident[key] = blocks if blocks > 0 else 4 * sms
+    return _resident[key]
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division: how many blocks of ``b`` cover ``a``."""
     return -(-a // b)

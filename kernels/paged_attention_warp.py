@@ -39,7 +39,7 @@ import numba
 import torch
 from numba import cuda
 
-from kernels._launch import cdiv, launch, resolve_backend
+from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
@@ -50,10 +50,13 @@ UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded befor
 #   simulator tests but are not yet timed on a GPU: `python -m bench.paged_decode` sweeps them, names the best
 MIN_SPLIT = 64  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
 MAX_SPLIT = None  # split-K on a full grid: the most keys one block takes (None: a block takes its whole context).
-#   Why: a grid of (seqs x kv_heads) blocks runs in waves of ~4 blocks per SM (121 registers per thread), and
+#   Why: a grid of (seqs x kv_heads) blocks runs in waves (4 blocks of 4 warps per SM at 127 registers), and
 #   batch 139 x 8 heads is 2.1 waves -- the last one nearly empty -- while uneven contexts leave SMs idle
 #   behind the longest. Chunks of MAX_SPLIT keys make many even blocks. Not yet timed: bench.paged_decode sweeps it
-SLOTS = 4 * 132  # blocks resident at once on an H100/H200 (132 SMs x ~4 blocks of 4 warps)
+SPLIT_RULE = "waves"  # how a small grid is split: "waves" = into at most one full wave of blocks; "fill" = the
+#   earlier rule, at least one wave (measured on the H200: batch 32 x 2k keys became 3 splits = 768 blocks = 1.45
+#   waves, 53% of the floor, where 1,024 blocks at batch 64 reached 67%). "waves" is the prediction from those
+#   figures, not yet timed itself: bench.paged_decode sweeps both
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 
@@ -295,13 +298,16 @@ SIGNATURES.update({
 })
 
 
-def split_size(blocks: int, longest: int) -> int | None:
+def split_size(blocks: int, longest: int, slots: int) -> int | None:
     """Keys per split-K chunk for a grid of ``blocks`` (seqs x kv_heads) over contexts of up to ``longest`` keys,
-    or None (no split). A grid too small to fill the GPU is split until it has ~``SLOTS`` blocks, in chunks of
-    at least ``MIN_SPLIT`` keys; a full one is cut into chunks of ``MAX_SPLIT`` keys, when that is set. The
-    module's constants are read at call time (``bench.paged_decode`` sweeps them)."""
-    if blocks < SLOTS and longest > MIN_SPLIT:
-        return max(MIN_SPLIT, cdiv(longest, cdiv(SLOTS, blocks)))
+    on a GPU that runs ``slots`` blocks at once; None: no split. A grid smaller than one wave is split into
+    ``slots // blocks`` chunks each (``SPLIT_RULE`` "waves": the grid stays within one wave) or ``cdiv(slots,
+    blocks)`` ("fill"), of at least ``MIN_SPLIT`` keys; a larger grid is cut into chunks of ``MAX_SPLIT`` keys,
+    when that is set. The module's constants are read at call time (``bench.paged_decode`` sweeps them)."""
+    if blocks < slots and longest > MIN_SPLIT:
+        splits = slots // blocks if SPLIT_RULE == "waves" else cdiv(slots, blocks)
+        chunk = max(MIN_SPLIT, cdiv(longest, splits))
+        return chunk if chunk < longest else None
     if MAX_SPLIT is not None and longest > MAX_SPLIT:
         return MAX_SPLIT
     return None
@@ -332,11 +338,6 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     if seqs == 0:
         return out
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    if tokens_per_split is None and where == "gpu":
-        tokens_per_split = split_size(seqs * kv_heads, longest)
-    splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
-    tokens_per_split = longest if splits == 1 else tokens_per_split
-    partial, m, l = split_buffers(q, splits)
     warps = WARPS if warps is None else warps
     if wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0:  # 16-byte loads
         kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll)
@@ -344,6 +345,11 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     else:
         kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)
         q_in, kv_in = q, kv_cache
+    if tokens_per_split is None and where == "gpu":
+        tokens_per_split = split_size(seqs * kv_heads, longest, resident_blocks(kernel, warps * 32, q.device))
+    splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
+    tokens_per_split = longest if splits == 1 else tokens_per_split
+    partial, m, l = split_buffers(q, splits)
     launch(kernel, (seqs, kv_heads, splits), warps * 32, q_in, kv_in, block_tables, context_lens,
            numba.float32(scale), out, partial, m, l, tokens_per_split, splits, backend=where)
     if splits > 1:

@@ -1,9 +1,13 @@
 """bench.paged_decode's bookkeeping, on a CPU: every setting checked against the reference and timed on every
 case, the best setting the fastest over the batch >= 32 cases, the smallest split chunk swept on the small
-batches and the largest on the large ones, with the module's own values restored, the defaults judged against the target, and the plot drawn.
-The times are a stand-in here (a CPU has no floor to compare with); the figures come from a GPU."""
+batches, the largest on the large ones and the split rule on all, with the module's own values restored, the
+defaults judged against the target, and the plot drawn. The times are a stand-in here (a CPU has no floor to
+compare with); the figures come from a GPU. Also the split rule itself, and how the GPU's resident blocks are
+found."""
 
 import json
+
+import torch
 
 import kernels.paged_attention_warp as w
 from bench import paged_decode as pd
@@ -12,7 +16,7 @@ from minivllm.course import paged_plots
 
 def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
     for name, value in (("Q_HEADS", 2), ("KV_HEADS", 1), ("DIM", 64), ("SETTINGS", [(2, 1), (4, 2)]),
-                        ("MIN_SPLITS", (16, 64)), ("MAX_SPLITS", (None, 16)),
+                        ("MIN_SPLITS", (16, 64)), ("MAX_SPLITS", (None, 16)), ("SPLIT_RULES", ("waves", "fill")),
                         ("CHECK", (2, 12))):  # the check runs in the simulator
         monkeypatch.setattr(pd, name, value)
     monkeypatch.setattr(w, "UNROLL16", 2)  # the defaults (4 warps, 2 per trip) are the second setting
@@ -23,18 +27,22 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
     costs = iter([10.0, 5.0,  # 2 warps, 1 token per trip
                   7.0, 6.0,  # 4 warps, 2 tokens per trip: faster at batch 32 (the one that counts)
                   4.0, 3.0,  # smallest split chunks 16 and 64 on graph_b1
-                  7.0, 5.0])  # largest split chunks: none (whole contexts), then 16 keys on b32
+                  7.0, 5.0,  # largest split chunks: none (whole contexts), then 16 keys on b32
+                  6.0, 2.0, 5.0, 4.0])  # split rules on both cases: "waves" 8 in all, "fill" 9
     ran = []
 
     def timer(fn):
         ran.append(fn)
         return next(costs)
 
-    split_before, max_before = w.MIN_SPLIT, w.MAX_SPLIT
+    before = (w.MIN_SPLIT, w.MAX_SPLIT, w.SPLIT_RULE)
     data = pd.run(cases, timer)
-    assert len(ran) == 8 and next(costs, None) is None and (w.MIN_SPLIT, w.MAX_SPLIT) == (split_before, max_before)
-    assert data["best"] == {"warps": 4, "unroll": 2, "min_split": 64, "max_split": 16}
-    assert data["defaults"] == {"warps": 4, "unroll": 2, "min_split": split_before, "max_split": max_before}
+    assert len(ran) == 12 and next(costs, None) is None and (w.MIN_SPLIT, w.MAX_SPLIT, w.SPLIT_RULE) == before
+    assert data["best"] == {"warps": 4, "unroll": 2, "min_split": 64, "max_split": 16, "split_rule": "waves"}
+    assert data["defaults"] == {"warps": 4, "unroll": 2, "min_split": before[0], "max_split": before[1],
+                                "split_rule": before[2]}
+    assert data["split_rule_us"] == {"waves": {"b32_ctx40": 6.0, "graph_b1_ctx10": 2.0},
+                                     "fill": {"b32_ctx40": 5.0, "graph_b1_ctx10": 4.0}}
     assert data["max_split_us"] == {"none": {"b32_ctx40": 7.0}, "16": {"b32_ctx40": 5.0}}
     s = data["settings"]
     assert s["w2_u1"]["us"] == {"b32_ctx40": 10.0, "graph_b1_ctx10": 5.0} and s["w4_u2"]["total_us_batch_ge_32"] == 7
@@ -53,14 +61,50 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
         "x", [10], device="cpu")["floor_us"] / 6.0, 3)]
 
 
-def test_split_size_fills_a_small_grid_and_cuts_a_full_one_into_even_chunks(monkeypatch):
+def test_split_size_keeps_a_small_grid_within_one_wave_and_cuts_a_full_one_into_even_chunks(monkeypatch):
     monkeypatch.setattr(w, "MIN_SPLIT", 64)
     monkeypatch.setattr(w, "MAX_SPLIT", None)
-    assert w.split_size(8, 300) == 64  # batch 1 x 8 heads: chunks as small as allowed (66 per block wanted)
-    assert w.split_size(256, 2048) == 683  # batch 32: 3 splits of the 2,048 keys bring 256 blocks to 768
-    assert w.split_size(8, 50) is None  # nothing longer than the smallest chunk: no split
-    assert w.split_size(1112, 850) is None  # batch 139: a full grid keeps whole contexts...
+    monkeypatch.setattr(w, "SPLIT_RULE", "waves")
+    slots = 4 * 132  # an H200 running 4 blocks per SM
+    assert w.split_size(8, 300, slots) == 64  # batch 1 x 8 heads: chunks as small as allowed (66 per block wanted)
+    assert w.split_size(256, 2048, slots) == 1024  # batch 32: 2 splits = 512 blocks, one wave
+    assert w.split_size(512, 2048, slots) is None  # batch 64: 512 blocks fill one wave already
+    assert w.split_size(8, 50, slots) is None  # nothing longer than the smallest chunk: no split
+    assert w.split_size(256, 2048, 3 * 132) is None  # 3 blocks per SM: a second split would make 1.3 waves
+    monkeypatch.setattr(w, "SPLIT_RULE", "fill")  # the earlier rule: at least one wave
+    assert w.split_size(256, 2048, slots) == 683  # 3 splits = 768 blocks: 1.45 waves
+    assert w.split_size(512, 2048, slots) == 1024  # 2 splits = 1,024 blocks
+    assert w.split_size(1112, 850, slots) is None  # batch 139: a full grid keeps whole contexts...
     monkeypatch.setattr(w, "MAX_SPLIT", 256)
-    assert w.split_size(1112, 850) == 256  # ...unless MAX_SPLIT cuts them into even chunks
-    assert w.split_size(1112, 200) is None  # a context shorter than a chunk stays whole
-    assert w.split_size(256, 2048) == 683  # a small grid is still filled by the MIN_SPLIT rule
+    assert w.split_size(1112, 850, slots) == 256  # ...unless MAX_SPLIT cuts them into even chunks
+    assert w.split_size(1112, 200, slots) is None  # a context shorter than a chunk stays whole
+
+
+def test_resident_blocks_asks_the_compiled_kernel_and_guesses_before_it_exists(monkeypatch):
+    import types
+
+    import kernels._launch as kl
+
+    monkeypatch.setattr(kl, "_resident", {})
+    monkeypatch.setattr(kl.torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=132))
+    asked = []
+
+    class Compiled:
+        def max_cooperative_grid_blocks(self, threads):
+            asked.append(threads)
+            return 3 * 132  # the driver's answer: 3 blocks per SM
+
+    kernel = types.SimpleNamespace(overloads={})
+    device = torch.device("cuda", 0)
+    assert kl.resident_blocks(kernel, 128, device) == 4 * 132 and asked == []  # not compiled: the guess...
+    kernel.overloads["sig"] = Compiled()
+    assert kl.resident_blocks(kernel, 128, device) == 3 * 132 and asked == [128]  # ...not kept
+    assert kl.resident_blocks(kernel, 128, device) == 3 * 132 and asked == [128]  # the answer is kept
+
+    class Broken:
+        def max_cooperative_grid_blocks(self, threads):
+            raise RuntimeError("no occupancy API")
+
+    other = types.SimpleNamespace(overloads={"sig": Broken()})
+    assert kl.resident_blocks(other, 256, device) == 4 * 132  # a failing query falls back to the guess
