@@ -95,7 +95,11 @@ def test_resident_blocks_asks_the_compiled_kernel_and_guesses_before_it_exists(m
             asked.append(threads)
             return 3 * 132  # the driver's answer: 3 blocks per SM
 
-    kernel = types.SimpleNamespace(overloads={})
+    class Kernel:  # a numba dispatcher's part that is read: its compiled overloads
+        def __init__(self, overloads):
+            self.overloads = overloads
+
+    kernel = Kernel({})
     device = torch.device("cuda", 0)
     assert kl.resident_blocks(kernel, 128, device) == 4 * 132 and asked == []  # not compiled: the guess...
     kernel.overloads["sig"] = Compiled()
@@ -106,5 +110,5 @@ def test_resident_blocks_asks_the_compiled_kernel_and_guesses_before_it_exists(m
         def max_cooperative_grid_blocks(self, threads):
             raise RuntimeError("no occupancy API")
 
-    other = types.SimpleNamespace(overloads={"sig": Broken()})
+    other = Kernel({"sig": Broken()})
     assert kl.resident_blocks(other, 256, device) == 4 * 132  # a failing query falls back to the guess
