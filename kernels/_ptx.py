@@ -17,24 +17,69 @@ assembling ~17 s per target):
 3. **the CUDA C++ shims** numba links for bf16/fp16 conversions (``cuda_bf16.h``, whose code branches on
    ``__CUDA_ARCH__``) **compiled by NVRTC for each target**, to LTO-IR (NVRTC's PTX output path asks a
    driver for its version, and there is none here).
-4. **assembling and linking each kernel for each target with nvJitLink** (ptxas), as the driver does at
-   load time: what rejects an instruction a target lacks, or too much shared memory. PTX is forward
-   compatible (PTX valid for sm_80 is valid for every later target), so a kernel without shims whose PTX
-   text for a later target equals one already assembled is not assembled again.
+4. **assembling and linking each kernel for each target with nvJitLink** (ptxas), as numba does at first
+   launch: what rejects an instruction a target lacks, or too much shared memory. A kernel with shims is
+   linked as LTO-IR with them (NVVM's ``-gen-lto``), as numba-cuda does by default when nvJitLink is
+   present, so the shims are inlined; linked as PTX they would stay calls, their arguments passed through
+   local memory. PTX is forward compatible (PTX valid for sm_80 is valid for every later target), so a
+   kernel without shims whose PTX text for a later target equals one already assembled is not assembled
+   again.
 
-Run ``python -m kernels._ptx`` (with ``NUMBA_ENABLE_CUDASIM=0``: the simulator has no compiler).
-Left out: cubins are checked, not kept; register counts and occupancy are not reported.
+For each kernel at sm_90 (Hopper, the GPU the course measures on; always assembled, never skipped as
+above) it also reports what ptxas gave the kernel: registers per thread, and so how many warps an SM can hold
+(``warps_per_sm``), stack and spill bytes, static shared memory. When NVIDIA's ``nvdisasm`` is installed (the
+``nvidia-cuda-nvdisasm`` wheel of the ``test`` extra), a census of the kernel's SASS comes with them: global
+loads and stores by width, shared and local memory, tensor-core instructions (``SASS_FAMILIES``).
+
+Run ``python -m kernels._ptx`` (with ``NUMBA_ENABLE_CUDASIM=0``: the simulator has no compiler);
+``--json PATH`` also writes the sm_90 resources and the tools' versions, ``--only kernels.rmsnorm`` builds one
+module. Left out: cubins are checked, not kept; resources for the other targets; occupancy as a launch sets it
+(block size and shared memory can lower ``warps_per_sm``).
 """
 
+import argparse
+import functools
 import importlib
+import json
 import os
 import pkgutil
+import platform
 import re
+import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
 from types import SimpleNamespace
 
 TARGETS = ((8, 0), (8, 6), (8, 9), (9, 0))  # Ampere (A100, RTX 30xx), Ada (RTX 40xx), Hopper (H100/H200)
+RESOURCES_CC = (9, 0)  # the target whose kernels get Resources: the H200 the course measures on
+# SASS opcode families counted (an opcode's first part; HFMA2.MMA is an HFMA2, not a tensor-core instruction):
+# global loads/stores (LDG.E.128 is 16 bytes a thread) and generic ones (LD/ST), shared memory (LDS/STS, and
+# LDSM: ldmatrix), local memory (LDL/STL: spills or local arrays), tensor cores (HMMA), warp shuffles, MUFU
+# (exp2, rcp, rsqrt...), barriers, and calls of functions not inlined (the slow paths of division and sqrt; the
+# bf16/fp16 shims, whose arguments go through local memory). Opcodes keep all their modifiers: the SASS of these
+# kernels has no cache-policy ones (.EL, .LU, .CONSTANT...) on LDG/STG, and LDL.LU (a spill's last read) is
+# local memory all the same.
+SASS_FAMILIES = frozenset({"LDG", "STG", "LD", "ST", "LDS", "STS", "LDSM", "LDL", "STL", "HMMA", "SHFL", "MUFU",
+                           "BAR", "CALL"})
+
+
+@dataclass(slots=True, frozen=True)
+class Resources:
+    """What ptxas gave one kernel (its entry function) for one target, and a census of its SASS."""
+
+    registers: int  # per thread
+    stack_bytes: int  # local memory per thread: spill slots and local arrays
+    spill_store_bytes: int
+    spill_load_bytes: int
+    smem_bytes: int  # static shared memory per block (cuda.shared.array)
+    sass: dict[str, int] | None = None  # opcode with modifiers -> count, SASS_FAMILIES only; None: no nvdisasm
+    instructions: int | None = None  # SASS instructions, NOP padding left out; None: no nvdisasm
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +91,20 @@ class Compiled:
     ptx_bytes: int
     cubin_bytes: int | None  # None: a device function (assembled inside the kernels that call it)
     error: str | None = None  # what failed for this target, or None
+    resources: Resources | None = None  # kernels at RESOURCES_CC only
+
+
+def warps_per_sm(registers: int) -> int:
+    """How many warps an SM of sm_80..sm_90 can hold, as far as ``registers`` per thread decides it.
+
+    An SM has 65,536 registers in 4 sub-partitions, each giving registers to its warps in units of 256 (8 a
+    thread), and holds at most 64 warps (cuda_occupancy.h's rule). A launch's block size and shared memory can
+    lower it further.
+    """
+    if registers == 0:
+        return 64
+    per_warp = (registers * 32 + 255) // 256 * 256
+    return min(64, 4 * (65_536 // 4 // per_warp))
 
 
 def kernel_modules() -> list[str]:
@@ -66,14 +125,16 @@ def _ptx_body(ptx: str) -> str:
     return re.sub(r"^(//.*|\.target .*)$", "", ptx, flags=re.M)
 
 
-def link(ptxs: list[str], ltoirs: list[bytes], cc: tuple[int, int]) -> int:
-    """Assemble and link PTX (and LTO-IR shims) into a cubin for ``sm_XY`` with nvJitLink; its size in bytes.
+def link(ptxs: list[str], ltoirs: list[bytes], cc: tuple[int, int], verbose: bool = False) -> tuple[bytes, str]:
+    """Assemble and link PTX and LTO-IR (a kernel's, and the shims') into a cubin for ``sm_XY`` with nvJitLink:
+    the cubin, and the info log (with ``verbose``: ptxas' resource lines, which ``resources`` reads).
 
     Raises ``RuntimeError`` with ptxas' log when a target rejects the code.
     """
     from cuda.bindings import nvjitlink
 
     options = [f"-arch=sm_{cc[0]}{cc[1]}"] + (["-lto"] if ltoirs else [])
+    options += ["-Xptxas=-v"] if verbose else []  # ptxas' resource lines
     handle = nvjitlink.create(len(options), options)
     try:
         for i, ptx in enumerate(ptxs):
@@ -87,18 +148,73 @@ def link(ptxs: list[str], ltoirs: list[bytes], cc: tuple[int, int]) -> int:
             log = bytearray(nvjitlink.get_error_log_size(handle))
             nvjitlink.get_error_log(handle, log)
             raise RuntimeError(f"sm_{cc[0]}{cc[1]}: " + log.decode(errors="replace").strip("\x00").strip()) from None
-        return nvjitlink.get_linked_cubin_size(handle)
+        cubin = bytearray(nvjitlink.get_linked_cubin_size(handle))
+        nvjitlink.get_linked_cubin(handle, cubin)
+        log = bytearray(nvjitlink.get_info_log_size(handle))
+        nvjitlink.get_info_log(handle, log)
+        return bytes(cubin), log.decode(errors="replace").strip("\x00")
     finally:
         nvjitlink.destroy(handle)
+
+
+# ptxas info    : Function properties for NAME
+# ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+# ptxas info    : Used 56 registers, used 1 barriers, 128 bytes smem     (no smem part when it is 0)
+_PTXAS_LINES = re.compile(r"Function properties for (?P<name>\S+)\s*\n.*?(?P<stack>\d+) bytes stack frame, "
+                          r"(?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads\s*\n"
+                          r".*?Used (?P<registers>\d+) registers(?:, used \d+ barriers)?(?:, (?P<smem>\d+) bytes smem)?")
+# /*0bf0*/   @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;  (a predicate, then the opcode with its modifiers)
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+
+
+@functools.cache
+def nvdisasm() -> str | None:
+    """NVIDIA's disassembler: the ``nvidia-cuda-nvdisasm`` wheel's (newest CUDA first), else one on PATH."""
+    try:
+        import nvidia  # the namespace package of NVIDIA's CUDA wheels
+
+        wheels = [p for d in nvidia.__path__ for p in sorted(Path(d).glob("cu*/bin/nvdisasm"), reverse=True)]
+    except ImportError:
+        wheels = []
+    return next((str(p) for p in wheels if os.access(p, os.X_OK)), None) or shutil.which("nvdisasm")
+
+
+def sass_census(cubin: bytes) -> tuple[dict[str, int], int] | None:
+    """The cubin's SASS opcodes in ``SASS_FAMILIES`` (-> count) and its number of instructions; None without
+    ``nvdisasm``. Counts every function in the cubin: the kernel and what it calls (e.g. a slow-path sqrt)."""
+    tool = nvdisasm()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([tool, "--print-code", "--no-dataflow", str(path)], capture_output=True, text=True,
+                              check=True).stdout  # --no-dataflow: the same code, started in 0.4 s instead of 0.55
+    opcodes = [op for op in _SASS_LINE.findall(sass) if op != "NOP"]
+    return dict(sorted(Counter(op for op in opcodes if op.split(".")[0] in SASS_FAMILIES).items())), len(opcodes)
+
+
+def resources(log: str, entry: str) -> Resources:
+    """A kernel's Resources (but its SASS) from the log of ``link(..., verbose=True)``: ptxas' lines for the entry
+    function (the shims, when not inlined, have lines of their own)."""
+    found = {m["name"]: m for m in _PTXAS_LINES.finditer(log)}
+    if entry not in found:
+        raise RuntimeError(f"no resource lines for {entry} in nvJitLink's log:\n{log}")
+    m = found[entry]
+    return Resources(int(m["registers"]), int(m["stack"]), int(m["stores"]), int(m["loads"]), int(m["smem"] or 0))
 
 
 class _Builder:
     """Lowers a signature once and builds it for each target, reusing what cannot differ."""
 
-    def __init__(self, targets: tuple[tuple[int, int], ...]) -> None:
+    def __init__(self, targets: tuple[tuple[int, int], ...], resources_cc: tuple[int, int] | None = None) -> None:
         self.targets = tuple(sorted(targets))
+        self.resources_cc = resources_cc  # kernels are always assembled for it, and get Resources
         self.shims: dict[tuple[bytes, tuple[int, int]], bytes] = {}  # (C++ source, cc) -> LTO-IR
         self.assembled: set[str] = set()  # PTX bodies (of kernels without shims) that assembled fine
+        # NOTE: nvdisasm takes 0.4 s a cubin, mostly to start: it runs beside the compiler, see add_census
+        self.censuses: list[Future] = []  # sass_census of each record with Resources, in the order compile made them
+        self.disassembler = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
 
     def _shim(self, linkable, cc: tuple[int, int]) -> bytes:
         from numba.cuda.cudadrv import nvrtc
@@ -112,8 +228,8 @@ class _Builder:
             self.shims[(data, cc)] = bytes(nvrtc.compile(data, obj.name, cc, ltoir=True)[0].code)
         return self.shims[(data, cc)]
 
-    def build(self, disp, sig) -> list[tuple[tuple[int, int], int, int | None, str | None]]:
-        """(cc, PTX bytes, cubin bytes or None, error or None) for every target."""
+    def compile(self, module: str, disp, sig) -> list[Compiled]:
+        """One record per target for ``disp`` at ``sig`` (listed in ``module``)."""
         from numba.cuda.compiler import _compile_pyfunc_with_fixup
 
         device = bool(disp.targetoptions.get("device"))
@@ -122,22 +238,48 @@ class _Builder:
                                                 cc=self.targets[0], abi="numba")  # step 1, once
         out = []
         for cc in self.targets:
+            record = functools.partial(Compiled, module, disp.py_func.__name__, str(sig), cc)
             try:
                 ptxs = library.get_asm_strs(cc=cc)  # step 2
                 shims = [self._shim(f, cc) for f in library._linking_files]  # step 3
-                cubin = None
+                cubin, found = None, None
                 if not device:  # step 4
                     body = "".join(map(_ptx_body, ptxs))
-                    if shims or body not in self.assembled:
-                        cubin = link(ptxs, shims, cc)
+                    wanted = cc == self.resources_cc
+                    if shims:  # as numba links them at run time (LTO, with nvJitLink): the shims are inlined
+                        data, log = link([], [bytes(library.get_ltoir(cc=cc)), *shims], cc, verbose=wanted)
+                    elif wanted or body not in self.assembled:
+                        data, log = link(ptxs, [], cc, verbose=wanted)
+                    if shims or wanted or body not in self.assembled:
+                        cubin = len(data)
+                        if wanted:
+                            found = resources(log, re.search(r"\.entry\s+(\S+?)\s*\(", "".join(ptxs))[1])
+                            self.censuses.append(self.disassembler.submit(sass_census, data))
                         if not shims:
                             self.assembled.add(body)
                     else:
                         cubin = 0  # same PTX as a lower target that assembled: forward compatible
-                out.append((cc, sum(len(p) for p in ptxs), cubin, None))
+                out.append(record(sum(len(p) for p in ptxs), cubin, resources=found))
             except Exception as e:  # noqa: BLE001 - reported per target, the caller decides
-                out.append((cc, 0, None, f"{type(e).__name__}: {e}"))
+                out.append(record(0, None, f"{type(e).__name__}: {e}"))
         return out
+
+    def add_census(self, done: list[Compiled]) -> list[Compiled]:
+        """``done`` (all that ``compile`` returned, in order) with the SASS census of each record that has
+        Resources; waits for nvdisasm. (Records are matched by order: a factory's kernels can share a name.)"""
+        assert sum(c.resources is not None for c in done) == len(self.censuses), "not all of compile's records"
+        censuses = iter(self.censuses)
+        self.censuses = []
+        out = []
+        for c in done:
+            census = next(censuses).result() if c.resources else None
+            out.append(replace(c, resources=replace(c.resources, sass=census[0], instructions=census[1])) if census
+                       else c)
+        return out
+
+    def build(self, disp, sig) -> list[tuple[tuple[int, int], int, int | None, str | None]]:
+        """(cc, PTX bytes, cubin bytes or None, error or None) for every target."""
+        return [(c.cc, c.ptx_bytes, c.cubin_bytes, c.error) for c in self.compile(disp.py_func.__module__, disp, sig)]
 
 
 def _pretend_device(cc: tuple[int, int]) -> None:
@@ -150,31 +292,82 @@ def _pretend_device(cc: tuple[int, int]) -> None:
         dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
 
 
-def compile_all(targets: tuple[tuple[int, int], ...] = TARGETS) -> tuple[list[Compiled], list[str]]:
-    """Build every listed signature for every target; return the results and the names of unlisted kernels."""
+def compile_all(targets: tuple[tuple[int, int], ...] = TARGETS, resources_cc: tuple[int, int] | None = RESOURCES_CC,
+                only: list[str] | None = None) -> tuple[list[Compiled], list[str]]:
+    """Build every listed signature (of the ``only`` modules, if given) for every target; return the results
+    and the names of unlisted kernels."""
     from numba import config
 
     if config.ENABLE_CUDASIM:
         raise RuntimeError("compile_all needs numba's real CUDA target: run with NUMBA_ENABLE_CUDASIM=0")
-    builder = _Builder(targets)
+    builder = _Builder(targets, resources_cc)
     _pretend_device(builder.targets[0])
     modules = {name: importlib.import_module(name) for name in kernel_modules()}
     # NOTE: a dispatcher counts as listed wherever it is listed (rmsnorm lists the _reduce helper it imports)
     listed = {disp for m in modules.values() for disp in getattr(m, "SIGNATURES", {})}
-    missing = [f"{name}.{attr}" for name, m in modules.items() for attr, disp in _dispatchers(m).items()
+    chosen = {name: m for name, m in modules.items() if only is None or name in only}
+    missing = [f"{name}.{attr}" for name, m in chosen.items() for attr, disp in _dispatchers(m).items()
                if disp not in listed]
     done = []
-    for name, module in modules.items():
+    for name, module in chosen.items():
         for disp, sigs in getattr(module, "SIGNATURES", {}).items():
             for sig in sigs:
-                for cc, ptx_bytes, cubin, error in builder.build(disp, sig):
-                    done.append(Compiled(name, disp.py_func.__name__, str(sig), cc, ptx_bytes, cubin, error))
-    return done, missing
+                done += builder.compile(name, disp, sig)
+    return builder.add_census(done), missing
 
 
-def _main() -> int:
+def _summary(r: Resources) -> str:
+    """``96 regs (20 warps/SM), 0 B spilled, LDG.E.128 x8, HMMA x128``: what a line of the report has room for."""
+    parts = [f"{r.registers} regs ({warps_per_sm(r.registers)} warps/SM)", f"{r.spill_store_bytes} B spilled"]
+    if r.stack_bytes:
+        parts.append(f"{r.stack_bytes} B stack")
+    if r.smem_bytes:
+        parts.append(f"{r.smem_bytes} B smem")
+    families = Counter()
+    for op, n in (r.sass or {}).items():
+        family = op.split(".")[0]
+        if family in ("LDG", "STG"):
+            parts.append(f"{op} x{n}")
+        families[{"LDL": "LDL/STL", "STL": "LDL/STL"}.get(family, family)] += n
+    parts += [f"{f} x{families[f]}" for f in ("HMMA", "LDSM", "LDL/STL") if families[f]]
+    return ", ".join(parts)
+
+
+def _meta(argv: list[str]) -> dict:
+    """When, where and with which tools a report was made."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from cuda.bindings import nvjitlink
+
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    tool = nvdisasm()
+    lines = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.splitlines() if tool else []
+    release = next((line for line in lines if "release" in line), None)  # Cuda compilation tools, release 13.5, ...
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m kernels._ptx", *argv]),
+            "versions": {name: package(name) for name in ("numba", "numba-cuda", "cuda-bindings", "nvidia-nvjitlink",
+                                                          "nvidia-cuda-nvdisasm")}
+            | {"nvjitlink (ptxas)": ".".join(map(str, nvjitlink.version())), "nvdisasm": release},
+            "nvdisasm": tool,
+            "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()}}
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels._ptx", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the sm_90 kernels' resources here")
+    parser.add_argument("--only", metavar="MODULE[,MODULE]", help="build these kernel modules only (kernels.rope)")
+    args = parser.parse_args(argv)
+    only = None if args.only is None else [m if m.startswith("kernels.") else f"kernels.{m}"
+                                           for m in args.only.split(",")]
+    if only is not None and (unknown := set(only) - set(kernel_modules())):
+        parser.error(f"not a kernel module: {', '.join(sorted(unknown))}")
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
-    done, missing = compile_all()
+    done, missing = compile_all(only=only)
     for c in done:
         where = f"{c.module}.{c.kernel}{'':<4}{c.signature:<60} sm_{c.cc[0]}{c.cc[1]}"
         if c.error:
@@ -182,11 +375,17 @@ def _main() -> int:
         else:
             cubin = "device function" if c.cubin_bytes is None else (
                 "same PTX as a lower target" if c.cubin_bytes == 0 else f"{c.cubin_bytes} B of cubin")
-            print(f"{where} {c.ptx_bytes:>7} B of PTX, {cubin}")
+            suffix = f" | {_summary(c.resources)}" if c.resources else ""
+            print(f"{where} {c.ptx_bytes:>7} B of PTX, {cubin}{suffix}")
     for m in missing:
         print(f"NOT COMPILED (add it to SIGNATURES): {m}")
+    if args.json:
+        kernels = [{"module": c.module, "kernel": c.kernel, "signature": c.signature, "cc": f"sm_{c.cc[0]}{c.cc[1]}",
+                    "resources": asdict(c.resources), "warps_per_sm": warps_per_sm(c.resources.registers)}
+                   for c in done if c.resources]
+        args.json.write_text(json.dumps({"meta": _meta(argv), "kernels": kernels}, indent=1) + "\n")
     return 1 if missing or any(c.error for c in done) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(_main(sys.argv[1:]))

@@ -98,7 +98,6 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
     width = epl * 32  # lanes x elements per lane
     rows = unroll * epl  # K (or V) elements a lane holds per trip
 
-    @cuda.jit(fastmath=True)
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits):
         sm_m = cuda.shared.array((warps, group), numba.float32)
@@ -168,7 +167,8 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
         _merge_states(sm_m, sm_l, sm_acc, warps, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
 
-    return kernel
+    kernel.__name__ = kernel.__qualname__ = f"paged_decode_g{group}_d{dim}_w{warps}_u{unroll}"
+    return cuda.jit(fastmath=True)(kernel)
 
 
 @functools.cache
@@ -189,7 +189,6 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
     gd = group * 8
     offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
 
-    @cuda.jit(fastmath=True)
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits):
         # q: (seqs, q_heads, dim // 8) complex128; kv_cache: (blocks, 2, block_size, kv_heads, dim // 8) complex128
@@ -277,7 +276,8 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
         _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
 
-    return kernel
+    kernel.__name__ = kernel.__qualname__ = f"paged_decode16_g{group}_d{dim}_w{warps}_u{unroll}"
+    return cuda.jit(fastmath=True)(kernel)
 
 
 _TYPES = ("float32", "float16", "bfloat16")

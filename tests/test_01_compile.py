@@ -6,26 +6,99 @@ nvJitLink (ptxas) per target. That the per-target steps can fail for one target 
 deliberate case: a kernel linking CUDA C++ that reads ``%clusterid`` (Hopper's thread-block clusters).
 Both run in subprocesses because numba's real CUDA target cannot be loaded in a process whose numba is the
 simulator.
+
+The same run reports each kernel's resources at sm_90 (registers, spills) and, with NVIDIA's ``nvdisasm`` (the
+``nvidia-cuda-nvdisasm`` wheel of the ``test`` extra), a census of its SASS: the tests below hold named kernels
+to no spills, 16-byte loads and tensor cores. Without nvdisasm those skip and say so, except on CI
+(``CI=true``, as ``.ci/run`` runs), where it fails the run.
 """
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 import kernels._ptx as ptx
 
 ENV = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
 TARGET_NAMES = {f"sm_{a}{b}" for a, b in ptx.TARGETS}
 
+# What the sm_90 SASS of named kernels must keep (kernel-name prefixes; one line an entry): the engine's GPU kernels
+NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
+    "rms_norm_bf16_kernel",
+    "fused_add_rms_norm_bf16_kernel",
+    "qkv_prep_kernel",
+    "rope_bf16_kernel",
+    "silu_and_mul_bf16_kernel",
+    "paged_decode16_",
+    "flash_mma_",  # head_dim 128 spilled 1,288 bytes a thread until its fragment addresses stopped being hoisted
+    "gemv_bf16_",
+]
+WIDE_LOADS = {  # at least this many 16-byte global loads (LDG.E.128), one for each tensor read that way
+    "rms_norm_bf16_kernel": 2,  # x, weight
+    "fused_add_rms_norm_bf16_kernel": 3,  # x, residual, weight
+    "rope_bf16_kernel": 2,  # the head, cos / sin
+    "silu_and_mul_bf16_kernel": 2,  # gate, up
+    "paged_decode16_": 2,  # K, V (numba's own complex128 access would be two 8-byte loads each)
+    "flash_mma_": 2,  # K, V
+    "gemv_bf16_": 2,  # the weight row, x
+}
+TENSOR_CORES = [  # tensor-core matrix multiplies (HMMA)
+    "flash_mma_",
+]
+NO_NVDISASM = "nvdisasm is not installed (pip install nvidia-cuda-nvdisasm, in the test extra): no SASS census"
+
 
 def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=900)
 
 
-def test_every_kernel_compiles_for_every_target():
-    proc = subprocess.run([sys.executable, "-m", "kernels._ptx"], env=ENV, capture_output=True, text=True,
-                          timeout=900)
+def _missing(reason: str) -> None:
+    (pytest.fail if os.environ.get("CI", "").lower() in ("true", "1") else pytest.skip)(reason)
+
+
+@pytest.fixture(scope="module")
+def compile_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """One ``python -m kernels._ptx --json`` (minutes) for the tests of this file: its process and its report."""
+    path = tmp_path_factory.mktemp("ptx") / "resources.json"
+    proc = subprocess.run([sys.executable, "-m", "kernels._ptx", "--json", str(path)], env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    return proc, json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.fixture(scope="module")
+def report(compile_run) -> dict:
+    """The sm_90 kernels' resources that run wrote."""
+    proc, report = compile_run
+    assert report is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return report
+
+
+@pytest.fixture(scope="module")
+def census(report) -> dict:
+    """The report, which has a SASS census of every kernel when nvdisasm is installed."""
+    if report["meta"]["nvdisasm"] is None:
+        _missing(NO_NVDISASM)
+    return report
+
+
+def _kernels(report: dict, prefix: str) -> list[dict]:
+    found = [k for k in report["kernels"] if k["kernel"].startswith(prefix)]
+    assert found, f"no kernel named {prefix}* at sm_90"
+    return found
+
+
+def _count(sass: dict[str, int], family: str, modifier: str | None = None) -> int:
+    """Instructions of an opcode family (``LDG``), those with ``modifier`` (``128``) only if given."""
+    return sum(n for op, n in sass.items()
+               if op.split(".")[0] == family and (modifier is None or modifier in op.split(".")[1:]))
+
+
+def test_every_kernel_compiles_for_every_target(compile_run):
+    proc, _ = compile_run
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     lines = [line for line in proc.stdout.splitlines() if "B of PTX" in line]
     assert {"sm_80", "sm_86", "sm_89", "sm_90"} == TARGET_NAMES
@@ -74,3 +147,41 @@ def test_a_target_specific_instruction_fails_only_where_the_target_lacks_it():
 
 def test_every_kernel_module_is_discovered():
     assert "kernels.basics" in ptx.kernel_modules()
+
+
+def test_every_kernel_reports_its_resources_at_sm_90(compile_run, report):
+    lines = [line for line in compile_run[0].stdout.splitlines() if " sm_90 " in line and "B of cubin" in line]
+    assert len(report["kernels"]) == len(lines) >= 10, (len(report["kernels"]), len(lines))
+    assert all(" regs (" in line for line in lines), lines[:3]
+    registers = {(k["kernel"], k["signature"]): k["resources"]["registers"] for k in report["kernels"]}
+    assert all(0 < r <= 255 for r in registers.values()), registers
+    assert all(k["warps_per_sm"] == ptx.warps_per_sm(k["resources"]["registers"]) for k in report["kernels"])
+    if report["meta"]["nvdisasm"] is None:
+        _missing(NO_NVDISASM)
+    without = [(k["kernel"], k["signature"]) for k in report["kernels"] if not k["resources"]["instructions"]]
+    assert not without, without
+
+
+@pytest.mark.parametrize("prefix", NO_SPILLS)
+def test_kernel_does_not_spill(census, prefix):
+    for k in _kernels(census, prefix):
+        r = k["resources"]
+        local = _count(r["sass"], "LDL") + _count(r["sass"], "STL")
+        assert r["spill_store_bytes"] == 0 and local == 0, (k["signature"], r)
+
+
+@pytest.mark.parametrize("prefix,minimum", WIDE_LOADS.items())
+def test_kernel_loads_16_bytes_a_thread(census, prefix, minimum):
+    for k in _kernels(census, prefix):
+        assert _count(k["resources"]["sass"], "LDG", "128") >= minimum, (k["signature"], k["resources"]["sass"])
+
+
+@pytest.mark.parametrize("prefix", TENSOR_CORES)
+def test_kernel_uses_tensor_cores(census, prefix):
+    for k in _kernels(census, prefix):
+        assert _count(k["resources"]["sass"], "HMMA") > 0, (k["signature"], k["resources"]["sass"])
+
+
+def test_warps_per_sm_follows_cuda_occupancy():
+    # cuda_occupancy.h: 4 sub-partitions of 16,384 registers, given to warps 256 at a time; 64 warps at most
+    assert [ptx.warps_per_sm(r) for r in (0, 32, 40, 96, 128, 168, 255)] == [64, 64, 48, 20, 16, 12, 8]
