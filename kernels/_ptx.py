@@ -162,7 +162,8 @@ def link(ptxs: list[str], ltoirs: list[bytes], cc: tuple[int, int], verbose: boo
 # ptxas info    : Used 56 registers, used 1 barriers, 128 bytes smem     (no smem part when it is 0)
 _PTXAS_LINES = re.compile(r"Function properties for (?P<name>\S+)\s*\n.*?(?P<stack>\d+) bytes stack frame, "
                           r"(?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads\s*\n"
-                          r".*?Used (?P<registers>\d+) registers(?:, used \d+ barriers)?(?:, (?P<smem>\d+) bytes smem)?")
+                          r".*?Used (?P<registers>\d+) registers(?:, used \d+ barriers)?"
+                          r"(?:, (?P<smem>\d+) bytes smem)?")
 # /*0bf0*/   @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;  (a predicate, then the opcode with its modifiers)
 _SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
