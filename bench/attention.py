@@ -11,7 +11,8 @@ ratio. Our kernel is skipped (``null``) where its time, extrapolated as n^2 from
 ``max_call_s``; it is timed with CUDA events per call (its launcher reads ``cu_seqlens`` on the host, so no
 CUDA graph; the host part is tens of µs against its ms), SDPA by CUDA-graph replay. On an sm_80+ GPU also
 ``kernels.flash_attention_mma`` (tensor cores; given the longest query, so CUDA-graph replay), with its speed
-as a fraction of SDPA's (``mma_vs_sdpa``). **Decode** (batch x context, every context the same length, blocks in shuffled order):
+as a fraction of SDPA's (``mma_vs_sdpa``), in both its layouts (``mma_async_*``: ``pipelined=True``). **Decode**
+(batch x context, every context the same length, blocks in shuffled order):
 ``kernels.paged_attention`` (and ``kernels.paged_attention_warp`` when that module exists), CUDA-graph
 replay with ``max_context_len``, against the bandwidth floor (K and V bytes / 4.3 TB/s), against gather +
 SDPA (the blocks copied into dense tensors, then SDPA) and SDPA alone on pre-gathered K/V; and
@@ -170,7 +171,7 @@ def run_prefill(shapes: Shapes | None = None) -> dict:
             except Exception as e:  # noqa: BLE001 -- keep SDPA's figures and the other sizes
                 row["numba_error"] = repr(e)[:500]
                 print(f"prefill {n}: our kernel FAILED {row['numba_error']}", flush=True)
-        row["mma_ms"] = row["mma_rel_err"] = row["mma_error"] = None
+        row["mma_ms"] = row["mma_rel_err"] = row["mma_error"] = row["mma_async_ms"] = row["mma_async_rel_err"] = None
         if device == "cuda":  # the tensor-core kernel (sm_80+, bf16/fp16)
             try:
                 from kernels.flash_attention_mma import flash_attention_mma, supported
@@ -181,21 +182,29 @@ def run_prefill(shapes: Shapes | None = None) -> dict:
                     mma = lambda: flash_attention_mma(q, k, v, cu, cu, max_seqlen_q=n, out=out)  # noqa: E731
                     row["mma_ms"] = _time_us(mma, s, graph=True) / 1e3
                     row["mma_rel_err"] = _rel_err(out, want)
+                    out.zero_()  # the pipelined layout (cp.async + ldmatrix), in the same run
+                    mma_async = lambda: flash_attention_mma(q, k, v, cu, cu, max_seqlen_q=n, out=out,  # noqa: E731
+                                                            pipelined=True)
+                    row["mma_async_ms"] = _time_us(mma_async, s, graph=True) / 1e3
+                    row["mma_async_rel_err"] = _rel_err(out, want)
             except Exception as e:  # noqa: BLE001 -- keep the other figures
                 row["mma_error"] = repr(e)[:500]
                 print(f"prefill {n}: the tensor-core kernel FAILED {row['mma_error']}", flush=True)
-        for key in ("numba", "numba_paged", "mma", "sdpa"):
+        for key in ("numba", "numba_paged", "mma", "mma_async", "sdpa"):
             ms = row[f"{key}_ms"]
             row[f"{key}_tflops"] = None if ms is None else flops / (ms * 1e-3) / 1e12
         row["ratio"] = None if row["numba_ms"] is None else row["numba_ms"] / row["sdpa_ms"]
         row["mma_vs_sdpa"] = None if row["mma_ms"] is None else row["sdpa_ms"] / row["mma_ms"]  # >= 0.5: the target
+        row["mma_async_vs_sdpa"] = None if row["mma_async_ms"] is None else row["sdpa_ms"] / row["mma_async_ms"]
         rows.append(row)
         print(f"prefill {n:6d} tok  SDPA {row['sdpa_ms']:9.3f} ms {row['sdpa_tflops']:7.1f} TFLOP/s | numba "
               + ("skipped" if row["numba_ms"] is None else
                  f"{row['numba_ms']:9.2f} ms {row['numba_tflops']:6.2f} TFLOP/s ({row['ratio']:.0f}x SDPA), "
                  f"rel err {row['numba_rel_err']:.1e}")
               + ("" if row["mma_ms"] is None else f" | tensor cores {row['mma_ms']:8.3f} ms "
-                 f"({row['mma_vs_sdpa']:.3f}x SDPA's speed), rel err {row['mma_rel_err']:.1e}"), flush=True)
+                 f"({row['mma_vs_sdpa']:.3f}x SDPA's speed), rel err {row['mma_rel_err']:.1e}")
+              + ("" if row["mma_async_ms"] is None else f" | pipelined {row['mma_async_ms']:8.3f} ms "
+                 f"({row['mma_async_vs_sdpa']:.3f}x), rel err {row['mma_async_rel_err']:.1e}"), flush=True)
         del q, k, v, want
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -13,6 +13,20 @@ g; c and d = (row g, columns 2t, 2t+1), then (row g+8, the same columns). ``mma_
 order of memory). ``opaque(x)``: ``x`` unchanged (an int64), through an instruction the compiler may not move or
 see through -- see its docstring.
 
+For the pipelined kernel, the shared-memory and copy instructions FlashAttention-2 is built on:
+
+* ``ldmatrix_x4(words, i)`` / ``ldmatrix_x4_trans(words, i)``: ``ldmatrix.sync.aligned.m8n8.x4[.trans]`` -- the
+  warp loads four 8 x 8 matrices of 16-bit values from shared memory (``words``: a uint32 shared array). Lane
+  ``l`` gives the address of row ``l % 8`` of matrix ``l // 8`` (``words[i]``, 16-byte aligned; a row is 4
+  words) and receives one word of each matrix: row ``l // 4``, values ``2 (l % 4)`` and ``2 (l % 4) + 1`` --
+  exactly an mma B fragment -- or, with ``.trans``, the transposed matrix's: column ``l // 4``, rows ``2 (l %
+  4)`` and ``2 (l % 4) + 1`` (low half first).
+* ``cp_async16(words, i, chunks, j, nbytes)``: ``cp.async.cg.shared.global`` -- copy the 16-byte element
+  ``chunks[j]`` (complex128, global memory) to ``words[i .. i + 3]`` without passing through registers;
+  ``nbytes`` 0 writes zeros instead (a key past the end). ``cp_async_commit()`` closes a group of copies,
+  ``cp_async_wait1()`` / ``cp_async_wait0()`` wait until at most 1 / 0 groups of this thread are in flight.
+  Only the issuing thread waits: a barrier after the wait makes every thread's copies visible to the block.
+
 In numba's CUDA simulator (a CPU) the four names are Python stand-ins that compute the same results from the
 same fragment layout (see the end of this module), so a kernel's indexing can be checked without a GPU.
 """
@@ -75,6 +89,73 @@ def opaque(typingctx, x):
     return sig, codegen
 
 
+def _element_address(context, builder, array_type, array, index):
+    """The generic address (int64) of ``array[index]`` (1-D, no wraparound: indices are never negative here)."""
+    from numba.cuda import cgutils
+
+    array = context.make_array(array_type)(context, builder, array)
+    ptr = cgutils.get_item_pointer(context, builder, array_type, array, [index])
+    return builder.ptrtoint(ptr, ir.IntType(64))
+
+
+# volatile and clobbering memory: the compiler may neither hoist a load out of the key loop (its address does not
+# change, the data does) nor move a copy or a load across a barrier
+_LDSM = ("{{ .reg .u64 s; cvta.to.shared.u64 s, $4; "
+         "ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0,$1,$2,$3}}, [s]; }}")
+
+
+def _ldmatrix(trans: bool):
+    def typer(typingctx, words, index):
+        sig = types.UniTuple(types.uint32, 4)(words, index)
+
+        def codegen(context, builder, signature, args):
+            address = _element_address(context, builder, signature.args[0], args[0], args[1])
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([i32] * 4), [ir.IntType(64)])
+            asm = ir.InlineAsm(fnty, _LDSM.format(trans=".trans" if trans else ""), "=r,=r,=r,=r,l,~{memory}",
+                               side_effect=True)
+            d = builder.call(asm, [address])
+            return context.make_tuple(builder, signature.return_type, [builder.extract_value(d, i) for i in range(4)])
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+@intrinsic
+def cp_async16(typingctx, words, index, chunks, j, nbytes):
+    """``words[index .. index + 3] <- chunks[j]`` (16 bytes, global -> shared) asynchronously; see the module."""
+    sig = types.void(words, index, chunks, j, types.int32)
+
+    def codegen(context, builder, signature, args):
+        dst = _element_address(context, builder, signature.args[0], args[0], args[1])
+        src = _element_address(context, builder, signature.args[2], args[2], args[3])
+        size = context.cast(builder, args[4], signature.args[4], types.int32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64), ir.IntType(64), ir.IntType(32)])
+        asm = ir.InlineAsm(fnty, "{ .reg .u64 s, g; cvta.to.shared.u64 s, $0; cvta.to.global.u64 g, $1; "
+                                 "cp.async.cg.shared.global [s], [g], 16, $2; }", "l,l,r,~{memory}", side_effect=True)
+        builder.call(asm, [dst, src, size])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _asm_statement(text: str):
+    def typer(typingctx):
+        def codegen(context, builder, signature, args):
+            builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), text, "~{memory}", side_effect=True), [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    return intrinsic(typer)
+
+
+ldmatrix_x4 = _ldmatrix(False)
+ldmatrix_x4_trans = _ldmatrix(True)
+cp_async_commit = _asm_statement("cp.async.commit_group;")
+cp_async_wait1 = _asm_statement("cp.async.wait_group 1;")
+cp_async_wait0 = _asm_statement("cp.async.wait_group 0;")
 mma_bf16 = _mma("bf16")
 mma_f16 = _mma("f16")
 pack_bf16 = _pack("bf16")
@@ -142,11 +223,53 @@ def _simulated_pack(ptx_type: str):
     return pack
 
 
+def _simulated_ldmatrix(trans: bool):
+    def ldmatrix(words, index):
+        import threading
+
+        from kernels._simulator import warp_values
+
+        rows = warp_values(int(index))  # lane 8m + r gave the first word of row r of matrix m
+        lane = threading.current_thread().thread_id % 32
+
+        def half(m: int, row: int, col: int) -> int:  # the 16-bit value at (row, col) of matrix m
+            word = int(words[rows[8 * m + row] + col // 2])
+            return (word >> (16 * (col % 2))) & 0xFFFF
+
+        out = []
+        for m in range(4):
+            if trans:  # column lane // 4, rows 2 (lane % 4) and 2 (lane % 4) + 1
+                lo, hi = half(m, 2 * (lane % 4), lane // 4), half(m, 2 * (lane % 4) + 1, lane // 4)
+            else:  # row lane // 4, columns 2 (lane % 4) and 2 (lane % 4) + 1: one word
+                lo, hi = half(m, lane // 4, 2 * (lane % 4)), half(m, lane // 4, 2 * (lane % 4) + 1)
+            out.append(lo | (hi << 16))
+        return tuple(out)
+
+    return ldmatrix
+
+
+def _simulated_cp_async16(words, index, chunks, j, nbytes):
+    """The copy, done at once: the barrier that follows a wait on the GPU orders it the same way here."""
+    import numpy as np
+
+    values = np.array([chunks[j]], dtype=np.complex128).view(np.uint32) if nbytes else np.zeros(4, np.uint32)
+    for i in range(4):  # the element's bytes as four words, in memory order
+        words[index + i] = values[i]
+
+
+def _nothing() -> None:
+    """cp.async's commit and wait: nothing to do where the copies complete at once."""
+
+
 def _use_simulator() -> None:
-    global mma_bf16, mma_f16, pack_bf16, pack_f16, opaque
+    global mma_bf16, mma_f16, pack_bf16, pack_f16, opaque, ldmatrix_x4, ldmatrix_x4_trans, cp_async16
+    global cp_async_commit, cp_async_wait1, cp_async_wait0
     mma_bf16, mma_f16 = _simulated_mma("bf16"), _simulated_mma("f16")
     pack_bf16, pack_f16 = _simulated_pack("bf16"), _simulated_pack("f16")
     opaque = int
+    ldmatrix_x4, ldmatrix_x4_trans = _simulated_ldmatrix(False), _simulated_ldmatrix(True)
+    cp_async16 = _simulated_cp_async16
+    cp_async_commit = cp_async_wait1 = cp_async_wait0 = _nothing
 
 
 if simulator_enabled():

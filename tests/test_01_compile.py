@@ -43,11 +43,14 @@ WIDE_LOADS = {  # at least this many 16-byte global loads (LDG.E.128), one for e
     "rope_bf16_kernel": 2,  # the head, cos / sin
     "silu_and_mul_bf16_kernel": 2,  # gate, up
     "paged_decode16_": 2,  # K, V (numba's own complex128 access would be two 8-byte loads each)
-    "flash_mma_": 2,  # K, V
+    "flash_mma_bf16_": 2,  # K, V (the pipelined flash_mma_async_* copies them with cp.async instead: LDGSTS)
     "gemv_bf16_": 2,  # the weight row, x
 }
 TENSOR_CORES = [  # tensor-core matrix multiplies (HMMA)
     "flash_mma_",
+]
+ASYNC_COPIES = [  # K and V copied global -> shared by cp.async (LDGSTS) and read back by ldmatrix (LDSM)
+    "flash_mma_async_",
 ]
 NO_NVDISASM = "nvdisasm is not installed (pip install nvidia-cuda-nvdisasm, in the test extra): no SASS census"
 
@@ -185,3 +188,10 @@ def test_kernel_uses_tensor_cores(census, prefix):
 def test_warps_per_sm_follows_cuda_occupancy():
     # cuda_occupancy.h: 4 sub-partitions of 16,384 registers, given to warps 256 at a time; 64 warps at most
     assert [ptx.warps_per_sm(r) for r in (0, 32, 40, 96, 128, 168, 255)] == [64, 64, 48, 20, 16, 12, 8]
+
+
+@pytest.mark.parametrize("prefix", ASYNC_COPIES)
+def test_kernel_copies_tiles_asynchronously(census, prefix):
+    for k in _kernels(census, prefix):
+        sass = k["resources"]["sass"]
+        assert _count(sass, "LDGSTS", "128") > 0 and _count(sass, "LDSM") > 0, (k["signature"], sass)

@@ -21,9 +21,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def test_every_dtype_and_head_dim_has_a_kernel_with_a_signature():
-    defaults = {(dt, d) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
-    assert defaults <= set(fm.KERNELS)
-    assert {fm.KERNELS[key] for key in defaults} <= set(fm.SIGNATURES)  # kernels._ptx compiles each for every GPU
+    defaults = {(dt, d, False) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
+    pipelined = {(torch.bfloat16, d, True) for d in fm.HEAD_DIMS}  # fp16 ones are built on first use
+    assert defaults | pipelined <= set(fm.KERNELS)
+    # kernels._ptx compiles each for every GPU
+    assert {fm.KERNELS[key] for key in defaults | pipelined} <= set(fm.SIGNATURES)
 
 
 def test_bad_shapes_get_a_clear_error():
@@ -40,17 +42,19 @@ simulator = pytest.mark.skipif(not simulator_enabled(), reason="the CUDA simulat
 
 
 @simulator
+@pytest.mark.parametrize("pipelined", [False, True], ids=["load-then-compute", "pipelined"])
 @pytest.mark.parametrize("dtype, causal", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16-causal", "fp16"])
-def test_the_kernel_in_the_simulator(monkeypatch, dtype, causal):
+def test_the_kernel_in_the_simulator(monkeypatch, dtype, causal, pipelined):
     """16 new queries after 54 cached keys (end-aligned causal: the first query sees 55 keys, the last all 70), so
-    two key tiles, the second partly past the end; GQA (2 query heads over 1 kv head). Non-causal: 9 queries."""
+    two key tiles, the second partly past the end; GQA (2 query heads over 1 kv head). Non-causal: 9 queries.
+    Both layouts: the pipelined one's ``ldmatrix`` and ``cp.async`` run as ``kernels._mma``'s stand-ins."""
     monkeypatch.setattr(fm, "WARPS", 1)  # 32 threads a block: the simulator's barriers cost per thread
     g = torch.Generator().manual_seed(3)
     q_len = 16 if causal else 9
     q = torch.randn(q_len, 2, 64, generator=g).to(dtype)
     k, v = (torch.randn(70, 1, 64, generator=g).to(dtype) for _ in range(2))
     cu_q, cu_k = torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([0, 70], dtype=torch.int32)
-    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, causal=causal)
+    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, causal=causal, pipelined=pipelined)
     want = flash_attention_ref(q, k, v, cu_q, cu_k, causal=causal)
     torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
 
@@ -70,11 +74,12 @@ def batch(q_lens, k_lens, heads, kv_heads, d, dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_batches_match_sdpa(dtype, d, causal):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["load-then-compute", "pipelined"])
+def test_varlen_batches_match_sdpa(dtype, d, causal, pipelined):
     q_lens = [1, 63, 64, 65, 200, 7]
     k_lens = [1, 63, 64, 130, 200, 300] if causal else [5, 63, 64, 130, 17, 300]  # causal: some keys cached
     q, k, v, cu_q, cu_k = batch(q_lens, k_lens, 8, 2, d, dtype)
-    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, causal=causal)
+    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, causal=causal, pipelined=pipelined)
     want = flash_attention_ref(q, k, v, cu_q, cu_k, causal=causal)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
@@ -82,9 +87,10 @@ def test_varlen_batches_match_sdpa(dtype, d, causal):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("n", [4096, 16384])
-def test_long_prefill_matches_sdpa(n):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["load-then-compute", "pipelined"])
+def test_long_prefill_matches_sdpa(n, pipelined):
     q, k, v, cu_q, cu_k = batch([n], [n], 16, 8, 128, torch.bfloat16, seed=n)
-    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, max_seqlen_q=n)
+    got = fm.flash_attention_mma(q, k, v, cu_q, cu_k, max_seqlen_q=n, pipelined=pipelined)
     want = flash_attention_ref(q, k, v, cu_q, cu_k)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
