@@ -17,7 +17,7 @@ a vector of four int32. numba's own ``chunks[j]`` on a complex128 array compiles
 (the real and the imaginary double), which is what these helpers did until the machine code was read
 (``python -m kernels._ptx`` counts each kernel's load widths). The vector access assumes the element is
 16-byte aligned: every CUDA allocation is, and ``tensor.view(torch.complex128)`` only accepts offsets in
-whole 16-byte elements; a launcher handed foreign memory checks :func:`aligned16`.
+whole 16-byte elements; launchers that take any caller's tensors check it (:func:`aligned16`).
 
 In numba's CUDA simulator the same helpers split the complex value with ``libdevice`` bit casts, which the
 simulator implements only as stubs; kernels._simulator gives it these casts.
