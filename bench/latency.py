@@ -13,10 +13,11 @@ token ids (and prefix caching off, so nothing is served from the cache):
 * **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
   token (tokenization is not included: the prompt is token ids).
 
-On a GPU both run in four engines: the default (a CUDA graph per decode batch size, piecewise graphs for
+On a GPU both run in five engines: the default (a CUDA graph per decode batch size, piecewise graphs for
 prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps launched op by op),
-``enforce_eager=True``, and the default with the overlapped loop -- to show what each kind of graph saves. On a
-CPU there are no graphs: the eager engine only.
+``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
+default with the linear layers of steps up to 8 tokens on ``kernels.gemv`` instead of cuBLAS
+(``kernels.gemv.ENGINE_MAX_TOKENS``, 0 by default). On a CPU there are no graphs: the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -84,13 +85,20 @@ def run(args: argparse.Namespace) -> dict:
                     "ttft_prompt_len": args.ttft_len, "repeats": args.repeats, "engine": options}
     # each mode's engine options; on a GPU also graphs with the overlapped loop
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              "cuda_graphs_async": {"async_scheduling": True}} if device.type == "cuda" else
+              "cuda_graphs_async": {"async_scheduling": True}, "cuda_graphs_gemv": {}} if device.type == "cuda" else
              {"eager": {"enforce_eager": True}})
+    import kernels.gemv
+
+    default_gemv = kernels.gemv.ENGINE_MAX_TOKENS
     for mode, mode_options in modes.items():
-        start = time.perf_counter()
-        llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
-        setup = time.perf_counter() - start
-        result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
+        kernels.gemv.ENGINE_MAX_TOKENS = 8 if mode.endswith("_gemv") else default_gemv  # before graph capture
+        try:
+            start = time.perf_counter()
+            llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
+            setup = time.perf_counter() - start
+            result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
+        finally:
+            kernels.gemv.ENGINE_MAX_TOKENS = default_gemv
         del llm
         free_memory()
     if "cuda_graphs" in result:
@@ -98,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
                                                / result["cuda_graphs"]["decode_ms_per_token"], 2)
         result["piecewise_speedup_ttft"] = round(result["decode_graphs_only"]["ttft_ms"]
                                                  / result["cuda_graphs"]["ttft_ms"], 2)
+        result["gemv_speedup_decode"] = round(result["cuda_graphs"]["decode_ms_per_token"]
+                                              / result["cuda_graphs_gemv"]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 

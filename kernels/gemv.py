@@ -17,10 +17,11 @@ design, with nothing else to do:
   result, rounded to bf16 once (fp32 accumulation, as cuBLAS does).
 
 Limits: bf16, ``K % 8 == 0``, K <= 8,192 (``CPL`` <= 32), 1 to ``MAX_TOKENS`` rows of x, contiguous tensors
-16-byte aligned. The engine does not call it yet: it is to replace cuBLAS in the model's linear layers only
-where a GPU run measures it faster (``python -m kernels.gemv`` times both at Qwen3-0.6B's shapes). Checked
-against ``F.linear`` in numba's CUDA simulator (``tests/test_17_gemv.py``) and compiled for every supported
-GPU (``kernels._ptx``).
+16-byte aligned. The model's linear layers (``minivllm.model.layers.linear``) send a GPU step of up to
+``ENGINE_MAX_TOKENS`` tokens here: 0 -- none, cuBLAS for all -- until a GPU run measures this kernel faster
+(``python -m kernels.gemv`` times both at Qwen3-0.6B's shapes; ``python -m bench.latency`` runs an engine with
+it beside the default). Checked against ``F.linear`` in numba's CUDA simulator (``tests/test_17_gemv.py``) and
+compiled for every supported GPU (``kernels._ptx``).
 """
 
 import functools
@@ -36,6 +37,7 @@ from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words
 MAX_TOKENS = 8  # rows of x per call: each lane keeps one fp32 sum per token
 MAX_CPL = 32  # chunks per lane: K up to 32 x 32 x 8 = 8,192 bf16
 WARPS = 4  # warps per block
+ENGINE_MAX_TOKENS = 0  # the model's linear layers use this kernel for steps of up to this many tokens (0: never)
 FULL_MASK = 0xFFFFFFFF
 
 

@@ -71,3 +71,33 @@ def test_gemv_on_the_gpu(tokens, n, k):
     got = g.gemv(x, weight)
     want = _fp32(x, weight)
     assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=2e-3), (got.float() - want).abs().max()
+
+
+def test_the_model_sends_small_gpu_steps_to_it_only_when_switched_on(monkeypatch):
+    from minivllm.model import layers
+
+    assert g.ENGINE_MAX_TOKENS == 0  # cuBLAS for every step until a GPU run measures the kernel faster
+    monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 4)
+    assert layers._gemv_tokens() == 4  # read at call time: a benchmark switches it before capturing graphs
+    x, weight = _operands(2, 8, 64)
+    assert torch.equal(layers.linear(x, weight), torch.nn.functional.linear(x, weight))  # a CPU: always F.linear
+
+
+@gpu
+def test_the_model_with_it_matches_the_model_without(monkeypatch):
+    """One decode-sized forward pass of a random bf16 model, cuBLAS against kernels.gemv in every linear layer."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from bench.models import TINY
+    from minivllm.model.qwen3 import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(TINY, device="cuda", dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    ids, positions = torch.tensor([5, 9], device="cuda"), torch.tensor([0, 1], device="cuda")
+    with torch.inference_mode():
+        want = model.compute_logits(model(ids, positions)).float()
+        monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 8)
+        got = model.compute_logits(model(ids, positions)).float()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)

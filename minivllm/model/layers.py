@@ -1,4 +1,5 @@
-"""The model's element-wise layers, routed to the ``kernels`` launchers: RMSNorm, RoPE, SiLU·mul.
+"""The model's element-wise layers, routed to the ``kernels`` launchers: RMSNorm, RoPE, SiLU·mul (and the
+linear layers' matmul, :func:`linear`).
 
 Each function here calls the launcher of its kernel module (``kernels.rmsnorm``, ``kernels.rope``,
 ``kernels.activation``) when that module exists, and otherwise the same math in plain PyTorch (the
@@ -9,7 +10,8 @@ references, until a phase's kernel lands). Where a call runs:
   kernel thread by thread in Python: fine for a 4 x 64 tensor in a test, hopeless for a whole model.
 
 The launchers are imported on first use (importing numba costs seconds), once per module.
-What is left out: attention (``minivllm.model.attention``) and the matmuls (PyTorch, i.e. cuBLAS).
+What is left out: attention (``minivllm.model.attention``). The matmuls are PyTorch's (cuBLAS on a GPU), except
+that :func:`linear` can send small decode steps to ``kernels.gemv`` (off by default).
 """
 
 import functools
@@ -102,6 +104,24 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
     """QK-norm (with weights), RoPE and the KV store of one layer in one kernel: ``kernels.qkv_prep``."""
     return launcher("qkv_prep", "qkv_prep")(qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping,
                                            q_weight, k_weight, eps, backend=_backend(qkv))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T``: cuBLAS (``F.linear``), or on a GPU for a step of at most ``kernels.gemv.ENGINE_MAX_TOKENS``
+    tokens (0 by default: never) the matrix-vector kernel ``kernels.gemv``."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= _gemv_tokens():
+        fn = launcher("gemv", "supported")
+        if fn is not None and fn(x, weight):
+            return launcher("gemv", "gemv")(x, weight)
+    return F.linear(x, weight)
+
+
+def _gemv_tokens() -> int:
+    """``kernels.gemv.ENGINE_MAX_TOKENS``, read at call time (a benchmark switches it); 0 without that module."""
+    try:
+        return importlib.import_module("kernels.gemv").ENGINE_MAX_TOKENS
+    except ModuleNotFoundError:
+        return 0
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

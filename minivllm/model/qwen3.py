@@ -13,8 +13,8 @@ rows belong to whom. ``q, k, v`` are one matmul (``qkv_proj``) and ``gate, up`` 
 (``gate_up_proj``): ``minivllm.model.weights`` maps a checkpoint's separate tensors onto those.
 
 RMSNorm, RoPE and SiLU·mul go through ``minivllm.model.layers`` (the ``kernels`` launchers); linear
-layers are ``F.linear`` (cuBLAS on a GPU); attention is ``minivllm.model.attention``. Inference only:
-parameters never require grad. ``minivllm.model.quant`` swaps the linear layers for 4-bit block (numba) or fbgemm
+layers are ``layers.linear`` (``F.linear``, i.e. cuBLAS on a GPU); attention is ``minivllm.model.attention``.
+Inference only: parameters never require grad. ``minivllm.model.quant`` swaps the linear layers for 4-bit block (numba) or fbgemm
 fp16/int8 ones on a CPU; ``minivllm.distributed`` splits the model over ranks (tensor parallelism).
 Left out: LoRA.
 """
@@ -54,7 +54,7 @@ class Linear(nn.Module):
         self.weight = _empty(out_features, in_features, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return layers.linear(x, self.weight)
 
 
 class Embedding(nn.Module):
