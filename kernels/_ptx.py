@@ -61,12 +61,12 @@ RESOURCES_CC = (9, 0)  # the target whose kernels get Resources: the H200 the co
 # SASS opcode families counted (an opcode's first part; HFMA2.MMA is an HFMA2, not a tensor-core instruction):
 # global loads/stores (LDG.E.128 is 16 bytes a thread) and generic ones (LD/ST), shared memory (LDS/STS, and
 # LDSM: ldmatrix), global -> shared copies (LDGSTS: cp.async), local memory (LDL/STL: spills or local arrays),
-# tensor cores (HMMA), warp shuffles, MUFU (exp2, rcp, rsqrt...), barriers, and calls of functions not inlined
-# (the slow paths of division and sqrt; the bf16/fp16 shims when not linked by LTO, whose arguments go through
-# local memory). Opcodes keep all their modifiers: the SASS of these kernels has no cache-policy ones (.EL, .LU,
-# .CONSTANT...) on LDG/STG, and LDL.LU (a spill's last read) is local memory all the same.
-SASS_FAMILIES = frozenset({"LDG", "STG", "LD", "ST", "LDS", "STS", "LDSM", "LDGSTS", "LDL", "STL", "HMMA", "SHFL",
-                           "MUFU", "BAR", "CALL"})
+# tensor cores (HMMA), fp32 FMAs (FFMA), warp shuffles, MUFU (exp2, rcp, rsqrt...), barriers, and calls of
+# functions not inlined (the slow paths of division and sqrt; the bf16/fp16 shims when not linked by LTO, whose
+# arguments go through local memory). Opcodes keep all their modifiers: the SASS of these kernels has no
+# cache-policy ones (.EL, .LU, .CONSTANT...) on LDG/STG, and LDL.LU (a spill's last read) is local memory all the same.
+SASS_FAMILIES = frozenset({"LDG", "STG", "LD", "ST", "LDS", "STS", "LDSM", "LDGSTS", "LDL", "STL", "HMMA", "FFMA",
+                           "SHFL", "MUFU", "BAR", "CALL"})
 
 
 @dataclass(slots=True, frozen=True)
