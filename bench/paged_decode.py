@@ -107,42 +107,29 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     best_key = min(results, key=lambda k: results[k]["total_us_batch_ge_32"] if results[k]["max_abs_err"] < 5e-2
                    else float("inf"))
     best = results[best_key]
+    def sweep(attr: str, values, cases: list[dict], label) -> dict:
+        """Each value of the module's ``attr`` (restored after) with the best setting, on ``cases``: µs per case,
+        by ``label(value)``."""
+        saved, out = getattr(w, attr), {}
+        try:
+            for value in values:
+                setattr(w, attr, value)
+                out[label(value)] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
+                                     for c in cases}
+                print(f"{attr} {value}: {out[label(value)]}", flush=True)
+        finally:
+            setattr(w, attr, saved)
+        return out
+
+    def fastest(timed: dict):
+        return min(timed, key=lambda value: sum(timed[value].values()))
+
     small = [c for c in all_cases if c["batch"] < 32]
-    split_us = {}
-    saved = w.MIN_SPLIT
-    try:
-        for ms in MIN_SPLITS:
-            w.MIN_SPLIT = ms
-            split_us[ms] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
-                            for c in small}
-            print(f"min split {ms:4d}: {split_us[ms]}", flush=True)
-    finally:
-        w.MIN_SPLIT = saved
-    best_split = min(split_us, key=lambda ms: sum(split_us[ms].values()))
     large = [c for c in all_cases if c["batch"] >= 32]
-    max_split_us = {}
-    saved = w.MAX_SPLIT
-    try:
-        for ms in MAX_SPLITS:
-            w.MAX_SPLIT = ms
-            key = str(ms).lower()  # "none": every block takes its whole context
-            max_split_us[key] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
-                                 for c in large}
-            print(f"max split {key:>4s}: {max_split_us[key]}", flush=True)
-    finally:
-        w.MAX_SPLIT = saved
-    best_max = min(max_split_us, key=lambda ms: sum(max_split_us[ms].values()))
-    rule_us = {}
-    saved = w.SPLIT_RULE
-    try:
-        for rule in SPLIT_RULES:
-            w.SPLIT_RULE = rule
-            rule_us[rule] = {c["name"]: round(timer(lambda c=c: call(c, best["warps"], best["unroll"])), 2)
-                             for c in all_cases}
-            print(f"split rule {rule:>5s}: {rule_us[rule]}", flush=True)
-    finally:
-        w.SPLIT_RULE = saved
-    best_rule = min(rule_us, key=lambda r: sum(rule_us[r].values()))
+    split_us = sweep("MIN_SPLIT", MIN_SPLITS, small, lambda ms: ms)
+    max_split_us = sweep("MAX_SPLIT", MAX_SPLITS, large, lambda ms: str(ms).lower())  # "none": whole contexts
+    rule_us = sweep("SPLIT_RULE", SPLIT_RULES, all_cases, str)
+    best_split, best_max, best_rule = fastest(split_us), fastest(max_split_us), fastest(rule_us)
     target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
     floors = {c["name"]: c["floor_us"] for c in all_cases}
     summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split,

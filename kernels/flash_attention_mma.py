@@ -72,6 +72,61 @@ def _transpose_pair(vt, d, pair, a, b):
     vt[d + 1, pair] = (a >> numba.uint32(16)) | (b & numba.uint32(0xFFFF0000))
 
 
+@cuda.jit(device=True, inline=True)
+def _load_q(qa, q, q_start, row0, row1, q_len, head, t, ksteps):
+    """The warp's Q as mma A fragments: this lane's rows ``row0`` and ``row1`` (= row0 + 8), words ``8 kk + t`` and
+    ``8 kk + 4 + t`` of each 16-column step ``kk``; zeros past the sequence."""
+    for kk in range(ksteps):
+        for h in range(2):
+            w = kk * 8 + 4 * h + t
+            qa[4 * kk + 2 * h] = numba.uint32(q[q_start + row0, head, w]) if row0 < q_len else numba.uint32(0)
+            qa[4 * kk + 2 * h + 1] = numba.uint32(q[q_start + row1, head, w]) if row1 < q_len else numba.uint32(0)
+
+
+@cuda.jit(device=True, inline=True)
+def _inverse_row_sums(l0, l1):
+    """1 / each row's softmax sum, from the parts its 4 lanes hold (0 for a row that saw no key)."""
+    for lanes in (1, 2):
+        l0 += cuda.shfl_xor_sync(0xFFFFFFFF, l0, lanes)
+        l1 += cuda.shfl_xor_sync(0xFFFFFFFF, l1, lanes)
+    return (numba.float32(1.0) / l0 if l0 > 0 else numba.float32(0.0),
+            numba.float32(1.0) / l1 if l1 > 0 else numba.float32(0.0))
+
+
+@cuda.jit(device=True, inline=True)
+def _online_softmax(s, o, m0, m1, l0, l1, n_tiles):
+    """One key tile's online-softmax step for a lane's two rows (row0: ``s[4j]``, ``s[4j + 1]``; row1: ``s[4j + 2]``,
+    ``s[4j + 3]``; scores in log2 units): the scores become probabilities in place, the output accumulators ``o``
+    (``n_tiles`` 8-column tiles) are rescaled, and the new running max and sum ``(m0, m1, l0, l1)`` returned."""
+    mx0 = mx1 = numba.float32(-math.inf)
+    for j in range(TILE // 8):
+        mx0 = max(mx0, max(s[4 * j], s[4 * j + 1]))
+        mx1 = max(mx1, max(s[4 * j + 2], s[4 * j + 3]))
+    for lanes in (1, 2):  # the 4 lanes of a row agree on its max
+        mx0 = max(mx0, cuda.shfl_xor_sync(0xFFFFFFFF, mx0, lanes))
+        mx1 = max(mx1, cuda.shfl_xor_sync(0xFFFFFFFF, mx1, lanes))
+    new0, new1 = max(m0, mx0), max(m1, mx1)
+    # NOTE: a row that has seen no key yet keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+    base0 = new0 if new0 != -math.inf else numba.float32(0.0)
+    base1 = new1 if new1 != -math.inf else numba.float32(0.0)
+    alpha0, alpha1 = math.exp2(m0 - base0), math.exp2(m1 - base1)
+    l0 *= alpha0
+    l1 *= alpha1
+    for n in range(n_tiles):
+        o[4 * n] *= alpha0
+        o[4 * n + 1] *= alpha0
+        o[4 * n + 2] *= alpha1
+        o[4 * n + 3] *= alpha1
+    for j in range(TILE // 8):
+        s[4 * j] = math.exp2(s[4 * j] - base0)
+        s[4 * j + 1] = math.exp2(s[4 * j + 1] - base0)
+        s[4 * j + 2] = math.exp2(s[4 * j + 2] - base1)
+        s[4 * j + 3] = math.exp2(s[4 * j + 3] - base1)
+        l0 += s[4 * j] + s[4 * j + 1]
+        l1 += s[4 * j + 2] + s[4 * j + 3]
+    return new0, new1, l0, l1
+
+
 def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
     """The kernel for one (dtype, head_dim): the sizes are constants, so the loops unroll into registers."""
     W = head_dim // 2  # 32-bit words per row
@@ -104,12 +159,7 @@ def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
         offset = k_len - q_len  # end-aligned causal mask: row r sees keys <= r + offset
         row0 = first + warp * 16 + g  # this lane's two rows: row0 and row0 + 8
         row1 = row0 + 8
-        for kk in range(KSTEPS):  # Q fragments: rows g / g + 8, words kk*8 + t and kk*8 + 4 + t
-            for h in range(2):
-                w = kk * 8 + 4 * h + t
-                qa[4 * kk + 2 * h] = numba.uint32(q[q_start + row0, head, w]) if row0 < q_len else numba.uint32(0)
-                qa[4 * kk + 2 * h + 1] = numba.uint32(q[q_start + row1, head, w]) if row1 < q_len \
-                    else numba.uint32(0)
+        _load_q(qa, q, q_start, row0, row1, q_len, head, t, KSTEPS)  # Q fragments, rows g / g + 8
         for i in range(O):
             o[i] = numba.float32(0.0)
         m0 = m1 = numba.float32(-math.inf)  # running max (log2 units) of row0 / row1
@@ -154,33 +204,7 @@ def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
                 s[4 * j + 1] = c1 * scale_log2 if key + 1 < lim0 else numba.float32(-math.inf)
                 s[4 * j + 2] = c2 * scale_log2 if key < lim1 else numba.float32(-math.inf)
                 s[4 * j + 3] = c3 * scale_log2 if key + 1 < lim1 else numba.float32(-math.inf)
-            mx0 = mx1 = numba.float32(-math.inf)
-            for j in range(TILE // 8):
-                mx0 = max(mx0, max(s[4 * j], s[4 * j + 1]))
-                mx1 = max(mx1, max(s[4 * j + 2], s[4 * j + 3]))
-            for lanes in (1, 2):  # the 4 lanes of a row agree on its max
-                mx0 = max(mx0, cuda.shfl_xor_sync(0xFFFFFFFF, mx0, lanes))
-                mx1 = max(mx1, cuda.shfl_xor_sync(0xFFFFFFFF, mx1, lanes))
-            new0, new1 = max(m0, mx0), max(m1, mx1)
-            # NOTE: a row that has seen no key yet keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
-            base0 = new0 if new0 != -math.inf else numba.float32(0.0)
-            base1 = new1 if new1 != -math.inf else numba.float32(0.0)
-            alpha0, alpha1 = math.exp2(m0 - base0), math.exp2(m1 - base1)
-            m0, m1 = new0, new1
-            l0 *= alpha0
-            l1 *= alpha1
-            for n in range(NTILES):
-                o[4 * n] *= alpha0
-                o[4 * n + 1] *= alpha0
-                o[4 * n + 2] *= alpha1
-                o[4 * n + 3] *= alpha1
-            for j in range(TILE // 8):
-                s[4 * j] = math.exp2(s[4 * j] - base0)
-                s[4 * j + 1] = math.exp2(s[4 * j + 1] - base0)
-                s[4 * j + 2] = math.exp2(s[4 * j + 2] - base1)
-                s[4 * j + 3] = math.exp2(s[4 * j + 3] - base1)
-                l0 += s[4 * j] + s[4 * j + 1]
-                l1 += s[4 * j + 2] + s[4 * j + 3]
+            m0, m1, l0, l1 = _online_softmax(s, o, m0, m1, l0, l1, NTILES)
             # O += P V, 16 keys per step: P's A fragment is two score n-tiles, rounded to the input type
             for kk in range(TILE // 16):
                 a0 = pack(s[8 * kk], s[8 * kk + 1])
@@ -193,11 +217,7 @@ def _build(mma, pack, head_dim: int, name: str, warps: int = 4):
                         a0, a1, a2, a3, vt[d, kk * 8 + tl], vt[d, kk * 8 + 4 + tl],
                         o[4 * n], o[4 * n + 1], o[4 * n + 2], o[4 * n + 3])
             cuda.syncthreads()  # every warp is done with the tile before the next one overwrites it
-        for lanes in (1, 2):  # each row's sum over its 4 lanes
-            l0 += cuda.shfl_xor_sync(0xFFFFFFFF, l0, lanes)
-            l1 += cuda.shfl_xor_sync(0xFFFFFFFF, l1, lanes)
-        inv0 = numba.float32(1.0) / l0 if l0 > 0 else numba.float32(0.0)
-        inv1 = numba.float32(1.0) / l1 if l1 > 0 else numba.float32(0.0)
+        inv0, inv1 = _inverse_row_sums(l0, l1)
         for n in range(NTILES):  # columns 8n + 2t, 8n + 2t + 1: word 4n + t
             if row0 < q_len:
                 out[q_start + row0, head, 4 * n + t] = numba.int32(pack(o[4 * n] * inv0, o[4 * n + 1] * inv0))
@@ -254,12 +274,7 @@ def _build_pipelined(mma, pack, head_dim: int, name: str, warps: int = 4):
         offset = k_len - q_len
         row0 = first + warp * 16 + g
         row1 = row0 + 8
-        for kk in range(KSTEPS):
-            for h in range(2):
-                w = kk * 8 + 4 * h + t
-                qa[4 * kk + 2 * h] = numba.uint32(q[q_start + row0, head, w]) if row0 < q_len else numba.uint32(0)
-                qa[4 * kk + 2 * h + 1] = numba.uint32(q[q_start + row1, head, w]) if row1 < q_len \
-                    else numba.uint32(0)
+        _load_q(qa, q, q_start, row0, row1, q_len, head, t, KSTEPS)
         for i in range(O):
             o[i] = numba.float32(0.0)
         m0 = m1 = numba.float32(-math.inf)
@@ -296,32 +311,7 @@ def _build_pipelined(mma, pack, head_dim: int, name: str, warps: int = 4):
             if tile + TILE < end:
                 _copy_tile(ks, k, k_start, tile + TILE, k_len, kv_head, tid, THREADS, C, STRIDE)
             cp_async_commit()  # (an empty group at the last tile: the waits count groups)
-            mx0 = mx1 = numba.float32(-math.inf)
-            for j in range(TILE // 8):
-                mx0 = max(mx0, max(s[4 * j], s[4 * j + 1]))
-                mx1 = max(mx1, max(s[4 * j + 2], s[4 * j + 3]))
-            for lanes in (1, 2):
-                mx0 = max(mx0, cuda.shfl_xor_sync(0xFFFFFFFF, mx0, lanes))
-                mx1 = max(mx1, cuda.shfl_xor_sync(0xFFFFFFFF, mx1, lanes))
-            new0, new1 = max(m0, mx0), max(m1, mx1)
-            base0 = new0 if new0 != -math.inf else numba.float32(0.0)
-            base1 = new1 if new1 != -math.inf else numba.float32(0.0)
-            alpha0, alpha1 = math.exp2(m0 - base0), math.exp2(m1 - base1)
-            m0, m1 = new0, new1
-            l0 *= alpha0
-            l1 *= alpha1
-            for n in range(NTILES):
-                o[4 * n] *= alpha0
-                o[4 * n + 1] *= alpha0
-                o[4 * n + 2] *= alpha1
-                o[4 * n + 3] *= alpha1
-            for j in range(TILE // 8):
-                s[4 * j] = math.exp2(s[4 * j] - base0)
-                s[4 * j + 1] = math.exp2(s[4 * j + 1] - base0)
-                s[4 * j + 2] = math.exp2(s[4 * j + 2] - base1)
-                s[4 * j + 3] = math.exp2(s[4 * j + 3] - base1)
-                l0 += s[4 * j] + s[4 * j + 1]
-                l1 += s[4 * j + 2] + s[4 * j + 3]
+            m0, m1, l0, l1 = _online_softmax(s, o, m0, m1, l0, l1, NTILES)
             cp_async_wait1()  # this tile's V is done (the next K may not be)
             cuda.syncthreads()
             # ldmatrix.trans: lane l gives row l % 8 of matrix l // 8, matrices (keys +0 / +8) x (columns +0 / +8)
@@ -342,11 +332,7 @@ def _build_pipelined(mma, pack, head_dim: int, name: str, warps: int = 4):
                 _copy_tile(vs, v, k_start, tile + TILE, k_len, kv_head, tid, THREADS, C, STRIDE)
             cp_async_commit()
         cp_async_wait0()
-        for lanes in (1, 2):
-            l0 += cuda.shfl_xor_sync(0xFFFFFFFF, l0, lanes)
-            l1 += cuda.shfl_xor_sync(0xFFFFFFFF, l1, lanes)
-        inv0 = numba.float32(1.0) / l0 if l0 > 0 else numba.float32(0.0)
-        inv1 = numba.float32(1.0) / l1 if l1 > 0 else numba.float32(0.0)
+        inv0, inv1 = _inverse_row_sums(l0, l1)
         for n in range(NTILES):
             if row0 < q_len:
                 out[q_start + row0, head, 4 * n + t] = numba.int32(pack(o[4 * n] * inv0, o[4 * n + 1] * inv0))
@@ -371,6 +357,9 @@ _SIG = "void(int32[:, :, ::1], complex128[:, :, ::1], complex128[:, :, ::1], int
        "int32[::1], float32, boolean)"
 SIGNATURES = {kernel: [_SIG] for kernel in KERNELS.values()} | {
     _transpose_pair: ["void(uint32[:, ::1], int64, int64, int32, int32)"],
+    _online_softmax: ["UniTuple(float32, 4)(float32[::1], float32[::1], float32, float32, float32, float32, int64)"],
+    _load_q: ["void(uint32[::1], int32[:, :, ::1], int32, int64, int64, int32, int32, int64, int64)"],
+    _inverse_row_sums: ["UniTuple(float32, 2)(float32, float32)"],
     _copy_tile: ["void(uint32[::1], complex128[:, :, ::1], int32, int64, int64, int64, int32, int64, int64, int64)"]}
 
 
