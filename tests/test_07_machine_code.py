@@ -62,3 +62,15 @@ def test_local_arrays_show_as_local_memory_and_registers_as_none():
 def test_a_kernel_calling_a_device_function_is_refused_clearly():
     with pytest.raises(ValueError, match="calls _helper"):
         machine_code(_calls_a_helper, "void(float32[::1], float32[::1])")
+
+
+def test_without_the_toolkit_wheels_it_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from minivllm.course import machine_code as mc
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cuda.bindings" else real(name, *a))
+    with pytest.raises(mc.ToolchainMissing, match=r"numba-cuda\[cu13\]"):
+        machine_code(_constant_indexed, SIG)

@@ -13,6 +13,7 @@ kernel that calls other device functions of a notebook is not supported (the pac
 module instead). ~10 s on 2 cores.
 """
 
+import importlib.util
 import inspect
 import json
 import os
@@ -53,6 +54,10 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
+class ToolchainMissing(RuntimeError):
+    """numba's real CUDA compiler needs the CUDA toolkit wheels (``numba-cuda[cu13]``: NVVM, NVRTC, nvJitLink)."""
+
+
 def _job(kernel, signature: str, constants: dict | None, cc: tuple[int, int]) -> dict:
     func = kernel.py_func
     job = {"name": func.__name__, "signature": signature, "cc": list(cc), "module": None, "source": None,
@@ -80,6 +85,9 @@ def machine_code(kernel, signature: str, *, constants: dict | None = None, cc: t
     return what ptxas and nvdisasm say of it: ``registers``, ``warps_per_sm``, ``stack_bytes``,
     ``spill_store_bytes``, ``smem_bytes``, ``sass`` (opcode -> count; None without nvdisasm), ``instructions``.
     ``constants`` overrides the notebook constants the kernel reads (e.g. the GPU's tile sizes)."""
+    if importlib.util.find_spec("cuda.bindings") is None:
+        raise ToolchainMissing("machine_code needs the CUDA toolkit wheels: pip install 'numba-cuda[cu13]' "
+                               "(make lab installs them)")
     job = _job(kernel, signature, constants, cc)
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
