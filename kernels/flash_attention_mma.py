@@ -46,7 +46,7 @@ from kernels._checks import check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
 from kernels._mma import (cp_async16, cp_async_commit, cp_async_wait0, cp_async_wait1, ldmatrix_x4, ldmatrix_x4_trans,
                           mma_bf16, mma_f16, opaque, pack_bf16, pack_f16)
-from kernels._vec16 import load_words
+from kernels._vec16 import aligned16, load_words
 from kernels.flash_attention import flash_attention_ref
 
 HEAD_DIMS = (64, 128)
@@ -405,7 +405,7 @@ def flash_attention_mma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     scale = q.shape[2] ** -0.5 if scale is None else scale
-    k, v = (x if x.data_ptr() % 16 == 0 else x.clone() for x in (k, v))  # NOTE: 16-byte loads need alignment
+    k, v = (x if aligned16(x) else x.clone() for x in (k, v))  # NOTE: 16-byte loads need alignment
     # q and out as 32-bit words (pairs of 16-bit values), k and v as 16-byte chunks (8 values)
     args = (q.view(torch.int32), k.view(torch.complex128), v.view(torch.complex128), out.view(torch.int32))
     warps = WARPS

@@ -50,7 +50,7 @@ UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded befor
 #   simulator tests but are not yet timed on a GPU: `python -m bench.paged_decode` sweeps them, names the best
 MIN_SPLIT = 64  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
 MAX_SPLIT = None  # split-K on a full grid: the most keys one block takes (None: a block takes its whole context).
-#   Why: a grid of (seqs x kv_heads) blocks runs in waves (4 blocks of 4 warps per SM at 127 registers), and
+#   Why: a grid of (seqs x kv_heads) blocks runs in waves (4 blocks of 4 warps per SM at 117 registers), and
 #   batch 139 x 8 heads is 2.1 waves -- the last one nearly empty -- while uneven contexts leave SMs idle
 #   behind the longest. Chunks of MAX_SPLIT keys make many even blocks. Not yet timed: bench.paged_decode sweeps it
 SPLIT_RULE = "waves"  # how a small grid is split: "waves" = into at most one full wave of blocks; "fill" = the

@@ -32,6 +32,7 @@ from kernels._checks import FLOAT_DTYPES, check_same, check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
 from kernels import _rmsnorm_vec
 from kernels._reduce import group_reduce_sum
+from kernels._vec16 import aligned16
 from kernels.basics import WARP
 
 MAX_THREADS = 1024
@@ -114,7 +115,7 @@ def can_vectorize(*tensors: torch.Tensor) -> bool:
     """Whether the 16-byte kernels fit: rows of whole 16-byte chunks, 16-byte aligned, not too wide."""
     row_bytes = tensors[0].shape[-1] * tensors[0].element_size()
     return (row_bytes % 16 == 0 and row_bytes // 16 <= _rmsnorm_vec.MAX_CHUNKS * VEC_MAX_GROUP
-            and all(t.data_ptr() % 16 == 0 for t in tensors))
+            and aligned16(*tensors))
 
 
 def launch_config(items: int, rows: int, backend: str, max_per_thread: int | None = None) -> tuple[int, int, int]:

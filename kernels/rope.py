@@ -36,7 +36,7 @@ from numba import cuda
 
 from kernels._checks import FLOAT_DTYPES, check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
-from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
+from kernels._vec16 import aligned16, bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
 
 POSITION_DTYPES = (torch.int32, torch.int64)
 
@@ -239,7 +239,7 @@ _RESIDENT_THREADS = 132 * 2048  # an H200 full: with fewer items than this, one 
 
 def can_vectorize(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> bool:
     """Whether the 16-byte kernels fit: half a head is whole words, and every tensor starts 16-byte aligned."""
-    return q.shape[-1] % (2 * VECTOR_WIDTH[q.dtype]) == 0 and all(t.data_ptr() % 16 == 0 for t in (q, k, cos_sin))
+    return q.shape[-1] % (2 * VECTOR_WIDTH[q.dtype]) == 0 and aligned16(q, k, cos_sin)
 
 
 def _check_args(q, k, positions, cos_sin) -> None:

@@ -23,14 +23,20 @@ import torch.nn.functional as F
 
 
 @functools.cache
-def launcher(module: str, name: str) -> Callable | None:
-    """``kernels.<module>.<name>``, or None while that kernel does not exist yet."""
+def kernel_module(module: str):
+    """The module ``kernels.<module>``, or None while it does not exist yet."""
     try:
-        return getattr(importlib.import_module(f"kernels.{module}"), name, None)
+        return importlib.import_module(f"kernels.{module}")
     except ModuleNotFoundError as e:
         if e.name not in ("kernels", f"kernels.{module}"):
             raise  # the module exists but something it imports is missing: say so
         return None
+
+
+@functools.cache
+def launcher(module: str, name: str) -> Callable | None:
+    """``kernels.<module>.<name>``, or None while that kernel does not exist yet."""
+    return getattr(kernel_module(module), name, None)
 
 
 # the learner's passed kernels (minivllm.learner.install_kernels), used for CUDA tensors; process-wide:
@@ -118,10 +124,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _gemv_tokens() -> int:
     """``kernels.gemv.ENGINE_MAX_TOKENS``, read at call time (a benchmark switches it); 0 without that module."""
-    try:
-        return importlib.import_module("kernels.gemv").ENGINE_MAX_TOKENS
-    except ModuleNotFoundError:
-        return 0
+    module = kernel_module("gemv")
+    return 0 if module is None else module.ENGINE_MAX_TOKENS
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
