@@ -2,8 +2,10 @@
 the engine benchmarks (throughput, latency, prefix) all use."""
 
 import datetime as _dt
+import functools
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -23,6 +25,29 @@ from minivllm.model.config import ModelConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HBM_PEAK_GBPS = 4300.0  # H200: 4.8 TB/s on paper, ~4.3 TB/s reachable by a copy (shared/COURSE.md)
+
+
+@functools.cache
+def hbm_gbps() -> float:
+    """The memory bandwidth this GPU reaches, in GB/s: a device-to-device copy of 1 GiB (read + write), best
+    of 10 -- the floor that bandwidth-bound kernels are measured against. Measured rather than looked up, so
+    an H100 (3.35 TB/s on paper) is not held to an H200's 4.3. Without a GPU: ``HBM_PEAK_GBPS``."""
+    if not torch.cuda.is_available():
+        return HBM_PEAK_GBPS
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    del src, dst
+    torch.cuda.empty_cache()
+    return round(2 * (1 << 30) / (best * 1e6), 1)
 
 
 def _version(dist: str) -> str:
@@ -53,7 +78,7 @@ def meta(name: str) -> dict:
         "cuda": torch.version.cuda,
         "host": f"{platform.machine()}, {platform.python_implementation()} {platform.python_version()}",
         "versions": {d: _version(d) for d in ("torch", "numba", "numba-cuda", "numpy", "minivllm")},
-        "hbm_peak_gbps": HBM_PEAK_GBPS if gpu else None,
+        "hbm_peak_gbps": hbm_gbps() if gpu else None,  # measured: hbm_gbps()
     }
 
 

@@ -34,7 +34,7 @@ import kernels  # noqa: F401  -- choose numba's backend before anything imports 
 import torch
 import torch.nn.functional as F
 
-from bench._harness import HBM_PEAK_GBPS, RESULTS, save
+from bench._harness import RESULTS, hbm_gbps, save
 from kernels._launch import cdiv
 from kernels._timing import bench, graph_time
 
@@ -226,7 +226,7 @@ def _decode_kernels() -> dict[str, Callable]:
 def _decode_row(batch: int, ctx: int, s: Shapes, device: str, launchers: dict[str, Callable]) -> dict:
     elt = torch.tensor([], dtype=getattr(torch, s.dtype)).element_size()
     kv_bytes = 2 * batch * ctx * s.kv_heads * s.head_dim * elt
-    floor_us = kv_bytes / (HBM_PEAK_GBPS * 1e9) * 1e6
+    floor_us = kv_bytes / (hbm_gbps() * 1e9) * 1e6
     width = cdiv(ctx, s.block_size)
     pool = _random(batch * width, 2, s.block_size, s.kv_heads, s.head_dim, shapes=s, device=device)
     tables = torch.randperm(batch * width, device=device).to(torch.int32).view(batch, width)
@@ -273,7 +273,7 @@ def _store_kv_row(tokens: int, s: Shapes, device: str) -> dict:
     moved = 4 * key.nbytes + slots.nbytes  # read K and V, write them, read the slots
     us = _time_us(lambda: store_kv(key, value, cache, slots), s, graph=True)
     return {"tokens": tokens, "bytes": moved, "us": us, "gbps": moved / us / 1e3,
-            "floor_frac": moved / (HBM_PEAK_GBPS * 1e3) / us, "correct": ok}
+            "floor_frac": moved / (hbm_gbps() * 1e3) / us, "correct": ok}
 
 
 def run_decode(shapes: Shapes | None = None) -> dict:

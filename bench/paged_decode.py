@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import HBM_PEAK_GBPS, RESULTS, save
+from bench._harness import RESULTS, hbm_gbps, save
 
 NAME = "17_paged_decode_cuda"
 Q_HEADS, KV_HEADS, DIM, BLOCK = 16, 8, 128, 16
@@ -55,7 +55,7 @@ def case(name: str, lens: list[int], *, graph_max: int | None = None, seed: int 
         tables = torch.cat([tables, pad], 1)
     kv_bytes = 2 * sum(lens) * KV_HEADS * DIM * 2
     return {"name": name, "batch": len(lens), "mean_context": round(sum(lens) / len(lens)), "lens": lens,
-            "max_context_len": graph_max or max(lens), "floor_us": kv_bytes / (HBM_PEAK_GBPS * 1e3),
+            "max_context_len": graph_max or max(lens), "floor_us": kv_bytes / (hbm_gbps() * 1e3),
             "tensors": (q, cache, tables, torch.tensor(lens, dtype=torch.int32, device=device))}
 
 

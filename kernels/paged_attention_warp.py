@@ -43,20 +43,20 @@ from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
-WARPS = 4  # warps per block
+WARPS = 8  # warps per block. Measured (bench.paged_decode): 8 warps x unroll 4 beats 4 x 4 on the engine's own
+#   cases on both GPUs -- the workload's mixed batch 139 by 7% (H200 199 vs 214 us, H100 206 vs 220) and the
+#   graphs' batch 1 by 14% / 11% -- and is within 4% on the synthetic batch >= 32 cases
 UNROLL = 1  # 4-byte kernel: tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
-UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded before any is used. NOTE: 1 reads
-#   as the kernel measured on the H200 did (45% of the floor at batch 139 x 850 keys); larger values pass the
-#   simulator tests but are not yet timed on a GPU: `python -m bench.paged_decode` sweeps them, names the best
+UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded before any is used (several loads in
+#   flight per lane). Measured: 4 is the best of 1, 2, 4, 8 on the H200 and the H100 (8 is twice as slow)
 MIN_SPLIT = 64  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
 MAX_SPLIT = None  # split-K on a full grid: the most keys one block takes (None: a block takes its whole context).
-#   Why: a grid of (seqs x kv_heads) blocks runs in waves (4 blocks of 4 warps per SM at 117 registers), and
-#   batch 139 x 8 heads is 2.1 waves -- the last one nearly empty -- while uneven contexts leave SMs idle
-#   behind the longest. Chunks of MAX_SPLIT keys make many even blocks. Not yet timed: bench.paged_decode sweeps it
+#   Chunks of MAX_SPLIT keys would even out a grid's last wave; measured on the H100, every cap (256, 512,
+#   1,024 keys) was slower at batch >= 64 (up to 14%: more blocks, more merging), none faster by over 0.2%
 SPLIT_RULE = "waves"  # how a small grid is split: "waves" = into at most one full wave of blocks; "fill" = the
-#   earlier rule, at least one wave (measured on the H200: batch 32 x 2k keys became 3 splits = 768 blocks = 1.45
-#   waves, 53% of the floor, where 1,024 blocks at batch 64 reached 67%). "waves" is the prediction from those
-#   figures, not yet timed itself: bench.paged_decode sweeps both
+#   earlier rule, at least one wave (batch 32 x 2k keys: 3 splits = 768 blocks = 1.45 waves, 53% of the floor
+#   on the H200). Measured on the H100: "waves" 97 us against "fill" 105 at batch 32 x 2k, equal elsewhere
+#   except the graphs' batch 8 (28 against 25 us)
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 

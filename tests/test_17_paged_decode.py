@@ -19,6 +19,7 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
                         ("MIN_SPLITS", (16, 64)), ("MAX_SPLITS", (None, 16)), ("SPLIT_RULES", ("waves", "fill")),
                         ("CHECK", (2, 12))):  # the check runs in the simulator
         monkeypatch.setattr(pd, name, value)
+    monkeypatch.setattr(w, "WARPS", 4)
     monkeypatch.setattr(w, "UNROLL16", 2)  # the defaults (4 warps, 2 per trip) are the second setting
     cases = [pd.case("b32_ctx40", [40] * 32, device="cpu"),
              pd.case("graph_b1_ctx10", [10], graph_max=64, device="cpu")]
@@ -47,7 +48,7 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
     s = data["settings"]
     assert s["w2_u1"]["us"] == {"b32_ctx40": 10.0, "graph_b1_ctx10": 5.0} and s["w4_u2"]["total_us_batch_ge_32"] == 7
     assert all(row["max_abs_err"] < 1e-2 for row in s.values())
-    floor = 2 * 32 * 40 * 1 * 64 * 2 / (pd.HBM_PEAK_GBPS * 1e3)  # µs: K and V bf16 bytes at the HBM bandwidth
+    floor = 2 * 32 * 40 * 1 * 64 * 2 / (pd.hbm_gbps() * 1e3)  # µs: K and V bf16 bytes at the HBM bandwidth
     assert s["w4_u2"]["floor_fraction"]["b32_ctx40"] == round(floor / 7.0, 3)
     assert data["best_floor_fraction_batch_ge_32_ctx_ge_2k"] == {"b32_ctx40": round(floor / 7.0, 3)}
     assert data["defaults_meet"] is False  # a stand-in 7 µs is far from a 0.08 µs floor
