@@ -52,8 +52,8 @@ from kernels.flash_attention import flash_attention_ref
 HEAD_DIMS = (64, 128)
 WARPS = 4  # warps per block, 16 query rows each (read at call time; the simulator tests use 1: fewer threads)
 PIPELINED = True  # the default kernel: True, the FlashAttention-2 layout of _build_pipelined (cp.async + ldmatrix);
-#   False, load-then-compute. Measured on an H100 (bench/results/07_attention.json): the pipelined kernel is
-#   1.3-1.8x faster, 154 vs 212 us at 1,024 tokens and 7.4 vs 13.3 ms at 16,384 (bf16, head_dim 128)
+#   False, load-then-compute. Measured on an H100 (bench/results/h100/07_attention.json): the pipelined kernel
+#   is 1.4-2.0x faster, 0.59 vs 1.10 ms at 4,096 tokens and 7.4 vs 13.1 ms at 16,384 (bf16, head_dim 128)
 TILE = 64  # keys per shared-memory tile
 PAD = 4  # extra 32-bit words per shared row: rows start 4 banks apart, so a fragment load is conflict-free
 LOG2E = 1.4426950408889634
