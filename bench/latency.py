@@ -130,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
-    for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async"):
+    for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

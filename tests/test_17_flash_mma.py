@@ -21,8 +21,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
 def test_every_dtype_and_head_dim_has_a_kernel_with_a_signature():
-    defaults = {(dt, d, False) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
-    pipelined = {(torch.bfloat16, d, True) for d in fm.HEAD_DIMS}  # fp16 ones are built on first use
+    defaults = {(dt, d, False, 4) for dt in (torch.bfloat16, torch.float16) for d in fm.HEAD_DIMS}
+    pipelined = {(torch.bfloat16, d, True, fm.WARPS) for d in fm.HEAD_DIMS}  # fp16 ones are built on first use
     assert defaults | pipelined <= set(fm.KERNELS)
     # kernels._ptx compiles each for every GPU
     assert {fm.KERNELS[key] for key in defaults | pipelined} <= set(fm.SIGNATURES)
