@@ -17,8 +17,9 @@ timed by CUDA-graph replay on every case:
 * and the rule that splits a grid smaller than one wave (``SPLIT_RULE``: "waves" keeps it within one wave,
   "fill" is the earlier rule) on every case.
 
-The floor is the K and V bytes read / 4.3 TB/s. The best setting is the one with the least total time over
-the batch >= 32 cases; the module's defaults are reported next to it.
+The floor is the K and V bytes read / the bandwidth this GPU reaches in a plain copy (``bench._harness.hbm_gbps``).
+The best setting is the one with the least total time over the batch >= 32 cases; the module's defaults are
+reported next to it.
 """
 
 import argparse

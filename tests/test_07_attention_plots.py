@@ -119,3 +119,24 @@ def test_kernel_tiles_draws_the_mask_and_counts_loaded_tiles():
     assert any(label.startswith("full") and label.endswith("(3)") for label in labels)
     assert any(label.startswith("skipped") and label.endswith("(1)") for label in labels)
     assert len(ax.patches) == 6  # one rectangle per (block, tile)
+
+
+def test_prefill_variants_draws_one_bar_per_build_at_each_length():
+    def variant(warps, heavy, vs):
+        return {"warps": warps, "heavy_first": heavy, "us": 1.0, "max_abs_err": 0.0, "vs_sdpa": vs}
+
+    result = {"meta": {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-05T10:00:00+00:00"},
+              "rows": [{"tokens": 4096, "sdpa_flash_us": 300.0,
+                        "variants": {"w4_in_order": variant(4, False, 0.53), "w8_heavy_first": variant(8, True, 0.61)}},
+                       {"tokens": 1024, "sdpa_flash_us": 34.0,
+                        "variants": {"w4_in_order": variant(4, False, 0.5), "w8_heavy_first": variant(8, True, 0.6)}}]}
+    ax = ap.prefill_variants(result).axes[0]
+    heights = {name: [round(b.get_height(), 3) for b in ax.patches if b.get_gid() == name]
+               for name in ("w4_in_order", "w8_heavy_first")}
+    assert heights == {"w4_in_order": [0.5, 0.53], "w8_heavy_first": [0.6, 0.61]}  # sorted by length
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1,024", "4,096"]
+    labels = ax.get_legend_handles_labels()[1]
+    assert "8 warps (128 query rows), heaviest tiles first" in labels and "SDPA flash backend" in labels
+    assert "H100" in ax.get_title()
+    with pytest.raises(ValueError, match="no rows"):
+        ap.prefill_variants({"rows": []})

@@ -1,6 +1,7 @@
 """Notebook 07's plots: what naive attention moves through memory against a tiled kernel, the masks of a
 packed variable-length batch, how the kernel's blocks walk the key tiles of one sequence (:func:`kernel_tiles`),
-and the measured prefill speed (:func:`prefill_speed`, from ``bench/results/07_attention.json``). Each plotting
+the measured prefill speed (:func:`prefill_speed`, from ``bench/results/07_attention.json``) and the tensor-core
+kernel's launch settings (:func:`prefill_variants`, from ``17_flash_mma_sweep_cuda.json``). Each plotting
 function returns a matplotlib ``Figure`` and shows nothing.
 
 The byte counts are a model, not a measurement: they count HBM traffic with no cache reuse between blocks.
@@ -210,6 +211,7 @@ def prefill_speed(result: dict) -> Figure:
     series = [("numba", "ours (numba, scalar FMAs)", "#C44E52", "o-"),
               ("numba_paged", "ours, K/V from the paged pool", "#DD8452", "s--"),
               ("mma", "ours on tensor cores (numba + mma.sync)", "#55A868", "^-"),
+              ("mma_async", "ours on tensor cores, FlashAttention-2 layout", "#8172B3", "v-"),
               ("sdpa", "SDPA flash backend (tensor cores)", "#4C72B0", "o-")]
     for key, label, color, style in series:
         pts = [(r["tokens"], r[f"{key}_ms"], r[f"{key}_tflops"]) for r in rows if r.get(f"{key}_ms") is not None]
@@ -234,5 +236,39 @@ def prefill_speed(result: dict) -> Figure:
     ax_ms.legend(fontsize=8)
     ax_tf.legend(fontsize=8, loc="center right")  # between the two families of curves
     fig.suptitle(f"prefill attention, one layer\nmeasured on {provenance(result.get('meta', {}))}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def prefill_variants(result: dict) -> Figure:
+    """``17_flash_mma_sweep_cuda.json`` (``python -m bench.prefill_sweep``) drawn: for each prompt length, one bar
+    per build of the tensor-core kernel (warps per block, query tiles in order or heaviest first), its speed as a
+    fraction of SDPA's flash backend in the same run; the dotted line at 1 is SDPA's own speed."""
+    from minivllm.course.plots import provenance
+
+    rows = sorted(result["rows"], key=lambda r: r["tokens"])
+    if not rows:
+        raise ValueError("the result has no rows")
+    names = list(rows[0]["variants"])
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        v = rows[0]["variants"][name]
+        label = f"{v['warps']} warps ({16 * v['warps']} query rows), " + ("heaviest tiles first" if v["heavy_first"]
+                                                                           else "tiles in order")
+        x = np.arange(len(rows)) + (i - (len(names) - 1) / 2) * width
+        bars = ax.bar(x, [r["variants"][name]["vs_sdpa"] for r in rows], width, label=label,
+                      color=_SEQ_COLORS[i % len(_SEQ_COLORS)])
+        for bar in bars:
+            bar.set_gid(name)
+    ax.axhline(1.0, linestyle=":", color="#4C72B0", label="SDPA flash backend")
+    ax.set_xticks(np.arange(len(rows)), [f"{r['tokens']:,}" for r in rows])
+    ax.set_xlabel("prompt length (tokens, one causal sequence)")
+    ax.set_ylabel("speed / SDPA's")
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(f"the tensor-core kernel's launch settings\nmeasured on {provenance(result.get('meta', {}))}",
+                 fontsize=9)
     fig.tight_layout()
     return fig
