@@ -37,7 +37,10 @@ from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words
 MAX_TOKENS = 8  # rows of x per call: each lane keeps one fp32 sum per token
 MAX_CPL = 32  # chunks per lane: K up to 32 x 32 x 8 = 8,192 bf16
 WARPS = 4  # warps per block
-ENGINE_MAX_TOKENS = 0  # the model's linear layers use this kernel for steps of up to this many tokens (0: never)
+ENGINE_MAX_TOKENS = 0  # the model's linear layers use this kernel for steps of up to this many tokens (0: never).
+#   Measured on an H100: alone, 1.1-1.3x cuBLAS at 1 token on Qwen3-0.6B's four projections, slower from 4
+#   tokens (bench/results/h100/17_gemv_cuda.json); in the engine, batch-1 decode 1.754 ms/token against
+#   1.756 with cuBLAS (h100/12_latency_cuda.json): no gain, so off
 FULL_MASK = 0xFFFFFFFF
 
 
