@@ -14,8 +14,9 @@ CUDA graph; the host part is tens of µs against its ms), SDPA by CUDA-graph rep
 as a fraction of SDPA's (``mma_vs_sdpa``), in both its layouts (``mma_async_*``: ``pipelined=True``). **Decode**
 (batch x context, every context the same length, blocks in shuffled order):
 ``kernels.paged_attention`` (and ``kernels.paged_attention_warp`` when that module exists), CUDA-graph
-replay with ``max_context_len``, against the bandwidth floor (K and V bytes / 4.3 TB/s), against gather +
-SDPA (the blocks copied into dense tensors, then SDPA) and SDPA alone on pre-gathered K/V; and
+replay with ``max_context_len``, against the bandwidth floor (K and V bytes / this GPU's copy bandwidth,
+``bench._harness.hbm_gbps``), against gather + SDPA (the blocks copied into dense tensors, then SDPA) and SDPA
+alone on pre-gathered K/V; and
 ``kernels.store_kv``'s bandwidth. Every timed kernel's output is compared with SDPA's (``*_rel_err``:
 max |diff| / max |SDPA|), so a fast wrong kernel shows.
 
