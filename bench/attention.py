@@ -11,8 +11,8 @@ ratio. Our kernel is skipped (``null``) where its time, extrapolated as n^2 from
 ``max_call_s``; it is timed with CUDA events per call (its launcher reads ``cu_seqlens`` on the host, so no
 CUDA graph; the host part is tens of µs against its ms), SDPA by CUDA-graph replay. On an sm_80+ GPU also
 ``kernels.flash_attention_mma`` (tensor cores; given the longest query, so CUDA-graph replay), with its speed
-as a fraction of SDPA's (``mma_vs_sdpa``), in both its layouts (``mma_async_*``: ``pipelined=True``). **Decode**
-(batch x context, every context the same length, blocks in shuffled order):
+as a fraction of SDPA's (``mma_vs_sdpa``), in both its layouts (``mma_*``: ``pipelined=False``, the first;
+``mma_async_*``: the default). **Decode** (batch x context, every context the same length, blocks in shuffled order):
 ``kernels.paged_attention`` (and ``kernels.paged_attention_warp`` when that module exists), CUDA-graph
 replay with ``max_context_len``, against the bandwidth floor (K and V bytes / this GPU's copy bandwidth,
 ``bench._harness.hbm_gbps``), against gather + SDPA (the blocks copied into dense tensors, then SDPA) and SDPA
@@ -180,7 +180,8 @@ def run_prefill(shapes: Shapes | None = None) -> dict:
                 if supported(q):
                     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
                     out = torch.empty_like(q)
-                    mma = lambda: flash_attention_mma(q, k, v, cu, cu, max_seqlen_q=n, out=out)  # noqa: E731
+                    mma = lambda: flash_attention_mma(q, k, v, cu, cu, max_seqlen_q=n, out=out,  # noqa: E731
+                                                      pipelined=False)
                     row["mma_ms"] = _time_us(mma, s, graph=True) / 1e3
                     row["mma_rel_err"] = _rel_err(out, want)
                     out.zero_()  # the pipelined layout (cp.async + ldmatrix), in the same run
