@@ -200,7 +200,8 @@ def kernel_tiles(q_len: int, k_len: int, rows: int, tile: int) -> Figure:
 def prefill_speed(result: dict) -> Figure:
     """``bench/results/07_attention.json`` drawn: time per call (left) and TFLOP/s (right) against prompt length,
     our numba kernels (scalar: dense and paged; tensor cores, both layouts) and SDPA's flash backend; the right
-    panel marks the spec-sheet peaks of scalar fp32 FMAs and of bf16 tensor cores. A series is drawn at the sizes where it was measured."""
+    panel marks the spec-sheet peaks of scalar fp32 FMAs and of bf16 tensor cores. A series is drawn at the sizes
+    where it was measured."""
     from minivllm.course.plots import provenance
 
     rows = sorted(result["prefill"], key=lambda r: r["tokens"])
