@@ -51,7 +51,7 @@ from kernels.flash_attention import flash_attention_ref
 
 HEAD_DIMS = (64, 128)
 WARPS = 8  # warps per block, 16 query rows each (read at call time; the simulator tests use 1: fewer threads).
-#   Measured on an H100 (pipelined, head_dim 128, heavy-first): 8 warps are 1.10-1.20x faster than 4 at 1k-16k
+#   Measured on an H100 (pipelined, head_dim 128, heavy-first): 8 warps are 1.11-1.20x faster than 4 at 1k-16k
 #   tokens -- one K/V tile in shared memory serves 128 query rows instead of 64 -- at the same 8 warps per SM
 PIPELINED = True  # the default kernel: True, the FlashAttention-2 layout of _build_pipelined (cp.async + ldmatrix);
 #   False, load-then-compute. Measured on an H100 (bench/results/h100/07_attention.json): the pipelined kernel
