@@ -93,7 +93,7 @@ def save(name: str, data: dict, out_dir: Path = RESULTS) -> Path:
 # ----------------------------------------------------------------------------- engine benchmarks
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: PyTorch sees no GPU here")
     if name == "cuda":
