@@ -47,6 +47,8 @@ WARPS = 8  # warps per block. Measured (bench.paged_decode): 8 warps x unroll 4 
 #   cases on both GPUs -- the workload's mixed batch 139 by 7% (H200 199 vs 214 us, H100 206 vs 220) and the
 #   graphs' batch 1 by 14% / 11% -- and is within 4% on the synthetic batch >= 32 cases
 UNROLL = 1  # 4-byte kernel: tokens per warp per trip; 4 and 8 measured slower on the H200 (more registers, fewer warps)
+WARPS_4B = 4  # 4-byte kernel (fp32 or fp16 caches, head dims the 16-byte one does not take): warps per block, as
+#   measured on the H200; WARPS above is the 16-byte kernel's, the one bf16 models run
 UNROLL16 = 4  # 16-byte kernel: tokens per lane group per trip, all loaded before any is used (several loads in
 #   flight per lane). Measured: 4 is the best of 1, 2, 4, 8 on the H200 and the H100 (8 is twice as slow)
 MIN_SPLIT = 64  # split-K: the fewest keys one block takes when the grid is split to fill the GPU
@@ -282,7 +284,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
 
 _TYPES = ("float32", "float16", "bfloat16")
 SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_dim 128), SmolLM2 (3, 64)
-    _kernel(group, dim, WARPS, UNROLL): [
+    _kernel(group, dim, WARPS_4B, UNROLL): [
         f"void({t}[:, :, ::1], {t}[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, {t}[:, :, ::1], "
         f"float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)" for t in _TYPES]
     for group, dim in ((2, 128), (3, 64))
@@ -324,8 +326,8 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     graph needs it fixed). ``tokens_per_split``: keys per split-K chunk; None lets :func:`split_size` pick one
     on the GPU (when the grid of (seqs x kv_heads) blocks is too small to fill the machine, or ``MAX_SPLIT``
     is set). ``warps`` per block and ``unroll``
-    (tokens per lane group per trip) default to the module's ``WARPS`` and ``UNROLL16`` (``UNROLL`` for the
-    4-byte kernel), read at call time.
+    (tokens per lane group per trip) default to the module's ``WARPS`` and ``UNROLL16`` (``WARPS_4B`` and
+    ``UNROLL`` for the 4-byte kernel), read at call time.
     """
     _check(q, kv_cache, block_tables, context_lens)
     seqs, q_heads, dim = q.shape
@@ -338,11 +340,12 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     if seqs == 0:
         return out
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    warps = WARPS if warps is None else warps
     if wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0:  # 16-byte loads
+        warps = WARPS if warps is None else warps
         kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.complex128)
     else:
+        warps = WARPS_4B if warps is None else warps
         kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)
         q_in, kv_in = q, kv_cache
     if tokens_per_split is None and where == "gpu":
