@@ -90,6 +90,21 @@ def save(name: str, data: dict, out_dir: Path = RESULTS) -> Path:
     return path
 
 
+def kernel_bench_main(module: str, doc: str, name: str, run, argv: list[str] | None = None) -> int:
+    """The command line of a GPU-only kernel benchmark (``python -m <module> [--out DIR]``): ``run()``'s data saved
+    as ``<name>.json``; exit status 2 on a machine without a GPU (the simulator's timings would mean nothing)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{module} measures a GPU kernel; this machine has no GPU", file=sys.stderr)
+        return 2
+    print(f"saved {save(name, run(), args.out)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- engine benchmarks
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -22,15 +22,12 @@ The best setting is the one with the least total time over the batch >= 32 cases
 reported next to it.
 """
 
-import argparse
 import random
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS, hbm_gbps, save
+from bench._harness import hbm_gbps, kernel_bench_main
 
 NAME = "17_paged_decode_cuda"
 Q_HEADS, KV_HEADS, DIM, BLOCK = 16, 8, 128, 16
@@ -154,14 +151,7 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.paged_decode measures a GPU kernel; this machine has no GPU", file=sys.stderr)
-        return 2
-    print(f"saved {save(NAME, run(), args.out)}")
-    return 0
+    return kernel_bench_main("bench.paged_decode", __doc__, NAME, run, argv)
 
 
 if __name__ == "__main__":

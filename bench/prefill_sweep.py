@@ -10,14 +10,11 @@ variant is first checked against ``flash_attention_ref``, then timed by CUDA-gra
 to its flash backend (FlashAttention-2), the peer of ``bench.attention``.
 """
 
-import argparse
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS, save
+from bench._harness import kernel_bench_main
 
 NAME = "17_flash_mma_sweep_cuda"
 HEADS, KV_HEADS, DIM = 16, 8, 128
@@ -94,14 +91,7 @@ def run(tokens: tuple[int, ...] = TOKENS, variants: tuple[tuple[int, bool], ...]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench.prefill_sweep measures a GPU kernel; this machine has no GPU", file=sys.stderr)
-        return 2
-    print(f"saved {save(NAME, run(), args.out)}")
-    return 0
+    return kernel_bench_main("bench.prefill_sweep", __doc__, NAME, run, argv)
 
 
 if __name__ == "__main__":
