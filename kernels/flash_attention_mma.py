@@ -54,7 +54,7 @@ WARPS = 8  # warps per block, 16 query rows each (read at call time; the simulat
 #   Measured on an H100 (pipelined, head_dim 128, heavy-first): 8 warps are 1.11-1.20x faster than 4 at 1k-16k
 #   tokens -- one K/V tile in shared memory serves 128 query rows instead of 64 -- at the same 8 warps per SM
 PIPELINED = True  # the default kernel: True, the FlashAttention-2 layout of _build_pipelined (cp.async + ldmatrix);
-#   False, load-then-compute. Measured on an H100 (bench/results/h100/07_attention.json): the pipelined kernel
+#   False, load-then-compute. Measured on an H100 (bench/results/07_attention.json): the pipelined kernel
 #   is 1.4-2.0x faster, 0.59 vs 1.10 ms at 4,096 tokens and 7.4 vs 13.1 ms at 16,384 (bf16, head_dim 128)
 TILE = 64  # keys per shared-memory tile
 PAD = 4  # extra 32-bit words per shared row: rows start 4 banks apart, so a fragment load is conflict-free
