@@ -9,20 +9,61 @@ import time
 from dataclasses import dataclass, field
 
 
-@dataclass(slots=True)
 class CompletionOutput:
-    index: int  # which of the request's n samples
-    text: str
-    token_ids: list[int]  # all output tokens so far (a copy)
-    finish_reason: str | None = None  # "stop", "length", "abort"; None while running
-    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
-    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob} (sampled + top-k)
-    delta_text: str = ""
-    delta_token_ids: list[int] = field(default_factory=list)
+    """One sample's output at one step. ``token_ids`` (all output tokens so far) and ``logprobs`` are read lazily
+    from the sequence's own lists, up to their lengths at this step: those lists only grow, so the values are the
+    step's, and a stream that reads only the deltas copies nothing of a long answer at each step (the engine's
+    host time per step stays flat as answers grow). Each read of ``token_ids`` returns a new list."""
+
+    __slots__ = ("index", "text", "finish_reason", "stop_reason", "delta_text", "delta_token_ids", "_ids", "_n",
+                 "_logprobs", "_n_logprobs")
+
+    def __init__(self, index: int, text: str, token_ids: list[int], finish_reason: str | None = None,
+                 stop_reason: int | str | None = None, logprobs: list[dict[int, float]] | None = None,
+                 delta_text: str = "", delta_token_ids: list[int] | None = None):
+        self.index = index  # which of the request's n samples
+        self.text = text
+        self.finish_reason = finish_reason  # "stop", "length", "abort"; None while running
+        self.stop_reason = stop_reason  # the stop string or stop token id that ended it
+        self.delta_text = delta_text
+        self.delta_token_ids = [] if delta_token_ids is None else delta_token_ids
+        self._ids, self._n = token_ids, len(token_ids)  # the live list, and how much of it is this step's
+        self._logprobs = logprobs  # per token: {token id: logprob} (sampled + top-k)
+        self._n_logprobs = 0 if logprobs is None else len(logprobs)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """All output tokens up to this step (a copy)."""
+        return self._ids[: self._n]
+
+    @property
+    def num_tokens(self) -> int:
+        """``len(token_ids)``, without the copy."""
+        return self._n
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return None if self._logprobs is None else self._logprobs[: self._n_logprobs]
+
+    def since(self, first: int) -> tuple[list[int], list[dict[int, float]]]:
+        """Token ids and logprobs (empty without them) from output position ``first`` to this step."""
+        logprobs = [] if self._logprobs is None else self._logprobs[first: self._n_logprobs]
+        return self._ids[first: self._n], logprobs
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompletionOutput):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in _COMPARED)
+
+    def __repr__(self) -> str:
+        return "CompletionOutput(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in _COMPARED) + ")"
+
+
+_COMPARED = ("index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs", "delta_text", "delta_token_ids")
 
 
 @dataclass(slots=True)
@@ -51,7 +92,7 @@ class RequestOutput:
 
     @property
     def num_generated_tokens(self) -> int:
-        return sum(len(o.token_ids) for o in self.outputs)
+        return sum(o.num_tokens for o in self.outputs)
 
 
 @dataclass(slots=True)

@@ -102,6 +102,28 @@ def test_abort_mid_generation_frees_every_block(tiny):
     engine.check_no_leaks()
 
 
+def test_each_steps_output_keeps_that_steps_tokens_as_the_answer_grows(tiny):
+    """Outputs read the sequence's growing lists lazily (no copy per step): an output kept from an early step must
+    still say what it said then. The reference: copies made the moment each output arrived."""
+    _, directory = tiny
+    engine = LLMEngine(model=str(directory), num_kv_blocks=32)
+    rid = engine.add_request(random_prompts(seed=6)[0], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9,
+                                                                     logprobs=1, ignore_eos=True))
+    kept, copies = [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                kept.append(out)
+                copies.append([(list(o.token_ids), list(o.logprobs), list(o.delta_token_ids)) for o in out.outputs])
+    assert len(kept) >= 9 and kept[-1].finished
+    for out, then in zip(kept, copies):  # read again after the request has finished
+        assert [(o.token_ids, o.logprobs, o.delta_token_ids) for o in out.outputs] == then
+        assert [o.num_tokens for o in out.outputs] == [len(ids) for ids, _, _ in then]
+        assert [o.since(1) for o in out.outputs] == [(ids[1:], lps[1:]) for ids, lps, _ in then]
+    assert [len(ids) for ids, _, _ in copies[0]] == [1, 1] and [len(ids) for ids, _, _ in copies[-1]] == [9, 9]
+    assert kept[-1].num_generated_tokens == 18
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     _, directory = tiny
     llm = LLM(str(directory), num_kv_blocks=64)

@@ -253,8 +253,8 @@ class OpenAIServing:
                     timer.finished(out)
                 for o in out.outputs:
                     i = index * n + o.index
-                    first = len(o.token_ids) - len(o.delta_token_ids)
-                    generated[i] = len(o.token_ids)
+                    first = o.num_tokens - len(o.delta_token_ids)
+                    generated[i] = o.num_tokens
                     want_logprobs = (req.logprobs if chat else req.logprobs is not None) and o.delta_token_ids
                     if chat:
                         delta = _delta(parsers[i] if parsers else None, o.delta_text, bool(o.finish_reason))
@@ -303,7 +303,7 @@ class OpenAIServing:
 
     def _entries(self, o: CompletionOutput, first: int, k: int):
         """(token id, its logprob, the top-k (id, logprob)) of o's tokens from ``first`` on."""
-        for t, entry in zip(o.token_ids[first:], (o.logprobs or [])[first:]):
+        for t, entry in zip(*o.since(first)):
             top = sorted(entry.items(), key=lambda kv: -kv[1])[:k]
             yield t, _finite(entry.get(t, -math.inf)), [(i, _finite(v)) for i, v in top]
 
