@@ -15,7 +15,9 @@ timed by CUDA-graph replay on every case:
 * then, with the best setting, the largest split chunk (``MAX_SPLIT``) on the batch >= 32 cases: a full grid
   cut into even chunks, against whole contexts per block (``none``) -- the waves of blocks, see the kernel;
 * and the rule that splits a grid smaller than one wave (``SPLIT_RULE``: "waves" keeps it within one wave,
-  "fill" is the earlier rule) on every case.
+  "fill" is the earlier rule) on every case;
+* last, the defaults on an fp8 (e4m3) copy of every case's pool (``kv_cache_dtype="fp8"``): its own floor is
+  half of bf16's, and its time is set beside the bf16 defaults' (``fp8_cache``).
 
 The floor is the K and V bytes read / the bandwidth this GPU reaches in a plain copy (``bench._harness.hbm_gbps``).
 The best setting is the one with the least total time over the batch >= 32 cases; the module's defaults are
@@ -128,6 +130,9 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     max_split_us = sweep("MAX_SPLIT", MAX_SPLITS, large, lambda ms: str(ms).lower())  # "none": whole contexts
     rule_us = sweep("SPLIT_RULE", SPLIT_RULES, all_cases, str)
     best_split, best_max, best_rule = fastest(split_us), fastest(max_split_us), fastest(rule_us)
+    fp8 = fp8_cache_row(all_cases, check, timer, {c["name"]: results[f"w{defaults['warps']}_u{defaults['unroll']}"]
+                                                 ["us"][c["name"]] for c in all_cases}
+                        if f"w{defaults['warps']}_u{defaults['unroll']}" in results else None)
     target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
     floors = {c["name"]: c["floor_us"] for c in all_cases}
     summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split,
@@ -146,8 +151,33 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
             "settings": results, "min_split_us": split_us, "max_split_us": max_split_us,
             "max_split_floor_fraction": {ms: {n: round(floors[n] / us, 3) for n, us in row.items()}
                                          for ms, row in max_split_us.items()},
-            "split_rule_us": rule_us,
+            "split_rule_us": rule_us, "fp8_cache": fp8,
             "floor_target": FLOOR_TARGET, **summary}
+
+
+def fp8_cache_row(all_cases: list[dict], check: dict, timer, bf16_us: dict | None) -> dict:
+    """The module's defaults on an fp8 (e4m3) copy of each case's pool: half the bytes, so half the floor."""
+    import kernels.paged_attention_warp as w
+    from kernels.paged_attention import paged_attention_ref
+
+    def fp8(c: dict) -> tuple:
+        q, cache, tables, lens = c["tensors"]
+        return q, cache.to(torch.float8_e4m3fn), tables, lens
+
+    args = fp8(check)
+    err = (w.paged_attention_warp(*args).float() - paged_attention_ref(*args).float()).abs().max().item()
+    row = {"max_abs_err_vs_fp8_reference": err, "us": {}, "floor_fraction": {}, "speedup_vs_bf16_defaults": {}}
+    for c in all_cases:
+        args = fp8(c)
+        us = timer(lambda args=args, c=c: w.paged_attention_warp(*args, max_context_len=c["max_context_len"]))
+        row["us"][c["name"]] = round(us, 2)
+        row["floor_fraction"][c["name"]] = round(c["floor_us"] / 2 / us, 3)
+        if bf16_us is not None:
+            row["speedup_vs_bf16_defaults"][c["name"]] = round(bf16_us[c["name"]] / us, 3)
+    print(f"fp8 cache err {err:.1e} | " + " ".join(f"{n} {row['us'][n]:.1f}us {row['floor_fraction'][n]:.0%}"
+                                                   f" x{row['speedup_vs_bf16_defaults'].get(n, 0):.2f}"
+                                                   for n in row["us"]), flush=True)
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:

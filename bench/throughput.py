@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from bench._harness import (RESULTS, dtype_of, engine_config, free_memory, model_spec, random_ids,  # noqa: E402
                             resolve_device, same_tokens, save, sync)
+from minivllm.config import KV_CACHE_DTYPES  # noqa: E402
 from minivllm.model.config import ModelConfig  # noqa: E402
 
 from bench.models import RANDOM_MODELS  # noqa: E402
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
                                  "greedy": True}}
 
     # transformers first: on a GPU its KV cache must be gone before the engine sizes its own
-    hf_tokens, hf = None, None
+    hf_tokens, hf, weights = None, None, None
     if k == 0:  # --peer-requests 0: the engine alone (random weights of its own; the same speed)
         result["transformers"] = {"skipped": "--peer-requests 0"}
     else:
@@ -227,25 +228,41 @@ def run(args: argparse.Namespace) -> dict:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.async_scheduling:
         options["async_scheduling"] = True
-    start = time.perf_counter()
-    llm = LLM(**engine_config(name, mc, device, **options))
-    if hf is not None and mc is not None:
-        llm.engine.model.load_weights(weights.items())  # in place: captured CUDA graphs stay valid
-        del weights
-    hf = None
-    free_memory()
-    result["engine_setup_s"] = round(time.perf_counter() - start, 2)
-    run_engine(llm, prompts[:2], [4, 4], device)  # warm-up: compiles kernels, fills caches
-    engine = run_engine(llm, prompts, max_tokens, device)
-    ours = engine.pop("_tokens")
-    result["minivllm"] = {**options, **engine}
+    ours = None
+    for i, kv_cache_dtype in enumerate(args.kv_cache_dtype):  # the first run is "minivllm"; others are named
+        key = "minivllm" if i == 0 else f"minivllm_kv_{kv_cache_dtype}"
+        run_options = {**options, **({} if kv_cache_dtype == "auto" else {"kv_cache_dtype": kv_cache_dtype})}
+        start = time.perf_counter()
+        llm = LLM(**engine_config(name, mc, device, **run_options))
+        if weights is not None:  # transformers' random weights, so that both give the same tokens
+            llm.engine.model.load_weights(weights.items())  # in place: captured CUDA graphs stay valid
+        hf = None
+        free_memory()
+        setup_s = round(time.perf_counter() - start, 2)
+        run_engine(llm, prompts[:2], [4, 4], device)  # warm-up: compiles kernels, fills caches
+        engine = run_engine(llm, prompts, max_tokens, device)
+        tokens = engine.pop("_tokens")
+        result[key] = {**run_options, "kv_cache": repr(llm.engine.kv_cache), "setup_s": setup_s, **engine}
+        if i == 0:
+            ours = tokens
+            result["engine_setup_s"] = setup_s
+        else:  # against the first run's tokens (greedy: equal but for the KV cache's rounding)
+            result[key]["same_first_8_tokens_as_minivllm"] = same_tokens(tokens, ours, 8)
+            result[key]["same_all_tokens_as_minivllm"] = same_tokens(tokens, ours)
+            result[f"{key}_vs_minivllm"] = round(engine["output_tokens_per_s"]
+                                                 / result["minivllm"]["output_tokens_per_s"], 3)
+        if hf_tokens is not None:
+            result[key]["parity_vs_transformers"] = {"requests": k,
+                                                     "same_first_8_tokens": same_tokens(tokens, hf_tokens, 8),
+                                                     "same_all_tokens": same_tokens(tokens, hf_tokens)}
+            result[f"speedup_vs_transformers{'' if i == 0 else '_' + key}"] = round(
+                engine["output_tokens_per_s"] / result["transformers"]["output_tokens_per_s"], 2)
+        del llm
+        free_memory()
+    engine = result["minivllm"]
     if hf_tokens is not None:
-        result["parity_vs_transformers"] = {"requests": k, "same_first_8_tokens": same_tokens(ours, hf_tokens, 8),
-                                            "same_all_tokens": same_tokens(ours, hf_tokens)}
-        result["speedup_vs_transformers"] = round(engine["output_tokens_per_s"]
-                                                  / result["transformers"]["output_tokens_per_s"], 2)
-    del llm
-    free_memory()
+        result["parity_vs_transformers"] = engine.pop("parity_vs_transformers")
+    weights = None
 
     if mc is None and args.llama_requests > 0:
         m = min(args.llama_requests, len(prompts))
@@ -280,6 +297,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: GPU 8192, CPU 2048")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--async-scheduling", action="store_true", help="engine: the overlapped loop")
+    p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
+                   help="one engine run per KV cache dtype, back to back (e.g. auto fp8: the second is saved as "
+                        "minivllm_kv_fp8, with its ratio to the first)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
@@ -321,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{peer}: {r.get('error') or r.get('skipped')}")
     if "parity_vs_transformers" in data:
         print(f"parity: {data['parity_vs_transformers']}")
+    for kv_cache_dtype in args.kv_cache_dtype[1:]:
+        key = f"minivllm_kv_{kv_cache_dtype}"
+        r = data[key]
+        print(f"kv {kv_cache_dtype:9s} {r['output_tokens_per_s']:10,.1f} output tok/s  ({r['seconds']} s): "
+              f"{data[f'{key}_vs_minivllm']}x the first run; same first 8 tokens as it: "
+              f"{r['same_first_8_tokens_as_minivllm']}")
     device = data["device"] if data["config"] != "tiny" else "tiny"
     print(f"saved {save(f'12_throughput_{device}', data, args.out)}")
     return 0

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8 = torch.float8_e4m3fn  # an fp8 KV cache (kernels._fp8): e4m3 bytes
 
 
 def check_tensor(

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from numba import cuda
 
-from kernels._checks import FLOAT_DTYPES, check_tensor
+from kernels._checks import FLOAT_DTYPES, FP8, check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
 
 G_MAX = 8  # query heads per KV head
@@ -204,10 +204,14 @@ SIGNATURES = {
 
 
 # ----------------------------------------------------------------------------- launcher
-def _check(q, kv_cache, block_tables, context_lens) -> None:
+def _check(q, kv_cache, block_tables, context_lens, fp8: bool = False) -> None:
+    """``fp8``: the caller also reads an fp8 (e4m3) pool with bf16 queries (``paged_attention_warp`` does)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     seqs, q_heads, dim = q.shape
-    check_tensor("kv_cache", kv_cache, dtypes=(q.dtype,), ndim=5, device=q.device)
+    fp8 = fp8 and q.dtype == torch.bfloat16
+    check_tensor("kv_cache", kv_cache, dtypes=(q.dtype, FP8) if fp8 else (q.dtype,), ndim=5, device=q.device)
+    if kv_cache.dtype == FP8 and (dim % 16 or 32 % (dim // 16)):
+        raise ValueError(f"an fp8 kv_cache needs head_dim / 16 to divide 32 (16, 32, 64, 128, ...), got {dim}")
     num_blocks, two, block_size, kv_heads, cache_dim = kv_cache.shape
     if two != 2 or cache_dim != dim:
         raise ValueError(f"kv_cache must be (num_blocks, 2, block_size, kv_heads, {dim}), got {tuple(kv_cache.shape)}")

@@ -40,6 +40,8 @@ import torch
 from numba import cuda
 
 from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
+from kernels._checks import FP8
+from kernels._fp8 import UNPACK_SCALE, e4m3x4_over256
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
@@ -174,7 +176,7 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
 
 
 @functools.cache
-def _kernel16(group: int, dim: int, warps: int, unroll: int):
+def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
@@ -182,26 +184,35 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
     rescale instead of ``unroll``). A token's K and V address needs its cache block from the block table first:
     the table entries of the next trip are read while this trip's K and V are in flight, so a trip waits on one
     memory round trip instead of two in a row. The pool and queries arrive as complex128 views (one 16-byte
-    element each)."""
-    lpr = dim // 8  # lanes per row
+    element each).
+
+    ``fp8``: the pool holds e4m3 bytes (``kernels._fp8``; queries and output stay bf16). The same 16-byte load
+    is then 16 values, so ``dim // 16`` lanes hold a row and a warp reads twice the tokens per instruction. A
+    word unpacks to four values divided by 256; the queries are multiplied by 256 once (scores come out right),
+    and so are the accumulators when they leave the registers."""
+    vpl = 16 if fp8 else 8  # values per lane per row: one 16-byte load
+    lpr = dim // vpl  # lanes per row
     tpw = 32 // lpr  # tokens per warp per load instruction
     slots = warps * tpw  # online-softmax states per block (one per lane group)
     span = slots * unroll  # tokens a block reads per trip
     words = 4 * unroll  # 32-bit words of K (or V) a lane holds per trip
-    gd = group * 8
+    gd = group * vpl
+    heads_per_trip = unroll * group  # fp8: (token, query head) scores a lane group holds per trip
     offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
+    qmul = numba.float32(UNPACK_SCALE if fp8 else 1.0)
 
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits):
-        # q: (seqs, q_heads, dim // 8) complex128; kv_cache: (blocks, 2, block_size, kv_heads, dim // 8) complex128
+        # q: (seqs, q_heads, dim // 8) complex128; kv_cache: (blocks, 2, block_size, kv_heads, dim // lpr) complex128
         sm_m = cuda.shared.array((slots, group), numba.float32)
         sm_l = cuda.shared.array((slots, group), numba.float32)
         sm_acc = cuda.shared.array((slots, group, dim), numba.float32)
         qr = cuda.local.array(gd, numba.float32)
         acc = cuda.local.array(gd, numba.float32)
-        kw = cuda.local.array(words, numba.int32)  # the chunk's K rows, still as bf16 pairs
+        kw = cuda.local.array(words, numba.int32)  # the chunk's K rows, still as bf16 pairs (or e4m3 quads)
         vw = cuda.local.array(words, numba.int32)
         sc = cuda.local.array(unroll, numba.float32)
+        ps = cuda.local.array(heads_per_trip, numba.float32)  # fp8: the chunk's scores, then weights, per head
         bt = cuda.local.array(unroll, numba.int32)  # the cache blocks of the trip's tokens, read one trip ahead
         m = cuda.local.array(group, numba.float32)
         l = cuda.local.array(group, numba.float32)
@@ -209,7 +220,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
         seq, kvh, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
-        c = lane % lpr  # this lane's 16-byte chunk of a row: elements 8c .. 8c + 7
+        c = lane % lpr  # this lane's 16-byte chunk of a row: elements vpl c .. vpl c + vpl - 1
         slot = warp * tpw + lane // lpr
         block_size = kv_cache.shape[2]
         start = split * tokens_per_split
@@ -217,13 +228,16 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
         for g in range(group):
             m[g] = NEG_INF
             l[g] = 0.0
-            w0, w1, w2, w3 = load_words(q[seq, kvh * group + g], c)
-            qr[g * 8 + 0], qr[g * 8 + 1] = bf16_lo(w0) * scale, bf16_hi(w0) * scale
-            qr[g * 8 + 2], qr[g * 8 + 3] = bf16_lo(w1) * scale, bf16_hi(w1) * scale
-            qr[g * 8 + 4], qr[g * 8 + 5] = bf16_lo(w2) * scale, bf16_hi(w2) * scale
-            qr[g * 8 + 6], qr[g * 8 + 7] = bf16_lo(w3) * scale, bf16_hi(w3) * scale
-            for i in range(8):
-                acc[g * 8 + i] = 0.0
+            qs = scale * qmul
+            for h in range(vpl // 8):  # the lane's vpl query values: 1 (bf16 cache) or 2 (fp8) 16-byte pieces
+                w0, w1, w2, w3 = load_words(q[seq, kvh * group + g], c * (vpl // 8) + h)
+                j = g * vpl + 8 * h
+                qr[j + 0], qr[j + 1] = bf16_lo(w0) * qs, bf16_hi(w0) * qs
+                qr[j + 2], qr[j + 3] = bf16_lo(w1) * qs, bf16_hi(w1) * qs
+                qr[j + 4], qr[j + 5] = bf16_lo(w2) * qs, bf16_hi(w2) * qs
+                qr[j + 6], qr[j + 7] = bf16_lo(w3) * qs, bf16_hi(w3) * qs
+            for i in range(vpl):
+                acc[g * vpl + i] = 0.0
 
         for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
             t = start + u * slots + slot
@@ -238,6 +252,48 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
                 t = first + span + u * slots + slot  # a trip waits on one memory round trip, not two in a row
                 bt[u] = block_tables[seq, t // block_size] if t < end else 0
             seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
+            if fp8:  # unpacking costs more than bf16's shift: each word once, for all the group's heads at once
+                for k in range(heads_per_trip):
+                    ps[k] = 0.0
+                for u in range(unroll):
+                    for i in range(4):
+                        x0, x1, x2, x3 = e4m3x4_over256(kw[4 * u + i])
+                        for g in range(group):
+                            j = g * vpl + 4 * i
+                            ps[u * group + g] += qr[j] * x0 + qr[j + 1] * x1 + qr[j + 2] * x2 + qr[j + 3] * x3
+                for k in range(heads_per_trip):
+                    s = ps[k]
+                    for offset in offsets:  # the sum over the row's lanes, left in each of them
+                        s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                    ps[k] = s
+                if seen:
+                    for g in range(group):  # scores -> weights p, each head's softmax rescaled once
+                        top = m[g]
+                        for u in range(unroll):
+                            if first + u * slots + slot < end:
+                                top = max(top, ps[u * group + g])
+                        alpha = math.exp(m[g] - top)  # 0 on this lane group's first chunk (m = -inf)
+                        m[g] = top
+                        total = l[g] * alpha
+                        for i in range(vpl):
+                            acc[g * vpl + i] *= alpha
+                        for u in range(unroll):
+                            p = numba.float32(0.0)
+                            if first + u * slots + slot < end:
+                                p = math.exp(ps[u * group + g] - top)
+                            ps[u * group + g] = p
+                            total += p
+                        l[g] = total
+                    for u in range(unroll):
+                        for i in range(4):
+                            x0, x1, x2, x3 = e4m3x4_over256(vw[4 * u + i])
+                            for g in range(group):
+                                p, j = ps[u * group + g], g * vpl + 4 * i
+                                acc[j] += p * x0
+                                acc[j + 1] += p * x1
+                                acc[j + 2] += p * x2
+                                acc[j + 3] += p * x3
+                continue
             for g in range(group):
                 top = m[g]
                 for u in range(unroll):
@@ -272,13 +328,14 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int):
             if c == 0:
                 sm_m[slot, g] = m[g]
                 sm_l[slot, g] = l[g]
-            for i in range(8):
-                sm_acc[slot, g, c * 8 + i] = acc[g * 8 + i]
+            for i in range(vpl):
+                sm_acc[slot, g, c * vpl + i] = acc[g * vpl + i] * qmul  # fp8: the values were read / 256
         cuda.syncthreads()
         _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
 
-    kernel.__name__ = kernel.__qualname__ = f"paged_decode16_g{group}_d{dim}_w{warps}_u{unroll}"
+    kind = "16_fp8" if fp8 else "16"
+    kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}"
     return cuda.jit(fastmath=True)(kernel)
 
 
@@ -292,11 +349,20 @@ SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_di
 SIGNATURES[_merge_states] = [
     f"void(float32[:, ::1], float32[:, ::1], float32[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, "
     f"int64, int64, {t}[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1])" for t in _TYPES]
+def fit_warps(group: int, dim: int, warps: int, fp8: bool) -> int:
+    """The most warps, up to ``warps``, whose merge buffers (``sm_acc``: a state per lane group) fit the 48 KB of
+    static shared memory a block may have: an fp8 row takes half the lanes, so a warp holds twice the states."""
+    tpw = 32 // (dim // (16 if fp8 else 8))
+    while warps > 1 and warps * tpw * group * (dim + 2) * 4 > 48 * 1024:
+        warps //= 2
+    return warps
+
+
 SIGNATURES.update({
-    _kernel16(group, dim, WARPS, UNROLL16): [
+    _kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8): [
         "void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
         "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)"]
-    for group, dim in ((2, 128), (3, 64))
+    for group, dim in ((2, 128), (3, 64)) for fp8 in (False, True)
 })
 
 
@@ -327,9 +393,10 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     on the GPU (when the grid of (seqs x kv_heads) blocks is too small to fill the machine, or ``MAX_SPLIT``
     is set). ``warps`` per block and ``unroll``
     (tokens per lane group per trip) default to the module's ``WARPS`` and ``UNROLL16`` (``WARPS_4B`` and
-    ``UNROLL`` for the 4-byte kernel), read at call time.
+    ``UNROLL`` for the 4-byte kernel), read at call time. An fp8 ``kv_cache`` (``torch.float8_e4m3fn``, e4m3
+    bytes: ``kernels._fp8``) takes bf16 queries and the 16-byte kernel; ``wide`` does not apply to it.
     """
-    _check(q, kv_cache, block_tables, context_lens)
+    _check(q, kv_cache, block_tables, context_lens, fp8=True)
     seqs, q_heads, dim = q.shape
     kv_heads = kv_cache.shape[3]
     scale = dim ** -0.5 if scale is None else float(scale)
@@ -340,10 +407,11 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     if seqs == 0:
         return out
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    if wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0:  # 16-byte loads
-        warps = WARPS if warps is None else warps
-        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll)
-        q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.complex128)
+    fp8 = kv_cache.dtype == FP8
+    if fp8 or (wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0):  # 16-byte loads
+        warps = fit_warps(q_heads // kv_heads, dim, WARPS if warps is None else warps, fp8)
+        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8)
+        q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
         warps = WARPS_4B if warps is None else warps
         kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from numba import cuda
 
-from kernels._checks import FLOAT_DTYPES, check_tensor
+from kernels._checks import FLOAT_DTYPES, FP8, check_tensor
+from kernels._fp8 import e4m3_byte
 from kernels._launch import launch, resolve_backend
 from kernels._reduce import group_reduce_sum
 from kernels.basics import WARP
@@ -60,53 +61,71 @@ def qkv_prep_ref(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torc
 
 
 # ----------------------------------------------------------------------------- kernel
-@cuda.jit
-def qkv_prep_kernel(qkv, q_out, k_out, q_weight, k_weight, eps, norm, positions, cos_sin, kv_cache, slot_mapping):
-    # qkv: (tokens, (q_heads + 2 kv_heads) * d); q_out: (tokens, q_heads, d); k_out: (tokens, kv_heads, d)
-    # kv_cache: (blocks, 2, block_size, kv_heads, d); blockDim.x == d / 2, one block per (token, head)
-    partials = cuda.shared.array(WARP, numba.float32)
-    q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
-    half = d // 2
-    heads = q_heads + kv_heads
-    i = cuda.threadIdx.x  # this thread's pair: (i, i + half)
-    item = cuda.blockIdx.x
-    while item < positions.size * heads:  # grid-stride; the same for every thread of the block (barriers)
-        t, h = item // heads, item % heads
-        is_q = h < q_heads
-        out = q_out if is_q else k_out
-        head = h if is_q else h - q_heads
-        col = h * d  # q's heads, then k's: head h starts at column h * d
-        a, b = numba.float32(qkv[t, col + i]), numba.float32(qkv[t, col + i + half])
-        if norm:
-            total = group_reduce_sum(a * a + b * b, half, partials)
-            inv_rms = numba.float32(1.0) / math.sqrt(total / numba.float32(d) + eps)
-            w = q_weight if is_q else k_weight
-            out[t, head, i] = (a * inv_rms) * numba.float32(w[i])
-            out[t, head, i + half] = (b * inv_rms) * numba.float32(w[i + half])
-            a, b = numba.float32(out[t, head, i]), numba.float32(out[t, head, i + half])  # rounded, as unfused
-        p = positions[t]
-        if 0 <= p < cos_sin.shape[0]:
-            cos, sin = cos_sin[p, i], cos_sin[p, i + half]
-        else:  # outside the table: NaN rather than a read out of bounds (kernels.rope does the same)
-            cos = sin = numba.float32(np.nan)
-        out[t, head, i] = a * cos - b * sin
-        out[t, head, i + half] = b * cos + a * sin
-        if not is_q:
-            slot = slot_mapping[t]
-            if slot >= 0:  # -1: a padding row of a CUDA-graph batch, stored nowhere
-                block, offset = slot // kv_cache.shape[2], slot % kv_cache.shape[2]
-                v_col = (q_heads + kv_heads) * d + head * d
-                kv_cache[block, 0, offset, head, i] = out[t, head, i]
-                kv_cache[block, 0, offset, head, i + half] = out[t, head, i + half]
-                kv_cache[block, 1, offset, head, i] = qkv[t, v_col + i]
-                kv_cache[block, 1, offset, head, i + half] = qkv[t, v_col + i + half]
-        item += cuda.gridDim.x
+def _build(fp8: bool):
+    """The kernel for a cache of the model's dtype or, ``fp8``, of e4m3 bytes (``kernels._fp8``)."""
+
+    def qkv_prep_kernel(qkv, q_out, k_out, q_weight, k_weight, eps, norm, positions, cos_sin, kv_cache,
+                        slot_mapping):
+        # qkv: (tokens, (q_heads + 2 kv_heads) * d); q_out: (tokens, q_heads, d); k_out: (tokens, kv_heads, d)
+        # kv_cache: (blocks, 2, block_size, kv_heads, d) of qkv's dtype, or (fp8) e4m3 bytes as uint8;
+        # blockDim.x == d / 2, one block per (token, head)
+        partials = cuda.shared.array(WARP, numba.float32)
+        q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
+        half = d // 2
+        heads = q_heads + kv_heads
+        i = cuda.threadIdx.x  # this thread's pair: (i, i + half)
+        item = cuda.blockIdx.x
+        while item < positions.size * heads:  # grid-stride; the same for every thread of the block (barriers)
+            t, h = item // heads, item % heads
+            is_q = h < q_heads
+            out = q_out if is_q else k_out
+            head = h if is_q else h - q_heads
+            col = h * d  # q's heads, then k's: head h starts at column h * d
+            a, b = numba.float32(qkv[t, col + i]), numba.float32(qkv[t, col + i + half])
+            if norm:
+                total = group_reduce_sum(a * a + b * b, half, partials)
+                inv_rms = numba.float32(1.0) / math.sqrt(total / numba.float32(d) + eps)
+                w = q_weight if is_q else k_weight
+                out[t, head, i] = (a * inv_rms) * numba.float32(w[i])
+                out[t, head, i + half] = (b * inv_rms) * numba.float32(w[i + half])
+                a, b = numba.float32(out[t, head, i]), numba.float32(out[t, head, i + half])  # rounded, as unfused
+            p = positions[t]
+            if 0 <= p < cos_sin.shape[0]:
+                cos, sin = cos_sin[p, i], cos_sin[p, i + half]
+            else:  # outside the table: NaN rather than a read out of bounds (kernels.rope does the same)
+                cos = sin = numba.float32(np.nan)
+            out[t, head, i] = a * cos - b * sin
+            out[t, head, i + half] = b * cos + a * sin
+            if not is_q:
+                slot = slot_mapping[t]
+                if slot >= 0:  # -1: a padding row of a CUDA-graph batch, stored nowhere
+                    block, offset = slot // kv_cache.shape[2], slot % kv_cache.shape[2]
+                    v_col = (q_heads + kv_heads) * d + head * d
+                    if fp8:  # the key as written to k_out (rounded to the dtype), then to e4m3
+                        kv_cache[block, 0, offset, head, i] = e4m3_byte(out[t, head, i])
+                        kv_cache[block, 0, offset, head, i + half] = e4m3_byte(out[t, head, i + half])
+                        kv_cache[block, 1, offset, head, i] = e4m3_byte(qkv[t, v_col + i])
+                        kv_cache[block, 1, offset, head, i + half] = e4m3_byte(qkv[t, v_col + i + half])
+                    else:
+                        kv_cache[block, 0, offset, head, i] = out[t, head, i]
+                        kv_cache[block, 0, offset, head, i + half] = out[t, head, i + half]
+                        kv_cache[block, 1, offset, head, i] = qkv[t, v_col + i]
+                        kv_cache[block, 1, offset, head, i + half] = qkv[t, v_col + i + half]
+            item += cuda.gridDim.x
+
+    if fp8:
+        qkv_prep_kernel.__name__ = qkv_prep_kernel.__qualname__ = "qkv_prep_fp8_kernel"
+    return cuda.jit(qkv_prep_kernel)
+
+
+qkv_prep_kernel, qkv_prep_fp8_kernel = _build(False), _build(True)
 
 
 _TYPES = ("float32", "float16", "bfloat16")
 SIGNATURES = {
-    qkv_prep_kernel: [f"void({t}[:, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[::1], {t}[::1], float32, boolean, "
-                      f"int64[::1], float32[:, ::1], {t}[:, :, :, :, ::1], int64[::1])" for t in _TYPES],
+    kernel: [f"void({t}[:, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[::1], {t}[::1], float32, boolean, "
+             f"int64[::1], float32[:, ::1], {c or t}[:, :, :, :, ::1], int64[::1])" for t in types]
+    for kernel, c, types in ((qkv_prep_kernel, None, _TYPES), (qkv_prep_fp8_kernel, "uint8", ("bfloat16",)))
 }
 
 
@@ -137,7 +156,8 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
         raise ValueError(f"head_dim {d}: the fused kernel needs head_dim / 2 a power of two up to 1024")
     check_tensor("positions", positions, dtypes=(torch.int64,), shape=(tokens,), device=qkv.device)
     check_tensor("cos_sin", cos_sin, dtypes=(torch.float32,), device=qkv.device)
-    check_tensor("kv_cache", kv_cache, dtypes=(qkv.dtype,), shape=(None, 2, None, kv_heads, d), device=qkv.device)
+    check_tensor("kv_cache", kv_cache, dtypes=(qkv.dtype, FP8) if qkv.dtype == torch.bfloat16 else (qkv.dtype,),
+                 shape=(None, 2, None, kv_heads, d), device=qkv.device)
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(tokens,), device=qkv.device)
     if (q_weight is None) != (k_weight is None):
         raise ValueError("give both q_weight and k_weight (QK-norm), or neither")
@@ -155,8 +175,9 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
         norm = q_weight is not None
         qw, kw = (q_weight, k_weight) if norm else (cos_sin.new_empty(d, dtype=qkv.dtype),) * 2
         blocks = min(tokens * (q_heads + kv_heads), 4 if where == "simulator" else max_blocks)
-        launch(qkv_prep_kernel, blocks, d // 2, qkv, q, k, qw, kw, numba.float32(eps), norm, positions, cos_sin,
-               kv_cache, slot_mapping, backend=where)
+        fp8 = kv_cache.dtype == FP8
+        launch(qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel, blocks, d // 2, qkv, q, k, qw, kw, numba.float32(eps),
+               norm, positions, cos_sin, kv_cache.view(torch.uint8) if fp8 else kv_cache, slot_mapping, backend=where)
     return q, k, v
 
 

@@ -8,7 +8,9 @@ Token ``t`` goes to ``kv_cache[slot // block_size, 0 or 1, slot % block_size]``.
 token of a CUDA-graph batch) is skipped. One thread per (token, head, element), grid-stride; neighbouring
 threads write neighbouring elements, so each token's row is one coalesced store.
 
-Limits: the dtypes of key, value and the cache must agree (no fp8 cache); slots are not checked on the
+An fp8 cache (``torch.float8_e4m3fn``) takes any float key and value, each rounded to e4m3 (``kernels._fp8``).
+
+Limits: otherwise the dtypes of key, value and the cache must agree; slots are not checked on the
 GPU (the launcher checks them on CPU tensors), so an out-of-range slot there is a memory error.
 ``python -m kernels.store_kv`` checks (and on a GPU times) it.
 """
@@ -16,7 +18,8 @@ GPU (the launcher checks them on CPU tensors), so an out-of-range slot there is 
 import torch
 from numba import cuda
 
-from kernels._checks import FLOAT_DTYPES, check_same, check_tensor
+from kernels._checks import FLOAT_DTYPES, FP8, check_same, check_tensor
+from kernels._fp8 import E4M3_MAX, e4m3_byte
 from kernels._launch import cdiv, launch, resolve_backend
 
 
@@ -27,34 +30,52 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    kv_cache[blocks, 0, offsets] = key[keep]
-    kv_cache[blocks, 1, offsets] = value[keep]
+    key, value = key[keep], value[keep]
+    if kv_cache.dtype == FP8:  # PyTorch's rounding, saturated as the kernels' (its own cast gives NaN past 448)
+        key, value = (x.float().clamp(-E4M3_MAX, E4M3_MAX).to(FP8).view(torch.uint8) for x in (key, value))
+        kv_cache = kv_cache.view(torch.uint8)
+    kv_cache[blocks, 0, offsets] = key
+    kv_cache[blocks, 1, offsets] = value
 
 
 # ----------------------------------------------------------------------------- kernel
-@cuda.jit
-def store_kv_kernel(key, value, kv_cache, slot_mapping):
-    # key, value: (tokens, heads, dim); kv_cache: (blocks, 2, block_size, heads, dim)
-    tokens, heads, dim = key.shape
-    block_size = kv_cache.shape[2]
-    per_token = heads * dim
-    i = cuda.grid(1)
-    while i < tokens * per_token:
-        t = i // per_token
-        h = (i // dim) % heads
-        d = i % dim
-        slot = slot_mapping[t]
-        if slot >= 0:
-            b = slot // block_size
-            o = slot % block_size
-            kv_cache[b, 0, o, h, d] = key[t, h, d]
-            kv_cache[b, 1, o, h, d] = value[t, h, d]
-        i += cuda.gridsize(1)
+def _build(fp8: bool):
+    """The kernel for a cache of the key's dtype or, ``fp8``, of e4m3 bytes (``kernels._fp8``) viewed as uint8."""
+
+    def store_kv_kernel(key, value, kv_cache, slot_mapping):
+        # key, value: (tokens, heads, dim); kv_cache: (blocks, 2, block_size, heads, dim)
+        tokens, heads, dim = key.shape
+        block_size = kv_cache.shape[2]
+        per_token = heads * dim
+        i = cuda.grid(1)
+        while i < tokens * per_token:
+            t = i // per_token
+            h = (i // dim) % heads
+            d = i % dim
+            slot = slot_mapping[t]
+            if slot >= 0:
+                b = slot // block_size
+                o = slot % block_size
+                if fp8:
+                    kv_cache[b, 0, o, h, d] = e4m3_byte(key[t, h, d])
+                    kv_cache[b, 1, o, h, d] = e4m3_byte(value[t, h, d])
+                else:
+                    kv_cache[b, 0, o, h, d] = key[t, h, d]
+                    kv_cache[b, 1, o, h, d] = value[t, h, d]
+            i += cuda.gridsize(1)
+
+    if fp8:
+        store_kv_kernel.__name__ = store_kv_kernel.__qualname__ = "store_kv_fp8_kernel"
+    return cuda.jit(store_kv_kernel)
+
+
+store_kv_kernel, store_kv_fp8_kernel = _build(False), _build(True)
 
 
 _TYPES = ("float32", "float16", "bfloat16")
 SIGNATURES = {
     store_kv_kernel: [f"void({t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, :, :, ::1], int64[::1])" for t in _TYPES],
+    store_kv_fp8_kernel: [f"void({t}[:, :, ::1], {t}[:, :, ::1], uint8[:, :, :, :, ::1], int64[::1])" for t in _TYPES],
 }
 
 
@@ -66,7 +87,7 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     check_tensor("value", value)
     check_same("key", key, "value", value)
     tokens, heads, dim = key.shape
-    check_tensor("kv_cache", kv_cache, dtypes=(key.dtype,), shape=(None, 2, None, heads, dim), device=key.device)
+    check_tensor("kv_cache", kv_cache, dtypes=(key.dtype, FP8), shape=(None, 2, None, heads, dim), device=key.device)
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(tokens,), device=key.device)
     num_slots = kv_cache.shape[0] * kv_cache.shape[2]
     if slot_mapping.device.type == "cpu" and tokens and (slot_mapping.min() < -1 or slot_mapping.max() >= num_slots):
@@ -80,7 +101,9 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     threads = 64 if where == "simulator" else threads
     blocks = cdiv(key.numel(), threads)
     blocks = min(blocks, 4) if where == "simulator" else blocks
-    launch(store_kv_kernel, blocks, threads, key, value, kv_cache, slot_mapping, backend=where)
+    fp8 = kv_cache.dtype == FP8
+    launch(store_kv_fp8_kernel if fp8 else store_kv_kernel, blocks, threads, key, value,
+           kv_cache.view(torch.uint8) if fp8 else kv_cache, slot_mapping, backend=where)
     return kv_cache
 
 

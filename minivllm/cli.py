@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "model's)")
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                      help="share of GPU memory for weights, activations and the KV cache (default: 0.9)")
+    srv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                     help="auto = the model's dtype; fp8 = K and V as e4m3 bytes: half the memory and of decode "
+                          "attention's reads, a little less exact (default: auto)")
     srv.add_argument("--max-queued-requests", type=int, default=256,
                      help="sequences waiting beyond --max-num-seqs before the server answers 429 (default: 256)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* (default: "
@@ -186,6 +189,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           quantization=args.quantization,
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
           max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+          kv_cache_dtype=args.kv_cache_dtype,
           enforce_eager=args.enforce_eager, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
           async_scheduling=args.async_scheduling, seed=args.seed,
           tensor_parallel_size=args.tensor_parallel_size, api_key=args.api_key,

@@ -48,7 +48,7 @@ def num_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
     of the largest step leaves of ``gpu_memory_utilization``; on a CPU ``kv_cache_memory`` bytes."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    device, dtype = config.torch_device, config.torch_dtype
+    device, dtype = config.torch_device, config.torch_kv_cache_dtype
     if device.type == "cuda":
         tokens = min(config.scheduler_config.max_num_batched_tokens, max_model_len)
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # NOTE: not imported at run time: the scheduler reads this mo
 
 ATTENTION_BACKENDS = ("auto", "numba", "torch")
 QUANTIZATIONS = ("auto", "none", "fp16", "int8", "q4")  # see EngineConfig.quantization_method
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names: "auto" = the model's dtype; fp8 = e4m3 (kernels._fp8)
 # A CPU step's token budget: a token costs ~0.27 GFLOP and 2 cores run the fast path's GEMMs at ~50 GFLOP/s, so
 # ~64 tokens (decodes first, then prefill chunks) keep a step near 0.5 s and a long prompt cannot freeze the other
 # streams: beside 8 decoding chats and a 4k prompt, 64 gave a 0.38 s longest gap, 2048 gave 7.5 s
@@ -80,6 +81,9 @@ class EngineConfig:
     # KV cache size: GPU -> gpu_memory_utilization of the device; CPU -> kv_cache_memory bytes;
     # num_kv_blocks overrides both (tests force preemption with a tiny pool)
     gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): K and V stored as e4m3 bytes,
+    #                               half of bf16's, so decode reads half the bytes and twice the tokens fit (lossy:
+    #                               3 mantissa bits, no scales). vLLM's --kv-cache-dtype. bf16 models on a GPU, or CPU
     kv_cache_memory: int = 512 * 2**20
     num_kv_blocks: int | None = None
     # execution
@@ -113,6 +117,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        self.torch_kv_cache_dtype  # validates kv_cache_dtype against the dtype, device and learner
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         self.quantization_method  # validates quantization against the device
@@ -191,6 +196,21 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def torch_kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type: the model's dtype, or ``torch.float8_e4m3fn`` for ``kv_cache_dtype="fp8"``."""
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "auto":
+            return self.torch_dtype
+        if self.learner is not False:
+            raise ValueError("the learner's kernels store and read K/V in the model's dtype: drop kv_cache_dtype or "
+                             "learner")
+        if self.torch_device.type == "cuda" and self.torch_dtype != torch.bfloat16:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} on a GPU needs a bfloat16 model (its decode "
+                             f"kernel reads bf16 queries), got dtype={self.dtype!r}")
+        return torch.float8_e4m3fn
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -69,7 +69,7 @@ class LLMEngine:
             self.num_kv_blocks = self.tp.agree_num_kv_blocks(self.max_model_len)
         kv_shape = mc.kv_shape if self.tp is None else self.model.shard_config.kv_shape  # this rank's KV heads
         self.kv_cache = PagedKVCache.allocate(kv_shape, self.num_kv_blocks, block_size=config.block_size,
-                                              device=self.device, dtype=self.dtype)
+                                              device=self.device, dtype=config.torch_kv_cache_dtype)
         parts = self._learner_parts()
         self.scheduler = learner.scheduler_class(parts).from_num_blocks(config.scheduler_config, self.num_kv_blocks,
                                                                          self.eos_token_ids)

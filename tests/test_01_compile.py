@@ -31,6 +31,8 @@ NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
     "rms_norm_bf16_kernel",
     "fused_add_rms_norm_bf16_kernel",
     "qkv_prep_kernel",
+    "qkv_prep_fp8_kernel",
+    "store_kv_fp8_kernel",
     "rope_bf16_kernel",
     "silu_and_mul_bf16_kernel",
     "paged_decode16_",

@@ -141,7 +141,7 @@ def shard_num_kv_blocks(config: EngineConfig, model: TensorParallelQwen3ForCausa
 
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    device, dtype = model.device, config.torch_dtype
+    device, dtype = model.device, config.torch_kv_cache_dtype
     if device.type == "cuda":
         tokens = min(config.scheduler_config.max_num_batched_tokens, max_model_len)
 

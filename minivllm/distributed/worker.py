@@ -137,7 +137,7 @@ def _serve(config, rank: int, port: int, conn) -> None:
     _, max_model_len = conn.recv()
     num_blocks = group.all_reduce_min(shard_num_kv_blocks(config, model, max_model_len))
     kv_cache = PagedKVCache.allocate(model.shard_config.kv_shape, num_blocks, block_size=config.block_size,
-                                     device=device, dtype=config.torch_dtype)
+                                     device=device, dtype=config.torch_kv_cache_dtype)
     runner = ModelRunner(model, kv_cache, max_model_len=max_model_len, attention_backend=config.attention_backend,
                          use_cuda_graphs=False)
     mirror = PlanMirror()

@@ -23,6 +23,11 @@ passed down explicitly. Host-side copies of the lengths avoid a device sync per 
 passed kernels (``minivllm.learner``) replace the package's: ``store_kv`` and ``paged_attention`` (phase 08) in
 steps 1 and 2; ``flash_attention`` (phase 07) in step 3, called once per layer on every prefill sequence's
 queries and whole context, packed (``cu_seqlens_q``, ``cu_seqlens_k``).
+
+An **fp8 cache** (``kv_cache_dtype="fp8"``: e4m3 bytes, ``kernels._fp8``) changes three things: the store rounds K
+and V to e4m3; decode reads the bytes in place (the same warp kernel, 16 values per 16-byte load); a prefill step whose
+contexts are all new attends over K and V as computed, and one that reads contexts back from the cache widens them
+to the model's dtype first.
 """
 
 from dataclasses import dataclass
@@ -40,6 +45,14 @@ if TYPE_CHECKING:
     from minivllm.piecewise import AttentionSplit
 
 _FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")  # FlashAttention-2 in CUDA builds of torch
+FP8 = torch.float8_e4m3fn  # an fp8 KV cache (EngineConfig.kv_cache_dtype="fp8"): e4m3 bytes, kernels._fp8
+
+
+def _read(kv: torch.Tensor, index: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``kv[index]`` in ``dtype``: from an fp8 pool, its bytes are gathered (as uint8) and then widened."""
+    if kv.dtype != FP8:
+        return kv[index]
+    return kv.view(torch.uint8)[index].view(FP8).to(dtype)
 
 
 @dataclass(slots=True)
@@ -97,7 +110,7 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
     kv = meta.kv_cache.kv[layer]  # (blocks, 2, block_size, kv_heads, d)
     lay = _varlen_layout(meta, kv.shape[2], q.device)
     if lay.blocks is not None:  # the whole contexts, cached keys included, in the packed order of cu_k
-        k, v = kv[lay.blocks, 0, lay.offsets], kv[lay.blocks, 1, lay.offsets]
+        k, v = (_read(kv, (lay.blocks, i, lay.offsets), q.dtype) for i in (0, 1))
     if ours:
         return launcher("flash_attention_mma", "flash_attention_mma")(q, k, v, lay.cu_q, lay.cu_k,
                                                                       max_seqlen_q=lay.max_q)
@@ -124,6 +137,9 @@ def store(k: torch.Tensor, v: torch.Tensor, layer: int, meta: PagedAttentionMeta
     keep = slots >= 0
     if not bool(keep.all()):
         k, v, slots = k[keep], v[keep], slots[keep]
+    if kv.dtype == FP8:  # rounded to e4m3 as the GPU kernels do (saturated at +-448), stored as bytes
+        k, v = (x.float().clamp(-448.0, 448.0).to(FP8).view(torch.uint8) for x in (k, v))
+        kv = kv.view(torch.uint8)
     flat = kv.view(kv.shape[0], 2, kv.shape[2], -1)  # (blocks, 2, block_size, kv_heads * d)
     blocks, offsets = slots // kv.shape[2], slots % kv.shape[2]
     flat[blocks, 0, offsets] = k.reshape(k.shape[0], -1)
@@ -138,11 +154,11 @@ def decode(q: torch.Tensor, layer: int, meta: PagedAttentionMetadata) -> torch.T
     if _gpu(meta, q):
         fn = LEARNER_KERNELS.get("paged_attention") or launcher("paged_attention_warp", "paged_attention_warp")
         return fn(q, kv, tables, lens, max_context_len=meta.max_context_len)
-    if not q.is_cuda and q.dtype == torch.float32 and meta.backend != "torch":  # reads the pages in place
+    if not q.is_cuda and q.dtype == kv.dtype == torch.float32 and meta.backend != "torch":  # reads pages in place
         return launcher("paged_attention_cpu", "paged_decode_cpu")(q, kv, tables, lens)
     width = cdiv(meta.max_context_len, kv.shape[2])
     tables = tables[:, :width].clamp(min=0).long()  # (n, width)
-    pages = kv[tables]  # (n, width, 2, block_size, kv_heads, d)
+    pages = _read(kv, (tables,), q.dtype)  # (n, width, 2, block_size, kv_heads, d)
     k = pages[:, :, 0].flatten(1, 2).transpose(1, 2)  # (n, kv_heads, width * block_size, d)
     v = pages[:, :, 1].flatten(1, 2).transpose(1, 2)
     mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens[:, None]  # (n, keys)
@@ -159,7 +175,7 @@ def _context_kv(i: int, row: int, k: torch.Tensor, v: torch.Tensor, kv: torch.Te
         return k[row: row + q_len], v[row: row + q_len]
     # earlier tokens are in the cache (a prefix hit or an earlier chunk): read them all back
     table = meta.block_tables[meta.num_decodes + i, : cdiv(ctx, kv.shape[2])].long()
-    pages = kv[table]  # (blocks, 2, block_size, kv_heads, d)
+    pages = _read(kv, (table,), k.dtype)  # (blocks, 2, block_size, kv_heads, d)
     return pages[:, 0].flatten(0, 1)[:ctx], pages[:, 1].flatten(0, 1)[:ctx]
 
 
@@ -181,7 +197,7 @@ def prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int,
         return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), layer, meta)
     if q.is_cuda and meta.backend == "numba" and launcher("flash_attention_mma", "supported")(q):
         return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), layer, meta, ours=True)
-    if q.is_cuda and meta.backend == "numba":
+    if q.is_cuda and meta.backend == "numba" and kv.dtype == q.dtype:
         n = meta.num_decodes
         cu = torch.tensor([0, *torch.tensor(meta.query_lens).cumsum(0).tolist()], dtype=torch.int32, device=q.device)
         return launcher("flash_attention", "flash_attention_paged")(

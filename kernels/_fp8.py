@@ -1,0 +1,104 @@
+"""FP8 (e4m3) values for kernels: one byte per K or V element of the paged cache.
+
+Decode attention reads every cached K and V byte once per step, so its time is the cache's size over the memory
+bandwidth. Storing K and V as 8-bit floats instead of bf16 halves the bytes, so it halves that time too. The cost
+is precision: e4m3 keeps 3 mantissa bits (bf16 keeps 7). vLLM calls this ``kv_cache_dtype="fp8"``.
+
+    e4m3 ("fn": finite, no infinities):  sign | exponent (4 bits, bias 7) | mantissa (3 bits)
+    normal    (exponent 1..15):  (-1)^s * 2^(e - 7) * (1 + m / 8)     largest 0x7E = 448
+    subnormal (exponent 0):      (-1)^s * 2^-6 * (m / 8)             smallest 2^-9
+    0x7F / 0xFF: NaN
+
+Values are stored unscaled: vLLM's default when a checkpoint brings no K/V scales. Qwen3's keys leave QK-norm
+with an RMS of about the norm's weight, far inside +-448.
+
+**Writing** (:func:`e4m3_byte`): fp32 -> the nearest e4m3, ties to even, saturating at +-448 (as NVIDIA's
+``__NV_SATFINITE`` conversion does). It is integer work on the fp32 bits: round the mantissa to 3 bits, then
+rebias the exponent from 127 to 7. Values below 2^-6 become multiples of 2^-9 instead.
+
+**Reading** (:func:`e4m3x4_over256`): the decode kernel loads 16 cache bytes per lane, four per 32-bit word.
+Shifted into the top of a 16-bit half, an e4m3 byte *is* an fp16 whose exponent field is 4 bits too small, so
+its value is the e4m3 value divided by 2^8 (the biases differ by 15 - 7). Subnormals map onto fp16 subnormals
+too::
+
+    e4m3  s eeee mmm              -> fp16  s 0eeee mmm 0000000        (value / 256)
+
+Two masks and a shift move two bytes of a word into one fp16 pair at once; a hardware conversion then widens
+each half to fp32 exactly (:func:`f16x2_floats`, one ``cvt.f32.f16`` each). The kernel multiplies its queries by
+256 once instead of every value. The same conversion in floating-point arithmetic on the fp32 bits would need
+fp32 subnormals, which ``fastmath`` kernels flush to zero.
+
+In numba's CUDA simulator (a CPU), :func:`f16x2_floats` is a numpy stand-in; the rest is the same code.
+``tests/test_17_fp8_kv.py`` checks both directions against PyTorch's own ``float8_e4m3fn`` conversions.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import cuda, types
+from numba.cuda import libdevice
+from numba.cuda.extending import intrinsic
+
+from kernels._env import simulator_enabled
+
+E4M3_MAX = 448.0
+UNPACK_SCALE = 256.0  # e4m3x4_over256's values times this are the stored values
+
+
+@intrinsic
+def f16x2_floats(typingctx, word):
+    """The two fp16 values in a 32-bit word (low half first), as fp32: exact, subnormals included."""
+    sig = types.UniTuple(types.float32, 2)(word)
+
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.LiteralStructType([f32, f32]), [i32])
+        asm = ir.InlineAsm(fnty, "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                           "=f,=f,r")
+        w = context.cast(builder, args[0], signature.args[0], types.int32)
+        pair = builder.call(asm, [w])
+        return context.make_tuple(builder, signature.return_type, [builder.extract_value(pair, i) for i in range(2)])
+
+    return sig, codegen
+
+
+def _simulated_f16x2_floats(word):
+    halves = np.array([int(word) & 0xFFFFFFFF], dtype=np.uint32).view(np.float16)
+    return np.float32(halves[0]), np.float32(halves[1])
+
+
+if simulator_enabled():
+    f16x2_floats = _simulated_f16x2_floats  # noqa: F811
+
+
+@cuda.jit(device=True, inline=True)
+def e4m3_byte(x):
+    """fp32 ``x`` as the nearest e4m3 (ties to even, +-448 at most; NaN stays NaN), as 8 bits in an int32."""
+    bits = libdevice.float_as_int(numba.float32(x))
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF  # integer tests throughout: under fastmath a float `x != x` is optimised away
+    if mag > 0x7F800000:  # NaN
+        return sign | 0x7F
+    if mag >= 0x43E00000:  # 448 and above (inf too): the largest finite value
+        return sign | 0x7E
+    if mag < 0x3C800000:  # below 2^-6: a subnormal, a multiple of 2^-9 (2^-6 itself, code 8, is the rounding's top)
+        return sign | numba.int32(round(libdevice.int_as_float(mag) * numba.float32(512.0)))
+    mag += 0x7FFFF + ((mag >> 20) & 1)  # keep 3 mantissa bits, ties to even (a carry bumps the exponent)
+    return sign | (((mag >> 20) - (120 << 3)) & 0x7F)  # exponent bias 127 -> 7
+
+
+@cuda.jit(device=True, inline=True)
+def pack_e4m3x4(a, b, c, d):
+    """Four fp32 values as one word of e4m3 bytes, ``a`` in the lowest (the first in memory)."""
+    return numba.int32(e4m3_byte(a) | (e4m3_byte(b) << 8) | (e4m3_byte(c) << 16) | (e4m3_byte(d) << 24))
+
+
+@cuda.jit(device=True, inline=True)
+def e4m3x4_over256(word):
+    """The four e4m3 values of ``word`` (byte 0 first), each divided by 256, as fp32 (exact)."""
+    w = numba.int64(word) & 0xFFFFFFFF
+    even = ((w & 0x00800080) << 8) | ((w & 0x007F007F) << 7)  # bytes 0 and 2 -> fp16 bits of the two halves
+    odd = (w & 0x80008000) | ((w & 0x7F007F00) >> 1)  # bytes 1 and 3
+    v0, v2 = f16x2_floats(numba.int32(even & 0xFFFFFFFF))
+    v1, v3 = f16x2_floats(numba.int32(odd & 0xFFFFFFFF))
+    return v0, v1, v2, v3
