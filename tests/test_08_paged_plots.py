@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
@@ -114,3 +115,33 @@ def test_no_two_decode_lines_look_alike():
         assert len(styles) == 1
     assert ax_f.get_legend() is None and len(fig.legends) == 1
     assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["v1, batch 1", "v2, batch 1"]
+
+
+def test_rounding_error_plot_puts_fp8_far_above_bf16():
+    import torch
+
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(0)) * 4
+    fig = paged_plots.rounding_error(x, {"bf16": torch.bfloat16, "fp8 (e4m3)": torch.float8_e4m3fn}, bins=12)
+    lines = {ln.get_gid(): (ln.get_xdata(), ln.get_ydata()) for ln in fig.axes[0].lines}
+    (size, bf16), (_, fp8) = lines["bf16"], lines["fp8 (e4m3)"]
+    ok = ~(np.isnan(bf16) | np.isnan(fp8))
+    assert ok.sum() >= 8 and (fp8[ok] > 4 * bf16[ok]).all()  # 3 mantissa bits against 7: ~16x coarser
+    normal = ok & (size > 2 ** -5)  # e4m3's normal values: at most half a step (1/16) lost; bf16: 1/256
+    assert normal.sum() >= 5 and (bf16[ok] < 2 ** -8).all() and (fp8[normal] < 2 ** -4).all()
+    assert fp8[ok][0] > 0.5  # the smallest values (~1e-4, below e4m3's 2^-9) are mostly lost
+
+
+def test_fp8_decode_plot_draws_both_pools_times():
+    result = {"cases": [{"name": "b32_ctx2048"}, {"name": "graph_b1_ctx300"}], "defaults": {"warps": 8, "unroll": 4},
+              "settings": {"w8_u4": {"us": {"b32_ctx2048": 100.0, "graph_b1_ctx300": 9.0},
+                                     "floor_fraction": {"b32_ctx2048": 0.9, "graph_b1_ctx300": 0.2}}},
+              "fp8_cache": {"us": {"b32_ctx2048": 55.0, "graph_b1_ctx300": 8.0},
+                            "floor_fraction": {"b32_ctx2048": 0.82, "graph_b1_ctx300": 0.11}}}
+    ax = paged_plots.fp8_decode(result).axes[0]
+    heights = {}
+    for bar in ax.patches:
+        heights.setdefault(bar.get_gid(), []).append(bar.get_height())
+    assert heights == {"bf16 cache": [100.0, 9.0], "fp8 (e4m3) cache": [55.0, 8.0]}
+    assert [t.get_text() for t in ax.texts] == ["90%", "20%", "82%", "11%"]
+    with pytest.raises(ValueError, match="fp8_cache"):
+        paged_plots.fp8_decode({**result, "fp8_cache": None})

@@ -262,3 +262,63 @@ def decode_settings(result: dict, current: tuple[int, int] | None = None) -> Fig
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def rounding_error(x, dtypes: Mapping[str, object], bins: int = 40) -> Figure:
+    """How much a value loses when it is stored in each of ``dtypes`` (name -> torch dtype), by its size: the
+    median relative error ``|stored - x| / |x|`` of the samples ``x`` (a 1-D float32 tensor) in each of ``bins``
+    logarithmic bins of ``|x|``. e4m3 (fp8) is stored saturated at +-448, as the engine stores it."""
+    import torch
+
+    x = x[x != 0].float()
+    edges = torch.logspace(float(x.abs().min().log10()), float(x.abs().max().log10()), bins + 1)
+    which = torch.bucketize(x.abs(), edges).clamp(1, bins) - 1
+    centres = (edges[:-1] * edges[1:]).sqrt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for (name, dtype), color in zip(dtypes.items(), ("tab:blue", "tab:orange", "tab:green")):
+        stored = x.clamp(-448.0, 448.0).to(dtype) if dtype == torch.float8_e4m3fn else x.to(dtype)
+        rel = (stored.float() - x).abs() / x.abs()
+        med = [float(rel[which == b].median()) if bool((which == b).any()) else float("nan") for b in range(bins)]
+        ax.plot(centres, med, marker=".", color=color, label=name, gid=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("|value|")
+    ax.set_ylabel("median relative error when stored")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("what a K or V value loses in the cache, by its size", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def fp8_decode(result: dict) -> Figure:
+    """``bench/results/17_paged_decode_cuda.json``'s ``fp8_cache`` row drawn: per case, the time of the module's
+    setting on the bf16 pool and on an fp8 copy of it (half the bytes), with each one's fraction of its own floor
+    written above its bar."""
+    from minivllm.course.plots import provenance
+
+    fp8 = result.get("fp8_cache")
+    if not fp8:
+        raise ValueError("the result has no fp8_cache row (python -m bench.paged_decode writes it)")
+    d = result["defaults"]
+    bf16 = result["settings"][f"w{d['warps']}_u{d['unroll']}"]
+    names = [c["name"] for c in result["cases"]]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    for i, (label, row, color) in enumerate((("bf16 cache", bf16, "tab:purple"), ("fp8 (e4m3) cache", fp8,
+                                                                                   "tab:orange"))):
+        xs = [j - 0.2 + 0.4 * i for j in range(len(names))]
+        bars = ax.bar(xs, [row["us"][n] for n in names], 0.4, color=color, label=label, gid=label)
+        for bar, n in zip(bars, names):
+            ax.annotate(f"{row['floor_fraction'][n]:.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per call (one layer)")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("paged decode attention, one layer: the bf16 pool against its fp8 copy (above each bar: the "
+                 f"fraction of that pool's floor)\nmeasured on {provenance(result.get('meta', {}))}", fontsize=9)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
