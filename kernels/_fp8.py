@@ -88,12 +88,6 @@ def e4m3_byte(x):
 
 
 @cuda.jit(device=True, inline=True)
-def pack_e4m3x4(a, b, c, d):
-    """Four fp32 values as one word of e4m3 bytes, ``a`` in the lowest (the first in memory)."""
-    return numba.int32(e4m3_byte(a) | (e4m3_byte(b) << 8) | (e4m3_byte(c) << 16) | (e4m3_byte(d) << 24))
-
-
-@cuda.jit(device=True, inline=True)
 def e4m3x4_over256(word):
     """The four e4m3 values of ``word`` (byte 0 first), each divided by 256, as fp32 (exact)."""
     w = numba.int64(word) & 0xFFFFFFFF
@@ -102,3 +96,9 @@ def e4m3x4_over256(word):
     v0, v2 = f16x2_floats(numba.int32(even & 0xFFFFFFFF))
     v1, v3 = f16x2_floats(numba.int32(odd & 0xFFFFFFFF))
     return v0, v1, v2, v3
+
+
+SIGNATURES = {  # f16x2_floats: an intrinsic, compiled inside the functions that call it
+    e4m3_byte: ["int32(float32)", "int32(bfloat16)"],
+    e4m3x4_over256: ["Tuple((float32, float32, float32, float32))(int32)"],
+}
