@@ -150,3 +150,16 @@ def test_throughput_and_latency_say_the_weights_are_random():
            "eager": {"decode_ms_per_token": 38.5, "ttft_ms": 37.8}}
     fig = ep.latency(lat)
     assert "random bfloat16 weights" in fig._suptitle.get_text() and _overlapping_ticks(fig) == []
+
+
+def test_throughput_plot_sets_the_fp8_cache_run_beside_the_first():
+    thr = {"config": "qwen3-0.6b", "dtype": "bfloat16", "device": "cuda", "meta": {"gpu": "H100"},
+           "workload": {"requests": 256, "output_tokens": 144160}, "minivllm": {"output_tokens_per_s": 16000.0},
+           "minivllm_kv_fp8": {"output_tokens_per_s": 20000.0}, "minivllm_kv_fp8_vs_minivllm": 1.25,
+           "transformers": {"output_tokens_per_s": 80.0, "batch": 8}}
+    ax = ep.throughput(thr).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["minivllm (all requests at once)",
+                                                            "minivllm, fp8 KV cache", "transformers.generate (batches of 8)"]
+    assert [b.get_width() for b in ax.patches] == [16000.0, 20000.0, 80.0]
+    labels = [t.get_text() for t in ax.texts]
+    assert labels[1].endswith("(1.25x the first)") and labels[2].endswith("(minivllm: 200.0x)")

@@ -227,18 +227,24 @@ def _bars(ax, labels: list[str], values: list[float], fmt: str, colors: Sequence
 
 
 def throughput(result: dict) -> Figure:
-    """Output tokens/s of the engine and its peers in one ``12_throughput_*`` result, speed-ups in the labels."""
-    rows = [("minivllm (all requests at once)", result["minivllm"]["output_tokens_per_s"], 1.0)]
+    """Output tokens/s of the engine and its peers in one ``12_throughput_*`` result, speed-ups in the labels; the
+    engine's runs with another KV cache dtype (``--kv-cache-dtype auto fp8``) come right after its first."""
+    first = result["minivllm"]["output_tokens_per_s"]
+    rows = [("minivllm (all requests at once)", first, None)]
+    for key in sorted(k for k in result if k.startswith("minivllm_kv_") and isinstance(result[k], dict)):
+        rows.append((f"minivllm, {key.removeprefix('minivllm_kv_')} KV cache", result[key]["output_tokens_per_s"],
+                     f"  ({result[key]['output_tokens_per_s'] / first:.2f}x the first)"))
     for key, label in (("transformers", "transformers.generate"), ("llama_cpp", "llama.cpp")):
         peer = result.get(key)
         if peer and "error" not in peer:
             how = "one at a time" if peer.get("batch", 1) == 1 else f"batches of {peer['batch']}"
-            rows.append((f"{label} ({how})", peer["output_tokens_per_s"], rows[0][1] / peer["output_tokens_per_s"]))
+            rows.append((f"{label} ({how})", peer["output_tokens_per_s"],
+                         f"  (minivllm: {first / peer['output_tokens_per_s']:.1f}x)"))
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 2.2))
     plt.close(fig)
-    bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=[DECODE, "#C44E52", "#55A868"][: len(rows)])
-    ax.bar_label(bars, labels=[f"{v:,.0f} tok/s" + (f"  (minivllm: {x:.1f}x)" if i else "")
-                               for i, (_, v, x) in enumerate(rows)], padding=3, fontsize=9)
+    colors = [DECODE] * (1 + sum(r[0].startswith("minivllm,") for r in rows)) + ["#C44E52", "#55A868"]
+    bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color=colors[: len(rows)])
+    ax.bar_label(bars, labels=[f"{v:,.0f} tok/s" + (note or "") for _, v, note in rows], padding=3, fontsize=9)
     ax.invert_yaxis()
     ax.set_xscale("log" if rows[0][1] / min(r[1] for r in rows) > 30 else "linear")
     ax.set_xlim(right=max(r[1] for r in rows) * (8 if ax.get_xscale() == "log" else 1.6))
