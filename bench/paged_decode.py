@@ -17,7 +17,8 @@ timed by CUDA-graph replay on every case:
 * and the rule that splits a grid smaller than one wave (``SPLIT_RULE``: "waves" keeps it within one wave,
   "fill" is the earlier rule) on every case;
 * last, the defaults on an fp8 (e4m3) copy of every case's pool (``kv_cache_dtype="fp8"``): its own floor is
-  half of bf16's, and its time is set beside the bf16 defaults' (``fp8_cache``).
+  half of bf16's, and its time is set beside the bf16 defaults' (``fp8_cache``); on sm_89+ also the bytes widened by
+  masks and shifts instead of the hardware's conversion (``us_shift_widening``).
 
 The floor is the K and V bytes read / the bandwidth this GPU reaches in a plain copy (``bench._harness.hbm_gbps``).
 The best setting is the one with the least total time over the batch >= 32 cases; the module's defaults are
@@ -177,6 +178,15 @@ def fp8_cache_row(all_cases: list[dict], check: dict, timer, bf16_us: dict | Non
     print(f"fp8 cache err {err:.1e} | " + " ".join(f"{n} {row['us'][n]:.1f}us {row['floor_fraction'][n]:.0%}"
                                                    f" x{row['speedup_vs_bf16_defaults'].get(n, 0):.2f}"
                                                    for n in row["us"]), flush=True)
+    dev = check["tensors"][0].device
+    if dev.type == "cuda" and w._has_cvt(dev.index or 0):  # the masks-and-shifts widening, for comparison
+        row["us_shift_widening"] = {}
+        for c in all_cases:
+            args = fp8(c)
+            row["us_shift_widening"][c["name"]] = round(timer(lambda args=args, c=c: w.paged_attention_warp(
+                *args, max_context_len=c["max_context_len"], fp8_cvt=False)), 2)
+        print("fp8, masks and shifts: " + " ".join(f"{n} {us:.1f}us" for n, us in row["us_shift_widening"].items()),
+              flush=True)
     return row
 
 

@@ -28,7 +28,13 @@ each half to fp32 exactly (:func:`f16x2_floats`, one ``cvt.f32.f16`` each). The 
 256 once instead of every value. The same conversion in floating-point arithmetic on the fp32 bits would need
 fp32 subnormals, which ``fastmath`` kernels flush to zero.
 
-In numba's CUDA simulator (a CPU), :func:`f16x2_floats` is a numpy stand-in; the rest is the same code.
+On sm_89 (Ada) and newer GPUs the hardware converts e4m3 itself: ``cvt.rn.f16x2.e4m3x2`` widens two bytes to an
+fp16 pair in one instruction (:func:`e4m3x4_floats`: 6 instructions a word, against ~14 for the masks and shifts).
+The decode kernel is then limited by its arithmetic rather than by memory, so this is what it uses where it can
+(``kernels.paged_attention_warp.FP8_CVT``); the masks and shifts serve sm_80/86 and the simulator's checks.
+
+In numba's CUDA simulator (a CPU), :func:`f16x2_floats` and :func:`e4m3x4_floats` are numpy / PyTorch stand-ins;
+the rest is the same code.
 ``tests/test_17_fp8_kv.py`` checks both directions against PyTorch's own ``float8_e4m3fn`` conversions.
 """
 
@@ -62,13 +68,42 @@ def f16x2_floats(typingctx, word):
     return sig, codegen
 
 
+_CVT4 = ("{ .reg .b16 l, h, a0, a1, b0, b1; .reg .b32 a, b; mov.b32 {l, h}, $4; "
+         "cvt.rn.f16x2.e4m3x2 a, l; cvt.rn.f16x2.e4m3x2 b, h; mov.b32 {a0, a1}, a; mov.b32 {b0, b1}, b; "
+         "cvt.f32.f16 $0, a0; cvt.f32.f16 $1, a1; cvt.f32.f16 $2, b0; cvt.f32.f16 $3, b1; }")
+
+
+@intrinsic
+def e4m3x4_floats(typingctx, word):
+    """The four e4m3 values of ``word`` (byte 0 first) as fp32, exact, by the hardware's own conversion
+    (``cvt.rn.f16x2.e4m3x2``, two bytes to an fp16 pair in one instruction): **sm_89 (Ada) and newer only**."""
+    sig = types.UniTuple(types.float32, 4)(word)
+
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32])
+        w = context.cast(builder, args[0], signature.args[0], types.int32)
+        out = builder.call(ir.InlineAsm(fnty, _CVT4, "=f,=f,=f,=f,r"), [w])
+        return context.make_tuple(builder, signature.return_type, [builder.extract_value(out, i) for i in range(4)])
+
+    return sig, codegen
+
+
 def _simulated_f16x2_floats(word):
     halves = np.array([int(word) & 0xFFFFFFFF], dtype=np.uint32).view(np.float16)
     return np.float32(halves[0]), np.float32(halves[1])
 
 
+def _simulated_e4m3x4_floats(word):
+    import torch
+
+    codes = torch.from_numpy(np.array([int(word) & 0xFFFFFFFF], dtype=np.uint32).view(np.uint8).copy())
+    return tuple(np.float32(v) for v in codes.view(torch.float8_e4m3fn).float().tolist())
+
+
 if simulator_enabled():
     f16x2_floats = _simulated_f16x2_floats  # noqa: F811
+    e4m3x4_floats = _simulated_e4m3x4_floats  # noqa: F811
 
 
 @cuda.jit(device=True, inline=True)
@@ -98,7 +133,7 @@ def e4m3x4_over256(word):
     return v0, v1, v2, v3
 
 
-SIGNATURES = {  # f16x2_floats: an intrinsic, compiled inside the functions that call it
+SIGNATURES = {  # f16x2_floats, e4m3x4_floats: intrinsics, compiled inside the functions that call them
     e4m3_byte: ["int32(float32)", "int32(bfloat16)"],
     e4m3x4_over256: ["Tuple((float32, float32, float32, float32))(int32)"],
 }

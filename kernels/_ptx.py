@@ -32,6 +32,8 @@ above) it also reports what ptxas gave the kernel: registers per thread, and so 
 loads and stores by width, shared and local memory, tensor-core instructions (``SASS_FAMILIES``).
 
 Run ``python -m kernels._ptx`` (with ``NUMBA_ENABLE_CUDASIM=0``: the simulator has no compiler);
+A kernel that needs a newer GPU than the oldest target (an instruction sm_80 lacks) is listed in its module's
+``MIN_TARGETS`` (kernel -> the oldest compute capability it is built for) and built from there up.
 ``--json PATH`` also writes the sm_90 resources and the tools' versions, ``--only kernels.rmsnorm`` builds one
 module. Left out: cubins are checked, not kept; resources for the other targets; occupancy as a launch sets it
 (block size and shared memory can lower ``warps_per_sm``).
@@ -229,8 +231,9 @@ class _Builder:
             self.shims[(data, cc)] = bytes(nvrtc.compile(data, obj.name, cc, ltoir=True)[0].code)
         return self.shims[(data, cc)]
 
-    def compile(self, module: str, disp, sig) -> list[Compiled]:
-        """One record per target for ``disp`` at ``sig`` (listed in ``module``)."""
+    def compile(self, module: str, disp, sig, min_cc: tuple[int, int] | None = None) -> list[Compiled]:
+        """One record per target for ``disp`` at ``sig`` (listed in ``module``); ``min_cc``: only targets from it
+        up (a kernel whose instructions older GPUs lack, listed in its module's ``MIN_TARGETS``)."""
         from numba.cuda.compiler import _compile_pyfunc_with_fixup
 
         device = bool(disp.targetoptions.get("device"))
@@ -239,6 +242,8 @@ class _Builder:
                                                 cc=self.targets[0], abi="numba")  # step 1, once
         out = []
         for cc in self.targets:
+            if min_cc is not None and cc < min_cc:
+                continue
             record = functools.partial(Compiled, module, disp.py_func.__name__, str(sig), cc)
             try:
                 ptxs = library.get_asm_strs(cc=cc)  # step 2
@@ -313,7 +318,7 @@ def compile_all(targets: tuple[tuple[int, int], ...] = TARGETS, resources_cc: tu
     for name, module in chosen.items():
         for disp, sigs in getattr(module, "SIGNATURES", {}).items():
             for sig in sigs:
-                done += builder.compile(name, disp, sig)
+                done += builder.compile(name, disp, sig, getattr(module, "MIN_TARGETS", {}).get(disp))
     return builder.add_census(done), missing
 
 

@@ -41,7 +41,7 @@ from numba import cuda
 
 from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
 from kernels._checks import FP8
-from kernels._fp8 import UNPACK_SCALE, e4m3x4_over256
+from kernels._fp8 import UNPACK_SCALE, e4m3x4_floats, e4m3x4_over256
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
@@ -61,6 +61,7 @@ SPLIT_RULE = "waves"  # how a small grid is split: "waves" = into at most one fu
 #   earlier rule, at least one wave (batch 32 x 2k keys: 3 splits = 768 blocks = 1.45 waves, 53% of the floor
 #   on the H200). Measured on the H100: "waves" 97 us against "fill" 105 at batch 32 x 2k, equal elsewhere
 #   except the graphs' batch 8 (28 against 25 us)
+FP8_CVT = True  # an fp8 pool on sm_89+: widen its bytes with the hardware's conversion, not masks and shifts
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 
@@ -176,7 +177,7 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
 
 
 @functools.cache
-def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
+def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
@@ -189,7 +190,8 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
     ``fp8``: the pool holds e4m3 bytes (``kernels._fp8``; queries and output stay bf16). The same 16-byte load
     is then 16 values, so ``dim // 16`` lanes hold a row and a warp reads twice the tokens per instruction. A
     word unpacks to four values divided by 256; the queries are multiplied by 256 once (scores come out right),
-    and so are the accumulators when they leave the registers."""
+    and so are the accumulators when they leave the registers. ``cvt`` (sm_89+): the hardware widens the bytes
+    instead (``kernels._fp8.e4m3x4_floats``: true values, so no factor), less than half the instructions."""
     vpl = 16 if fp8 else 8  # values per lane per row: one 16-byte load
     lpr = dim // vpl  # lanes per row
     tpw = 32 // lpr  # tokens per warp per load instruction
@@ -199,7 +201,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
     gd = group * vpl
     heads_per_trip = unroll * group  # fp8: (token, query head) scores a lane group holds per trip
     offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
-    qmul = numba.float32(UNPACK_SCALE if fp8 else 1.0)
+    qmul = numba.float32(UNPACK_SCALE if fp8 and not cvt else 1.0)
 
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits):
@@ -257,7 +259,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
                     ps[k] = 0.0
                 for u in range(unroll):
                     for i in range(4):
-                        x0, x1, x2, x3 = e4m3x4_over256(kw[4 * u + i])
+                        x0, x1, x2, x3 = e4m3x4_floats(kw[4 * u + i]) if cvt else e4m3x4_over256(kw[4 * u + i])
                         for g in range(group):
                             j = g * vpl + 4 * i
                             ps[u * group + g] += qr[j] * x0 + qr[j + 1] * x1 + qr[j + 2] * x2 + qr[j + 3] * x3
@@ -286,7 +288,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
                         l[g] = total
                     for u in range(unroll):
                         for i in range(4):
-                            x0, x1, x2, x3 = e4m3x4_over256(vw[4 * u + i])
+                            x0, x1, x2, x3 = e4m3x4_floats(vw[4 * u + i]) if cvt else e4m3x4_over256(vw[4 * u + i])
                             for g in range(group):
                                 p, j = ps[u * group + g], g * vpl + 4 * i
                                 acc[j] += p * x0
@@ -334,7 +336,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False):
         _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
 
-    kind = "16_fp8" if fp8 else "16"
+    kind = ("16_fp8cvt" if cvt else "16_fp8") if fp8 else "16"
     kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}"
     return cuda.jit(fastmath=True)(kernel)
 
@@ -358,12 +360,19 @@ def fit_warps(group: int, dim: int, warps: int, fp8: bool) -> int:
     return warps
 
 
-SIGNATURES.update({
-    _kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8): [
-        "void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
-        "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)"]
-    for group, dim in ((2, 128), (3, 64)) for fp8 in (False, True)
-})
+_SIG16 = ("void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
+          "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)")
+SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt): [_SIG16]
+                   for group, dim in ((2, 128), (3, 64)) for fp8, cvt in ((False, False), (True, False), (True, True))})
+CVT_CC = (8, 9)  # cvt.rn.f16x2.e4m3x2: Ada and newer
+MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True): CVT_CC
+               for group, dim in ((2, 128), (3, 64))}  # kernels._ptx builds these for sm_89 and newer only
+
+
+@functools.cache
+def _has_cvt(index: int) -> bool:
+    """Whether CUDA device ``index`` converts e4m3 in hardware (compute capability 8.9 or newer)."""
+    return torch.cuda.get_device_capability(index) >= CVT_CC
 
 
 def split_size(blocks: int, longest: int, slots: int) -> int | None:
@@ -385,7 +394,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          context_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
                          warps: int | None = None, unroll: int | None = None, wide: bool = True,
-                         backend: str = "auto") -> torch.Tensor:
+                         fp8_cvt: bool | None = None, backend: str = "auto") -> torch.Tensor:
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
@@ -394,7 +403,9 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     is set). ``warps`` per block and ``unroll``
     (tokens per lane group per trip) default to the module's ``WARPS`` and ``UNROLL16`` (``WARPS_4B`` and
     ``UNROLL`` for the 4-byte kernel), read at call time. An fp8 ``kv_cache`` (``torch.float8_e4m3fn``, e4m3
-    bytes: ``kernels._fp8``) takes bf16 queries and the 16-byte kernel; ``wide`` does not apply to it.
+    bytes: ``kernels._fp8``) takes bf16 queries and the 16-byte kernel; ``wide`` does not apply to it. ``fp8_cvt``:
+    widen its bytes by the hardware's conversion (sm_89+) or by masks and shifts; None: ``FP8_CVT`` where the GPU
+    has it.
     """
     _check(q, kv_cache, block_tables, context_lens, fp8=True)
     seqs, q_heads, dim = q.shape
@@ -410,7 +421,8 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     fp8 = kv_cache.dtype == FP8
     if fp8 or (wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0):  # 16-byte loads
         warps = fit_warps(q_heads // kv_heads, dim, WARPS if warps is None else warps, fp8)
-        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8)
+        cvt = fp8 and (FP8_CVT and where == "gpu" and _has_cvt(q.device.index or 0) if fp8_cvt is None else fp8_cvt)
+        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
         warps = WARPS_4B if warps is None else warps

@@ -96,6 +96,13 @@ def test_fp8_decode_matches_reference_in_the_simulator(q_heads, kv_heads, dim):
     torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
 
 
+def test_fp8_decode_by_the_hardware_conversion_in_the_simulator():
+    """The sm_89+ variant (``cvt.rn.f16x2.e4m3x2``; a PyTorch stand-in here): true values, no factor of 256."""
+    q, cache, tables, lens = _fp8_case(2, 2, 1, 128, max_len=21, seed=4, block_size=4, spread=8.0)
+    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2, fp8_cvt=True)
+    torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
+
+
 def test_fp8_decode_split_k_in_the_simulator():
     q, cache, tables, lens = _fp8_case(2, 2, 1, 64, max_len=40, seed=3)
     got = paged_attention_warp(q, cache, tables, lens, warps=2, tokens_per_split=12)
@@ -116,9 +123,12 @@ def test_fp8_cache_errors_are_clear():
 def test_fp8_decode_on_gpu(seqs, max_len):
     q, cache, tables, lens = _fp8_case(seqs, 16, 8, 128, max_len, device="cuda", seed=seqs)
     ref = paged_attention_ref(q, cache, tables, lens).float()
-    torch.testing.assert_close(paged_attention_warp(q, cache, tables, lens).float(), ref, atol=2e-2, rtol=2e-2)
-    graphed = paged_attention_warp(q, cache, tables, lens, max_context_len=max_len)  # the CUDA-graph call
-    torch.testing.assert_close(graphed.float(), ref, atol=2e-2, rtol=2e-2)
+    widenings = (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,)
+    for cvt in widenings:  # masks and shifts; the hardware's conversion where the GPU has it
+        got = paged_attention_warp(q, cache, tables, lens, fp8_cvt=cvt)
+        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+        graphed = paged_attention_warp(q, cache, tables, lens, max_context_len=max_len, fp8_cvt=cvt)  # as in a graph
+        torch.testing.assert_close(graphed.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------- the KV store
