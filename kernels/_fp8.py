@@ -29,7 +29,8 @@ each half to fp32 exactly (:func:`f16x2_floats`, one ``cvt.f32.f16`` each). The 
 fp32 subnormals, which ``fastmath`` kernels flush to zero.
 
 On sm_89 (Ada) and newer GPUs the hardware converts e4m3 itself: ``cvt.rn.f16x2.e4m3x2`` widens two bytes to an
-fp16 pair in one instruction (:func:`e4m3x4_floats`: 6 instructions a word, against ~14 for the masks and shifts).
+fp16 pair in one instruction (:func:`e4m3x4_floats`: 6 instructions a word, against ~12 for the masks and shifts in
+the sm_90 machine code of the decode kernel).
 With the masks and shifts the decode kernel reached 55-80% of its floor on an H100 (bf16: 81-98%): its arithmetic,
 not memory, sets the pace there. ``kernels.paged_attention_warp.FP8_CVT`` switches to the hardware's conversion
 on sm_89+ (off until it is timed on a GPU); the masks and shifts serve every GPU and the simulator's checks.
