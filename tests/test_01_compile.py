@@ -109,7 +109,11 @@ def test_every_kernel_compiles_for_every_target(compile_run):
     assert {"sm_80", "sm_86", "sm_89", "sm_90"} == TARGET_NAMES
     by_target = {t: [line for line in lines if f" {t} " in line] for t in TARGET_NAMES}
     counts = {t: len(v) for t, v in by_target.items()}
-    assert len(set(counts.values())) == 1 and counts["sm_90"] >= 10, counts  # every signature, every target
+    # every signature for every target, but a kernel listed in its module's MIN_TARGETS only from that target up
+    newer = {line.split()[0] for line in lines if " sm_90 " in line} - {line.split()[0] for line in by_target["sm_80"]}
+    assert len(newer) == 2 and all("paged_decode16_fp8cvt_" in k for k in newer), newer  # e4m3 widened in hardware
+    assert counts["sm_80"] == counts["sm_86"] and counts["sm_89"] == counts["sm_90"] == counts["sm_80"] + len(newer)
+    assert counts["sm_90"] >= 10, counts
     modules = {line.split(".")[1] for line in lines}
     assert {"basics", "_vec16", "flash_attention", "paged_attention"} <= modules, proc.stdout[-3000:]
     assert any("B of cubin" in line for line in by_target["sm_80"]), "kernels should be assembled by ptxas"
