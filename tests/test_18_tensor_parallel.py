@@ -139,6 +139,17 @@ def test_default_model_tp2_generates_tp1s_greedy_tokens(default_tp2):
     assert default_tp2.engine.model.shard_config.num_attention_heads == 6  # 9 query heads split 6 + 3
 
 
+def test_fp8_cache_over_tp2_gives_tp1s_tokens():
+    """Each rank stores its own KV heads as e4m3 bytes (the workers allocate the engine's kv_cache_dtype)."""
+    prompts, p = ["The capital of France is", "One, two, three,"], SamplingParams(max_tokens=12, temperature=0)
+    outs = []
+    for tp in (1, 2):
+        with LLM(dtype="float32", num_kv_blocks=64, kv_cache_dtype="fp8", tensor_parallel_size=tp) as llm:
+            assert llm.engine.kv_cache.dtype == torch.float8_e4m3fn
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)])
+    assert outs[0] == outs[1]
+
+
 def test_default_model_serves_with_tp2(default_tp2):
     """The OpenAI-compatible server over the TP=2 engine (its engine thread drives rank 0): the same completion."""
     httpx = pytest.importorskip("httpx")
