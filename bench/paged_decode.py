@@ -131,9 +131,8 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     max_split_us = sweep("MAX_SPLIT", MAX_SPLITS, large, lambda ms: str(ms).lower())  # "none": whole contexts
     rule_us = sweep("SPLIT_RULE", SPLIT_RULES, all_cases, str)
     best_split, best_max, best_rule = fastest(split_us), fastest(max_split_us), fastest(rule_us)
-    fp8 = fp8_cache_row(all_cases, check, timer, {c["name"]: results[f"w{defaults['warps']}_u{defaults['unroll']}"]
-                                                 ["us"][c["name"]] for c in all_cases}
-                        if f"w{defaults['warps']}_u{defaults['unroll']}" in results else None)
+    d = results.get(f"w{defaults['warps']}_u{defaults['unroll']}")  # the defaults' row, if they were swept
+    fp8 = fp8_cache_row(all_cases, check, timer, d["us"] if d is not None else None)
     target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
     floors = {c["name"]: c["floor_us"] for c in all_cases}
     summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split,
@@ -141,7 +140,6 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
                "defaults": defaults,
                "best_floor_fraction_batch_ge_32_ctx_ge_2k": {n: best["floor_fraction"][n] for n in target_cases},
                "defaults_meet": None}
-    d = results.get(f"w{defaults['warps']}_u{defaults['unroll']}")
     if d is not None:
         summary["defaults_meet"] = all(d["floor_fraction"][n] >= FLOOR_TARGET for n in target_cases)
     print(f"best: {summary['best']} (defaults {defaults}); fractions of the floor at batch >= 32, ctx >= 2k: "

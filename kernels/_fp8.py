@@ -108,6 +108,14 @@ if simulator_enabled():
     e4m3x4_floats = _simulated_e4m3x4_floats  # noqa: F811
 
 
+def to_e4m3_bytes(x: "torch.Tensor") -> "torch.Tensor":
+    """PyTorch's e4m3 rounding of ``x`` (ties to even), saturated at +-448 as :func:`e4m3_byte` is (PyTorch's own
+    cast gives NaN past it), as uint8 bytes: what an fp8 pool holds. The torch paths store with it."""
+    import torch
+
+    return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
 @cuda.jit(device=True, inline=True)
 def e4m3_byte(x):
     """fp32 ``x`` as the nearest e4m3 (ties to even, +-448 at most; NaN stays NaN), as 8 bits in an int32."""

@@ -352,6 +352,9 @@ SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_di
 SIGNATURES[_merge_states] = [
     f"void(float32[:, ::1], float32[:, ::1], float32[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, "
     f"int64, int64, {t}[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1])" for t in _TYPES]
+
+
+@functools.cache
 def fit_warps(group: int, dim: int, warps: int, fp8: bool) -> int:
     """The most warps, up to ``warps``, whose merge buffers (``sm_acc``: a state per lane group) fit the 48 KB of
     static shared memory a block may have: an fp8 row takes half the lanes, so a warp holds twice the states."""

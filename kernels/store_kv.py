@@ -19,7 +19,7 @@ import torch
 from numba import cuda
 
 from kernels._checks import FLOAT_DTYPES, FP8, check_same, check_tensor
-from kernels._fp8 import E4M3_MAX, e4m3_byte
+from kernels._fp8 import e4m3_byte, to_e4m3_bytes
 from kernels._launch import cdiv, launch, resolve_backend
 
 
@@ -31,9 +31,8 @@ def store_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
     key, value = key[keep], value[keep]
-    if kv_cache.dtype == FP8:  # PyTorch's rounding, saturated as the kernels' (its own cast gives NaN past 448)
-        key, value = (x.float().clamp(-E4M3_MAX, E4M3_MAX).to(FP8).view(torch.uint8) for x in (key, value))
-        kv_cache = kv_cache.view(torch.uint8)
+    if kv_cache.dtype == FP8:  # PyTorch's rounding, saturated as the kernels'
+        key, value, kv_cache = to_e4m3_bytes(key), to_e4m3_bytes(value), kv_cache.view(torch.uint8)
     kv_cache[blocks, 0, offsets] = key
     kv_cache[blocks, 1, offsets] = value
 

@@ -138,8 +138,9 @@ def store(k: torch.Tensor, v: torch.Tensor, layer: int, meta: PagedAttentionMeta
     if not bool(keep.all()):
         k, v, slots = k[keep], v[keep], slots[keep]
     if kv.dtype == FP8:  # rounded to e4m3 as the GPU kernels do (saturated at +-448), stored as bytes
-        k, v = (x.float().clamp(-448.0, 448.0).to(FP8).view(torch.uint8) for x in (k, v))
-        kv = kv.view(torch.uint8)
+        from kernels._fp8 import to_e4m3_bytes
+
+        k, v, kv = to_e4m3_bytes(k), to_e4m3_bytes(v), kv.view(torch.uint8)
     flat = kv.view(kv.shape[0], 2, kv.shape[2], -1)  # (blocks, 2, block_size, kv_heads * d)
     blocks, offsets = slots // kv.shape[2], slots % kv.shape[2]
     flat[blocks, 0, offsets] = k.reshape(k.shape[0], -1)
