@@ -229,9 +229,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.async_scheduling:
         options["async_scheduling"] = True
     ours = None
-    for i, kv_cache_dtype in enumerate(args.kv_cache_dtype):  # the first run is "minivllm"; others are named
-        key = "minivllm" if i == 0 else f"minivllm_kv_{kv_cache_dtype}"
-        run_options = {**options, **({} if kv_cache_dtype == "auto" else {"kv_cache_dtype": kv_cache_dtype})}
+    for i, (kv_cache_dtype, overlap) in enumerate(engine_runs(args)):  # the first is "minivllm"; others are named
+        key = run_key(i, kv_cache_dtype, overlap)
+        run_options = {**options, **({} if kv_cache_dtype == "auto" else {"kv_cache_dtype": kv_cache_dtype}),
+                       **({"async_scheduling": True} if overlap else {})}
         start = time.perf_counter()
         llm = LLM(**engine_config(name, mc, device, **run_options))
         if weights is not None:  # transformers' random weights, so that both give the same tokens
@@ -243,6 +244,10 @@ def run(args: argparse.Namespace) -> dict:
         engine = run_engine(llm, prompts, max_tokens, device)
         tokens = engine.pop("_tokens")
         result[key] = {**run_options, "kv_cache": repr(llm.engine.kv_cache), "setup_s": setup_s, **engine}
+        if kv_cache_dtype != "auto" and device.type == "cuda":  # which e4m3 widening the decode kernel used
+            import kernels.paged_attention_warp as warp
+            result[key]["fp8_decode_widening"] = "hardware cvt" if warp.FP8_CVT and warp._has_cvt(
+                device.index or 0) else "masks and shifts"
         if i == 0:
             ours = tokens
             result["engine_setup_s"] = setup_s
@@ -278,6 +283,22 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def engine_runs(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """(KV cache dtype, overlapped loop) for each engine run, in order: every dtype, then with --also-async
+    every dtype again with the overlapped loop."""
+    runs = [(kv, args.async_scheduling) for kv in args.kv_cache_dtype]
+    if args.also_async and not args.async_scheduling:
+        runs += [(kv, True) for kv in args.kv_cache_dtype]
+    return runs
+
+
+def run_key(i: int, kv_cache_dtype: str, overlap: bool) -> str:
+    """The first run is "minivllm"; the others say how they differ: minivllm_kv_fp8, minivllm_async, ..."""
+    if i == 0:
+        return "minivllm"
+    return "minivllm" + ("" if kv_cache_dtype == "auto" else f"_kv_{kv_cache_dtype}") + ("_async" if overlap else "")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Offline throughput: minivllm vs transformers.generate (and llama.cpp)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -297,6 +318,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: GPU 8192, CPU 2048")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--async-scheduling", action="store_true", help="engine: the overlapped loop")
+    p.add_argument("--also-async", action="store_true",
+                   help="after the runs, each KV cache dtype again with the overlapped loop (saved as "
+                        "minivllm_async, minivllm_kv_fp8_async, ...)")
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
                    help="one engine run per KV cache dtype, back to back (e.g. auto fp8: the second is saved as "
                         "minivllm_kv_fp8, with its ratio to the first)")
@@ -341,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{peer}: {r.get('error') or r.get('skipped')}")
     if "parity_vs_transformers" in data:
         print(f"parity: {data['parity_vs_transformers']}")
-    for kv_cache_dtype in args.kv_cache_dtype[1:]:
-        key = f"minivllm_kv_{kv_cache_dtype}"
+    for i, (kv_cache_dtype, overlap) in list(enumerate(engine_runs(args)))[1:]:
+        key = run_key(i, kv_cache_dtype, overlap)
         r = data[key]
-        print(f"kv {kv_cache_dtype:9s} {r['output_tokens_per_s']:10,.1f} output tok/s  ({r['seconds']} s): "
+        label = kv_cache_dtype + (" async" if overlap else "")
+        print(f"{label:12s} {r['output_tokens_per_s']:10,.1f} output tok/s  ({r['seconds']} s): "
               f"{data[f'{key}_vs_minivllm']}x the first run; same first 8 tokens as it: "
               f"{r['same_first_8_tokens_as_minivllm']}")
     device = data["device"] if data["config"] != "tiny" else "tiny"

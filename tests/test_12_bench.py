@@ -43,6 +43,22 @@ def test_throughput_without_a_peer(tmp_path):
     assert data["minivllm"]["output_tokens"] == data["workload"]["output_tokens"]
 
 
+def test_throughput_runs_each_cache_dtype_again_overlapped(tmp_path):
+    """--also-async: the overlapped loop after the plain runs, each named by how it differs from the first; the
+    overlapped loop changes no token, the fp8 cache only what its rounding changes."""
+    assert throughput.main(["--config", "tiny", "--device", "cpu", "--num-requests", "4", "--peer-requests", "0",
+                            "--kv-cache-dtype", "auto", "fp8", "--also-async", "--out", str(tmp_path)]) == 0
+    data = _load(tmp_path / "12_throughput_tiny.json")
+    runs = [k for k in data if k.startswith("minivllm") and isinstance(data[k], dict)]
+    assert runs == ["minivllm", "minivllm_kv_fp8", "minivllm_async", "minivllm_kv_fp8_async"]
+    assert [data[k].get("async_scheduling", False) for k in runs] == [False, False, True, True]
+    assert [data[k].get("kv_cache_dtype", "auto") for k in runs] == ["auto", "fp8", "auto", "fp8"]
+    assert data["minivllm_async"]["same_all_tokens_as_minivllm"] == 4
+    for k in runs:
+        assert data[k]["output_tokens"] == data["workload"]["output_tokens"]
+    assert data["minivllm_kv_fp8_async_vs_minivllm"] > 0
+
+
 def test_prefix_dry_run_computes_only_what_the_cache_cannot_serve(tmp_path):
     n, shared, own = 5, 48, 7
     assert prefix.main(["--config", "tiny", "--device", "cpu", "--num-requests", str(n), "--shared-len", str(shared),

@@ -163,3 +163,15 @@ def test_throughput_plot_sets_the_fp8_cache_run_beside_the_first():
     assert [b.get_width() for b in ax.patches] == [16000.0, 20000.0, 80.0]
     labels = [t.get_text() for t in ax.texts]
     assert labels[1].endswith("(1.25x the first)") and labels[2].endswith("(minivllm: 200.0x)")
+
+
+def test_throughput_plot_names_the_overlapped_runs_in_the_order_they_ran():
+    thr = {"config": "qwen3-0.6b", "dtype": "bfloat16", "device": "cuda", "meta": {"gpu": "H100"},
+           "workload": {"requests": 256, "output_tokens": 144160}, "minivllm": {"output_tokens_per_s": 16000.0},
+           "minivllm_kv_fp8": {"output_tokens_per_s": 19000.0}, "minivllm_async": {"output_tokens_per_s": 17000.0},
+           "minivllm_kv_fp8_async": {"output_tokens_per_s": 20000.0}, "minivllm_async_vs_minivllm": 1.06}
+    ax = ep.throughput(thr).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "minivllm (all requests at once)", "minivllm, fp8 KV cache", "minivllm, overlapped loop",
+        "minivllm, fp8 KV cache, overlapped loop"]
+    assert [b.get_width() for b in ax.patches] == [16000.0, 19000.0, 17000.0, 20000.0]

@@ -228,11 +228,16 @@ def _bars(ax, labels: list[str], values: list[float], fmt: str, colors: Sequence
 
 def throughput(result: dict) -> Figure:
     """Output tokens/s of the engine and its peers in one ``12_throughput_*`` result, speed-ups in the labels; the
-    engine's runs with another KV cache dtype (``--kv-cache-dtype auto fp8``) come right after its first."""
+    engine's other runs (another KV cache dtype, ``--kv-cache-dtype auto fp8``; the overlapped loop,
+    ``--also-async``) come right after its first, in the order they ran."""
     first = result["minivllm"]["output_tokens_per_s"]
     rows = [("minivllm (all requests at once)", first, None)]
-    for key in sorted(k for k in result if k.startswith("minivllm_kv_") and isinstance(result[k], dict)):
-        rows.append((f"minivllm, {key.removeprefix('minivllm_kv_')} KV cache", result[key]["output_tokens_per_s"],
+    for key in (k for k in result if k.startswith("minivllm_") and isinstance(result[k], dict)):  # run order
+        rest = key.removeprefix("minivllm_")
+        overlap = rest.endswith("async")
+        kv = rest.removeprefix("kv_").removesuffix("async").rstrip("_")
+        label = ", ".join(([f"{kv} KV cache"] if kv else []) + (["overlapped loop"] if overlap else []))
+        rows.append((f"minivllm, {label}", result[key]["output_tokens_per_s"],
                      f"  ({result[key]['output_tokens_per_s'] / first:.2f}x the first)"))
     for key, label in (("transformers", "transformers.generate"), ("llama_cpp", "llama.cpp")):
         peer = result.get(key)
