@@ -91,6 +91,77 @@ def e4m3x4_floats(typingctx, word):
     return sig, codegen
 
 
+@intrinsic
+def hfma2(typingctx, a, b, c):
+    """``a * b + c`` on fp16 pairs held in 32-bit words (``fma.rn.f16x2``: two fp16 multiply-adds, one instruction,
+    each rounded once)."""
+    sig = types.int32(a, b, c)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        asm = ir.InlineAsm(ir.FunctionType(i32, [i32] * 3), "fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r")
+        return builder.call(asm, [context.cast(builder, v, t, types.int32) for v, t in zip(args, signature.args)])
+
+    return sig, codegen
+
+
+@intrinsic
+def f16x2_of(typingctx, lo, hi):
+    """fp32 ``lo`` and ``hi`` rounded to fp16 (to nearest, ties to even) and packed in one word, ``lo`` low."""
+    sig = types.int32(lo, hi)
+
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        asm = ir.InlineAsm(ir.FunctionType(i32, [f32, f32]),
+                           "{ .reg .b16 l, h; cvt.rn.f16.f32 l, $1; cvt.rn.f16.f32 h, $2; mov.b32 $0, {l, h}; }",
+                           "=r,f,f")
+        return builder.call(asm, [context.cast(builder, v, t, types.float32) for v, t in zip(args, signature.args)])
+
+    return sig, codegen
+
+
+_CVT2 = ("{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.rn.f16x2.e4m3x2 $0, l; cvt.rn.f16x2.e4m3x2 $1, h; }")
+
+
+@intrinsic
+def e4m3x4_halves(typingctx, word):
+    """The four e4m3 values of ``word`` as two fp16 pairs, (byte 0, byte 1) and (byte 2, byte 3), exact, by the
+    hardware's conversion: **sm_89 (Ada) and newer only**."""
+    sig = types.UniTuple(types.int32, 2)(word)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.LiteralStructType([i32, i32]), [i32])
+        w = context.cast(builder, args[0], signature.args[0], types.int32)
+        out = builder.call(ir.InlineAsm(fnty, _CVT2, "=r,=r,r"), [w])
+        return context.make_tuple(builder, signature.return_type, [builder.extract_value(out, i) for i in range(2)])
+
+    return sig, codegen
+
+
+def _f16_pair(word):
+    return np.array([int(word) & 0xFFFFFFFF], dtype=np.uint32).view(np.float16)
+
+
+def _pair_word(lo, hi) -> np.int32:
+    return np.array([lo, hi], dtype=np.float16).view(np.int32)[0]
+
+
+def _simulated_hfma2(a, b, c):  # fp16 products are exact in fp64, so the sum is rounded once (to fp16)
+    x, y, z = (_f16_pair(v).astype(np.float64) for v in (a, b, c))
+    r = x * y + z
+    return _pair_word(r[0], r[1])
+
+
+def _simulated_f16x2_of(lo, hi):
+    return _pair_word(np.float32(lo), np.float32(hi))
+
+
+def _simulated_e4m3x4_halves(word):
+    v = _simulated_e4m3x4_floats(word)
+    return _pair_word(v[0], v[1]), _pair_word(v[2], v[3])
+
+
 def _simulated_f16x2_floats(word):
     halves = np.array([int(word) & 0xFFFFFFFF], dtype=np.uint32).view(np.float16)
     return np.float32(halves[0]), np.float32(halves[1])
@@ -106,6 +177,9 @@ def _simulated_e4m3x4_floats(word):
 if simulator_enabled():
     f16x2_floats = _simulated_f16x2_floats  # noqa: F811
     e4m3x4_floats = _simulated_e4m3x4_floats  # noqa: F811
+    hfma2 = _simulated_hfma2  # noqa: F811
+    f16x2_of = _simulated_f16x2_of  # noqa: F811
+    e4m3x4_halves = _simulated_e4m3x4_halves  # noqa: F811
 
 
 def to_e4m3_bytes(x: "torch.Tensor") -> "torch.Tensor":
@@ -143,7 +217,18 @@ def e4m3x4_over256(word):
     return v0, v1, v2, v3
 
 
+@cuda.jit(device=True, inline=True)
+def e4m3x4_halves_over256(word):
+    """The four e4m3 values of ``word``, each divided by 256, as two fp16 pairs: (byte 0, byte 2) and
+    (byte 1, byte 3), exact: :func:`e4m3x4_over256` without the widening to fp32."""
+    w = numba.int64(word) & 0xFFFFFFFF
+    even = ((w & 0x00800080) << 8) | ((w & 0x007F007F) << 7)
+    odd = (w & 0x80008000) | ((w & 0x7F007F00) >> 1)
+    return numba.int32(even & 0xFFFFFFFF), numba.int32(odd & 0xFFFFFFFF)
+
+
 SIGNATURES = {  # f16x2_floats, e4m3x4_floats: intrinsics, compiled inside the functions that call them
     e4m3_byte: ["int32(float32)", "int32(bfloat16)"],
     e4m3x4_over256: ["Tuple((float32, float32, float32, float32))(int32)"],
+    e4m3x4_halves_over256: ["UniTuple(int32, 2)(int32)"],
 }

@@ -41,7 +41,8 @@ from numba import cuda
 
 from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
 from kernels._checks import FP8
-from kernels._fp8 import UNPACK_SCALE, e4m3x4_floats, e4m3x4_over256
+from kernels._fp8 import (UNPACK_SCALE, e4m3x4_floats, e4m3x4_halves, e4m3x4_halves_over256, e4m3x4_over256,
+                          f16x2_floats, f16x2_of, hfma2)
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
 from kernels.paged_attention import _check, merge_splits, paged_attention_ref, split_buffers
 
@@ -61,8 +62,11 @@ SPLIT_RULE = "waves"  # how a small grid is split: "waves" = into at most one fu
 #   earlier rule, at least one wave (batch 32 x 2k keys: 3 splits = 768 blocks = 1.45 waves, 53% of the floor
 #   on the H200). Measured on the H100: "waves" 97 us against "fill" 105 at batch 32 x 2k, equal elsewhere
 #   except the graphs' batch 8 (28 against 25 us)
-FP8_CVT = False  # an fp8 pool on sm_89+: widen its bytes with the hardware's conversion rather than masks and
-#   shifts. Off until it is timed and checked on a GPU: the masks and shifts are what was measured (H100)
+FP8_CVT = True  # an fp8 pool on sm_89+: widen its bytes with the hardware's conversion rather than masks and
+#   shifts. Measured on the H200: 8-11% faster on every case of batch >= 8 (the workload's mixed batch 138 against
+#   152 us), within 2% at batch 1; its GPU test passed there
+FP8_HALF2 = False  # an fp8 pool: multiply-add the widened values as fp16 pairs (two per instruction, no widening
+#   to fp32); each token's score and each trip's weighted values go back to fp32. Off until timed on a GPU
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 
@@ -178,7 +182,8 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
 
 
 @functools.cache
-def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False):
+def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False,
+              half2: bool = False):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
@@ -192,7 +197,13 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     is then 16 values, so ``dim // 16`` lanes hold a row and a warp reads twice the tokens per instruction. A
     word unpacks to four values divided by 256; the queries are multiplied by 256 once (scores come out right),
     and so are the accumulators when they leave the registers. ``cvt`` (sm_89+): the hardware widens the bytes
-    instead (``kernels._fp8.e4m3x4_floats``: true values, so no factor), less than half the instructions."""
+    instead (``kernels._fp8.e4m3x4_floats``: true values, so no factor), less than half the instructions.
+
+    ``half2`` (fp8): the widened bytes stay fp16 pairs and are multiplied and added two at a time
+    (``fma.rn.f16x2``) against fp16 pairs of the queries, then of the softmax weights. A token's score leaves
+    fp16 after its lane's 16 products (the 256 goes on the score, not the queries, so fp16 cannot overflow); the
+    weighted values of a trip (``unroll`` tokens) are added into the fp32 accumulators. Pairs pair bytes
+    (0, 2), (1, 3) for the masks and shifts, (0, 1), (2, 3) for the hardware conversion."""
     vpl = 16 if fp8 else 8  # values per lane per row: one 16-byte load
     lpr = dim // vpl  # lanes per row
     tpw = 32 // lpr  # tokens per warp per load instruction
@@ -203,6 +214,10 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     heads_per_trip = unroll * group  # fp8: (token, query head) scores a lane group holds per trip
     offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
     qmul = numba.float32(UNPACK_SCALE if fp8 and not cvt else 1.0)
+    qin = numba.float32(1.0 if half2 else qmul)  # what the queries are multiplied by (with the scale)
+    smul = numba.float32(qmul if half2 else 1.0)  # what a score is multiplied by
+    pairs = gd // 2 if half2 else 1  # fp8 + half2: the queries (and a trip's weighted values) as fp16 pairs
+    adj = 1 if cvt else 2  # the pair partner's offset within a word's 4 values: (0, 1) cvt, (0, 2) masks + shifts
 
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits):
@@ -219,6 +234,10 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         bt = cuda.local.array(unroll, numba.int32)  # the cache blocks of the trip's tokens, read one trip ahead
         m = cuda.local.array(group, numba.float32)
         l = cuda.local.array(group, numba.float32)
+        qh = cuda.local.array(pairs, numba.int32)
+        vh = cuda.local.array(pairs, numba.int32)
+        hs = cuda.local.array(heads_per_trip, numba.int32)
+        pp = cuda.local.array(group, numba.int32)
 
         seq, kvh, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
@@ -231,7 +250,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         for g in range(group):
             m[g] = NEG_INF
             l[g] = 0.0
-            qs = scale * qmul
+            qs = scale * qin
             for h in range(vpl // 8):  # the lane's vpl query values: 1 (bf16 cache) or 2 (fp8) 16-byte pieces
                 w0, w1, w2, w3 = load_words(q[seq, kvh * group + g], c * (vpl // 8) + h)
                 j = g * vpl + 8 * h
@@ -241,6 +260,11 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
                 qr[j + 6], qr[j + 7] = bf16_lo(w3) * qs, bf16_hi(w3) * qs
             for i in range(vpl):
                 acc[g * vpl + i] = 0.0
+            if half2:
+                for i in range(vpl // 4):  # word i's values 4i..4i+3: pairs (4i, 4i + adj), (the other two)
+                    j, k = g * vpl + 4 * i, g * vpl // 2 + 2 * i
+                    qh[k] = f16x2_of(qr[j], qr[j + adj])
+                    qh[k + 1] = f16x2_of(qr[j + 3 - adj], qr[j + 3])
 
         for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
             t = start + u * slots + slot
@@ -255,7 +279,22 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
                 t = first + span + u * slots + slot  # a trip waits on one memory round trip, not two in a row
                 bt[u] = block_tables[seq, t // block_size] if t < end else 0
             seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
-            if fp8:  # unpacking costs more than bf16's shift: each word once, for all the group's heads at once
+            if half2:  # fp16 pairs: each word's bytes widened once, two multiply-adds per instruction
+                for k in range(heads_per_trip):
+                    hs[k] = 0
+                for u in range(unroll):
+                    for i in range(4):
+                        a, b = e4m3x4_halves(kw[4 * u + i]) if cvt else e4m3x4_halves_over256(kw[4 * u + i])
+                        for g in range(group):
+                            k = g * vpl // 2 + 2 * i
+                            hs[u * group + g] = hfma2(qh[k + 1], b, hfma2(qh[k], a, hs[u * group + g]))
+                for k in range(heads_per_trip):
+                    lo, hi = f16x2_floats(hs[k])
+                    s = (lo + hi) * smul
+                    for offset in offsets:  # the sum over the row's lanes, left in each of them
+                        s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                    ps[k] = s
+            elif fp8:  # unpacking costs more than bf16's shift: each word once, for all the group's heads at once
                 for k in range(heads_per_trip):
                     ps[k] = 0.0
                 for u in range(unroll):
@@ -269,6 +308,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
                     for offset in offsets:  # the sum over the row's lanes, left in each of them
                         s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
                     ps[k] = s
+            if fp8:
                 if seen:
                     for g in range(group):  # scores -> weights p, each head's softmax rescaled once
                         top = m[g]
@@ -287,15 +327,38 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
                             ps[u * group + g] = p
                             total += p
                         l[g] = total
-                    for u in range(unroll):
-                        for i in range(4):
-                            x0, x1, x2, x3 = e4m3x4_floats(vw[4 * u + i]) if cvt else e4m3x4_over256(vw[4 * u + i])
+                    if half2:  # the trip's weighted values in fp16 pairs, then added into fp32 once
+                        for k in range(pairs):
+                            vh[k] = 0
+                        for u in range(unroll):
                             for g in range(group):
-                                p, j = ps[u * group + g], g * vpl + 4 * i
-                                acc[j] += p * x0
-                                acc[j + 1] += p * x1
-                                acc[j + 2] += p * x2
-                                acc[j + 3] += p * x3
+                                pp[g] = f16x2_of(ps[u * group + g], ps[u * group + g])
+                            for i in range(4):
+                                a, b = e4m3x4_halves(vw[4 * u + i]) if cvt else e4m3x4_halves_over256(vw[4 * u + i])
+                                for g in range(group):
+                                    k = g * vpl // 2 + 2 * i
+                                    vh[k] = hfma2(pp[g], a, vh[k])
+                                    vh[k + 1] = hfma2(pp[g], b, vh[k + 1])
+                        for g in range(group):
+                            for i in range(vpl // 4):
+                                j, k = g * vpl + 4 * i, g * vpl // 2 + 2 * i
+                                x0, x1 = f16x2_floats(vh[k])
+                                x2, x3 = f16x2_floats(vh[k + 1])
+                                acc[j] += x0
+                                acc[j + adj] += x1
+                                acc[j + 3 - adj] += x2
+                                acc[j + 3] += x3
+                    else:
+                        for u in range(unroll):
+                            for i in range(4):
+                                x0, x1, x2, x3 = (e4m3x4_floats(vw[4 * u + i]) if cvt
+                                                  else e4m3x4_over256(vw[4 * u + i]))
+                                for g in range(group):
+                                    p, j = ps[u * group + g], g * vpl + 4 * i
+                                    acc[j] += p * x0
+                                    acc[j + 1] += p * x1
+                                    acc[j + 2] += p * x2
+                                    acc[j + 3] += p * x3
                 continue
             for g in range(group):
                 top = m[g]
@@ -337,7 +400,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
 
-    kind = ("16_fp8cvt" if cvt else "16_fp8") if fp8 else "16"
+    kind = ("16_fp8cvt" if cvt else "16_fp8") + ("h2" if half2 else "") if fp8 else "16"
     kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}"
     return cuda.jit(fastmath=True)(kernel)
 
@@ -366,11 +429,12 @@ def fit_warps(group: int, dim: int, warps: int, fp8: bool) -> int:
 
 _SIG16 = ("void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
           "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)")
-SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt): [_SIG16]
-                   for group, dim in ((2, 128), (3, 64)) for fp8, cvt in ((False, False), (True, False), (True, True))})
+_VARIANTS = ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True))
+SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt, half2): [_SIG16]
+                   for group, dim in ((2, 128), (3, 64)) for fp8, cvt, half2 in _VARIANTS})
 CVT_CC = (8, 9)  # cvt.rn.f16x2.e4m3x2: Ada and newer
-MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True): CVT_CC
-               for group, dim in ((2, 128), (3, 64))}  # kernels._ptx builds these for sm_89 and newer only
+MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True, half2): CVT_CC
+               for group, dim in ((2, 128), (3, 64)) for half2 in (False, True)}  # built for sm_89+ only
 
 
 @functools.cache
@@ -398,7 +462,8 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          context_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
                          warps: int | None = None, unroll: int | None = None, wide: bool = True,
-                         fp8_cvt: bool | None = None, backend: str = "auto") -> torch.Tensor:
+                         fp8_cvt: bool | None = None, fp8_half2: bool | None = None,
+                         backend: str = "auto") -> torch.Tensor:
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
@@ -409,7 +474,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     ``UNROLL`` for the 4-byte kernel), read at call time. An fp8 ``kv_cache`` (``torch.float8_e4m3fn``, e4m3
     bytes: ``kernels._fp8``) takes bf16 queries and the 16-byte kernel; ``wide`` does not apply to it. ``fp8_cvt``:
     widen its bytes by the hardware's conversion (sm_89+) or by masks and shifts; None: ``FP8_CVT`` where the GPU
-    has it.
+    has it. ``fp8_half2``: multiply-add the widened values as fp16 pairs; None: ``FP8_HALF2``.
     """
     _check(q, kv_cache, block_tables, context_lens, fp8=True)
     seqs, q_heads, dim = q.shape
@@ -426,7 +491,8 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     if fp8 or (wide and q.dtype == torch.bfloat16 and dim % 8 == 0 and 32 % (dim // 8) == 0):  # 16-byte loads
         warps = fit_warps(q_heads // kv_heads, dim, WARPS if warps is None else warps, fp8)
         cvt = fp8 and (FP8_CVT and where == "gpu" and _has_cvt(q.device.index or 0) if fp8_cvt is None else fp8_cvt)
-        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt)
+        half2 = fp8 and (FP8_HALF2 if fp8_half2 is None else fp8_half2)
+        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
         warps = WARPS_4B if warps is None else warps

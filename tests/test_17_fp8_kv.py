@@ -11,7 +11,7 @@ import pytest
 import torch
 from numba import cuda
 
-from kernels._fp8 import E4M3_MAX, UNPACK_SCALE, e4m3_byte, e4m3x4_over256
+from kernels._fp8 import E4M3_MAX, UNPACK_SCALE, e4m3_byte, e4m3x4_halves_over256, e4m3x4_over256, f16x2_of, hfma2
 from kernels._launch import launch, resolve_backend
 from kernels.paged_attention import paged_attention_ref
 from kernels.paged_attention_warp import paged_attention_warp
@@ -36,6 +36,23 @@ def _decode(words, out):
         i += cuda.gridsize(1)
 
 
+@cuda.jit
+def _halves(words, out):
+    i = cuda.grid(1)
+    while i < words.size:
+        out[2 * i], out[2 * i + 1] = e4m3x4_halves_over256(words[i])
+        i += cuda.gridsize(1)
+
+
+@cuda.jit
+def _fma_pairs(a, b, c, x, y, out, packed):
+    i = cuda.grid(1)
+    while i < a.size:
+        out[i] = hfma2(a[i], b[i], c[i])
+        packed[i] = f16x2_of(x[2 * i], x[2 * i + 1]) if y[i] == 0 else f16x2_of(x[2 * i], x[2 * i])
+        i += cuda.gridsize(1)
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -53,6 +70,35 @@ def test_every_byte_widens_to_pytorchs_value():
     finite = ~want.isnan()
     assert finite.sum() == 254
     torch.testing.assert_close(out.cpu()[finite] * UNPACK_SCALE, want[finite], atol=0, rtol=0)
+
+
+def test_every_byte_widens_to_an_fp16_pair_of_pytorchs_value_over_256():
+    """The fp16-pair widening (bytes 0 and 2 in one pair, 1 and 3 in the other): exact for every code."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    out = torch.zeros(128, dtype=torch.int32, device=_device())
+    _run(_halves, 2, 32, codes.view(torch.int32).to(_device()), out)
+    got = out.cpu().view(torch.float16).float().view(64, 2, 2)  # word, pair, half
+    got = torch.stack([got[:, 0, 0], got[:, 1, 0], got[:, 0, 1], got[:, 1, 1]], 1).flatten() * UNPACK_SCALE
+    want = codes.view(FP8).float()
+    finite = ~want.isnan()
+    torch.testing.assert_close(got[finite], want[finite], atol=0, rtol=0)
+
+
+def test_fp16_pair_multiply_add_rounds_once_like_pytorch():
+    """``hfma2``: each half is a*b + c rounded once to fp16 (the answer key: the same sum in fp64, then rounded);
+    ``f16x2_of``: fp32 to fp16 pairs, to nearest."""
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(512, generator=g).half() * s for s in (3.0, 0.5, 2.0))
+    x = torch.randn(512, generator=g) * 100
+    y = (torch.arange(256) % 2).to(torch.int32)
+    out, packed = (torch.zeros(256, dtype=torch.int32, device=_device()) for _ in range(2))
+    args = [t.view(torch.int32).to(_device()) for t in (a, b, c)] + [x.to(_device()), y.to(_device()), out, packed]
+    _run(_fma_pairs, 2, 64, *args)
+    want = (a.double() * b.double() + c.double()).half()
+    assert torch.equal(out.cpu().view(torch.float16), want)
+    pairs = x.view(256, 2).clone()
+    pairs[y == 1, 1] = pairs[y == 1, 0]
+    assert torch.equal(packed.cpu().view(torch.float16), pairs.flatten().half())
 
 
 def test_rounding_matches_pytorch_including_ties_and_subnormals():
@@ -103,6 +149,15 @@ def test_fp8_decode_by_the_hardware_conversion_in_the_simulator():
     torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("cvt", [False, True])
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(2, 1, 128), (3, 1, 64)])
+def test_fp8_decode_in_fp16_pairs_in_the_simulator(cvt, q_heads, kv_heads, dim):
+    """``fp8_half2``: scores and a trip's weighted values multiply-added as fp16 pairs, both widenings."""
+    q, cache, tables, lens = _fp8_case(2, q_heads, kv_heads, dim, max_len=21, seed=dim + 1, block_size=4, spread=8.0)
+    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2, fp8_cvt=cvt, fp8_half2=True)
+    torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
+
+
 def test_fp8_decode_split_k_in_the_simulator():
     q, cache, tables, lens = _fp8_case(2, 2, 1, 64, max_len=40, seed=3)
     got = paged_attention_warp(q, cache, tables, lens, warps=2, tokens_per_split=12)
@@ -125,10 +180,12 @@ def test_fp8_decode_on_gpu(seqs, max_len):
     ref = paged_attention_ref(q, cache, tables, lens).float()
     widenings = (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,)
     for cvt in widenings:  # masks and shifts; the hardware's conversion where the GPU has it
-        got = paged_attention_warp(q, cache, tables, lens, fp8_cvt=cvt)
-        torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
-        graphed = paged_attention_warp(q, cache, tables, lens, max_context_len=max_len, fp8_cvt=cvt)  # as in a graph
-        torch.testing.assert_close(graphed.float(), ref, atol=2e-2, rtol=2e-2)
+        for half2 in (False, True):  # fp32 arithmetic; fp16 pairs
+            got = paged_attention_warp(q, cache, tables, lens, fp8_cvt=cvt, fp8_half2=half2)
+            torch.testing.assert_close(got.float(), ref, atol=2e-2, rtol=2e-2)
+            graphed = paged_attention_warp(q, cache, tables, lens, max_context_len=max_len, fp8_cvt=cvt,
+                                           fp8_half2=half2)  # as in a graph
+            torch.testing.assert_close(graphed.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------- the KV store
