@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
             import kernels.paged_attention_warp as warp
             result[key]["fp8_decode_widening"] = "hardware cvt" if warp.FP8_CVT and warp._has_cvt(
                 device.index or 0) else "masks and shifts"
+            result[key]["fp8_decode_arithmetic"] = "fp16 pairs" if warp.FP8_HALF2 else "fp32"
         if i == 0:
             ours = tokens
             result["engine_setup_s"] = setup_s

@@ -31,12 +31,21 @@ fp32 subnormals, which ``fastmath`` kernels flush to zero.
 On sm_89 (Ada) and newer GPUs the hardware converts e4m3 itself: ``cvt.rn.f16x2.e4m3x2`` widens two bytes to an
 fp16 pair in one instruction (:func:`e4m3x4_floats`: 6 instructions a word, against ~12 for the masks and shifts in
 the sm_90 machine code of the decode kernel).
-With the masks and shifts the decode kernel reached 55-80% of its floor on an H100 (bf16: 81-98%): its arithmetic,
-not memory, sets the pace there. ``kernels.paged_attention_warp.FP8_CVT`` switches to the hardware's conversion
-on sm_89+ (off until it is timed on a GPU); the masks and shifts serve every GPU and the simulator's checks.
+With the masks and shifts the decode kernel reached 54-80% of its floor on an H100 (bf16: 81-98%): its arithmetic,
+not memory, sets the pace there. ``kernels.paged_attention_warp.FP8_CVT`` takes the hardware's conversion on sm_89+
+(the default); the masks and shifts serve older GPUs and the simulator's checks.
 
-In numba's CUDA simulator (a CPU), :func:`f16x2_floats` and :func:`e4m3x4_floats` are numpy / PyTorch stand-ins;
-the rest is the same code.
+**Arithmetic in fp16 pairs** (:func:`e4m3x4_halves`, :func:`e4m3x4_halves_over256`, :func:`hfma2`): an fp16 pair
+fits a 32-bit register, and ``fma.rn.f16x2`` multiplies and adds both halves in one instruction. The decode kernel
+keeps the widened bytes as pairs and multiplies them against fp16 pairs of the queries (then of the softmax
+weights), going back to fp32 once per token's score and once per trip's weighted values: in the sm_90 code, as
+many instructions per byte read as the bf16 kernel (the hardware conversion with fp32 arithmetic: 1.2x as many;
+masks and shifts: 1.35x). fp16 keeps 11 mantissa bits, more than e4m3's 4, so the values lose nothing; the sums
+of a few products in fp16 cost ~1e-3 of the output (fp32: ~1e-4). On the H100 this reached 79-91% of the floor
+at batch >= 32 (``bench/results/17_fp8_decode_variants_cuda.json``); ``FP8_HALF2`` switches it.
+
+In numba's CUDA simulator (a CPU), the intrinsics (:func:`f16x2_floats`, :func:`e4m3x4_floats`, :func:`hfma2`,
+...) are numpy / PyTorch stand-ins; the rest is the same code.
 ``tests/test_17_fp8_kv.py`` checks both directions against PyTorch's own ``float8_e4m3fn`` conversions.
 """
 

@@ -34,7 +34,9 @@ from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf1
 from kernels._reduce import group_reduce_sum
 from kernels.basics import WARP
 
-MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words
+MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words. Fewer (1 or 2: more threads per row,
+#   56-76 registers, the weight loaded with the row) measured slower on the H100 at 4k and 16k tokens, up to 1.5x
+#   for QK-norm at 1 chunk (bench/results/h100/03_rmsnorm_chunks.json)
 CHUNKS_BF16 = 4  # bf16 rows: chunks per thread of the kernels the launcher takes (1, 2 or 4; read at call time).
 #   Fewer chunks: more threads per row and fewer registers each (more warps per SM), the weight loaded with the row
 

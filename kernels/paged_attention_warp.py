@@ -65,8 +65,10 @@ SPLIT_RULE = "waves"  # how a small grid is split: "waves" = into at most one fu
 FP8_CVT = True  # an fp8 pool on sm_89+: widen its bytes with the hardware's conversion rather than masks and
 #   shifts. Measured on the H200: 8-11% faster on every case of batch >= 8 (the workload's mixed batch 138 against
 #   152 us), within 2% at batch 1; its GPU test passed there
-FP8_HALF2 = False  # an fp8 pool: multiply-add the widened values as fp16 pairs (two per instruction, no widening
-#   to fp32); each token's score and each trip's weighted values go back to fp32. Off until timed on a GPU
+FP8_HALF2 = True  # an fp8 pool: multiply-add the widened values as fp16 pairs (two per instruction, no widening
+#   to fp32); each token's score and each trip's weighted values go back to fp32. Measured on the H100 with the
+#   hardware conversion: 4-10% faster than fp32 arithmetic on every case (the workload's mixed batch: 128 against
+#   141 us; batch >= 32 x 8k: 90-91% of the fp8 floor), error against the reference 1e-3 (fp32: 6e-5)
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 

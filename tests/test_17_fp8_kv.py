@@ -138,24 +138,28 @@ def test_fp8_decode_matches_reference_in_the_simulator(q_heads, kv_heads, dim):
     """16 e4m3 values per lane (twice the tokens per warp of bf16); values spread over subnormals to ~100."""
     q, cache, tables, lens = _fp8_case(2, q_heads, kv_heads, dim, max_len=21, seed=dim, block_size=4, spread=8.0)
     lens[0] = 1  # one token: a single lane group of one warp sees it
-    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2)
+    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2, fp8_half2=False)
     torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
 
 
 def test_fp8_decode_by_the_hardware_conversion_in_the_simulator():
     """The sm_89+ variant (``cvt.rn.f16x2.e4m3x2``; a PyTorch stand-in here): true values, no factor of 256."""
     q, cache, tables, lens = _fp8_case(2, 2, 1, 128, max_len=21, seed=4, block_size=4, spread=8.0)
-    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2, fp8_cvt=True)
+    got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2, fp8_cvt=True, fp8_half2=False)
     torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("cvt", [False, True])
 @pytest.mark.parametrize("q_heads,kv_heads,dim", [(2, 1, 128), (3, 1, 64)])
 def test_fp8_decode_in_fp16_pairs_in_the_simulator(cvt, q_heads, kv_heads, dim):
-    """``fp8_half2``: scores and a trip's weighted values multiply-added as fp16 pairs, both widenings."""
+    """``fp8_half2`` (the default): scores and a trip's weighted values multiply-added as fp16 pairs, both
+    widenings. fp16 sums keep ~11 bits: the error is measured against the largest value, |V| up to ~30 here
+    (observed: 0.2-0.45% of it, against 0.01% for fp32 arithmetic)."""
     q, cache, tables, lens = _fp8_case(2, q_heads, kv_heads, dim, max_len=21, seed=dim + 1, block_size=4, spread=8.0)
     got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=2, fp8_cvt=cvt, fp8_half2=True)
-    torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=2e-2, rtol=2e-2)
+    want = paged_attention_ref(q, cache, tables, lens).float()
+    vmax = cache[:, 1].float().abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 8e-3 * vmax
 
 
 def test_fp8_decode_split_k_in_the_simulator():
