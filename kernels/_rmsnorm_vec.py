@@ -37,8 +37,6 @@ from kernels.basics import WARP
 MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words. Fewer (1 or 2: more threads per row,
 #   56-76 registers, the weight loaded with the row) measured slower on the H100 at 4k and 16k tokens, up to 1.5x
 #   for QK-norm at 1 chunk (bench/results/h100/03_rmsnorm_chunks.json)
-CHUNKS_BF16 = 4  # bf16 rows: chunks per thread of the kernels the launcher takes (1, 2 or 4; read at call time).
-#   Fewer chunks: more threads per row and fewer registers each (more warps per SM), the weight loaded with the row
 
 
 # ----------------------------------------------------------------------------- words <-> fp32 values
@@ -91,11 +89,8 @@ def pack_f32x4(vals, w, at):
 
 # ----------------------------------------------------------------------------- kernels
 def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_CHUNKS):
-    """The RMSNorm and fused add+RMSNorm kernels for one dtype (``per_chunk`` values in 16 bytes), each thread
-    holding up to ``max_chunks`` chunks of a row. At 1 or 2 chunks the weight is loaded with the row (its
-    registers are few), so its latency overlaps the row's instead of following the reduction."""
+    """The RMSNorm and fused add+RMSNorm kernels for one dtype (``per_chunk`` values in 16 bytes)."""
     n_words = 4 * max_chunks
-    early = max_chunks <= 2
 
     @cuda.jit(device=True, inline=True)
     def load_row(src, valid, lane, group, w):
@@ -143,12 +138,9 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         while first < rows:  # the same trip count for every thread of the block (shuffles, barriers)
             row = first + cuda.threadIdx.x // group
             load_row(x[min(row, rows - 1)], row < rows, lane, group, w)
-            if early:
-                load_row(weight, True, lane, group, wt)
             acc = sum_squares(w, vals, chunks, lane, group) if row < rows else numba.float32(0.0)
             total = group_reduce_sum(acc, group, partials)
-            if not early:
-                load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
+            load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
             inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
             scale_store(w, wt, vals, wvals, inv_rms, out, row, row < rows, lane, group)
             first += cuda.gridDim.x * per_block
@@ -171,8 +163,6 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
             valid = row < rows
             load_row(x[min(row, rows - 1)], valid, lane, group, w)  # min: a valid view even past the last row
             load_row(residual[min(row, rows - 1)], valid, lane, group, r)
-            if early:
-                load_row(weight, True, lane, group, wt)
             for k in range(max_chunks):  # residual <- x + residual, rounded to the dtype
                 j = lane + k * group
                 if valid and j < chunks:
@@ -184,23 +174,19 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
                     store_words(residual[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
             acc = sum_squares(w, vals, chunks, lane, group) if valid else numba.float32(0.0)
             total = group_reduce_sum(acc, group, partials)
-            if not early:
-                load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
+            load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
             inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
             scale_store(w, wt, vals, wvals, inv_rms, x, row, valid, lane, group)
             first += cuda.gridDim.x * per_block
 
-    tag = name if max_chunks == MAX_CHUNKS else f"{name}_c{max_chunks}"
-    rms_norm_vec.__name__ = rms_norm_vec.__qualname__ = f"rms_norm_{tag}_kernel"
-    fused_add_rms_norm_vec.__name__ = fused_add_rms_norm_vec.__qualname__ = f"fused_add_rms_norm_{tag}_kernel"
+    rms_norm_vec.__name__ = rms_norm_vec.__qualname__ = f"rms_norm_{name}_kernel"
+    fused_add_rms_norm_vec.__name__ = fused_add_rms_norm_vec.__qualname__ = f"fused_add_rms_norm_{name}_kernel"
     return cuda.jit(rms_norm_vec), cuda.jit(fused_add_rms_norm_vec)
 
 
 rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8, 8, "bf16")
 rms_norm_f16_kernel, fused_add_rms_norm_f16_kernel = make_kernels(unpack_f16, pack_f16x8, 8, "f16")
 rms_norm_f32_kernel, fused_add_rms_norm_f32_kernel = make_kernels(unpack_f32, pack_f32x4, 4, "f32")
-BF16_BY_CHUNKS = {4: (rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel),
-                  **{c: make_kernels(unpack_bf16, pack_bf16x8, 8, "bf16", c) for c in (1, 2)}}
 NORM_KERNELS = {torch.bfloat16: rms_norm_bf16_kernel, torch.float16: rms_norm_f16_kernel,
                 torch.float32: rms_norm_f32_kernel}
 FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: fused_add_rms_norm_f16_kernel,
@@ -211,14 +197,5 @@ SIGNATURES = {
     **{f: ["void(int32[::1], int64, float32[::1])"] for f in (unpack_bf16, unpack_f16, unpack_f32)},
     **{f: ["void(float32[::1], int32[::1], int64)"] for f in (pack_bf16x8, pack_f16x8, pack_f32x4)},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32, int64)"]
-       for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values(), *BF16_BY_CHUNKS[1], *BF16_BY_CHUNKS[2])},
+       for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
 }
-
-
-def kernel_and_chunks(fused: bool, dtype: torch.dtype, row_chunks: int, max_group: int) -> tuple:
-    """The 16-byte kernel the launcher takes for rows of ``row_chunks`` chunks of ``dtype``, and its chunks per
-    thread: bf16 ``CHUNKS_BF16``, or more where groups of ``max_group`` threads would not cover a row."""
-    if dtype == torch.bfloat16:
-        chunks = next(c for c in (1, 2, MAX_CHUNKS) if c >= CHUNKS_BF16 and c * max_group >= row_chunks)
-        return BF16_BY_CHUNKS[chunks][int(fused)], chunks
-    return (FUSED_KERNELS if fused else NORM_KERNELS)[dtype], MAX_CHUNKS

@@ -158,21 +158,22 @@ def _check(x: torch.Tensor, weight: torch.Tensor, vectorized: bool | None, name:
     return fits if vectorized is None else bool(vectorized)
 
 
-def _run(fused: bool, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool,
-         where: str) -> None:
-    """Launch the kernel, ``kernel(a, b, weight, eps, group)``, on (rows, width) views, or (rows, chunks)
-    complex128 views."""
+def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
+    if not vec:
+        return fused_add_rms_norm_kernel if fused else rms_norm_kernel
+    return (_rmsnorm_vec.FUSED_KERNELS if fused else _rmsnorm_vec.NORM_KERNELS)[dtype]
+
+
+def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str) -> None:
+    """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views."""
     width = weight.numel()
     rows = a.numel() // width
     if rows == 0:
         return
     a, b = a.view(rows, width), b.view(rows, width)
-    kernel, chunks = fused_add_rms_norm_kernel if fused else rms_norm_kernel, None
     if vec:
-        kernel, chunks = _rmsnorm_vec.kernel_and_chunks(fused, a.dtype, width * a.element_size() // 16,
-                                                        VEC_MAX_GROUP)
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
-    group, block, blocks = launch_config(a.shape[1], rows, where, chunks)
+    group, block, blocks = launch_config(a.shape[1], rows, where, _rmsnorm_vec.MAX_CHUNKS if vec else None)
     launch(kernel, blocks, block, a, b, weight, numba.float32(eps), group, backend=where)
 
 
@@ -188,7 +189,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: t
     where = resolve_backend(backend, x, weight, out)
     if where == "torch":
         return out.copy_(rms_norm_ref(x, weight, eps))
-    _run(False, x, out, weight, eps, vec, where)
+    _run(_kernel(False, x.dtype, vec), x, out, weight, eps, vec, where)
     return out
 
 
@@ -201,7 +202,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         out, new_residual = fused_add_rms_norm_ref(x, residual, weight, eps)
         residual.copy_(new_residual)
         return x.copy_(out), residual
-    _run(True, x, residual, weight, eps, vec, where)
+    _run(_kernel(True, x.dtype, vec), x, residual, weight, eps, vec, where)
     return x, residual
 
 

@@ -227,27 +227,3 @@ def test_gpu_rms_norm_is_captured_by_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     _assert_close(out, key(r, w), torch.bfloat16)
-
-
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_bf16_kernels_with_fewer_chunks_per_thread_match_the_reference(monkeypatch, chunks):
-    """``CHUNKS_BF16`` 1 or 2: more threads per row (one to two 16-byte chunks each), the weight loaded with the
-    row."""
-    monkeypatch.setattr(_rmsnorm_vec, "CHUNKS_BF16", chunks)
-    for width in (64, 128):
-        x, r, w = _inputs((3, width), torch.bfloat16)
-        _assert_close(rmsnorm.rms_norm(x, w, EPS, vectorized=True), key(x, w), torch.bfloat16)
-        gx, gr = rmsnorm.fused_add_rms_norm(x.clone(), r.clone(), w, EPS, vectorized=True)
-        want_x, want_r = key_fused(x, r, w)
-        _assert_close(gx, want_x, torch.bfloat16)
-        _assert_close(gr, want_r, torch.bfloat16)
-
-
-def test_rows_too_wide_for_fewer_chunks_take_more(monkeypatch):
-    """Groups are at most VEC_MAX_GROUP threads: a row of more chunks than that needs more chunks per thread."""
-    monkeypatch.setattr(_rmsnorm_vec, "CHUNKS_BF16", 1)
-    pick = _rmsnorm_vec.kernel_and_chunks
-    assert pick(False, torch.bfloat16, 128, 256)[1] == 1  # Qwen3-0.6B's 1,024-wide rows
-    assert pick(False, torch.bfloat16, 512, 256)[1] == 2  # 4,096 wide
-    assert pick(True, torch.bfloat16, 1024, 256) == (_rmsnorm_vec.fused_add_rms_norm_bf16_kernel, 4)
-    assert pick(False, torch.float32, 16, 256) == (_rmsnorm_vec.rms_norm_f32_kernel, _rmsnorm_vec.MAX_CHUNKS)
