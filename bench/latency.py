@@ -16,8 +16,9 @@ token ids (and prefix caching off, so nothing is served from the cache):
 On a GPU both run in five engines: the default (a CUDA graph per decode batch size, piecewise graphs for
 prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps launched op by op),
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
-default with the linear layers of steps up to 8 tokens on ``kernels.gemv`` instead of cuBLAS
-(``kernels.gemv.ENGINE_MAX_TOKENS``, 0 by default). On a CPU there are no graphs: the eager engine only.
+default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
+(``kernels.gemv.ENGINE_MAX_TOKENS``, 8 by default: "cuda_graphs_cublas" sets 0). On a CPU there are no graphs: the
+eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -84,14 +85,16 @@ def run(args: argparse.Namespace) -> dict:
                     "threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "output_len": args.output_len,
                     "ttft_prompt_len": args.ttft_len, "repeats": args.repeats, "engine": options}
     # each mode's engine options; on a GPU also graphs with the overlapped loop
-    modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              "cuda_graphs_async": {"async_scheduling": True}, "cuda_graphs_gemv": {}} if device.type == "cuda" else
-             {"eager": {"enforce_eager": True}})
     import kernels.gemv
 
     default_gemv = kernels.gemv.ENGINE_MAX_TOKENS
+    other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
+    modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
+              "cuda_graphs_async": {"async_scheduling": True}, other: {}} if device.type == "cuda" else
+             {"eager": {"enforce_eager": True}})
+    gemv_tokens = {"cuda_graphs_gemv": 8, "cuda_graphs_cublas": 0}
     for mode, mode_options in modes.items():
-        kernels.gemv.ENGINE_MAX_TOKENS = 8 if mode.endswith("_gemv") else default_gemv  # before graph capture
+        kernels.gemv.ENGINE_MAX_TOKENS = gemv_tokens.get(mode, default_gemv)  # before graph capture
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
@@ -106,8 +109,11 @@ def run(args: argparse.Namespace) -> dict:
                                                / result["cuda_graphs"]["decode_ms_per_token"], 2)
         result["piecewise_speedup_ttft"] = round(result["decode_graphs_only"]["ttft_ms"]
                                                  / result["cuda_graphs"]["ttft_ms"], 2)
-        result["gemv_speedup_decode"] = round(result["cuda_graphs"]["decode_ms_per_token"]
-                                              / result["cuda_graphs_gemv"]["decode_ms_per_token"], 3)
+        gemv, cublas = (("cuda_graphs_gemv", "cuda_graphs") if "cuda_graphs_gemv" in result
+                        else ("cuda_graphs", "cuda_graphs_cublas"))
+        result["gemv_speedup_decode"] = round(result[cublas]["decode_ms_per_token"]
+                                              / result[gemv]["decode_ms_per_token"], 3)
+        result["engine_gemv_max_tokens"] = default_gemv
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -130,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
-    for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv"):
+    for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv",
+                 "cuda_graphs_cublas"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

@@ -18,9 +18,8 @@ design, with nothing else to do:
 
 Limits: bf16, ``K % 8 == 0``, K <= 8,192 (``CPL`` <= 32), 1 to ``MAX_TOKENS`` rows of x, contiguous tensors
 16-byte aligned. The model's linear layers (``minivllm.model.layers.linear``) send a GPU step of up to
-``ENGINE_MAX_TOKENS`` tokens here: 0 -- none, cuBLAS for all -- until a GPU run measures this kernel faster
-(``python -m kernels.gemv`` times both at Qwen3-0.6B's shapes; ``python -m bench.latency`` runs an engine with
-it beside the default). Checked against ``F.linear`` in numba's CUDA simulator (``tests/test_17_gemv.py``) and
+``ENGINE_MAX_TOKENS`` tokens here (0: none, cuBLAS for all; ``python -m kernels.gemv`` times both at Qwen3-0.6B's
+shapes; ``python -m bench.latency`` runs an engine with cuBLAS beside the default). Checked against ``F.linear`` in numba's CUDA simulator (``tests/test_17_gemv.py``) and
 compiled for every supported GPU (``kernels._ptx``).
 """
 
@@ -37,10 +36,10 @@ from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words
 MAX_TOKENS = 8  # rows of x per call: each lane keeps one fp32 sum per token
 MAX_CPL = 32  # chunks per lane: K up to 32 x 32 x 8 = 8,192 bf16
 WARPS = 4  # warps per block
-ENGINE_MAX_TOKENS = 0  # the model's linear layers use this kernel for steps of up to this many tokens (0: never).
-#   Measured on an H100: alone, 1.1-1.3x cuBLAS at 1 token on Qwen3-0.6B's four projections, slower from 4
-#   tokens (bench/results/h100/17_gemv_cuda.json); in the engine, batch-1 decode 1.754 ms/token against
-#   1.756 with cuBLAS (h100/12_latency_cuda.json): no gain, so off
+ENGINE_MAX_TOKENS = 8  # the model's linear layers use this kernel for steps of up to this many tokens (0: never).
+#   Measured in the engine, batch-1 decode: on the H200 1.50 ms/token against 1.77 with cuBLAS (every one of 5
+#   runs; bench/results/12_latency_cuda.json); on an H100 1.754 against 1.756 (h100/12_latency_cuda.json).
+#   Alone on the H100: 1.1-1.3x cuBLAS at 1 token on Qwen3-0.6B's four projections (h100/17_gemv_cuda.json)
 FULL_MASK = 0xFFFFFFFF
 
 
