@@ -131,17 +131,14 @@ def test_rounding_error_plot_puts_fp8_far_above_bf16():
     assert fp8[ok][0] > 0.5  # the smallest values (~1e-4, below e4m3's 2^-9) are mostly lost
 
 
-def test_fp8_decode_plot_draws_both_pools_times():
-    result = {"cases": [{"name": "b32_ctx2048"}, {"name": "graph_b1_ctx300"}], "defaults": {"warps": 8, "unroll": 4},
-              "settings": {"w8_u4": {"us": {"b32_ctx2048": 100.0, "graph_b1_ctx300": 9.0},
-                                     "floor_fraction": {"b32_ctx2048": 0.9, "graph_b1_ctx300": 0.2}}},
-              "fp8_cache": {"us": {"b32_ctx2048": 55.0, "graph_b1_ctx300": 8.0},
-                            "floor_fraction": {"b32_ctx2048": 0.82, "graph_b1_ctx300": 0.11}}}
-    ax = paged_plots.fp8_decode(result).axes[0]
+def test_fp8_variants_plot_draws_each_builds_speed_over_bf16():
+    row = {"bf16": 100.0, "fp8_shift": 80.0, "fp8_cvt": 70.0, "fp8_h2": 64.0, "fp8_cvth2": 56.0, "floor_fp8_us": 49.0}
+    result = {"meta": {"gpus": {"h100": "NVIDIA H100"}}, "h100": {"b32_ctx2048": row, "graph_b1": {**row, "bf16": 7.0}}}
+    ax = paged_plots.fp8_variants(result).axes[0]
     heights = {}
     for bar in ax.patches:
-        heights.setdefault(bar.get_gid(), []).append(bar.get_height())
-    assert heights == {"bf16 cache": [100.0, 9.0], "fp8 (e4m3) cache": [55.0, 8.0]}
-    assert [t.get_text() for t in ax.texts] == ["90%", "20%", "82%", "11%"]
-    with pytest.raises(ValueError, match="fp8_cache"):
-        paged_plots.fp8_decode({**result, "fp8_cache": None})
+        heights.setdefault(bar.get_gid(), []).append(round(bar.get_height(), 3))
+    assert heights == {"fp8_shift": [1.25, 0.088], "fp8_cvt": [1.429, 0.1], "fp8_h2": [1.562, 0.109],
+                       "fp8_cvth2": [1.786, 0.125]}
+    assert [t.get_text() for t in ax.texts][:2] == ["88%", "88%"]  # 49 / 56 over each case's last bar
+    assert "NVIDIA H100" in ax.get_title()

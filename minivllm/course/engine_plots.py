@@ -252,7 +252,7 @@ def throughput(result: dict) -> Figure:
     ax.bar_label(bars, labels=[f"{v:,.0f} tok/s" + (note or "") for _, v, note in rows], padding=3, fontsize=9)
     ax.invert_yaxis()
     ax.set_xscale("log" if rows[0][1] / min(r[1] for r in rows) > 30 else "linear")
-    ax.set_xlim(right=max(r[1] for r in rows) * (8 if ax.get_xscale() == "log" else 1.6))
+    ax.set_xlim(right=max(r[1] for r in rows) * (40 if ax.get_xscale() == "log" else 1.6))  # room for the labels
     if ax.get_xscale() == "linear":
         ax.set_xlim(left=0)
     w = result["workload"]

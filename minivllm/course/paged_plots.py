@@ -292,33 +292,39 @@ def rounding_error(x, dtypes: Mapping[str, object], bins: int = 40) -> Figure:
     return fig
 
 
-def fp8_decode(result: dict) -> Figure:
-    """``bench/results/17_paged_decode_cuda.json``'s ``fp8_cache`` row drawn: per case, the time of the module's
-    setting on the bf16 pool and on an fp8 copy of it (half the bytes), with each one's fraction of its own floor
-    written above its bar."""
-    from minivllm.course.plots import provenance
+FP8_VARIANTS = (("fp8_shift", "masks and shifts, fp32 math"), ("fp8_cvt", "hardware conversion, fp32 math"),
+                ("fp8_h2", "masks and shifts, fp16 pairs"), ("fp8_cvth2", "hardware conversion, fp16 pairs"))
 
-    fp8 = result.get("fp8_cache")
-    if not fp8:
-        raise ValueError("the result has no fp8_cache row (python -m bench.paged_decode writes it)")
-    d = result["defaults"]
-    bf16 = result["settings"][f"w{d['warps']}_u{d['unroll']}"]
-    names = [c["name"] for c in result["cases"]]
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    for i, (label, row, color) in enumerate((("bf16 cache", bf16, "tab:purple"), ("fp8 (e4m3) cache", fp8,
-                                                                                   "tab:orange"))):
-        xs = [j - 0.2 + 0.4 * i for j in range(len(names))]
-        bars = ax.bar(xs, [row["us"][n] for n in names], 0.4, color=color, label=label, gid=label)
-        for bar, n in zip(bars, names):
-            ax.annotate(f"{row['floor_fraction'][n]:.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+
+def fp8_variants(result: dict, gpu: str = "h100") -> Figure:
+    """``bench/results/17_fp8_decode_variants_cuda.json`` drawn for one GPU: per case, each build of the fp8 decode
+    kernel's speed over the bf16 pool's (2x: every byte saved turned into time), with the fraction of the fp8
+    floor the last build reaches written above its bar."""
+    rows = result[gpu]
+    names = list(rows)
+    variants = [(key, label) for key, label in FP8_VARIANTS if key in rows[names[0]]]
+    fig, ax = plt.subplots(figsize=(11, 4.4))
+    width = 0.8 / len(variants)
+    colors = ("#F2B880", "#E08A3C", "#9DC3E6", "#2E75B6")
+    for i, (key, label) in enumerate(variants):
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(names))]
+        bars = ax.bar(xs, [rows[n]["bf16"] / rows[n][key] for n in names], width, color=colors[i % 4], label=label,
+                      gid=key)
+        if i == len(variants) - 1:
+            for bar, n in zip(bars, names):
+                ax.annotate(f"{rows[n]['floor_fp8_us'] / rows[n][key]:.0%}",
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                            fontsize=7)
+    ax.axhline(2.0, color="0.3", ls="--", lw=1)
+    ax.annotate("half the bytes: 2x", (len(names) - 0.5, 2.0), ha="right", va="bottom", fontsize=8, color="0.3")
+    ax.axhline(1.0, color="0.6", lw=0.8)
     ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("µs per call (one layer)")
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("paged decode attention, one layer: the bf16 pool against its fp8 copy (above each bar: the "
-                 f"fraction of that pool's floor)\nmeasured on {provenance(result.get('meta', {}))}", fontsize=9)
+    ax.set_ylabel("speed over the bf16 pool")
+    ax.set_ylim(0, 2.4)
+    ax.legend(fontsize=8, loc="lower left", ncols=2)
+    gpu_name = result.get("meta", {}).get("gpus", {}).get(gpu, gpu)
+    ax.set_title("paged decode attention, one layer: four builds of the fp8 kernel against the bf16 pool (above the "
+                 f"last: its fraction of the fp8 floor)\nmeasured on {gpu_name}", fontsize=9)
     fig.tight_layout()
     plt.close(fig)
     return fig
