@@ -38,7 +38,8 @@ MAX_CPL = 32  # chunks per lane: K up to 32 x 32 x 8 = 8,192 bf16
 WARPS = 4  # warps per block
 ENGINE_MAX_TOKENS = 8  # the model's linear layers use this kernel for steps of up to this many tokens (0: never).
 #   Measured in the engine, batch-1 decode: on the H200 1.50 ms/token against 1.77 with cuBLAS (every one of 5
-#   runs; bench/results/12_latency_cuda.json); on an H100 1.754 against 1.756 (h100/12_latency_cuda.json).
+#   runs; bench/results/12_latency_cuda.json); on an H100 1.66 against 2.04 (h100/12_latency_cuda.json; 1.754 against
+#   1.756 in an earlier run).
 #   Alone on the H100: 1.1-1.3x cuBLAS at 1 token on Qwen3-0.6B's four projections (h100/17_gemv_cuda.json)
 FULL_MASK = 0xFFFFFFFF
 
