@@ -82,6 +82,7 @@ class Resources:
     smem_bytes: int  # static shared memory per block (cuda.shared.array)
     sass: dict[str, int] | None = None  # opcode with modifiers -> count, SASS_FAMILIES only; None: no nvdisasm
     instructions: int | None = None  # SASS instructions, NOP padding left out; None: no nvdisasm
+    wide_loop: dict | None = None  # main_loop(): the largest loop with 16-byte global loads, None: none (or no nvdisasm)
 
 
 @dataclass(slots=True, frozen=True)
@@ -182,9 +183,36 @@ def nvdisasm() -> str | None:
     return next((str(p) for p in wheels if os.access(p, os.X_OK)), None) or shutil.which("nvdisasm")
 
 
-def sass_census(cubin: bytes) -> tuple[dict[str, int], int] | None:
-    """The cubin's SASS opcodes in ``SASS_FAMILIES`` (-> count) and its number of instructions; None without
-    ``nvdisasm``. Counts every function in the cubin: the kernel and what it calls (e.g. a slow-path sqrt)."""
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):", re.M)
+_SASS_CODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)([^\n]*)", re.M)
+
+
+def main_loop(sass: str) -> dict | None:
+    """The largest loop of a disassembly that issues 16-byte global loads (``LDG.E.128``): a backward branch to a
+    label and the instructions between them, NOPs left out. Returns its ``instructions``, its ``wide_loads`` and
+    ``per_8_wide_loads`` (instructions for every 8 of those loads: a decode kernel's cost per 128 bytes a lane
+    reads), or None when no loop has such loads. A static count: a branch inside the loop counts both ways."""
+    labels, code = {}, []
+    for line in sass.splitlines():
+        if (m := _SASS_LABEL.match(line)) is not None:
+            labels[m[1]] = len(code)
+        elif (m := _SASS_CODE.match(line)) is not None and m[1] != "NOP":
+            code.append((m[1], m[2]))
+    best = None
+    for i, (op, rest) in enumerate(code):
+        target = re.search(r"(\.L_x_\d+)", rest) if op.startswith("BRA") else None
+        if target and labels.get(target[1], i + 1) <= i:
+            body = code[labels[target[1]]: i + 1]
+            wide = sum(o.startswith("LDG.E.128") for o, _ in body)
+            if wide and (best is None or len(body) > best["instructions"]):
+                best = {"instructions": len(body), "wide_loads": wide, "per_8_wide_loads": round(8 * len(body) / wide)}
+    return best
+
+
+def sass_census(cubin: bytes) -> tuple[dict[str, int], int, dict | None] | None:
+    """The cubin's SASS opcodes in ``SASS_FAMILIES`` (-> count), its number of instructions and its
+    :func:`main_loop`; None without ``nvdisasm``. Counts every function in the cubin: the kernel and what it calls
+    (e.g. a slow-path sqrt)."""
     tool = nvdisasm()
     if tool is None:
         return None
@@ -194,7 +222,8 @@ def sass_census(cubin: bytes) -> tuple[dict[str, int], int] | None:
         sass = subprocess.run([tool, "--print-code", "--no-dataflow", str(path)], capture_output=True, text=True,
                               check=True).stdout  # --no-dataflow: the same code, started in 0.4 s instead of 0.55
     opcodes = [op for op in _SASS_LINE.findall(sass) if op != "NOP"]
-    return dict(sorted(Counter(op for op in opcodes if op.split(".")[0] in SASS_FAMILIES).items())), len(opcodes)
+    census = dict(sorted(Counter(op for op in opcodes if op.split(".")[0] in SASS_FAMILIES).items()))
+    return census, len(opcodes), main_loop(sass)
 
 
 def resources(log: str, entry: str) -> Resources:
@@ -279,8 +308,8 @@ class _Builder:
         out = []
         for c in done:
             census = next(censuses).result() if c.resources else None
-            out.append(replace(c, resources=replace(c.resources, sass=census[0], instructions=census[1])) if census
-                       else c)
+            out.append(replace(c, resources=replace(c.resources, sass=census[0], instructions=census[1],
+                                                    wide_loop=census[2])) if census else c)
         return out
 
     def build(self, disp, sig) -> list[tuple[tuple[int, int], int, int | None, str | None]]:

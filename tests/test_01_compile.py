@@ -202,3 +202,35 @@ def test_kernel_copies_tiles_asynchronously(census, prefix):
     for k in _kernels(census, prefix):
         sass = k["resources"]["sass"]
         assert _count(sass, "LDGSTS", "128") > 0 and _count(sass, "LDSM") > 0, (k["signature"], sass)
+
+
+def test_main_loop_is_the_largest_loop_with_16_byte_loads():
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0020*/              @!P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0050*/                   FFMA R3, R4, R5, R3 ;
+        /*0060*/                   NOP ;
+        /*0070*/               @P1 BRA `(.L_x_1) ;
+        /*0080*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0090*/                   EXIT ;
+"""
+    assert ptx.main_loop(sass) == {"instructions": 4, "wide_loads": 2, "per_8_wide_loads": 16}
+    assert ptx.main_loop(sass.replace("LDG.E.128", "LDG.E")) is None  # no 16-byte loads: no main loop
+
+
+def test_fp8_decode_in_fp16_pairs_costs_what_the_bf16_kernel_does_per_byte(census):
+    """Per 8 of its 16-byte loads (128 bytes a lane), the fp8 decode kernel's main loop: masks and shifts with fp32
+    arithmetic cost ~1.35x the bf16 kernel's instructions; the hardware conversion with fp16 pairs, the default on
+    sm_89+, about the same as bf16 (the cost that kept the fp8 kernel from its floor)."""
+    def per_byte(prefix):
+        return next(k for k in _kernels(census, prefix) if "_g2_d128_" in k["kernel"])["resources"]["wide_loop"][
+            "per_8_wide_loads"]
+
+    bf16, shift, pairs = (per_byte(p) for p in ("paged_decode16_g2", "paged_decode16_fp8_g2", "paged_decode16_fp8cvth2"))
+    assert shift > 1.2 * bf16 and pairs <= 1.05 * bf16, (bf16, shift, pairs)
