@@ -17,11 +17,20 @@ head's block also stores it, and its value head, into the cache. On a GPU this t
 The roundings are the unfused kernels' (``kernels.rmsnorm`` then ``kernels.rope``): the norm's fp32 result is
 rounded to the dtype (written, read back), then RoPE's fp32 result is rounded once more.
 
+A second kernel takes a **warp per (token, head)** (``warp=True``, ``WARP_PER_HEAD``; head sizes 64, 128, 256):
+each lane holds 1-4 pairs in registers, the norm's sum is reduced by shuffles alone, and a 128-thread block
+holds four heads. At prefill sizes the block kernel is latency-bound: on the H200 it took 0.21 ms a layer for
+8,165 tokens, ~7x the time its bytes need (``bench/results/17_step_breakdown_cuda.json``, the mixed step's
+profile), one 64-thread block per head waiting on a block-wide reduction. The warp kernel is checked against the
+block kernel and the references in the simulator; it stays off until a GPU times it (``python -m
+kernels.qkv_prep`` prints both).
+
 Limits: ``d / 2`` a power of two up to 1024 (head sizes 64, 128, 256); q, k and v heads in qkv's column order
 (q's heads, then k's, then v's: ``Qwen3Attention``'s split); positions outside the RoPE table give NaN (no GPU
 sync to check), slots are not checked on the GPU. ``python -m kernels.qkv_prep`` checks it against the reference.
 """
 
+import functools
 import math
 
 import numba
@@ -33,7 +42,7 @@ from kernels._checks import FLOAT_DTYPES, FP8, check_tensor
 from kernels._fp8 import e4m3_byte
 from kernels._launch import launch, resolve_backend
 from kernels._reduce import group_reduce_sum
-from kernels.basics import WARP
+from kernels.basics import WARP, warp_reduce_sum
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rope import apply_rope_ref, check_positions
 from kernels.store_kv import store_kv_ref
@@ -120,6 +129,81 @@ def _build(fp8: bool):
 
 qkv_prep_kernel, qkv_prep_fp8_kernel = _build(False), _build(True)
 
+WARP_PER_HEAD = False  # take the warp-per-head kernel (below) where it fits; off until it is timed on a GPU
+HEADS_PER_BLOCK = 4  # the warp-per-head kernel's warps per block (128 threads), each on its own (token, head)
+
+
+@functools.cache
+def _build_warp(fp8: bool, pairs: int):
+    """A warp per (token, head), ``pairs`` pairs ``(i, i + d/2)`` per lane (``d = 64 * pairs``): the norm's sum is
+    reduced by shuffles alone (no shared memory, no barrier), and a block holds ``HEADS_PER_BLOCK`` heads, so
+    a GPU keeps many more heads in flight than with one 64-thread block per head and a block-wide reduction.
+    The lane's values stay in registers between the norm and RoPE; the roundings are the block kernel's."""
+
+    def qkv_prep_warp_kernel(qkv, q_out, k_out, q_weight, k_weight, eps, norm, positions, cos_sin, kv_cache,
+                             slot_mapping):
+        # the block kernel's arguments; blockDim.x a multiple of 32, d == 64 * pairs
+        a = cuda.local.array(pairs, numba.float32)  # the lane's first halves of its pairs, then its second
+        b = cuda.local.array(pairs, numba.float32)
+        q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
+        half = d // 2
+        heads = q_heads + kv_heads
+        lane = cuda.threadIdx.x % WARP
+        warps = cuda.blockDim.x // WARP
+        item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+        while item < positions.size * heads:  # a warp's own loop: shuffles within the warp only
+            t, h = item // heads, item % heads
+            is_q = h < q_heads
+            out = q_out if is_q else k_out
+            head = h if is_q else h - q_heads
+            col = h * d
+            total = numba.float32(0.0)
+            for j in range(pairs):  # unrolled: a and b are indexed by constants, so they are registers
+                i = lane + WARP * j
+                a[j], b[j] = numba.float32(qkv[t, col + i]), numba.float32(qkv[t, col + i + half])
+                total += a[j] * a[j] + b[j] * b[j]
+            if norm:
+                inv_rms = numba.float32(1.0) / math.sqrt(warp_reduce_sum(total) / numba.float32(d) + eps)
+                w = q_weight if is_q else k_weight
+                for j in range(pairs):
+                    i = lane + WARP * j
+                    out[t, head, i] = (a[j] * inv_rms) * numba.float32(w[i])
+                    out[t, head, i + half] = (b[j] * inv_rms) * numba.float32(w[i + half])
+                    a[j], b[j] = numba.float32(out[t, head, i]), numba.float32(out[t, head, i + half])  # rounded
+            p = positions[t]
+            inside = 0 <= p < cos_sin.shape[0]
+            for j in range(pairs):
+                i = lane + WARP * j
+                if inside:
+                    cos, sin = cos_sin[p, i], cos_sin[p, i + half]
+                else:  # outside the table: NaN, as the block kernel
+                    cos = sin = numba.float32(np.nan)
+                out[t, head, i] = a[j] * cos - b[j] * sin
+                out[t, head, i + half] = b[j] * cos + a[j] * sin
+            if not is_q:
+                slot = slot_mapping[t]
+                if slot >= 0:
+                    block, offset = slot // kv_cache.shape[2], slot % kv_cache.shape[2]
+                    v_col = (q_heads + kv_heads) * d + head * d
+                    for j in range(pairs):
+                        for i in (lane + WARP * j, lane + WARP * j + half):
+                            if fp8:
+                                kv_cache[block, 0, offset, head, i] = e4m3_byte(out[t, head, i])
+                                kv_cache[block, 1, offset, head, i] = e4m3_byte(qkv[t, v_col + i])
+                            else:
+                                kv_cache[block, 0, offset, head, i] = out[t, head, i]
+                                kv_cache[block, 1, offset, head, i] = qkv[t, v_col + i]
+            item += cuda.gridDim.x * warps
+
+    name = f"qkv_prep_warp{'_fp8' if fp8 else ''}_p{pairs}_kernel"
+    qkv_prep_warp_kernel.__name__ = qkv_prep_warp_kernel.__qualname__ = name
+    return cuda.jit(qkv_prep_warp_kernel)
+
+
+def warp_supported(head_dim: int) -> bool:
+    """Whether the warp-per-head kernel takes this head size: 64, 128 or 256 (1, 2 or 4 pairs per lane)."""
+    return head_dim in (64, 128, 256)
+
 
 _TYPES = ("float32", "float16", "bfloat16")
 SIGNATURES = {
@@ -127,6 +211,9 @@ SIGNATURES = {
              f"int64[::1], float32[:, ::1], {c or t}[:, :, :, :, ::1], int64[::1])" for t in types]
     for kernel, c, types in ((qkv_prep_kernel, None, _TYPES), (qkv_prep_fp8_kernel, "uint8", ("bfloat16",)))
 }
+SIGNATURES.update({  # the warp-per-head kernels at the course's head sizes (SmolLM2 64, Qwen3 128)
+    _build_warp(fp8, pairs): [sig for sig in SIGNATURES[qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel]]
+    for fp8 in (False, True) for pairs in (1, 2)})
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -139,13 +226,14 @@ def supported(head_dim: int) -> bool:
 def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor, cos_sin: torch.Tensor,
              kv_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
              k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, max_blocks: int = 65535,
-             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             warp: bool | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """QK-norm (when weights are given), RoPE and the KV store in one launch.
 
     qkv: (tokens, (q_heads + 2 kv_heads) * d) contiguous; positions, slot_mapping: (tokens,) int64; cos_sin:
     (max_position, d) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, d). Returns q
     (tokens, q_heads, d) and k (tokens, kv_heads, d), new and contiguous, and v, a view of qkv; k and v are
-    stored at ``slot_mapping`` (-1: skipped)."""
+    stored at ``slot_mapping`` (-1: skipped). ``warp``: the warp-per-head kernel where the head size fits it
+    (:func:`warp_supported`); None: ``WARP_PER_HEAD``."""
     d = cos_sin.shape[1] if cos_sin.dim() == 2 else -1
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=2)
     tokens = qkv.shape[0]
@@ -174,10 +262,17 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
     if tokens:
         norm = q_weight is not None
         qw, kw = (q_weight, k_weight) if norm else (cos_sin.new_empty(d, dtype=qkv.dtype),) * 2
-        blocks = min(tokens * (q_heads + kv_heads), 4 if where == "simulator" else max_blocks)
         fp8 = kv_cache.dtype == FP8
-        launch(qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel, blocks, d // 2, qkv, q, k, qw, kw, numba.float32(eps),
-               norm, positions, cos_sin, kv_cache.view(torch.uint8) if fp8 else kv_cache, slot_mapping, backend=where)
+        items = tokens * (q_heads + kv_heads)
+        if (WARP_PER_HEAD if warp is None else warp) and warp_supported(d):
+            per_block = 1 if where == "simulator" else HEADS_PER_BLOCK
+            kernel, threads = _build_warp(fp8, d // 64), WARP * per_block
+            blocks = min(-(-items // per_block), 4 if where == "simulator" else max_blocks)
+        else:
+            kernel, threads = qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel, d // 2
+            blocks = min(items, 4 if where == "simulator" else max_blocks)
+        launch(kernel, blocks, threads, qkv, q, k, qw, kw, numba.float32(eps), norm, positions, cos_sin,
+               kv_cache.view(torch.uint8) if fp8 else kv_cache, slot_mapping, backend=where)
     return q, k, v
 
 
@@ -216,9 +311,15 @@ def _main() -> None:
             fused_us = graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots,
                                                    qw, kw)).median_us
             unfused_us = graph_time(unfused).median_us
+            warp_us = graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots,
+                                                  qw, kw, warp=True)).median_us
+            one = [x[:1] for x in (qkv, positions, slots)]  # a batch-1 decode step: 24 heads
+            one_us = [graph_time(lambda w=w: qkv_prep(one[0], q_heads, kv_heads, one[1], cos_sin, caches[1], one[2],
+                                                      qw, kw, warp=w)).median_us for w in (False, True)]
             moved = qkv.nbytes + 2 * (q_heads + 2 * kv_heads) * d * tokens * qkv.element_size()  # read + q, k, cache
             line += (f"  fused {fused_us:7.1f} us ({moved / fused_us / 1e3:5.0f} GB/s)  unfused kernels "
-                     f"{unfused_us:7.1f} us")
+                     f"{unfused_us:7.1f} us  warp per head {warp_us:7.1f} us | 1 token: block {one_us[0]:5.1f} us, "
+                     f"warp per head {one_us[1]:5.1f} us")
         print(line)
 
 

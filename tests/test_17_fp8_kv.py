@@ -226,6 +226,23 @@ def test_fused_qkv_prep_stores_e4m3_keys_and_values():
     torch.testing.assert_close(out[0], ref[0], atol=0, rtol=0)  # q is untouched by the cache's dtype
 
 
+def test_the_warp_per_head_qkv_prep_stores_e4m3_like_the_block_kernel():
+    from kernels.qkv_prep import qkv_prep
+    from kernels.rope import rope_cache
+
+    g = torch.Generator().manual_seed(3)
+    tokens, q_heads, kv_heads, d = 3, 2, 1, 64
+    cos_sin = rope_cache(d, 64, 1e6)
+    qkv = (3 * torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=g)).to(torch.bfloat16)
+    qw, kw = ((1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16) for _ in range(2))
+    positions, slots = torch.tensor([0, 17, 63]), torch.tensor([5, -1, 9])
+    warp, block = (torch.zeros(4, 2, 4, kv_heads, d, dtype=FP8) for _ in range(2))
+    qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, warp, slots, qw, kw, warp=True, backend="numba")
+    qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, block, slots, qw, kw, warp=False, backend="numba")
+    same = (warp.view(torch.uint8) == block.view(torch.uint8)).float().mean()
+    assert same > 0.99 and warp.float().abs().sum() > 0  # sums of squares in another order: a rare other rounding
+
+
 # ----------------------------------------------------------------------------- the engine
 def test_kv_cache_dtype_is_validated():
     from minivllm.config import EngineConfig

@@ -80,12 +80,13 @@ def test_fused_equals_the_three_steps(dtype, d, norm):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="a GPU: real shapes (the simulator takes tiny ones)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_on_real_shapes(dtype):
+@pytest.mark.parametrize("warp", [False, True])
+def test_fused_on_real_shapes(dtype, warp):
     q_heads, kv_heads, d = 16, 8, 128  # Qwen3-0.6B
     qkv, qw, kw, positions, cos_sin, cache, slots = case(dtype, d, q_heads, kv_heads, tokens=777, block_size=16)
     ref_cache, ker_cache = cache.clone(), cache.clone()
     want_q, want_k, _ = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, ref_cache, slots, qw, kw)
-    q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, qw, kw)
+    q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, qw, kw, warp=warp)
     ker_q, ker_k = unfused_kernels(qkv, q_heads, kv_heads, positions, cos_sin, ker_cache, slots, qw, kw)
     for got, want, ker in ((q, want_q, ker_q), (k, want_k, ker_k), (cache, ref_cache, ker_cache)):
         torch.testing.assert_close(got, want, **TOL[dtype])
@@ -142,3 +143,40 @@ def test_the_model_gives_the_same_logits_through_the_fused_path(arch, monkeypatc
             logits.append((model.compute_logits(model(ids, positions, meta)), torch.stack(list(cache.kv))))
     torch.testing.assert_close(logits[1][0], logits[0][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1][1], logits[0][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("norm", [True, False])
+def test_the_warp_per_head_kernel_equals_the_block_kernel(dtype, d, norm):
+    """``warp=True``: a warp per (token, head), the norm's sum by shuffles: the same values and cache as the block
+    kernel (the same roundings), and as the three references."""
+    q_heads, kv_heads = (4, 2) if d == 64 else (2, 1)
+    qkv, qw, kw, positions, cos_sin, cache, slots = case(dtype, d, q_heads, kv_heads, tokens=3, seed=d)
+    weights = (qw, kw) if norm else (None, None)
+    block_cache, ref_cache = cache.clone(), cache.clone()
+    want_q, want_k, _ = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, ref_cache, slots, *weights)
+    q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, *weights, warp=True,
+                       backend="numba")
+    bq, bk, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, block_cache, slots, *weights, warp=False,
+                         backend="numba")
+    torch.testing.assert_close(q, want_q, **TOL[dtype])
+    torch.testing.assert_close(k, want_k, **TOL[dtype])
+    torch.testing.assert_close(cache, ref_cache, **TOL[dtype])
+    for got, block in ((q, bq), (k, bk), (cache, block_cache)):  # the sum of squares in another order only
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, block, atol=1e-5, rtol=1e-5)
+        else:  # so nearly every value rounds to the very same bf16 value
+            assert (got == block).float().mean() > 0.97
+
+
+def test_the_warp_per_head_kernel_falls_back_where_the_head_size_does_not_fit():
+    from kernels.qkv_prep import warp_supported
+
+    assert [warp_supported(d) for d in (8, 32, 64, 96, 128, 256, 512)] == [False, False, True, False, True, True, False]
+    qkv, qw, kw, positions, cos_sin, cache, slots = case(torch.float32, 8)
+    ref_cache = cache.clone()
+    want_q, want_k, _ = qkv_prep_ref(qkv, 4, 2, positions, cos_sin, ref_cache, slots, qw, kw)
+    q, k, _ = qkv_prep(qkv, 4, 2, positions, cos_sin, cache, slots, qw, kw, warp=True, backend="numba")  # block kernel
+    torch.testing.assert_close(q, want_q, **TOL[torch.float32])
+    torch.testing.assert_close(cache, ref_cache, **TOL[torch.float32])
