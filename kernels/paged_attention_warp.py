@@ -69,8 +69,21 @@ FP8_HALF2 = True  # an fp8 pool: multiply-add the widened values as fp16 pairs (
 #   to fp32); each token's score and each trip's weighted values go back to fp32. Measured on the H100 with the
 #   hardware conversion: 4-10% faster than fp32 arithmetic on every case (the workload's mixed batch: 128 against
 #   141 us; batch >= 32 x 8k: 90-91% of the fp8 floor), error against the reference 1e-3 (fp32: 6e-5)
+FUSED_MERGE = False  # split-K steps merge in the kernel's last block instead of a second kernel (the 16-byte
+#   kernel; one launch fewer per layer at small decode batches). Off until it is timed on a GPU
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
+_COUNTERS: dict = {}  # device -> the fused merge's int32 counters, zero between launches (graphs replay them)
+
+
+def _counters(device: torch.device, seqs: int, kv_heads: int) -> torch.Tensor:
+    """The fused merge's counters for ``seqs`` x ``kv_heads`` blocks: one zeroed tensor per device, made once
+    (with room for 1,024 sequences, so that CUDA-graph capture, which must not allocate, finds it made)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.shape[0] < seqs or have.shape[1] < kv_heads:
+        have = torch.zeros(max(seqs, 1024), max(kv_heads, 8), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
 
 
 @cuda.jit(device=True, inline=True)
@@ -100,6 +113,37 @@ def _merge_states(sm_m, sm_l, sm_acc, states, group, dim, tid, threads, seq, kvh
             if d == 0:
                 max_logits[seq, h, split] = big
                 exp_sums[seq, h, split] = den
+
+
+@cuda.jit(device=True, inline=True)
+def _last_block_merges(counters, context_lens, tokens_per_split, num_splits, partial_out, max_logits, exp_sums, out,
+                       seq, kvh, group, dim, tid, threads, sm_last):
+    """Split-K without a merge kernel: called by every block after it wrote its split's partial result; the last
+    block of (``seq``, ``kvh``) to get here merges the splits that saw keys (as ``paged_attention_reduce_kernel``
+    does) and resets the counter."""
+    cuda.threadfence()  # this block's partial result is visible to every block before it counts itself done
+    cuda.syncthreads()
+    if tid == 0:
+        sm_last[0] = 1 if cuda.atomic.add(counters, (seq, kvh), 1) == num_splits - 1 else 0
+    cuda.syncthreads()
+    if sm_last[0] == 0:
+        return
+    cuda.threadfence()
+    used = (context_lens[seq] + tokens_per_split - 1) // tokens_per_split
+    for i in range(tid, group * dim, threads):
+        h, d = kvh * group + i // dim, i % dim
+        big = numba.float32(NEG_INF)
+        for s in range(used):
+            big = max(big, max_logits[seq, h, s])
+        num = numba.float32(0.0)
+        den = numba.float32(0.0)
+        for s in range(used):
+            e = exp_sums[seq, h, s] * math.exp(max_logits[seq, h, s] - big)
+            num += partial_out[seq, h, s, d] * e
+            den += e
+        out[seq, h, d] = num / den
+    if tid == 0:
+        counters[seq, kvh] = 0  # ready for the next launch (or graph replay)
 
 
 @functools.cache
@@ -185,7 +229,7 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
 
 @functools.cache
 def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False,
-              half2: bool = False):
+              half2: bool = False, fused: bool = False):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
@@ -205,7 +249,12 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     (``fma.rn.f16x2``) against fp16 pairs of the queries, then of the softmax weights. A token's score leaves
     fp16 after its lane's 16 products (the 256 goes on the score, not the queries, so fp16 cannot overflow); the
     weighted values of a trip (``unroll`` tokens) are added into the fp32 accumulators. Pairs pair bytes
-    (0, 2), (1, 3) for the masks and shifts, (0, 1), (2, 3) for the hardware conversion."""
+    (0, 2), (1, 3) for the masks and shifts, (0, 1), (2, 3) for the hardware conversion.
+
+    ``fused`` (split-K): no second kernel merges the splits. Each block writes its split's partial result, then
+    counts itself done on ``counters[seq, kv_head]`` (an atomic add, after a memory fence); the block that
+    finds every other split done merges them all into the output and sets the counter back to 0 (so a CUDA
+    graph can replay it). One launch instead of two, for the steps that split: small decode batches."""
     vpl = 16 if fp8 else 8  # values per lane per row: one 16-byte load
     lpr = dim // vpl  # lanes per row
     tpw = 32 // lpr  # tokens per warp per load instruction
@@ -222,11 +271,13 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     adj = 1 if cvt else 2  # the pair partner's offset within a word's 4 values: (0, 1) cvt, (0, 2) masks + shifts
 
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
-               tokens_per_split, num_splits):
+               tokens_per_split, num_splits, counters):
         # q: (seqs, q_heads, dim // 8) complex128; kv_cache: (blocks, 2, block_size, kv_heads, dim // lpr) complex128
+        # counters: (>= seqs, kv_heads) int32, zero between launches (``fused`` only; otherwise unused)
         sm_m = cuda.shared.array((slots, group), numba.float32)
         sm_l = cuda.shared.array((slots, group), numba.float32)
         sm_acc = cuda.shared.array((slots, group, dim), numba.float32)
+        sm_last = cuda.shared.array(1, numba.int32)
         qr = cuda.local.array(gd, numba.float32)
         acc = cuda.local.array(gd, numba.float32)
         kw = cuda.local.array(words, numba.int32)  # the chunk's K rows, still as bf16 pairs (or e4m3 quads)
@@ -401,8 +452,12 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         cuda.syncthreads()
         _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
+        if fused and num_splits > 1:
+            _last_block_merges(counters, context_lens, tokens_per_split, num_splits, partial_out, max_logits,
+                               exp_sums, out, seq, kvh, group, dim, tid, warps * 32, sm_last)
 
     kind = ("16_fp8cvt" if cvt else "16_fp8") + ("h2" if half2 else "") if fp8 else "16"
+    kind += "_fused" if fused else ""
     kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}"
     return cuda.jit(fastmath=True)(kernel)
 
@@ -414,6 +469,9 @@ SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_di
         f"float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)" for t in _TYPES]
     for group, dim in ((2, 128), (3, 64))
 }
+SIGNATURES[_last_block_merges] = [
+    "void(int32[:, ::1], int32[::1], int64, int64, float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
+    "bfloat16[:, :, ::1], int64, int64, int64, int64, int64, int64, int32[::1])"]
 SIGNATURES[_merge_states] = [
     f"void(float32[:, ::1], float32[:, ::1], float32[:, :, ::1], int64, int64, int64, int64, int64, int64, int64, "
     f"int64, int64, {t}[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1])" for t in _TYPES]
@@ -430,10 +488,13 @@ def fit_warps(group: int, dim: int, warps: int, fp8: bool) -> int:
 
 
 _SIG16 = ("void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, "
-          "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)")
+          "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64, "
+          "int32[:, ::1])")
 _VARIANTS = ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True))
 SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt, half2): [_SIG16]
                    for group, dim in ((2, 128), (3, 64)) for fp8, cvt, half2 in _VARIANTS})
+SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, False, fp8, True): [_SIG16]
+                   for group, dim in ((2, 128), (3, 64)) for fp8 in (False, True)})  # fused merge: bf16, fp8
 CVT_CC = (8, 9)  # cvt.rn.f16x2.e4m3x2: Ada and newer
 MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True, half2): CVT_CC
                for group, dim in ((2, 128), (3, 64)) for half2 in (False, True)}  # built for sm_89+ only
@@ -465,7 +526,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
                          warps: int | None = None, unroll: int | None = None, wide: bool = True,
                          fp8_cvt: bool | None = None, fp8_half2: bool | None = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         fused_merge: bool | None = None, backend: str = "auto") -> torch.Tensor:
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
@@ -476,7 +537,9 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     ``UNROLL`` for the 4-byte kernel), read at call time. An fp8 ``kv_cache`` (``torch.float8_e4m3fn``, e4m3
     bytes: ``kernels._fp8``) takes bf16 queries and the 16-byte kernel; ``wide`` does not apply to it. ``fp8_cvt``:
     widen its bytes by the hardware's conversion (sm_89+) or by masks and shifts; None: ``FP8_CVT`` where the GPU
-    has it. ``fp8_half2``: multiply-add the widened values as fp16 pairs; None: ``FP8_HALF2``.
+    has it. ``fp8_half2``: multiply-add the widened values as fp16 pairs; None: ``FP8_HALF2``. ``fused_merge``
+    (the 16-byte kernel): split-K partial results merged by the kernel's last block, not a second kernel; None:
+    ``FUSED_MERGE``.
     """
     _check(q, kv_cache, block_tables, context_lens, fp8=True)
     seqs, q_heads, dim = q.shape
@@ -494,10 +557,12 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         warps = fit_warps(q_heads // kv_heads, dim, WARPS if warps is None else warps, fp8)
         cvt = fp8 and (FP8_CVT and where == "gpu" and _has_cvt(q.device.index or 0) if fp8_cvt is None else fp8_cvt)
         half2 = fp8 and (FP8_HALF2 if fp8_half2 is None else fp8_half2)
-        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2)
+        fused = FUSED_MERGE if fused_merge is None else fused_merge
+        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2,
+                           fused)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
-        warps = WARPS_4B if warps is None else warps
+        warps, fused = WARPS_4B if warps is None else warps, None  # None: the 4-byte kernel (no counters argument)
         kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)
         q_in, kv_in = q, kv_cache
     if tokens_per_split is None and where == "gpu":
@@ -505,11 +570,18 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = longest if splits == 1 else tokens_per_split
     partial, m, l = split_buffers(q, splits)
-    launch(kernel, (seqs, kv_heads, splits), warps * 32, q_in, kv_in, block_tables, context_lens,
-           numba.float32(scale), out, partial, m, l, tokens_per_split, splits, backend=where)
-    if splits > 1:
+    args = (q_in, kv_in, block_tables, context_lens, numba.float32(scale), out, partial, m, l, tokens_per_split, splits)
+    if fused is not None:  # the 16-byte kernel takes the fused merge's counters (a placeholder when unused)
+        args += (_counters(q.device, seqs, kv_heads) if fused and splits > 1 else _NO_COUNTERS(q.device),)
+    launch(kernel, (seqs, kv_heads, splits), warps * 32, *args, backend=where)
+    if splits > 1 and not fused:
         merge_splits(partial, m, l, context_lens, tokens_per_split, out, where)
     return out
+
+
+@functools.cache
+def _NO_COUNTERS(device: torch.device) -> torch.Tensor:  # noqa: N802 -- a constant per device
+    return torch.zeros(1, 1, dtype=torch.int32, device=device)
 
 
 def _main() -> None:

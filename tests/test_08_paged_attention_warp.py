@@ -62,3 +62,44 @@ def test_wide_kernel_chunks_of_tokens_in_the_simulator(unroll, split):
     lens[0] = 1  # a single token: one lane group of one warp sees it
     got = paged_attention_warp(q, cache, tables, lens, warps=2, unroll=unroll, wide=True, tokens_per_split=split)
     torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_fused_merge_gives_the_two_kernels_result(fp8):
+    """``fused_merge=True``: split-K without a merge kernel, the last block of each (sequence, KV head) merging the
+    splits; the counters are back at zero afterwards, so a second launch (a graph replay) merges again."""
+    from kernels.paged_attention_warp import _COUNTERS
+
+    g = torch.Generator().manual_seed(7)
+    seqs, q_heads, kv_heads, dim, bs = 2, 2, 1, 64, 4
+    lens = torch.tensor([3, 13], dtype=torch.int32)  # 3 keys: splits past the end see none
+    tables = torch.randperm(12, generator=g)[:8].view(seqs, 4).to(torch.int32)
+    cache = torch.randn(12, 2, bs, kv_heads, dim, generator=g)
+    cache = cache.to(torch.float8_e4m3fn) if fp8 else cache.to(torch.bfloat16)
+    q = torch.randn(seqs, q_heads, dim, generator=g).to(torch.bfloat16)
+    want = paged_attention_warp(q, cache, tables, lens, warps=1, tokens_per_split=4, fused_merge=False)
+    for _ in range(2):  # the second launch finds the counters reset
+        got = paged_attention_warp(q, cache, tables, lens, warps=1, tokens_per_split=4, fused_merge=True)
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
+    torch.testing.assert_close(want.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU")
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_fused_merge_on_a_gpu_at_qwen3_shapes(fp8):
+    """Small batches as the engine's graphs launch them (``max_context_len`` fixed, split-K over it): the fused
+    merge gives the two kernels' result, launch after launch."""
+    g = torch.Generator().manual_seed(8)
+    seqs, q_heads, kv_heads, dim, bs = 8, 16, 8, 128, 16
+    lens = torch.randint(1, 2000, (seqs,), generator=g).to(torch.int32)
+    tables = torch.randperm(seqs * 128, generator=g)[: seqs * 128].view(seqs, 128).to(torch.int32)
+    cache = torch.randn(seqs * 128, 2, bs, kv_heads, dim, generator=g)
+    cache = cache.to(torch.float8_e4m3fn) if fp8 else cache.to(torch.bfloat16)
+    q = torch.randn(seqs, q_heads, dim, generator=g).to(torch.bfloat16)
+    q, cache, tables, lens = (t.cuda() for t in (q, cache, tables, lens))
+    want = paged_attention_warp(q, cache, tables, lens, max_context_len=2048, fused_merge=False)
+    for _ in range(3):
+        got = paged_attention_warp(q, cache, tables, lens, max_context_len=2048, fused_merge=True)
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
