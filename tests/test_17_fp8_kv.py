@@ -208,18 +208,23 @@ def test_store_kv_rounds_into_an_fp8_pool_like_pytorch():
         assert got.float().abs().max() == E4M3_MAX and got[0, 0, 3].float().abs().sum() > 0
 
 
+def _qkv_prep_case(seed: int, q_heads: int, kv_heads: int, d: int):
+    """3 tokens of qkv (bf16), QK-norm weights, RoPE table, positions, slots (one -1), and two empty fp8 pools."""
+    from kernels.rope import rope_cache
+
+    g = torch.Generator().manual_seed(seed)
+    qkv = (3 * torch.randn(3, (q_heads + 2 * kv_heads) * d, generator=g)).to(torch.bfloat16)
+    qw, kw = ((1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16) for _ in range(2))
+    pools = tuple(torch.zeros(4, 2, 4, kv_heads, d, dtype=FP8) for _ in range(2))
+    return qkv, qw, kw, rope_cache(d, 64, 1e6), torch.tensor([0, 17, 63]), torch.tensor([5, -1, 9]), pools
+
+
 def test_fused_qkv_prep_stores_e4m3_keys_and_values():
     """QK-norm, RoPE, then the key (rounded to bf16 as written to k) and the value rounded to e4m3."""
     from kernels.qkv_prep import qkv_prep, qkv_prep_ref
-    from kernels.rope import rope_cache
 
-    g = torch.Generator().manual_seed(2)
-    tokens, q_heads, kv_heads, d = 3, 4, 2, 16
-    cos_sin = rope_cache(d, 64, 1e6)
-    qkv = (3 * torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=g)).to(torch.bfloat16)
-    qw, kw = ((1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16) for _ in range(2))
-    positions, slots = torch.tensor([0, 17, 63]), torch.tensor([5, -1, 9])
-    got, want = (torch.zeros(4, 2, 4, kv_heads, d, dtype=FP8) for _ in range(2))
+    q_heads, kv_heads = 4, 2
+    qkv, qw, kw, cos_sin, positions, slots, (got, want) = _qkv_prep_case(2, q_heads, kv_heads, 16)
     ref = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, want, slots, qw, kw)
     out = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, got, slots, qw, kw, backend="numba")
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and got.float().abs().sum() > 0
@@ -228,17 +233,10 @@ def test_fused_qkv_prep_stores_e4m3_keys_and_values():
 
 def test_the_warp_per_head_qkv_prep_stores_e4m3_like_the_block_kernel():
     from kernels.qkv_prep import qkv_prep
-    from kernels.rope import rope_cache
 
-    g = torch.Generator().manual_seed(3)
-    tokens, q_heads, kv_heads, d = 3, 2, 1, 64
-    cos_sin = rope_cache(d, 64, 1e6)
-    qkv = (3 * torch.randn(tokens, (q_heads + 2 * kv_heads) * d, generator=g)).to(torch.bfloat16)
-    qw, kw = ((1 + 0.1 * torch.randn(d, generator=g)).to(torch.bfloat16) for _ in range(2))
-    positions, slots = torch.tensor([0, 17, 63]), torch.tensor([5, -1, 9])
-    warp, block = (torch.zeros(4, 2, 4, kv_heads, d, dtype=FP8) for _ in range(2))
-    qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, warp, slots, qw, kw, warp=True, backend="numba")
-    qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, block, slots, qw, kw, warp=False, backend="numba")
+    qkv, qw, kw, cos_sin, positions, slots, (warp, block) = _qkv_prep_case(3, 2, 1, 64)
+    qkv_prep(qkv, 2, 1, positions, cos_sin, warp, slots, qw, kw, warp=True, backend="numba")
+    qkv_prep(qkv, 2, 1, positions, cos_sin, block, slots, qw, kw, warp=False, backend="numba")
     same = (warp.view(torch.uint8) == block.view(torch.uint8)).float().mean()
     assert same > 0.99 and warp.float().abs().sum() > 0  # sums of squares in another order: a rare other rounding
 
