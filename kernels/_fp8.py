@@ -215,25 +215,26 @@ def e4m3_byte(x):
     return sign | (((mag >> 20) - (120 << 3)) & 0x7F)  # exponent bias 127 -> 7
 
 
-@cuda.jit(device=True, inline=True)
-def e4m3x4_over256(word):
-    """The four e4m3 values of ``word`` (byte 0 first), each divided by 256, as fp32 (exact)."""
-    w = numba.int64(word) & 0xFFFFFFFF
-    even = ((w & 0x00800080) << 8) | ((w & 0x007F007F) << 7)  # bytes 0 and 2 -> fp16 bits of the two halves
-    odd = (w & 0x80008000) | ((w & 0x7F007F00) >> 1)  # bytes 1 and 3
-    v0, v2 = f16x2_floats(numba.int32(even & 0xFFFFFFFF))
-    v1, v3 = f16x2_floats(numba.int32(odd & 0xFFFFFFFF))
-    return v0, v1, v2, v3
 
 
 @cuda.jit(device=True, inline=True)
 def e4m3x4_halves_over256(word):
     """The four e4m3 values of ``word``, each divided by 256, as two fp16 pairs: (byte 0, byte 2) and
-    (byte 1, byte 3), exact: :func:`e4m3x4_over256` without the widening to fp32."""
+    (byte 1, byte 3), exact."""
     w = numba.int64(word) & 0xFFFFFFFF
-    even = ((w & 0x00800080) << 8) | ((w & 0x007F007F) << 7)
-    odd = (w & 0x80008000) | ((w & 0x7F007F00) >> 1)
+    even = ((w & 0x00800080) << 8) | ((w & 0x007F007F) << 7)  # bytes 0 and 2 -> fp16 bits of the two halves
+    odd = (w & 0x80008000) | ((w & 0x7F007F00) >> 1)  # bytes 1 and 3
     return numba.int32(even & 0xFFFFFFFF), numba.int32(odd & 0xFFFFFFFF)
+
+
+@cuda.jit(device=True, inline=True)
+def e4m3x4_over256(word):
+    """The four e4m3 values of ``word`` (byte 0 first), each divided by 256, as fp32 (exact): the fp16 pairs of
+    :func:`e4m3x4_halves_over256`, each half widened by one ``cvt.f32.f16``."""
+    even, odd = e4m3x4_halves_over256(word)
+    v0, v2 = f16x2_floats(even)
+    v1, v3 = f16x2_floats(odd)
+    return v0, v1, v2, v3
 
 
 SIGNATURES = {  # f16x2_floats, e4m3x4_floats: intrinsics, compiled inside the functions that call them
