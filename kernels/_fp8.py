@@ -40,8 +40,9 @@ fits a 32-bit register, and ``fma.rn.f16x2`` multiplies and adds both halves in 
 keeps the widened bytes as pairs and multiplies them against fp16 pairs of the queries (then of the softmax
 weights), going back to fp32 once per token's score and once per trip's weighted values: in the sm_90 code, as
 many instructions per byte read as the bf16 kernel (the hardware conversion with fp32 arithmetic: 1.2x as many;
-masks and shifts: 1.35x; ``kernels._ptx.main_loop``, checked by tests/test_01_compile.py). fp16 keeps 11 mantissa bits, more than e4m3's 4, so the values lose nothing; the sums
-of a few products in fp16 cost ~1e-3 of the output (fp32: ~1e-4). On the H100 this reached 79-91% of the floor
+masks and shifts: 1.35x; ``kernels._ptx.main_loop``, checked by tests/test_01_compile.py). fp16 keeps 11
+mantissa bits, more than e4m3's 4, so the values lose nothing; the sums of a few products in fp16 cost ~1e-3 of the
+output (fp32: ~1e-4). On the H100 this reached 79-91% of the floor
 at batch >= 32 (``bench/results/17_fp8_decode_variants_cuda.json``); ``FP8_HALF2`` switches it.
 
 In numba's CUDA simulator (a CPU), the intrinsics (:func:`f16x2_floats`, :func:`e4m3x4_floats`, :func:`hfma2`,

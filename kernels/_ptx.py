@@ -82,7 +82,7 @@ class Resources:
     smem_bytes: int  # static shared memory per block (cuda.shared.array)
     sass: dict[str, int] | None = None  # opcode with modifiers -> count, SASS_FAMILIES only; None: no nvdisasm
     instructions: int | None = None  # SASS instructions, NOP padding left out; None: no nvdisasm
-    wide_loop: dict | None = None  # main_loop(): the largest loop with 16-byte global loads, None: none (or no nvdisasm)
+    wide_loop: dict | None = None  # main_loop(): the largest loop with 16-byte global loads; None: none, no nvdisasm
 
 
 @dataclass(slots=True, frozen=True)
@@ -168,7 +168,7 @@ _PTXAS_LINES = re.compile(r"Function properties for (?P<name>\S+)\s*\n.*?(?P<sta
                           r".*?Used (?P<registers>\d+) registers(?:, used \d+ barriers)?"
                           r"(?:, (?P<smem>\d+) bytes smem)?")
 # /*0bf0*/   @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;  (a predicate, then the opcode with its modifiers)
-_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)([^\n]*)", re.M)  # opcode, operands
 
 
 @functools.cache
@@ -184,7 +184,6 @@ def nvdisasm() -> str | None:
 
 
 _SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):", re.M)
-_SASS_CODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_.]*)([^\n]*)", re.M)
 
 
 def main_loop(sass: str) -> dict | None:
@@ -196,7 +195,7 @@ def main_loop(sass: str) -> dict | None:
     for line in sass.splitlines():
         if (m := _SASS_LABEL.match(line)) is not None:
             labels[m[1]] = len(code)
-        elif (m := _SASS_CODE.match(line)) is not None and m[1] != "NOP":
+        elif (m := _SASS_LINE.match(line)) is not None and m[1] != "NOP":
             code.append((m[1], m[2]))
     best = None
     for i, (op, rest) in enumerate(code):
@@ -221,7 +220,7 @@ def sass_census(cubin: bytes) -> tuple[dict[str, int], int, dict | None] | None:
         path.write_bytes(cubin)
         sass = subprocess.run([tool, "--print-code", "--no-dataflow", str(path)], capture_output=True, text=True,
                               check=True).stdout  # --no-dataflow: the same code, started in 0.4 s instead of 0.55
-    opcodes = [op for op in _SASS_LINE.findall(sass) if op != "NOP"]
+    opcodes = [op for op, _ in _SASS_LINE.findall(sass) if op != "NOP"]
     census = dict(sorted(Counter(op for op in opcodes if op.split(".")[0] in SASS_FAMILIES).items()))
     return census, len(opcodes), main_loop(sass)
 

@@ -7,6 +7,7 @@ found."""
 
 import json
 
+import pytest
 import torch
 
 import kernels.paged_attention_warp as w
@@ -120,3 +121,11 @@ def test_resident_blocks_asks_the_compiled_kernel_and_guesses_before_it_exists(m
 
     other = Kernel({"sig": Broken()})
     assert kl.resident_blocks(other, 256, device) == 4 * 132  # a failing query falls back to the guess
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal on a machine without a GPU")
+def test_the_fp8_variants_benchmark_needs_a_gpu(tmp_path):
+    from bench import fp8_decode_variants
+
+    assert fp8_decode_variants.main(["--out", str(tmp_path)]) == 2 and not list(tmp_path.iterdir())
+    assert set(fp8_decode_variants.VARIANTS) == {key for key, _ in paged_plots.FP8_VARIANTS}  # what the plot draws

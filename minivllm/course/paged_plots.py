@@ -297,7 +297,8 @@ FP8_VARIANTS = (("fp8_shift", "masks and shifts, fp32 math"), ("fp8_cvt", "hardw
 
 
 def fp8_variants(result: dict, gpu: str = "h100") -> Figure:
-    """``bench/results/17_fp8_decode_variants_cuda.json`` drawn for one GPU: per case, each build of the fp8 decode
+    """``bench/results/17_fp8_decode_variants_cuda.json`` drawn for one GPU (``gpu``: its key, "gpu_rows" in a
+    fresh ``python -m bench.fp8_decode_variants`` run): per case, each build of the fp8 decode
     kernel's speed over the bf16 pool's (2x: every byte saved turned into time), with the fraction of the fp8
     floor the last build reaches written above its bar."""
     rows = result[gpu]
@@ -322,7 +323,8 @@ def fp8_variants(result: dict, gpu: str = "h100") -> Figure:
     ax.set_ylabel("speed over the bf16 pool")
     ax.set_ylim(0, 2.4)
     ax.legend(fontsize=8, loc="lower left", ncols=2)
-    gpu_name = result.get("meta", {}).get("gpus", {}).get(gpu, gpu)
+    meta = result.get("meta", {})  # the stored file names both GPUs; a run of bench.fp8_decode_variants its own
+    gpu_name = meta.get("gpus", {}).get(gpu) or meta.get("gpu", gpu)
     ax.set_title("paged decode attention, one layer: four builds of the fp8 kernel against the bf16 pool (above the "
                  f"last: its fraction of the fp8 floor)\nmeasured on {gpu_name}", fontsize=9)
     fig.tight_layout()
