@@ -13,12 +13,13 @@ token ids (and prefix caching off, so nothing is served from the cache):
 * **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
   token (tokenization is not included: the prompt is token ids).
 
-On a GPU both run in five engines: the default (a CUDA graph per decode batch size, piecewise graphs for
+On a GPU both run in six engines: the default (a CUDA graph per decode batch size, piecewise graphs for
 prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps launched op by op),
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
-(``kernels.gemv.ENGINE_MAX_TOKENS``, 8 by default: "cuda_graphs_cublas" sets 0). On a CPU there are no graphs: the
-eager engine only.
+(``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
+left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_PROLOGUES`` off). On a CPU there are no
+graphs: the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -87,21 +88,23 @@ def run(args: argparse.Namespace) -> dict:
     # each mode's engine options; on a GPU also graphs with the overlapped loop
     import kernels.gemv
 
-    default_gemv = kernels.gemv.ENGINE_MAX_TOKENS
+    default_gemv, default_prologues = kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              "cuda_graphs_async": {"async_scheduling": True}, other: {}} if device.type == "cuda" else
-             {"eager": {"enforce_eager": True}})
-    gemv_tokens = {"cuda_graphs_gemv": 8, "cuda_graphs_cublas": 0}
+              "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {}}
+             if device.type == "cuda" else {"eager": {"enforce_eager": True}})
+    switches = {"cuda_graphs_gemv": (8, default_prologues), "cuda_graphs_cublas": (0, default_prologues),
+                "cuda_graphs_unfused": (default_gemv or 8, False)}  # kernels.gemv's two switches, per mode
     for mode, mode_options in modes.items():
-        kernels.gemv.ENGINE_MAX_TOKENS = gemv_tokens.get(mode, default_gemv)  # before graph capture
+        kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES = switches.get(
+            mode, (default_gemv, default_prologues))  # before graph capture
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
             setup = time.perf_counter() - start
             result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
         finally:
-            kernels.gemv.ENGINE_MAX_TOKENS = default_gemv
+            kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES = default_gemv, default_prologues
         del llm
         free_memory()
     if "cuda_graphs" in result:
@@ -114,6 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         result["gemv_speedup_decode"] = round(result[cublas]["decode_ms_per_token"]
                                               / result[gemv]["decode_ms_per_token"], 3)
         result["engine_gemv_max_tokens"] = default_gemv
+        result["engine_gemv_prologues"] = default_prologues
+        result["prologue_speedup_decode"] = round(result["cuda_graphs_unfused"]["decode_ms_per_token"]
+                                                  / result["cuda_graphs"]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv",
-                 "cuda_graphs_cublas"):
+                 "cuda_graphs_cublas", "cuda_graphs_unfused"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

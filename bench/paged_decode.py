@@ -20,7 +20,8 @@ timed by CUDA-graph replay on every case:
   half of bf16's, and its time is set beside the bf16 defaults' (``fp8_cache``); on sm_89+ also the bytes widened by
   masks and shifts instead of the hardware's conversion (``us_shift_widening``);
 * and the small batches with split-K merged in the kernel's last block instead of a second kernel
-  (``fused_merge_us``, ``kernels.paged_attention_warp.FUSED_MERGE``).
+  (``fused_merge_us``, ``kernels.paged_attention_warp.FUSED_MERGE``) and with the second kernel
+  (``two_kernel_merge_us``).
 
 The floor is the K and V bytes read / the bandwidth this GPU reaches in a plain copy (``bench._harness.hbm_gbps``).
 The best setting is the one with the least total time over the batch >= 32 cases; the module's defaults are
@@ -135,9 +136,11 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
     best_split, best_max, best_rule = fastest(split_us), fastest(max_split_us), fastest(rule_us)
     d = results.get(f"w{defaults['warps']}_u{defaults['unroll']}")  # the defaults' row, if they were swept
     fp8 = fp8_cache_row(all_cases, check, timer, d["us"] if d is not None else None)
-    fused = {c["name"]: round(timer(lambda c=c: w.paged_attention_warp(  # split-K merged in the kernel (small batches)
-        *c["tensors"], max_context_len=c["max_context_len"], fused_merge=True)), 2) for c in small}
-    print("fused merge: " + " ".join(f"{n} {us:.1f}us" for n, us in fused.items()), flush=True)
+    fused, two = ({c["name"]: round(timer(lambda c=c: w.paged_attention_warp(  # split-K merged in the kernel, or not
+        *c["tensors"], max_context_len=c["max_context_len"], fused_merge=merge)), 2) for c in small}
+        for merge in (True, False))
+    print("fused merge: " + " ".join(f"{n} {us:.1f}us (two kernels {two[n]:.1f}us)" for n, us in fused.items()),
+          flush=True)
     target_cases = [c["name"] for c in all_cases if c["name"].startswith("b")]
     floors = {c["name"]: c["floor_us"] for c in all_cases}
     summary = {"best": {"warps": best["warps"], "unroll": best["unroll"], "min_split": best_split,
@@ -155,7 +158,7 @@ def run(all_cases: list[dict] | None = None, timer: Callable[[Callable[[], objec
             "settings": results, "min_split_us": split_us, "max_split_us": max_split_us,
             "max_split_floor_fraction": {ms: {n: round(floors[n] / us, 3) for n, us in row.items()}
                                          for ms, row in max_split_us.items()},
-            "split_rule_us": rule_us, "fp8_cache": fp8, "fused_merge_us": fused,
+            "split_rule_us": rule_us, "fp8_cache": fp8, "fused_merge_us": fused, "two_kernel_merge_us": two,
             "floor_target": FLOOR_TARGET, **summary}
 
 

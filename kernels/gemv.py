@@ -24,6 +24,7 @@ compiled for every supported GPU (``kernels._ptx``).
 """
 
 import functools
+import math
 
 import numba
 import torch
@@ -41,6 +42,8 @@ ENGINE_MAX_TOKENS = 8  # the model's linear layers use this kernel for steps of 
 #   runs; bench/results/12_latency_cuda.json); on an H100 1.66 against 2.04 (h100/12_latency_cuda.json; 1.754 against
 #   1.756 in an earlier run).
 #   Alone on the H100: 1.1-1.3x cuBLAS at 1 token on Qwen3-0.6B's four projections (h100/17_gemv_cuda.json)
+ENGINE_PROLOGUES = True  # steps the linear layers send here also fold SiLU·mul and the add + RMSNorm into the matmul
+#   after them (gemv_silu, gemv_add_norm below): ~3 launches fewer per layer
 FULL_MASK = 0xFFFFFFFF
 
 
@@ -131,6 +134,246 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, *, out: torch.Tensor | None = No
     launch(kernel, blocks, 32 * warps, x.view(torch.complex128), weight.view(torch.complex128), out,
            backend=where)
     return out
+
+
+
+# ----------------------------------------------------------------------------- a prologue folded in
+# At batch 1 a decoder layer launches ~10 kernels; in a CUDA graph each still costs a few µs of ramp-up and tail
+# however little it does. Two of them only prepare a gemv's input: the add + RMSNorm before ``qkv_proj`` and
+# ``gate_up_proj``, and SiLU·mul before ``down_proj``. Their inputs are a few KB, so every block of the gemv can
+# redo that work itself: it issues its weight loads first, then builds the prepared x in shared memory while
+# those loads are in flight, and the separate kernel (and its launch) is gone. The values are rounded exactly
+# where the separate kernels round them (the new residual, the normalized x, SiLU·mul: bf16 each).
+MAX_SHARED = 48 * 1024  # bytes of prepared x per block (tokens x K bf16): numba's static shared-memory limit
+
+
+def _xs_index(t, j, c, span):
+    return (4 * t + j) * span + c  # word j of chunk c of token t: consecutive lanes, consecutive banks
+
+
+@functools.cache
+def _prologue_kernel(cpl: int, tokens: int, prologue: str):
+    """The gemv with x prepared in shared memory: ``prologue`` is ``"silu"`` or ``"add_norm"``."""
+    from kernels.activation import silu_mul_bf16x2
+    from kernels._vec16 import pack_bf16, store_words
+
+    words, span = 4 * cpl, 32 * cpl
+    shared_words, partial_floats = 4 * span * tokens, 32 * tokens
+    xs_at = cuda.jit(device=True, inline=True)(_xs_index)
+
+    @cuda.jit(device=True, inline=True)
+    def issue(weight, n, lane, wr):
+        """Row ``n`` of W into this lane's registers: loads only, none used yet."""
+        chunks = weight.shape[1]
+        for i in range(cpl):
+            c = lane + 32 * i
+            if n < weight.shape[0] and c < chunks:
+                wr[4 * i], wr[4 * i + 1], wr[4 * i + 2], wr[4 * i + 3] = load_words(weight[n], c)
+            else:
+                wr[4 * i] = wr[4 * i + 1] = wr[4 * i + 2] = wr[4 * i + 3] = 0
+
+    @cuda.jit(device=True, inline=True)
+    def rows(weight, out, xs, n, lane, wr, acc):
+        """The gemv proper, x read from shared memory; ``n`` is this warp's first row (loads already issued)."""
+        chunks = weight.shape[1]
+        stride = cuda.gridDim.x * (cuda.blockDim.x // 32)
+        while n < weight.shape[0]:  # warp-uniform
+            for t in range(tokens):
+                acc[t] = numba.float32(0.0)
+            for i in range(cpl):
+                c = lane + 32 * i
+                if c < chunks:
+                    for t in range(tokens):
+                        x0, x1 = xs[xs_at(t, 0, c, span)], xs[xs_at(t, 1, c, span)]
+                        x2, x3 = xs[xs_at(t, 2, c, span)], xs[xs_at(t, 3, c, span)]
+                        s = acc[t]
+                        s += bf16_lo(wr[4 * i]) * bf16_lo(x0) + bf16_hi(wr[4 * i]) * bf16_hi(x0)
+                        s += bf16_lo(wr[4 * i + 1]) * bf16_lo(x1) + bf16_hi(wr[4 * i + 1]) * bf16_hi(x1)
+                        s += bf16_lo(wr[4 * i + 2]) * bf16_lo(x2) + bf16_hi(wr[4 * i + 2]) * bf16_hi(x2)
+                        s += bf16_lo(wr[4 * i + 3]) * bf16_lo(x3) + bf16_hi(wr[4 * i + 3]) * bf16_hi(x3)
+                        acc[t] = s
+            for t in range(tokens):
+                s = acc[t]
+                for offset in (16, 8, 4, 2, 1):
+                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                if lane == t:
+                    out[t, n] = s
+            n += stride
+            issue(weight, n, lane, wr)
+
+    def silu_kernel(gate_up, weight, out):
+        # gate_up: (tokens, 2 K // 8) complex128, [gate | up]; weight: (N, K // 8) complex128; out: (tokens, N)
+        xs = cuda.shared.array(shared_words, numba.int32)
+        wr = cuda.local.array(words, numba.int32)
+        acc = cuda.local.array(tokens, numba.float32)
+        lane = cuda.threadIdx.x % 32
+        chunks = weight.shape[1]
+        n = cuda.blockIdx.x * (cuda.blockDim.x // 32) + cuda.threadIdx.x // 32
+        issue(weight, n, lane, wr)
+        for t in range(tokens):  # x = silu(gate) * up, rounded to bf16 as the SiLU·mul kernel does
+            c = cuda.threadIdx.x
+            while c < chunks:
+                g0, g1, g2, g3 = load_words(gate_up[t], c)
+                u0, u1, u2, u3 = load_words(gate_up[t], chunks + c)
+                xs[xs_at(t, 0, c, span)] = silu_mul_bf16x2(g0, u0)
+                xs[xs_at(t, 1, c, span)] = silu_mul_bf16x2(g1, u1)
+                xs[xs_at(t, 2, c, span)] = silu_mul_bf16x2(g2, u2)
+                xs[xs_at(t, 3, c, span)] = silu_mul_bf16x2(g3, u3)
+                c += cuda.blockDim.x
+        cuda.syncthreads()
+        rows(weight, out, xs, n, lane, wr, acc)
+
+    def add_norm_kernel(x, residual, norm_weight, eps, weight, out, new_residual):
+        # x, residual, new_residual: (tokens, K // 8) complex128; norm_weight: (K // 8,) complex128
+        xs = cuda.shared.array(shared_words, numba.int32)
+        partials = cuda.shared.array(partial_floats, numba.float32)  # per warp, per token: sums of squares
+        wr = cuda.local.array(words, numba.int32)
+        acc = cuda.local.array(tokens, numba.float32)
+        lane, warp, warps = cuda.threadIdx.x % 32, cuda.threadIdx.x // 32, cuda.blockDim.x // 32
+        chunks = weight.shape[1]
+        n = cuda.blockIdx.x * warps + warp
+        issue(weight, n, lane, wr)
+        for t in range(tokens):  # the new residual x + residual, rounded to bf16; block 0 writes it out
+            c = cuda.threadIdx.x
+            sq = numba.float32(0.0)
+            while c < chunks:
+                a0, a1, a2, a3 = load_words(x[t], c)
+                b0, b1, b2, b3 = load_words(residual[t], c)
+                r0 = pack_bf16(bf16_lo(a0) + bf16_lo(b0), bf16_hi(a0) + bf16_hi(b0))
+                r1 = pack_bf16(bf16_lo(a1) + bf16_lo(b1), bf16_hi(a1) + bf16_hi(b1))
+                r2 = pack_bf16(bf16_lo(a2) + bf16_lo(b2), bf16_hi(a2) + bf16_hi(b2))
+                r3 = pack_bf16(bf16_lo(a3) + bf16_lo(b3), bf16_hi(a3) + bf16_hi(b3))
+                if cuda.blockIdx.x == 0:
+                    store_words(new_residual[t], c, r0, r1, r2, r3)
+                xs[xs_at(t, 0, c, span)], xs[xs_at(t, 1, c, span)] = r0, r1
+                xs[xs_at(t, 2, c, span)], xs[xs_at(t, 3, c, span)] = r2, r3
+                for r in (r0, r1, r2, r3):
+                    sq += bf16_lo(r) * bf16_lo(r) + bf16_hi(r) * bf16_hi(r)
+                c += cuda.blockDim.x
+            for offset in (16, 8, 4, 2, 1):
+                sq += cuda.shfl_xor_sync(FULL_MASK, sq, offset)
+            if lane == 0:
+                partials[warp * tokens + t] = sq
+        cuda.syncthreads()
+        inv_width = numba.float32(1.0) / numba.float32(8 * chunks)
+        for t in range(tokens):  # x <- residual / rms * norm weight, rounded to bf16 (each thread its own words)
+            total = numba.float32(0.0)
+            for w in range(warps):
+                total += partials[w * tokens + t]
+            inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
+            c = cuda.threadIdx.x
+            while c < chunks:
+                w0, w1, w2, w3 = load_words(norm_weight, c)
+                for j, wj in ((0, w0), (1, w1), (2, w2), (3, w3)):
+                    r = xs[xs_at(t, j, c, span)]
+                    xs[xs_at(t, j, c, span)] = pack_bf16((bf16_lo(r) * inv_rms) * bf16_lo(wj),
+                                                         (bf16_hi(r) * inv_rms) * bf16_hi(wj))
+                c += cuda.blockDim.x
+        cuda.syncthreads()
+        rows(weight, out, xs, n, lane, wr, acc)
+
+    kernel = silu_kernel if prologue == "silu" else add_norm_kernel
+    kernel.__name__ = kernel.__qualname__ = f"gemv_{prologue}_bf16_c{cpl}_t{tokens}"
+    return cuda.jit(fastmath=True)(kernel)
+
+
+_SILU_SIG = "void(complex128[:, ::1], complex128[:, ::1], bfloat16[:, ::1])"
+_ADD_NORM_SIG = ("void(complex128[:, ::1], complex128[:, ::1], complex128[::1], float32, complex128[:, ::1], "
+                 "bfloat16[:, ::1], complex128[:, ::1])")
+# Qwen3-0.6B at batch 1: add + norm before K = 1,024 (4 chunks per lane), SiLU·mul before K = 3,072 (12)
+SIGNATURES.update({_prologue_kernel(4, 1, "add_norm"): [_ADD_NORM_SIG], _prologue_kernel(12, 1, "silu"): [_SILU_SIG]})
+
+
+def prologue_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the prologue kernels take ``x`` (the gemv's prepared input, (tokens, K)) and ``weight``: what
+    :func:`supported` asks, plus room for x in shared memory."""
+    return supported(x, weight) and x.numel() * 2 <= MAX_SHARED
+
+
+def silu_supported(gate_up: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`gemv_silu` takes these operands: gate_up (tokens, 2K) contiguous, x = SiLU·mul (tokens, K)."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
+        return False
+    k = gate_up.shape[1] // 2
+    return (gate_up.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.shape[1] == k and k % 8 == 0 and 1 <= gate_up.shape[0] <= MAX_TOKENS
+            and cdiv(k // 8, 32) <= MAX_CPL and weight.is_contiguous() and aligned16(gate_up, weight)
+            and gate_up.shape[0] * k * 2 <= MAX_SHARED)
+
+
+def add_norm_supported(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                       weight: torch.Tensor) -> bool:
+    """Whether :func:`gemv_add_norm` takes these operands."""
+    return (prologue_supported(x, weight) and residual.shape == x.shape and residual.dtype == x.dtype
+            and residual.is_contiguous() and norm_weight.shape == (x.shape[1],) and norm_weight.dtype == x.dtype
+            and norm_weight.is_contiguous() and aligned16(residual, norm_weight))
+
+
+def _launch_prologue(prologue: str, x_shape, weight, args, out, backend, after=()) -> None:
+    tokens, k = x_shape
+    kernel = _prologue_kernel(cdiv(k // 8, 32), tokens, prologue)
+    warps = WARPS if backend == "gpu" else 1
+    blocks = cdiv(weight.shape[0], warps) if backend == "gpu" else min(cdiv(weight.shape[0], warps), 2)
+    launch(kernel, blocks, 32 * warps, *args, weight.view(torch.complex128), out, *after, backend=backend)
+
+
+def gemv_silu_ref(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``silu_and_mul(gate_up) @ weight.T``, SiLU·mul rounded to the dtype as the separate kernel does."""
+    from kernels.activation import silu_and_mul_ref
+
+    return gemv_ref(silu_and_mul_ref(gate_up), weight)
+
+
+def gemv_silu(gate_up: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``down_proj(silu(gate) * up)`` in one kernel: gate_up (tokens, 2K) [gate | up], weight (N, K) ->
+    (tokens, N), bf16, 1 to ``MAX_TOKENS`` tokens."""
+    check_tensor("gate_up", gate_up, dtypes=(torch.bfloat16,), ndim=2)
+    check_tensor("weight", weight, dtypes=(torch.bfloat16,), ndim=2, device=gate_up.device)
+    tokens, k = gate_up.shape[0], gate_up.shape[1] // 2
+    if not silu_supported(gate_up, weight):
+        raise ValueError(f"gemv_silu takes a contiguous (tokens, 2K) gate_up of 1..{MAX_TOKENS} tokens, K % 8 == 0, "
+                         f"K equal to weight's and tokens x K bf16 within {MAX_SHARED} bytes; got gate_up "
+                         f"{tuple(gate_up.shape)}, weight {tuple(weight.shape)}")
+    out = torch.empty((tokens, weight.shape[0]), dtype=gate_up.dtype, device=gate_up.device)
+    where = resolve_backend(backend, gate_up, weight, out)
+    if where == "torch":
+        return out.copy_(gemv_silu_ref(gate_up, weight))
+    _launch_prologue("silu", (tokens, k), weight, (gate_up.view(torch.complex128),), out, where)
+    return out
+
+
+def gemv_add_norm_ref(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual) @ weight.T, x + residual)``, rounded where the separate kernels round."""
+    from kernels.rmsnorm import fused_add_rms_norm_ref
+
+    normed, new_residual = fused_add_rms_norm_ref(x, residual, norm_weight, eps)
+    return gemv_ref(normed, weight), new_residual
+
+
+def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused add + RMSNorm and the matmul after it, in one kernel, out of place: x, residual (tokens, K),
+    norm_weight (K,), weight (N, K) -> ``(rms_norm(x + residual) @ weight.T, x + residual)``."""
+    check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2)
+    for name, t in (("residual", residual), ("norm_weight", norm_weight), ("weight", weight)):
+        check_tensor(name, t, dtypes=(torch.bfloat16,), device=x.device)
+    if not add_norm_supported(x, residual, norm_weight, weight):
+        raise ValueError(f"gemv_add_norm takes contiguous x and residual of one shape (tokens, K), 1..{MAX_TOKENS} "
+                         f"tokens, K % 8 == 0, a (K,) norm weight, W (N, K), tokens x K bf16 within {MAX_SHARED} "
+                         f"bytes; got x {tuple(x.shape)}, residual {tuple(residual.shape)}, norm weight "
+                         f"{tuple(norm_weight.shape)}, weight {tuple(weight.shape)}")
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    new_residual = torch.empty_like(x)
+    where = resolve_backend(backend, x, residual, norm_weight, weight, out)
+    if where == "torch":
+        want, res = gemv_add_norm_ref(x, residual, norm_weight, eps, weight)
+        return out.copy_(want), new_residual.copy_(res)
+    args = (x.view(torch.complex128), residual.view(torch.complex128), norm_weight.view(torch.complex128),
+            numba.float32(eps))
+    _launch_prologue("add_norm", x.shape, weight, args, out, where,
+                     after=(new_residual.view(torch.complex128),))
+    return out, new_residual
 
 
 def _main() -> None:

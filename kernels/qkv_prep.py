@@ -22,8 +22,9 @@ each lane holds 1-4 pairs in registers, the norm's sum is reduced by shuffles al
 holds four heads. At prefill sizes the block kernel is latency-bound: on the H200 it took 0.21 ms a layer for
 8,165 tokens, ~7x the time its bytes need (``bench/results/17_step_breakdown_cuda.json``, the mixed step's
 profile), one 64-thread block per head waiting on a block-wide reduction. The warp kernel is checked against the
-block kernel and the references in the simulator; it stays off until a GPU times it (``python -m
-kernels.qkv_prep`` prints both).
+block kernel and the references in the simulator. It takes steps of ``WARP_MIN_TOKENS`` tokens or more: on the H100
+it ran 4,096 tokens in 92 against 116 µs, while one token (a batch-1 decode step, 24 heads) is faster on the block
+kernel, 3.7 against 4.3 µs (``python -m kernels.qkv_prep`` times both at several sizes).
 
 Limits: ``d / 2`` a power of two up to 1024 (head sizes 64, 128, 256); q, k and v heads in qkv's column order
 (q's heads, then k's, then v's: ``Qwen3Attention``'s split); positions outside the RoPE table give NaN (no GPU
@@ -129,7 +130,9 @@ def _build(fp8: bool):
 
 qkv_prep_kernel, qkv_prep_fp8_kernel = _build(False), _build(True)
 
-WARP_PER_HEAD = False  # take the warp-per-head kernel (below) where it fits; off until it is timed on a GPU
+WARP_PER_HEAD = True  # take the warp-per-head kernel (below) where it fits, for steps of WARP_MIN_TOKENS or more
+WARP_MIN_TOKENS = 64  # measured on the H100 (python -m kernels.qkv_prep, bf16, Qwen3-0.6B's heads): 4,096 tokens
+#   91.7 against 116.4 us for the block kernel; 1 token 4.3 against 3.7 us
 HEADS_PER_BLOCK = 4  # the warp-per-head kernel's warps per block (128 threads), each on its own (token, head)
 
 
@@ -233,7 +236,7 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
     (max_position, d) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, d). Returns q
     (tokens, q_heads, d) and k (tokens, kv_heads, d), new and contiguous, and v, a view of qkv; k and v are
     stored at ``slot_mapping`` (-1: skipped). ``warp``: the warp-per-head kernel where the head size fits it
-    (:func:`warp_supported`); None: ``WARP_PER_HEAD``."""
+    (:func:`warp_supported`); None: ``WARP_PER_HEAD`` for a step of ``WARP_MIN_TOKENS`` or more."""
     d = cos_sin.shape[1] if cos_sin.dim() == 2 else -1
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=2)
     tokens = qkv.shape[0]
@@ -264,7 +267,7 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
         qw, kw = (q_weight, k_weight) if norm else (cos_sin.new_empty(d, dtype=qkv.dtype),) * 2
         fp8 = kv_cache.dtype == FP8
         items = tokens * (q_heads + kv_heads)
-        if (WARP_PER_HEAD if warp is None else warp) and warp_supported(d):
+        if (WARP_PER_HEAD and tokens >= WARP_MIN_TOKENS if warp is None else warp) and warp_supported(d):
             per_block = 1 if where == "simulator" else HEADS_PER_BLOCK
             kernel, threads = _build_warp(fp8, d // 64), WARP * per_block
             blocks = min(-(-items // per_block), 4 if where == "simulator" else max_blocks)
@@ -309,17 +312,20 @@ def _main() -> None:
                 store_kv(k, v.contiguous(), caches[0], slots)
 
             fused_us = graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots,
-                                                   qw, kw)).median_us
+                                                   qw, kw, warp=False)).median_us
             unfused_us = graph_time(unfused).median_us
             warp_us = graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots,
                                                   qw, kw, warp=True)).median_us
-            one = [x[:1] for x in (qkv, positions, slots)]  # a batch-1 decode step: 24 heads
-            one_us = [graph_time(lambda w=w: qkv_prep(one[0], q_heads, kv_heads, one[1], cos_sin, caches[1], one[2],
+            sizes = []  # smaller steps (1: a batch-1 decode step, 24 heads): where the warp kernel starts to win
+            for n in (1, 8, 32, 64, 128, 512):
+                few = [x[:n] for x in (qkv, positions, slots)]
+                us = [graph_time(lambda w=w: qkv_prep(few[0], q_heads, kv_heads, few[1], cos_sin, caches[1], few[2],
                                                       qw, kw, warp=w)).median_us for w in (False, True)]
+                sizes.append(f"{n}: {us[0]:.1f}/{us[1]:.1f}")
             moved = qkv.nbytes + 2 * (q_heads + 2 * kv_heads) * d * tokens * qkv.element_size()  # read + q, k, cache
             line += (f"  fused {fused_us:7.1f} us ({moved / fused_us / 1e3:5.0f} GB/s)  unfused kernels "
-                     f"{unfused_us:7.1f} us  warp per head {warp_us:7.1f} us | 1 token: block {one_us[0]:5.1f} us, "
-                     f"warp per head {one_us[1]:5.1f} us")
+                     f"{unfused_us:7.1f} us  warp per head {warp_us:7.1f} us | tokens: block/warp us "
+                     + ", ".join(sizes))
         print(line)
 
 

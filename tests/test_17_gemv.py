@@ -100,5 +100,109 @@ def test_the_model_with_it_matches_the_model_without(monkeypatch):
         monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 0)  # cuBLAS
         want = model.compute_logits(model(ids, positions)).float()
         monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 8)
+        monkeypatch.setattr(g, "ENGINE_PROLOGUES", False)
         got = model.compute_logits(model(ids, positions)).float()
+        monkeypatch.setattr(g, "ENGINE_PROLOGUES", True)  # SiLU·mul and add + norm folded into the matmuls too
+        assert model.model.layers[1].folds_norms(torch.zeros(2, TINY.hidden_size, device="cuda",
+                                                             dtype=torch.bfloat16))
+        folded = model.compute_logits(model(ids, positions)).float()
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(folded, want, atol=3e-2, rtol=3e-2)
+
+
+# ----------------------------------------------------------------------------- the prologue kernels
+def _silu_operands(tokens: int, n: int, k: int, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(tokens, 2 * k, generator=gen) * 2).to(torch.bfloat16).to(device)
+    weight = (torch.randn(n, k, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    return gate_up, weight
+
+
+def _norm_operands(tokens: int, n: int, k: int, device: str = "cpu"):
+    gen = torch.Generator().manual_seed(2)
+    x, residual = (torch.randn(tokens, k, generator=gen).to(torch.bfloat16).to(device) for _ in range(2))
+    residual[0] *= 30  # tokens of different scales: one rms per token, not one for all
+    norm_weight = (1 + 0.3 * torch.randn(k, generator=gen)).to(torch.bfloat16).to(device)
+    weight = (torch.randn(n, k, generator=gen) * 0.1).to(torch.bfloat16).to(device)
+    return x, residual, norm_weight, weight
+
+
+@needs_sim
+@pytest.mark.parametrize("tokens, n, k", [(1, 5, 64), (2, 3, 512), (3, 4, 72 * 8)])
+def test_gemv_silu_matches_silu_and_mul_then_linear(tokens, n, k):
+    gate_up, weight = _silu_operands(tokens, n, k)
+    got = g.gemv_silu(gate_up, weight)
+    want = g.gemv_silu_ref(gate_up, weight)  # SiLU·mul rounded to bf16, then the product in fp32
+    assert got.shape == (tokens, n) and not torch.equal(got, torch.zeros_like(got))
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-3)
+    plain = g.gemv_ref(gate_up[:, :k].contiguous(), weight)  # forgetting the SiLU·mul would be far off
+    assert (plain.float() - want.float()).abs().max() > 0.1
+
+
+@needs_sim
+@pytest.mark.parametrize("tokens, n, k", [(1, 5, 64), (2, 3, 512), (3, 4, 72 * 8)])
+def test_gemv_add_norm_matches_fused_add_rms_norm_then_linear(tokens, n, k):
+    x, residual, norm_weight, weight = _norm_operands(tokens, n, k)
+    before = x.clone(), residual.clone()
+    got, new_residual = g.gemv_add_norm(x, residual, norm_weight, 1e-6, weight)
+    want, want_residual = g.gemv_add_norm_ref(x, residual, norm_weight, 1e-6, weight)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-3)
+    assert torch.equal(new_residual, want_residual)  # one rounding of an exact fp32 sum: bit for bit
+    assert torch.equal(x, before[0]) and torch.equal(residual, before[1])  # out of place
+
+
+def test_the_prologue_kernels_refuse_what_they_do_not_take():
+    gate_up, weight = _silu_operands(1, 4, 64)
+    with pytest.raises(ValueError, match="gemv_silu takes"):
+        g.gemv_silu(gate_up[:, :96], weight)  # K = 48 is not weight's 64
+    with pytest.raises(ValueError, match="gemv_silu takes"):
+        g.gemv_silu(torch.zeros(9, 128, dtype=torch.bfloat16), weight)  # 9 tokens
+    x, residual, norm_weight, weight = _norm_operands(2, 4, 64)
+    with pytest.raises(ValueError, match="gemv_add_norm takes"):
+        g.gemv_add_norm(x, residual[:1], norm_weight, 1e-6, weight)
+    with pytest.raises(ValueError, match="gemv_add_norm takes"):
+        g.gemv_add_norm(x, residual, norm_weight[:32], 1e-6, weight)
+    big = torch.zeros(8, 4096, dtype=torch.bfloat16)  # 64 KB of prepared x: more than a block's shared memory
+    assert g.supported(big, torch.zeros(4, 4096, dtype=torch.bfloat16))
+    assert not g.prologue_supported(big, torch.zeros(4, 4096, dtype=torch.bfloat16))
+
+
+def test_a_layer_with_its_norms_folded_computes_what_the_plain_layer_does(monkeypatch):
+    """``forward_small``'s data flow (residual out of place, ``attend``, ``Qwen3MLP.down``) on a CPU, where the
+    layer functions fall back to the separate steps: forced on, the logits are the plain forward's."""
+    from bench.models import TINY
+    from minivllm.model import layers
+    from minivllm.model.qwen3 import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(TINY)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    ids, positions = torch.tensor([5, 9, 3]), torch.tensor([0, 1, 2])
+    with torch.inference_mode():
+        want = model.compute_logits(model(ids, positions))
+        calls = []
+        monkeypatch.setattr(layers, "folds_norms", lambda x: calls.append(x.shape) or True)
+        got = model.compute_logits(model(ids, positions))
+        layer = model.model.layers[1]
+        layer.self_attn.forward = lambda *a: None  # a function plugged into a module: never bypassed
+        assert not layer.folds_norms(torch.zeros(3, TINY.hidden_size))
+    assert len(calls) == TINY.num_hidden_layers - 1  # every layer but the first (no residual yet)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_the_prologue_kernels_on_the_gpu(tokens):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    gate_up, weight = _silu_operands(tokens, 1024, 3072, "cuda")
+    torch.testing.assert_close(g.gemv_silu(gate_up, weight).float(), g.gemv_silu_ref(gate_up, weight).float(),
+                               rtol=2 ** -7, atol=2e-3)
+    for n in (4096, 6144):
+        x, residual, norm_weight, weight = _norm_operands(tokens, n, 1024, "cuda")
+        got, new_residual = g.gemv_add_norm(x, residual, norm_weight, 1e-6, weight)
+        want, want_residual = g.gemv_add_norm_ref(x, residual, norm_weight, 1e-6, weight)
+        assert torch.equal(new_residual, want_residual)
+        # the rms's fp32 sum runs in another order than torch's: a normalized value may round to the next bf16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2e-2)

@@ -11,7 +11,9 @@ references, until a phase's kernel lands). Where a call runs:
 
 The launchers are imported on first use (importing numba costs seconds), once per module.
 What is left out: attention (``minivllm.model.attention``). The matmuls are PyTorch's (cuBLAS on a GPU), except
-that :func:`linear` can send small decode steps to ``kernels.gemv`` (off by default).
+that :func:`linear` sends small GPU steps (up to ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens) to ``kernels.gemv``, which
+can also take the SiLU·mul or add + RMSNorm before the matmul into the same kernel (:func:`silu_and_mul_linear`,
+:func:`add_rms_norm_linear`).
 """
 
 import functools
@@ -114,7 +116,7 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``: cuBLAS (``F.linear``), or on a GPU for a step of at most ``kernels.gemv.ENGINE_MAX_TOKENS``
-    tokens (0 by default: never) the matrix-vector kernel ``kernels.gemv``."""
+    tokens the matrix-vector kernel ``kernels.gemv``."""
     if x.is_cuda and x.dim() == 2 and x.shape[0] <= _gemv_tokens():
         fn = launcher("gemv", "supported")
         if fn is not None and fn(x, weight):
@@ -126,6 +128,39 @@ def _gemv_tokens() -> int:
     """``kernels.gemv.ENGINE_MAX_TOKENS``, read at call time (a benchmark switches it); 0 without that module."""
     module = kernel_module("gemv")
     return 0 if module is None else module.ENGINE_MAX_TOKENS
+
+
+def _prologue_gemv(x: torch.Tensor, learner_kernel: str):
+    """``kernels.gemv`` when a small GPU step may fold ``learner_kernel``'s work into the matmul after it: the step is
+    at most ``ENGINE_MAX_TOKENS`` tokens, ``ENGINE_PROLOGUES`` is on, and no learner's kernel replaces that work."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= _gemv_tokens()) or learner_kernel in LEARNER_KERNELS:
+        return None
+    module = kernel_module("gemv")
+    return module if getattr(module, "ENGINE_PROLOGUES", False) else None
+
+
+def folds_norms(x: torch.Tensor) -> bool:
+    """Whether a decoder layer's step ``x`` (tokens, hidden) takes :func:`add_rms_norm_linear`'s one-kernel path."""
+    return _prologue_gemv(x, "fused_add_rms_norm") is not None
+
+
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(rms_norm(x + residual)), x + residual)``: :func:`fused_add_rms_norm` then :func:`linear`, or for a
+    small GPU step one kernel (``kernels.gemv.gemv_add_norm``, out of place: x and residual are left as they are)."""
+    module = _prologue_gemv(x, "fused_add_rms_norm")
+    if module is not None and module.add_norm_supported(x, residual, norm_weight, weight):
+        return module.gemv_add_norm(x, residual, norm_weight, eps, weight)
+    x, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(x, weight), residual
+
+
+def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``linear(silu_and_mul(gate_up), weight)``; for a small GPU step one kernel (``kernels.gemv.gemv_silu``)."""
+    module = _prologue_gemv(gate_up, "silu_and_mul")
+    if module is not None and module.silu_supported(gate_up, weight):
+        return module.gemv_silu(gate_up, weight)
+    return linear(silu_and_mul(gate_up), weight)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
