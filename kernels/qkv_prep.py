@@ -131,8 +131,8 @@ def _build(fp8: bool):
 qkv_prep_kernel, qkv_prep_fp8_kernel = _build(False), _build(True)
 
 WARP_PER_HEAD = True  # take the warp-per-head kernel (below) where it fits, for steps of WARP_MIN_TOKENS or more
-WARP_MIN_TOKENS = 64  # measured on the H100 (python -m kernels.qkv_prep, bf16, Qwen3-0.6B's heads): 4,096 tokens
-#   91.7 against 116.4 us for the block kernel; 1 token 4.3 against 3.7 us
+WARP_MIN_TOKENS = 128  # measured on the H100 (python -m kernels.qkv_prep, bf16, Qwen3-0.6B's heads, µs, block/warp):
+#   1 token 3.7/4.3, 64: 4.5/5.0, 128: 6.6/5.5, 512: 16.7/13.2, 4,096: 116.8/91.8
 HEADS_PER_BLOCK = 4  # the warp-per-head kernel's warps per block (128 threads), each on its own (token, head)
 
 

@@ -132,11 +132,13 @@ def _gemv_tokens() -> int:
 
 def _prologue_gemv(x: torch.Tensor, learner_kernel: str):
     """``kernels.gemv`` when a small GPU step may fold ``learner_kernel``'s work into the matmul after it: the step is
-    at most ``ENGINE_MAX_TOKENS`` tokens, ``ENGINE_PROLOGUES`` is on, and no learner's kernel replaces that work."""
+    at most ``ENGINE_MAX_TOKENS`` and ``PROLOGUE_MAX_TOKENS`` tokens, ``ENGINE_PROLOGUES`` is on, and no learner's
+    kernel replaces that work."""
     if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= _gemv_tokens()) or learner_kernel in LEARNER_KERNELS:
         return None
     module = kernel_module("gemv")
-    return module if getattr(module, "ENGINE_PROLOGUES", False) else None
+    on = getattr(module, "ENGINE_PROLOGUES", False) and x.shape[0] <= module.PROLOGUE_MAX_TOKENS
+    return module if on else None
 
 
 def folds_norms(x: torch.Tensor) -> bool:
