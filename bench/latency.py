@@ -18,7 +18,7 @@ prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps l
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
 (``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
-left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_PROLOGUES`` off). On a CPU there are no
+left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_PROLOGUES`` empty). On a CPU there are no
 graphs: the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict:
               "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     switches = {"cuda_graphs_gemv": (8, default_prologues), "cuda_graphs_cublas": (0, default_prologues),
-                "cuda_graphs_unfused": (default_gemv or 8, False)}  # kernels.gemv's two switches, per mode
+                "cuda_graphs_unfused": (default_gemv or 2, ())}  # kernels.gemv's two switches, per mode
     for mode, mode_options in modes.items():
         kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES = switches.get(
             mode, (default_gemv, default_prologues))  # before graph capture

@@ -42,10 +42,12 @@ ENGINE_MAX_TOKENS = 2  # the model's linear layers use this kernel for steps of 
 #   1.07-1.33x cuBLAS on each; at 2 tokens 0.99, 1.23, 0.85 and 1.17x (together ~1 us a layer less); from 4 tokens
 #   cuBLAS is faster. In the engine, batch-1 decode: H200 1.50 against 1.77 ms/token with cuBLAS
 #   (bench/results/12_latency_cuda.json), H100 1.66 against 2.04 (h100/12_latency_cuda.json)
-ENGINE_PROLOGUES = True  # steps of up to PROLOGUE_MAX_TOKENS tokens also fold SiLU·mul and the add + RMSNorm into
-#   the matmul after them (gemv_silu, gemv_add_norm below): 3 launches fewer per layer
-PROLOGUE_MAX_TOKENS = 1  # measured on the H100: at 1 token each prologue kernel beats its two launches (SiLU·mul +
-#   down_proj 5.7 against 6.6 us); at 2 tokens and more they are slower (h100/17_gemv_cuda.json)
+ENGINE_PROLOGUES = ("silu",)  # steps of up to PROLOGUE_MAX_TOKENS tokens also fold these into the matmul after
+#   them (below): "silu" (gemv_silu: SiLU·mul + down_proj), "add_norm" (gemv_add_norm: add + RMSNorm + qkv_proj or
+#   gate_up_proj). Measured on the H100 at 1 token (CUDA-graph replay, h100/17_gemv_cuda.json): SiLU·mul + down_proj
+#   5.6-5.7 us against 6.6 for the two launches (two runs); add + norm 6.6 against 7.4 us before qkv_proj but 8.8
+#   against 8.0 before gate_up_proj, no gain in all, so "add_norm" is left out
+PROLOGUE_MAX_TOKENS = 1  # at 2 tokens and more each prologue kernel was slower than its two launches
 FULL_MASK = 0xFFFFFFFF
 
 
@@ -160,7 +162,7 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
     from kernels._vec16 import pack_bf16, store_words
 
     words, span = 4 * cpl, 32 * cpl
-    shared_words, x_words = 4 * span * tokens, words * tokens
+    shared_words, partial_floats = 4 * span * tokens, 32 * tokens
     xs_at = cuda.jit(device=True, inline=True)(_xs_index)
 
     @cuda.jit(device=True, inline=True)
@@ -175,47 +177,34 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
                 wr[4 * i] = wr[4 * i + 1] = wr[4 * i + 2] = wr[4 * i + 3] = 0
 
     @cuda.jit(device=True, inline=True)
-    def shared_word(xs, t, i, c, j):
-        return xs[xs_at(t, j, c, span)]
+    def rows(weight, out, xs, n, lane, wr, acc):
+        """The gemv proper, x read from shared memory; ``n`` is this warp's first row (loads already issued)."""
+        chunks = weight.shape[1]
+        stride = cuda.gridDim.x * (cuda.blockDim.x // 32)
+        while n < weight.shape[0]:  # warp-uniform
+            for t in range(tokens):
+                acc[t] = numba.float32(0.0)
+            for i in range(cpl):
+                c = lane + 32 * i
+                if c < chunks:
+                    for t in range(tokens):
+                        x0, x1 = xs[xs_at(t, 0, c, span)], xs[xs_at(t, 1, c, span)]
+                        x2, x3 = xs[xs_at(t, 2, c, span)], xs[xs_at(t, 3, c, span)]
+                        s = acc[t]
+                        s += bf16_lo(wr[4 * i]) * bf16_lo(x0) + bf16_hi(wr[4 * i]) * bf16_hi(x0)
+                        s += bf16_lo(wr[4 * i + 1]) * bf16_lo(x1) + bf16_hi(wr[4 * i + 1]) * bf16_hi(x1)
+                        s += bf16_lo(wr[4 * i + 2]) * bf16_lo(x2) + bf16_hi(wr[4 * i + 2]) * bf16_hi(x2)
+                        s += bf16_lo(wr[4 * i + 3]) * bf16_lo(x3) + bf16_hi(wr[4 * i + 3]) * bf16_hi(x3)
+                        acc[t] = s
+            for t in range(tokens):
+                s = acc[t]
+                for offset in (16, 8, 4, 2, 1):
+                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                if lane == t:
+                    out[t, n] = s
+            n += stride
+            issue(weight, n, lane, wr)
 
-    @cuda.jit(device=True, inline=True)
-    def register_word(xs, t, i, c, j):
-        return xs[4 * (t * cpl + i) + j]
-
-    def make_rows(word):
-        """The gemv proper, x's words fetched by ``word``; ``n`` is this warp's first row (loads already issued)."""
-
-        @cuda.jit(device=True, inline=True)
-        def rows(weight, out, xs, n, lane, wr, acc):
-            chunks = weight.shape[1]
-            stride = cuda.gridDim.x * (cuda.blockDim.x // 32)
-            while n < weight.shape[0]:  # warp-uniform
-                for t in range(tokens):
-                    acc[t] = numba.float32(0.0)
-                for i in range(cpl):
-                    c = lane + 32 * i
-                    if c < chunks:
-                        for t in range(tokens):
-                            x0, x1 = word(xs, t, i, c, 0), word(xs, t, i, c, 1)
-                            x2, x3 = word(xs, t, i, c, 2), word(xs, t, i, c, 3)
-                            s = acc[t]
-                            s += bf16_lo(wr[4 * i]) * bf16_lo(x0) + bf16_hi(wr[4 * i]) * bf16_hi(x0)
-                            s += bf16_lo(wr[4 * i + 1]) * bf16_lo(x1) + bf16_hi(wr[4 * i + 1]) * bf16_hi(x1)
-                            s += bf16_lo(wr[4 * i + 2]) * bf16_lo(x2) + bf16_hi(wr[4 * i + 2]) * bf16_hi(x2)
-                            s += bf16_lo(wr[4 * i + 3]) * bf16_lo(x3) + bf16_hi(wr[4 * i + 3]) * bf16_hi(x3)
-                            acc[t] = s
-                for t in range(tokens):
-                    s = acc[t]
-                    for offset in (16, 8, 4, 2, 1):
-                        s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
-                    if lane == t:
-                        out[t, n] = s
-                n += stride
-                issue(weight, n, lane, wr)
-
-        return rows
-
-    rows_shared, rows_registers = make_rows(shared_word), make_rows(register_word)
 
     def silu_kernel(gate_up, weight, out):
         # gate_up: (tokens, 2 K // 8) complex128, [gate | up]; weight: (N, K // 8) complex128; out: (tokens, N)
@@ -237,56 +226,58 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
                 xs[xs_at(t, 3, c, span)] = silu_mul_bf16x2(g3, u3)
                 c += cuda.blockDim.x
         cuda.syncthreads()
-        rows_shared(weight, out, xs, n, lane, wr, acc)
+        rows(weight, out, xs, n, lane, wr, acc)
 
     def add_norm_kernel(x, residual, norm_weight, eps, weight, out, new_residual):
         # x, residual, new_residual: (tokens, K // 8) complex128; norm_weight: (K // 8,) complex128
-        # Each warp prepares, in registers, exactly the chunks of x its lanes multiply (c = lane + 32 i): no
-        # shared memory and no barrier, the norm's sum reduced by shuffles (timed on the H100, a block-wide
-        # version with two barriers cost 2.7-4 us over the plain gemv).
+        # (a version where each warp prepared its own chunks in registers, no barrier, measured slower on the H100:
+        # 8.8 and 12.2 us against this one's 6.6 and 8.8 at 1 token)
+        xs = cuda.shared.array(shared_words, numba.int32)
+        partials = cuda.shared.array(partial_floats, numba.float32)  # per warp, per token: sums of squares
         wr = cuda.local.array(words, numba.int32)
-        xr = cuda.local.array(x_words, numba.int32)  # this lane's chunks of x, per token: the new residual, then normed
-        nw = cuda.local.array(words, numba.int32)  # ... and of the norm's weight
         acc = cuda.local.array(tokens, numba.float32)
-        lane, warp = cuda.threadIdx.x % 32, cuda.threadIdx.x // 32
+        lane, warp, warps = cuda.threadIdx.x % 32, cuda.threadIdx.x // 32, cuda.blockDim.x // 32
         chunks = weight.shape[1]
-        n = cuda.blockIdx.x * (cuda.blockDim.x // 32) + warp
+        n = cuda.blockIdx.x * warps + warp
         issue(weight, n, lane, wr)
-        writes = cuda.blockIdx.x == 0 and warp == 0  # one warp writes the new residual out
-        inv_width = numba.float32(1.0) / numba.float32(8 * chunks)
-        for i in range(cpl):
-            c = lane + 32 * i
-            if c < chunks:
-                nw[4 * i], nw[4 * i + 1], nw[4 * i + 2], nw[4 * i + 3] = load_words(norm_weight, c)
-            else:
-                nw[4 * i] = nw[4 * i + 1] = nw[4 * i + 2] = nw[4 * i + 3] = 0
-        for t in range(tokens):
+        for t in range(tokens):  # the new residual x + residual, rounded to bf16; block 0 writes it out
+            c = cuda.threadIdx.x
             sq = numba.float32(0.0)
-            for i in range(cpl):  # the new residual x + residual, rounded to bf16
-                c = lane + 32 * i
-                at = 4 * (t * cpl + i)
-                if c < chunks:
-                    a0, a1, a2, a3 = load_words(x[t], c)
-                    b0, b1, b2, b3 = load_words(residual[t], c)
-                    xr[at] = pack_bf16(bf16_lo(a0) + bf16_lo(b0), bf16_hi(a0) + bf16_hi(b0))
-                    xr[at + 1] = pack_bf16(bf16_lo(a1) + bf16_lo(b1), bf16_hi(a1) + bf16_hi(b1))
-                    xr[at + 2] = pack_bf16(bf16_lo(a2) + bf16_lo(b2), bf16_hi(a2) + bf16_hi(b2))
-                    xr[at + 3] = pack_bf16(bf16_lo(a3) + bf16_lo(b3), bf16_hi(a3) + bf16_hi(b3))
-                    if writes:
-                        store_words(new_residual[t], c, xr[at], xr[at + 1], xr[at + 2], xr[at + 3])
-                    for j in range(4):
-                        sq += bf16_lo(xr[at + j]) * bf16_lo(xr[at + j]) + bf16_hi(xr[at + j]) * bf16_hi(xr[at + j])
-                else:
-                    xr[at] = xr[at + 1] = xr[at + 2] = xr[at + 3] = 0
-            for offset in (16, 8, 4, 2, 1):  # the sum over the row, in every lane
+            while c < chunks:
+                a0, a1, a2, a3 = load_words(x[t], c)
+                b0, b1, b2, b3 = load_words(residual[t], c)
+                r0 = pack_bf16(bf16_lo(a0) + bf16_lo(b0), bf16_hi(a0) + bf16_hi(b0))
+                r1 = pack_bf16(bf16_lo(a1) + bf16_lo(b1), bf16_hi(a1) + bf16_hi(b1))
+                r2 = pack_bf16(bf16_lo(a2) + bf16_lo(b2), bf16_hi(a2) + bf16_hi(b2))
+                r3 = pack_bf16(bf16_lo(a3) + bf16_lo(b3), bf16_hi(a3) + bf16_hi(b3))
+                if cuda.blockIdx.x == 0:
+                    store_words(new_residual[t], c, r0, r1, r2, r3)
+                xs[xs_at(t, 0, c, span)], xs[xs_at(t, 1, c, span)] = r0, r1
+                xs[xs_at(t, 2, c, span)], xs[xs_at(t, 3, c, span)] = r2, r3
+                for r in (r0, r1, r2, r3):
+                    sq += bf16_lo(r) * bf16_lo(r) + bf16_hi(r) * bf16_hi(r)
+                c += cuda.blockDim.x
+            for offset in (16, 8, 4, 2, 1):
                 sq += cuda.shfl_xor_sync(FULL_MASK, sq, offset)
-            inv_rms = numba.float32(1.0) / math.sqrt(sq * inv_width + eps)
-            for i in range(cpl):  # x <- residual / rms * norm weight, rounded to bf16
-                at = 4 * (t * cpl + i)
-                for j in range(4):
-                    r, w = xr[at + j], nw[4 * i + j]
-                    xr[at + j] = pack_bf16((bf16_lo(r) * inv_rms) * bf16_lo(w), (bf16_hi(r) * inv_rms) * bf16_hi(w))
-        rows_registers(weight, out, xr, n, lane, wr, acc)
+            if lane == 0:
+                partials[warp * tokens + t] = sq
+        cuda.syncthreads()
+        inv_width = numba.float32(1.0) / numba.float32(8 * chunks)
+        for t in range(tokens):  # x <- residual / rms * norm weight, rounded to bf16 (each thread its own words)
+            total = numba.float32(0.0)
+            for w in range(warps):
+                total += partials[w * tokens + t]
+            inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
+            c = cuda.threadIdx.x
+            while c < chunks:
+                w0, w1, w2, w3 = load_words(norm_weight, c)
+                for j, wj in ((0, w0), (1, w1), (2, w2), (3, w3)):
+                    r = xs[xs_at(t, j, c, span)]
+                    xs[xs_at(t, j, c, span)] = pack_bf16((bf16_lo(r) * inv_rms) * bf16_lo(wj),
+                                                         (bf16_hi(r) * inv_rms) * bf16_hi(wj))
+                c += cuda.blockDim.x
+        cuda.syncthreads()
+        rows(weight, out, xs, n, lane, wr, acc)
 
     kernel = silu_kernel if prologue == "silu" else add_norm_kernel
     kernel.__name__ = kernel.__qualname__ = f"gemv_{prologue}_bf16_c{cpl}_t{tokens}"

@@ -77,6 +77,7 @@ def test_the_model_sends_small_gpu_steps_to_it_as_switched(monkeypatch):
     from minivllm.model import layers
 
     assert g.ENGINE_MAX_TOKENS == 2 and g.PROLOGUE_MAX_TOKENS == 1  # where each measured faster (H100)
+    assert g.ENGINE_PROLOGUES == ("silu",)  # add + norm folded in measured no faster in all
     monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 4)
     assert layers._gemv_tokens() == 4  # read at call time: a benchmark switches it before capturing graphs
     x, weight = _operands(2, 8, 64)
@@ -100,9 +101,9 @@ def test_the_model_with_it_matches_the_model_without(monkeypatch):
         monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 0)  # cuBLAS
         want = model.compute_logits(model(ids, positions)).float()
         monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 8)
-        monkeypatch.setattr(g, "ENGINE_PROLOGUES", False)
+        monkeypatch.setattr(g, "ENGINE_PROLOGUES", ())
         got = model.compute_logits(model(ids, positions)).float()
-        monkeypatch.setattr(g, "ENGINE_PROLOGUES", True)  # SiLU·mul and add + norm folded into the matmuls too
+        monkeypatch.setattr(g, "ENGINE_PROLOGUES", ("silu", "add_norm"))  # both folded into the matmuls
         monkeypatch.setattr(g, "PROLOGUE_MAX_TOKENS", 2)  # (the engine: batch 1 only, where they are faster)
         assert model.model.layers[1].folds_norms(torch.zeros(2, TINY.hidden_size, device="cuda",
                                                              dtype=torch.bfloat16))

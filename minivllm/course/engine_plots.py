@@ -265,8 +265,12 @@ def throughput(result: dict) -> Figure:
 
 
 def latency(result: dict) -> Figure:
-    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, eager), with targets."""
-    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "decode_graphs_only", "eager") if m in result]
+    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, the overlapped loop, the
+    small-step kernels switched off, eager), with targets."""
+    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "cuda_graphs_unfused", "cuda_graphs_cublas",
+                         "decode_graphs_only", "eager") if m in result]
+    palette = {"cuda_graphs": DECODE, "cuda_graphs_async": "#59a14f", "cuda_graphs_unfused": "#edc948",
+               "cuda_graphs_cublas": "#9c755f", "decode_graphs_only": "#b07aa1", "eager": PREFILL}
     targets = result.get("targets") or {}
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * len(modes) + 2.2))
     plt.close(fig)
@@ -275,13 +279,38 @@ def latency(result: dict) -> Figure:
                                   (axes[1], "ttft_ms", targets.get("ttft_1k_ms"),
                                    f"time to first token, {result['ttft_prompt_len']}-token prompt: ms")):
         _bars(ax, [m.replace("_", " ") for m in modes], [result[m][key] for m in modes], "{:.2f}",
-              (DECODE, "#59a14f", "#b07aa1", PREFILL)[:len(modes) - 1] + (PREFILL,))
+              [palette[m] for m in modes])
         if target:
             ax.axvline(target, color="black", ls="--", lw=1, label=f"target {target}")
             ax.set_xlim(0, max(ax.get_xlim()[1], target * 1.2))
             ax.legend(fontsize=8, loc="lower right")
         ax.set_title(what, fontsize=9)
     fig.suptitle(f"{model_note(result)}\n{_where(result)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def gemv_prologues(result: dict) -> Figure:
+    """``17_gemv_cuda``: at 1 token, each prologue kernel (SiLU·mul or add + RMSNorm folded into the matmul after
+    it) against the two launches it replaces, with ``kernels.gemv`` and with cuBLAS for the matmul."""
+    cases = [(f"SiLU·mul\n+ down_proj ({r['n']} x {r['k']})", r) for r in result.get("silu", []) if r["tokens"] == 1]
+    cases += [(f"add + RMSNorm\n+ {'qkv' if r['n'] == 4096 else 'gate_up'}_proj ({r['n']} x {r['k']})", r)
+              for r in result.get("add_norm", []) if r["tokens"] == 1]
+    kinds = (("fused_us", "one kernel (prologue folded in)", DECODE), ("two_kernels_us", "two: kernel + kernels.gemv",
+             "#b07aa1"), ("with_cublas_us", "two: kernel + cuBLAS", "#C44E52"))
+    fig, ax = plt.subplots(figsize=(9, 1.1 * len(cases) + 1.8))
+    plt.close(fig)
+    height = 0.8 / len(kinds)
+    for j, (key, label, color) in enumerate(kinds):
+        ys = [i + (j - 1) * height for i in range(len(cases))]
+        bars = ax.barh(ys, [r[key] for _, r in cases], height=height, color=color, label=label)
+        ax.bar_label(bars, labels=[f"{r[key]:.1f} µs" for _, r in cases], padding=3, fontsize=8)
+    ax.set_yticks(range(len(cases)), [name for name, _ in cases], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(r[k] for _, r in cases for k, _, _ in kinds) * 1.3)
+    ax.set_xlabel("µs per call, CUDA-graph replay (batch 1: one token)")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.suptitle(f"Qwen3-0.6B's decode matmuls with what comes before them\n{_where(result)}", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -130,27 +130,27 @@ def _gemv_tokens() -> int:
     return 0 if module is None else module.ENGINE_MAX_TOKENS
 
 
-def _prologue_gemv(x: torch.Tensor, learner_kernel: str):
+def _prologue_gemv(x: torch.Tensor, prologue: str, learner_kernel: str):
     """``kernels.gemv`` when a small GPU step may fold ``learner_kernel``'s work into the matmul after it: the step is
-    at most ``ENGINE_MAX_TOKENS`` and ``PROLOGUE_MAX_TOKENS`` tokens, ``ENGINE_PROLOGUES`` is on, and no learner's
-    kernel replaces that work."""
+    at most ``ENGINE_MAX_TOKENS`` and ``PROLOGUE_MAX_TOKENS`` tokens, ``prologue`` is in ``ENGINE_PROLOGUES``, and
+    no learner's kernel replaces that work."""
     if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= _gemv_tokens()) or learner_kernel in LEARNER_KERNELS:
         return None
     module = kernel_module("gemv")
-    on = getattr(module, "ENGINE_PROLOGUES", False) and x.shape[0] <= module.PROLOGUE_MAX_TOKENS
+    on = prologue in getattr(module, "ENGINE_PROLOGUES", ()) and x.shape[0] <= module.PROLOGUE_MAX_TOKENS
     return module if on else None
 
 
 def folds_norms(x: torch.Tensor) -> bool:
     """Whether a decoder layer's step ``x`` (tokens, hidden) takes :func:`add_rms_norm_linear`'s one-kernel path."""
-    return _prologue_gemv(x, "fused_add_rms_norm") is not None
+    return _prologue_gemv(x, "add_norm", "fused_add_rms_norm") is not None
 
 
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linear(rms_norm(x + residual)), x + residual)``: :func:`fused_add_rms_norm` then :func:`linear`, or for a
     small GPU step one kernel (``kernels.gemv.gemv_add_norm``, out of place: x and residual are left as they are)."""
-    module = _prologue_gemv(x, "fused_add_rms_norm")
+    module = _prologue_gemv(x, "add_norm", "fused_add_rms_norm")
     if module is not None and module.add_norm_supported(x, residual, norm_weight, weight):
         return module.gemv_add_norm(x, residual, norm_weight, eps, weight)
     x, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
@@ -159,7 +159,7 @@ def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: to
 
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``linear(silu_and_mul(gate_up), weight)``; for a small GPU step one kernel (``kernels.gemv.gemv_silu``)."""
-    module = _prologue_gemv(gate_up, "silu_and_mul")
+    module = _prologue_gemv(gate_up, "silu", "silu_and_mul")
     if module is not None and module.silu_supported(gate_up, weight):
         return module.gemv_silu(gate_up, weight)
     return linear(silu_and_mul(gate_up), weight)
