@@ -6,9 +6,9 @@ One decoder layer, pre-norm, with the residual stream carried beside the hidden 
       RMSNorm ─► gate_up_proj ─► SiLU(gate) · up ─► down_proj ─► +
 
 ``[q_norm, k_norm]`` (RMSNorm over head_dim on every q and k head) is Qwen3's; Llama skips it. On a GPU, in
-the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``), and a step of
-a few tokens (batch-1 decode) folds each add + RMSNorm and the SiLU·mul into the matmul after it
-(``Qwen3DecoderLayer.forward_small``, ``kernels.gemv``).
+the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``), and a batch-1
+step folds the SiLU·mul into ``down_proj`` (``Qwen3MLP.down``, ``kernels.gemv``); folding each add + RMSNorm into
+the matmul after it (``Qwen3DecoderLayer.forward_small``) is behind ``kernels.gemv.ENGINE_PROLOGUES``.
 Everything else is shared. As in vLLM, the model works on a batch of *flattened tokens*,
 ``input_ids (tokens,)`` with ``positions (tokens,)``, and the attention metadata says which cache
 rows belong to whom. ``q, k, v`` are one matmul (``qkv_proj``) and ``gate, up`` another
