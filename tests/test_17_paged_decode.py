@@ -32,7 +32,8 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
                   7.0, 5.0,  # largest split chunks: none (whole contexts), then 16 keys on b32
                   6.0, 2.0, 5.0, 4.0,  # split rules on both cases: "waves" 8 in all, "fill" 9
                   3.5, 2.5,  # the defaults on an fp8 copy of each case
-                  1.5])  # the small case with split-K merged in the kernel
+                  1.5,  # the small case with split-K merged in the kernel
+                  1.7])  # ... and merged by a second kernel
     ran = []
 
     def timer(fn):
@@ -41,7 +42,7 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
 
     before = (w.MIN_SPLIT, w.MAX_SPLIT, w.SPLIT_RULE)
     data = pd.run(cases, timer)
-    assert len(ran) == 15 and next(costs, None) is None and (w.MIN_SPLIT, w.MAX_SPLIT, w.SPLIT_RULE) == before
+    assert len(ran) == 16 and next(costs, None) is None and (w.MIN_SPLIT, w.MAX_SPLIT, w.SPLIT_RULE) == before
     assert data["best"] == {"warps": 4, "unroll": 2, "min_split": 64, "max_split": 16, "split_rule": "waves"}
     assert data["defaults"] == {"warps": 4, "unroll": 2, "min_split": before[0], "max_split": before[1],
                                 "split_rule": before[2]}
@@ -62,7 +63,7 @@ def test_the_sweep_picks_the_fastest_setting_and_split(monkeypatch, tmp_path):
     assert fp8["us"] == {"b32_ctx40": 3.5, "graph_b1_ctx10": 2.5} and fp8["max_abs_err_vs_fp8_reference"] < 2e-2
     assert fp8["floor_fraction"]["b32_ctx40"] == round(floor / 2 / 3.5, 3)
     assert fp8["speedup_vs_bf16_defaults"] == {"b32_ctx40": 2.0, "graph_b1_ctx10": 2.4}
-    assert data["fused_merge_us"] == {"graph_b1_ctx10": 1.5}
+    assert data["fused_merge_us"] == {"graph_b1_ctx10": 1.5} and data["two_kernel_merge_us"] == {"graph_b1_ctx10": 1.7}
     json.dumps(data)  # what save() writes
     fig = paged_plots.decode_settings(data)
     bars = [b for b in fig.axes[0].patches if b.get_gid() == "w4_u2"]
