@@ -18,9 +18,10 @@ design, with nothing else to do:
 
 Limits: bf16, ``K % 8 == 0``, K <= 8,192 (``CPL`` <= 32), 1 to ``MAX_TOKENS`` rows of x, contiguous tensors
 16-byte aligned. The model's linear layers (``minivllm.model.layers.linear``) send a GPU step of up to
-``ENGINE_MAX_TOKENS`` tokens here (0: none, cuBLAS for all; ``python -m kernels.gemv`` times both at Qwen3-0.6B's
-shapes; ``python -m bench.latency`` runs an engine with cuBLAS beside the default). Checked against ``F.linear`` in numba's CUDA simulator (``tests/test_17_gemv.py``) and
-compiled for every supported GPU (``kernels._ptx``).
+``ENGINE_MAX_TOKENS`` tokens here (0: none, cuBLAS for all; ``python -m bench.gemv`` times both at Qwen3-0.6B's
+shapes, and the prologue kernels below against the launches they replace; ``python -m bench.latency`` runs an
+engine with cuBLAS beside the default). Checked against ``F.linear`` in numba's CUDA simulator
+(``tests/test_17_gemv.py``) and compiled for every supported GPU (``kernels._ptx``).
 """
 
 import functools
