@@ -20,6 +20,10 @@ device runs every later use of those blocks after N+1. N's sampler is queued onl
 so penalties, ``min_tokens`` and grammars see every token before it. When N+1 cannot be planned ahead (someone
 may be admitted, memory is short, a prefill is running), the call ends like a plain step.
 
+A call that raises leaves the engine as a failed plain step does, so the server's retry (``minivllm.server.
+async_engine``) recomputes that step: a step ahead planned on its tokens is dropped (tests/test_17_overlap.py fails
+each piece of the step in turn).
+
 On a CPU nothing runs concurrently (each op computes when it is called), so the loop gives the same tokens for
 the same work; it exists there to be tested. Left out: more than one step in flight, tensor parallelism (the
 workers would need the sampled tokens of the step before).
@@ -114,6 +118,10 @@ class OverlappedLoop:
                 ids = ids[runner.to_device("pending_inputs", rows, np.int64)]
             self.now = InFlight(ahead, runner.launch(prepared, ids), time.monotonic(), prepared.bucket > 0)
         # NOTE: only step N's work is waited for; step N+1 keeps the device busy meanwhile
-        tokens = copy.wait() if copy is not None else SampledTokens()
-        scheduler.postprocess(now.plan, tokens.token_ids)
+        try:
+            tokens = copy.wait() if copy is not None else SampledTokens()
+            scheduler.postprocess(now.plan, tokens.token_ids)
+        except BaseException:  # N+1 was planned on N's tokens, which never arrived: drop it, the next call plans
+            self.now = None  # from the scheduler's state again (N not advanced: a retry recomputes N, as the
+            raise  # plain loop's does)
         return engine.processor.process(now.plan, tokens, now.start, graph=now.graph)

@@ -88,18 +88,19 @@ def test_a_full_queue_answers_429_with_retry_after_and_recovers():
     llm.engine.check_no_leaks()
 
 
-def test_an_engine_exception_fails_only_the_request_that_caused_it(caplog):
-    llm = _llm()
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_engine_exception_fails_only_the_request_that_caused_it(caplog, overlap):
+    llm = _llm(async_scheduling=overlap)  # the overlapped loop too: its failed steps are retried the same way
     want = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     engine = llm.engine
-    execute = engine.runner.execute
+    prepare = engine.runner.prepare  # every step's inputs, in either loop (the plain one's execute calls it)
 
-    def execute_or_raise(plan):
+    def prepare_or_raise(plan):
         if any(e.seq.prompt_token_ids[0] == POISON for e in plan.scheduled):
             raise RuntimeError("poisoned batch")
-        return execute(plan)
+        return prepare(plan)
 
-    engine.runner.execute = execute_or_raise
+    engine.runner.prepare = prepare_or_raise
     gate = _gate(engine)
     app = build_app(engine)
     with ServerThread(app) as server, ThreadPoolExecutor(5) as pool:

@@ -388,6 +388,55 @@ def test_the_fast_path_and_the_full_plan_give_the_same_engine_outputs(tokenizer,
     assert sum(fast_steps) > 10  # the fast path ran
 
 
+def greedy_requests(seed: int, n: int = 8):
+    rng = random.Random(seed)
+    return [([rng.randrange(TINY.vocab_size) for _ in range(rng.randint(3, 30))],
+             SamplingParams(temperature=0, max_tokens=rng.randint(5, 40)), False) for _ in range(n)]
+
+
+def drive_retrying(e: LLMEngine, reqs) -> tuple[dict, int]:
+    """Run every request to its end, calling ``step`` again after one that raised (as the server does); returns
+    request id -> tokens, and how many steps raised."""
+    for p, params, _ in reqs:
+        e.add_request(p, params)
+    final, failures = {}, 0
+    while e.has_unfinished_requests():
+        try:
+            outs = e.step()
+        except RuntimeError:
+            failures += 1
+            continue
+        final |= {o.request_id: o.outputs[0].token_ids for o in outs if o.finished}
+    e.check_no_leaks()
+    return final, failures
+
+
+@pytest.mark.parametrize("where", [("runner", "prepare"), ("runner", "launch"), ("engine", "sample_tensors"),
+                                   ("scheduler", "schedule_ahead"), ("scheduler", "postprocess"),
+                                   ("processor", "process")])
+def test_a_step_that_raises_is_safe_to_retry_in_the_overlapped_loop(tokenizer, where):
+    """The server calls ``step`` again after one raised (``minivllm.server.async_engine``). A failure anywhere in an
+    overlapped step -- the 3rd or 15th call of each piece, with a step planned ahead in flight or not -- leaves the
+    engine where a retry gives the plain engine's tokens and no KV block behind. (Until the loop dropped the step
+    ahead when this step's post-processing raised, the retry ran that step on tokens it never appended.)"""
+    reqs = greedy_requests(3)
+    want, _ = drive_retrying(engine(tokenizer, False), reqs)
+    for at in (3, 15):
+        e = engine(tokenizer, True)
+        target = {"runner": e.runner, "scheduler": e.scheduler, "engine": e, "processor": e.processor}[where[0]]
+        fn, calls = getattr(target, where[1]), []
+
+        def fail_once(*args, fn=fn, calls=calls, at=at, **kwargs):
+            calls.append(1)
+            if len(calls) == at:
+                raise RuntimeError("injected")
+            return fn(*args, **kwargs)
+
+        setattr(target, where[1], fail_once)
+        got, failures = drive_retrying(e, reqs)
+        assert failures == 1 and got == want, (where, at)
+
+
 def test_async_scheduling_is_refused_with_tensor_parallelism():
     from minivllm.config import EngineConfig
 
