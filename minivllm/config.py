@@ -96,7 +96,7 @@ class EngineConfig:
     #                                 processing behind the device too (minivllm.overlap; not with tensor
     #                                 parallelism). vLLM's --async-scheduling. Measured on an H100 and the H200: the
     #                                 same tokens, 1.09-1.16x the offline throughput, batch-1 decode 1.2x faster.
-    #                                 Opt-in as in vLLM: outputs come one step later, and the GPU server tests have
+    #                                 Still opt-in: outputs come one step later, and the GPU server tests have
     #                                 not yet run with it on
     # the course: True (or a workspace folder) builds the engine from the learner's passed components
     learner: bool | str | Path = False  # see minivllm.learner; default folder notebooks/workspace
