@@ -40,8 +40,8 @@ MAX_CPL = 32  # chunks per lane: K up to 32 x 32 x 8 = 8,192 bf16
 WARPS = 4  # warps per block
 ENGINE_MAX_TOKENS = 2  # the model's linear layers use this kernel for steps of up to this many tokens (0: never).
 #   Alone on the H100 (CUDA-graph replay, Qwen3-0.6B's four matmuls, bench/results/h100/17_gemv_cuda.json): at 1 token
-#   1.07-1.33x cuBLAS on each; at 2 tokens 0.99, 1.23, 0.85 and 1.17x (together ~1 us a layer less); from 4 tokens
-#   cuBLAS is faster. In the engine, batch-1 decode: H200 1.50 against 1.77 ms/token with cuBLAS
+#   1.14-1.33x cuBLAS on each; at 2 tokens 1.02, 1.26, 0.87 and 1.18x (together ~1 us a layer less); at 4 tokens
+#   cuBLAS is faster in all (~2 us a layer), at 8 on each. In the engine, batch-1 decode: H200 1.50 against 1.77 ms/token with cuBLAS
 #   (bench/results/12_latency_cuda.json), H100 1.66 against 2.04 (h100/12_latency_cuda.json)
 ENGINE_PROLOGUES = ("silu",)  # steps of up to PROLOGUE_MAX_TOKENS tokens also fold these into the matmul after
 #   them (below): "silu" (gemv_silu: SiLU·mul + down_proj), "add_norm" (gemv_add_norm: add + RMSNorm + qkv_proj or
