@@ -41,8 +41,8 @@ WARPS = 4  # warps per block
 ENGINE_MAX_TOKENS = 2  # the model's linear layers use this kernel for steps of up to this many tokens (0: never).
 #   Alone on the H100 (CUDA-graph replay, Qwen3-0.6B's four matmuls, bench/results/h100/17_gemv_cuda.json): at 1 token
 #   1.14-1.33x cuBLAS on each; at 2 tokens 1.02, 1.26, 0.87 and 1.18x (together ~1 us a layer less); at 4 tokens
-#   cuBLAS is faster in all (~2 us a layer), at 8 on each. In the engine, batch-1 decode: H200 1.50 against 1.77 ms/token with cuBLAS
-#   (bench/results/12_latency_cuda.json), H100 1.66 against 2.04 (h100/12_latency_cuda.json)
+#   cuBLAS is faster in all (~2 us a layer), at 8 on each. In the engine, batch-1 decode: H200 1.50 against 1.77
+#   ms/token with cuBLAS (bench/results/12_latency_cuda.json), H100 1.70 against 1.89 (h100/12_latency_cuda.json)
 ENGINE_PROLOGUES = ("silu",)  # steps of up to PROLOGUE_MAX_TOKENS tokens also fold these into the matmul after
 #   them (below): "silu" (gemv_silu: SiLU·mul + down_proj), "add_norm" (gemv_add_norm: add + RMSNorm + qkv_proj or
 #   gate_up_proj). Measured on the H100 at 1 token (CUDA-graph replay, h100/17_gemv_cuda.json): SiLU·mul + down_proj
@@ -55,6 +55,24 @@ FULL_MASK = 0xFFFFFFFF
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` in fp32, rounded to x's dtype: (tokens, K), (N, K) -> (tokens, N)."""
     return torch.nn.functional.linear(x.float(), weight.float()).to(x.dtype)
+
+
+@cuda.jit(device=True, inline=True)
+def chunk_dot(s, wr, i, x0, x1, x2, x3):
+    """``s`` plus chunk ``i`` of a row of W (words ``wr[4i:4i+4]``: 8 bf16) dotted with 8 bf16 of x in ``x0..x3``."""
+    s += bf16_lo(wr[4 * i]) * bf16_lo(x0) + bf16_hi(wr[4 * i]) * bf16_hi(x0)
+    s += bf16_lo(wr[4 * i + 1]) * bf16_lo(x1) + bf16_hi(wr[4 * i + 1]) * bf16_hi(x1)
+    s += bf16_lo(wr[4 * i + 2]) * bf16_lo(x2) + bf16_hi(wr[4 * i + 2]) * bf16_hi(x2)
+    s += bf16_lo(wr[4 * i + 3]) * bf16_lo(x3) + bf16_hi(wr[4 * i + 3]) * bf16_hi(x3)
+    return s
+
+
+@cuda.jit(device=True, inline=True)
+def warp_sum(s):
+    """The sum of ``s`` over the warp, in every lane (five ``shfl_xor`` steps)."""
+    for offset in (16, 8, 4, 2, 1):
+        s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+    return s
 
 
 @functools.cache
@@ -83,18 +101,11 @@ def _kernel(cpl: int, tokens: int):
                 if c < chunks:
                     for t in range(tokens):
                         x0, x1, x2, x3 = load_words(x[t], c)
-                        s = acc[t]
-                        s += bf16_lo(wr[4 * i]) * bf16_lo(x0) + bf16_hi(wr[4 * i]) * bf16_hi(x0)
-                        s += bf16_lo(wr[4 * i + 1]) * bf16_lo(x1) + bf16_hi(wr[4 * i + 1]) * bf16_hi(x1)
-                        s += bf16_lo(wr[4 * i + 2]) * bf16_lo(x2) + bf16_hi(wr[4 * i + 2]) * bf16_hi(x2)
-                        s += bf16_lo(wr[4 * i + 3]) * bf16_lo(x3) + bf16_hi(wr[4 * i + 3]) * bf16_hi(x3)
-                        acc[t] = s
-            for t in range(tokens):
-                s = acc[t]
-                for offset in (16, 8, 4, 2, 1):  # the sum over the warp, left in every lane
-                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                        acc[t] = chunk_dot(acc[t], wr, i, x0, x1, x2, x3)
+            for t in range(tokens):  # the sum over the warp; lane t writes token t's
+                total = warp_sum(acc[t])
                 if lane == t:
-                    out[t, n] = s
+                    out[t, n] = total
             n += cuda.gridDim.x * (cuda.blockDim.x // 32)
 
     kernel.__name__ = kernel.__qualname__ = f"gemv_bf16_c{cpl}_t{tokens}"
@@ -105,6 +116,8 @@ _SIG = "void(complex128[:, ::1], complex128[:, ::1], bfloat16[:, ::1])"
 # the shapes the course's model launches at batch 1: Qwen3-0.6B's K of 1,024 (4 chunks per lane), 2,048 (8) and
 # 3,072 (12); the SmolLM2 widths 576 and 1,536 round up to 3 and 6
 SIGNATURES = {_kernel(cpl, 1): [_SIG] for cpl in (3, 4, 6, 8, 12)}
+SIGNATURES.update({chunk_dot: ["float32(float32, int32[::1], int64, int32, int32, int32, int32)"],
+                   warp_sum: ["float32(float32)"]})
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -191,18 +204,11 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
                     for t in range(tokens):
                         x0, x1 = xs[xs_at(t, 0, c, span)], xs[xs_at(t, 1, c, span)]
                         x2, x3 = xs[xs_at(t, 2, c, span)], xs[xs_at(t, 3, c, span)]
-                        s = acc[t]
-                        s += bf16_lo(wr[4 * i]) * bf16_lo(x0) + bf16_hi(wr[4 * i]) * bf16_hi(x0)
-                        s += bf16_lo(wr[4 * i + 1]) * bf16_lo(x1) + bf16_hi(wr[4 * i + 1]) * bf16_hi(x1)
-                        s += bf16_lo(wr[4 * i + 2]) * bf16_lo(x2) + bf16_hi(wr[4 * i + 2]) * bf16_hi(x2)
-                        s += bf16_lo(wr[4 * i + 3]) * bf16_lo(x3) + bf16_hi(wr[4 * i + 3]) * bf16_hi(x3)
-                        acc[t] = s
-            for t in range(tokens):
-                s = acc[t]
-                for offset in (16, 8, 4, 2, 1):
-                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                        acc[t] = chunk_dot(acc[t], wr, i, x0, x1, x2, x3)
+            for t in range(tokens):  # the sum over the warp; lane t writes token t's
+                total = warp_sum(acc[t])
                 if lane == t:
-                    out[t, n] = s
+                    out[t, n] = total
             n += stride
             issue(weight, n, lane, wr)
 
@@ -258,8 +264,7 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
                 for r in (r0, r1, r2, r3):
                     sq += bf16_lo(r) * bf16_lo(r) + bf16_hi(r) * bf16_hi(r)
                 c += cuda.blockDim.x
-            for offset in (16, 8, 4, 2, 1):
-                sq += cuda.shfl_xor_sync(FULL_MASK, sq, offset)
+            sq = warp_sum(sq)
             if lane == 0:
                 partials[warp * tokens + t] = sq
         cuda.syncthreads()
