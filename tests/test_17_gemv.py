@@ -208,3 +208,12 @@ def test_the_prologue_kernels_on_the_gpu(tokens):
         assert torch.equal(new_residual, want_residual)
         # the rms's fp32 sum runs in another order than torch's: a normalized value may round to the next bf16
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=2e-2)
+
+
+def test_bench_gemv_is_registered_and_refuses_to_time_without_a_gpu():
+    from bench import gemv as bench_gemv
+    from bench import run
+
+    assert run.BENCHMARKS["gemv"] == ("bench.gemv", "17_gemv_cuda") and callable(bench_gemv.run)
+    if not torch.cuda.is_available():
+        assert bench_gemv.main([]) == 2  # the simulator's timings would mean nothing
