@@ -18,7 +18,7 @@ prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps l
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
 (``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
-left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_PROLOGUES`` empty). On a CPU there are no
+left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off). On a CPU there are no
 graphs: the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
@@ -88,23 +88,23 @@ def run(args: argparse.Namespace) -> dict:
     # each mode's engine options; on a GPU also graphs with the overlapped loop
     import kernels.gemv
 
-    default_gemv, default_prologues = kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES
+    default_gemv, default_silu = kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_SILU_PROLOGUE
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
               "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
-    switches = {"cuda_graphs_gemv": (8, default_prologues), "cuda_graphs_cublas": (0, default_prologues),
-                "cuda_graphs_unfused": (default_gemv or 2, ())}  # kernels.gemv's two switches, per mode
+    switches = {"cuda_graphs_gemv": (8, default_silu), "cuda_graphs_cublas": (0, default_silu),
+                "cuda_graphs_unfused": (default_gemv or 2, False)}  # kernels.gemv's two switches, per mode
     for mode, mode_options in modes.items():
-        kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES = switches.get(
-            mode, (default_gemv, default_prologues))  # before graph capture
+        kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_SILU_PROLOGUE = switches.get(
+            mode, (default_gemv, default_silu))  # before graph capture
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
             setup = time.perf_counter() - start
             result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
         finally:
-            kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_PROLOGUES = default_gemv, default_prologues
+            kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_SILU_PROLOGUE = default_gemv, default_silu
         del llm
         free_memory()
     if "cuda_graphs" in result:
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         result["gemv_speedup_decode"] = round(result[cublas]["decode_ms_per_token"]
                                               / result[gemv]["decode_ms_per_token"], 3)
         result["engine_gemv_max_tokens"] = default_gemv
-        result["engine_gemv_prologues"] = default_prologues
+        result["engine_gemv_prologues"] = default_silu
         result["prologue_speedup_decode"] = round(result["cuda_graphs_unfused"]["decode_ms_per_token"]
                                                   / result["cuda_graphs"]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None

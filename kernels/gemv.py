@@ -43,11 +43,11 @@ ENGINE_MAX_TOKENS = 2  # the model's linear layers use this kernel for steps of 
 #   1.14-1.33x cuBLAS on each; at 2 tokens 1.02, 1.26, 0.87 and 1.18x (together ~1 us a layer less); at 4 tokens
 #   cuBLAS is faster in all (~2 us a layer), at 8 on each. In the engine, batch-1 decode: H200 1.50 against 1.77
 #   ms/token with cuBLAS (bench/results/12_latency_cuda.json), H100 1.70 against 1.89 (h100/12_latency_cuda.json)
-ENGINE_PROLOGUES = ("silu",)  # steps of up to PROLOGUE_MAX_TOKENS tokens also fold these into the matmul after
-#   them (below): "silu" (gemv_silu: SiLU·mul + down_proj), "add_norm" (gemv_add_norm: add + RMSNorm + qkv_proj or
-#   gate_up_proj). Measured on the H100 at 1 token (CUDA-graph replay, h100/17_gemv_cuda.json): SiLU·mul + down_proj
-#   5.6-5.7 us against 6.6 for the two launches (two runs); add + norm 6.6 against 7.4 us before qkv_proj but 8.8
-#   against 8.0 before gate_up_proj, no gain in all, so "add_norm" is left out
+ENGINE_SILU_PROLOGUE = True  # steps of up to PROLOGUE_MAX_TOKENS tokens fold SiLU·mul into down_proj (gemv_silu,
+#   below; minivllm.model.layers.silu_and_mul_linear). Measured on the H100 at 1 token (CUDA-graph replay,
+#   h100/17_gemv_cuda.json): 5.6-5.7 us against 6.6 for the two launches (three runs). gemv_add_norm, the same fold
+#   for the add + RMSNorm, is not wired into the model: 6.5 against 7.4 us before qkv_proj but 8.9 against 8.2
+#   before gate_up_proj, no gain in all
 PROLOGUE_MAX_TOKENS = 1  # at 2 tokens and more each prologue kernel was slower than its two launches
 FULL_MASK = 0xFFFFFFFF
 

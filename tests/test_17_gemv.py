@@ -77,11 +77,13 @@ def test_the_model_sends_small_gpu_steps_to_it_as_switched(monkeypatch):
     from minivllm.model import layers
 
     assert g.ENGINE_MAX_TOKENS == 2 and g.PROLOGUE_MAX_TOKENS == 1  # where each measured faster (H100)
-    assert g.ENGINE_PROLOGUES == ("silu",)  # add + norm folded in measured no faster in all
+    assert g.ENGINE_SILU_PROLOGUE  # the SiLU·mul fold (gemv_add_norm measured no faster in all: not wired in)
     monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 4)
     assert layers._gemv_tokens() == 4  # read at call time: a benchmark switches it before capturing graphs
     x, weight = _operands(2, 8, 64)
     assert torch.equal(layers.linear(x, weight), torch.nn.functional.linear(x, weight))  # a CPU: always F.linear
+    gate_up = torch.randn(2, 128).to(torch.bfloat16)  # and the SiLU·mul fold: the two steps on a CPU
+    assert torch.equal(layers.silu_and_mul_linear(gate_up, weight), layers.linear(layers.silu_and_mul(gate_up), weight))
 
 
 @gpu
@@ -101,13 +103,14 @@ def test_the_model_with_it_matches_the_model_without(monkeypatch):
         monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 0)  # cuBLAS
         want = model.compute_logits(model(ids, positions)).float()
         monkeypatch.setattr(g, "ENGINE_MAX_TOKENS", 8)
-        monkeypatch.setattr(g, "ENGINE_PROLOGUES", ())
+        monkeypatch.setattr(g, "ENGINE_SILU_PROLOGUE", False)
         got = model.compute_logits(model(ids, positions)).float()
-        monkeypatch.setattr(g, "ENGINE_PROLOGUES", ("silu", "add_norm"))  # both folded into the matmuls
-        monkeypatch.setattr(g, "PROLOGUE_MAX_TOKENS", 2)  # (the engine: batch 1 only, where they are faster)
-        assert model.model.layers[1].folds_norms(torch.zeros(2, TINY.hidden_size, device="cuda",
-                                                             dtype=torch.bfloat16))
+        monkeypatch.setattr(g, "ENGINE_SILU_PROLOGUE", True)  # SiLU·mul folded into down_proj too
+        monkeypatch.setattr(g, "PROLOGUE_MAX_TOKENS", 2)  # (the engine: batch 1 only, where it is faster)
+        calls, silu = [], g.gemv_silu
+        monkeypatch.setattr(g, "gemv_silu", lambda *a, **k: calls.append(1) or silu(*a, **k))
         folded = model.compute_logits(model(ids, positions)).float()
+    assert len(calls) == TINY.num_hidden_layers  # every layer's MLP took the fold
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(folded, want, atol=3e-2, rtol=3e-2)
 
@@ -167,30 +170,6 @@ def test_the_prologue_kernels_refuse_what_they_do_not_take():
     big = torch.zeros(8, 4096, dtype=torch.bfloat16)  # 64 KB of prepared x: more than a block's shared memory
     assert g.supported(big, torch.zeros(4, 4096, dtype=torch.bfloat16))
     assert not g.prologue_supported(big, torch.zeros(4, 4096, dtype=torch.bfloat16))
-
-
-def test_a_layer_with_its_norms_folded_computes_what_the_plain_layer_does(monkeypatch):
-    """``forward_small``'s data flow (residual out of place, ``attend``, ``Qwen3MLP.down``) on a CPU, where the
-    layer functions fall back to the separate steps: forced on, the logits are the plain forward's."""
-    from bench.models import TINY
-    from minivllm.model import layers
-    from minivllm.model.qwen3 import Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(TINY)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    ids, positions = torch.tensor([5, 9, 3]), torch.tensor([0, 1, 2])
-    with torch.inference_mode():
-        want = model.compute_logits(model(ids, positions))
-        calls = []
-        monkeypatch.setattr(layers, "folds_norms", lambda x: calls.append(x.shape) or True)
-        got = model.compute_logits(model(ids, positions))
-        layer = model.model.layers[1]
-        layer.self_attn.forward = lambda *a: None  # a function plugged into a module: never bypassed
-        assert not layer.folds_norms(torch.zeros(3, TINY.hidden_size))
-    assert len(calls) == TINY.num_hidden_layers - 1  # every layer but the first (no residual yet)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @gpu

@@ -11,9 +11,8 @@ references, until a phase's kernel lands). Where a call runs:
 
 The launchers are imported on first use (importing numba costs seconds), once per module.
 What is left out: attention (``minivllm.model.attention``). The matmuls are PyTorch's (cuBLAS on a GPU), except
-that :func:`linear` sends small GPU steps (up to ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens) to ``kernels.gemv``, which
-can also take the SiLU·mul or add + RMSNorm before the matmul into the same kernel (:func:`silu_and_mul_linear`,
-:func:`add_rms_norm_linear`).
+that :func:`linear` sends small GPU steps (up to ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens) to ``kernels.gemv``, and
+:func:`silu_and_mul_linear` a batch-1 step's SiLU·mul and ``down_proj`` to one kernel of it.
 """
 
 import functools
@@ -130,38 +129,15 @@ def _gemv_tokens() -> int:
     return 0 if module is None else module.ENGINE_MAX_TOKENS
 
 
-def _prologue_gemv(x: torch.Tensor, prologue: str, learner_kernel: str):
-    """``kernels.gemv`` when a small GPU step may fold ``learner_kernel``'s work into the matmul after it: the step is
-    at most ``ENGINE_MAX_TOKENS`` and ``PROLOGUE_MAX_TOKENS`` tokens, ``prologue`` is in ``ENGINE_PROLOGUES``, and
-    no learner's kernel replaces that work."""
-    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= _gemv_tokens()) or learner_kernel in LEARNER_KERNELS:
-        return None
-    module = kernel_module("gemv")
-    on = prologue in getattr(module, "ENGINE_PROLOGUES", ()) and x.shape[0] <= module.PROLOGUE_MAX_TOKENS
-    return module if on else None
-
-
-def folds_norms(x: torch.Tensor) -> bool:
-    """Whether a decoder layer's step ``x`` (tokens, hidden) takes :func:`add_rms_norm_linear`'s one-kernel path."""
-    return _prologue_gemv(x, "add_norm", "fused_add_rms_norm") is not None
-
-
-def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(linear(rms_norm(x + residual)), x + residual)``: :func:`fused_add_rms_norm` then :func:`linear`, or for a
-    small GPU step one kernel (``kernels.gemv.gemv_add_norm``, out of place: x and residual are left as they are)."""
-    module = _prologue_gemv(x, "add_norm", "fused_add_rms_norm")
-    if module is not None and module.add_norm_supported(x, residual, norm_weight, weight):
-        return module.gemv_add_norm(x, residual, norm_weight, eps, weight)
-    x, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
-    return linear(x, weight), residual
-
-
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``linear(silu_and_mul(gate_up), weight)``; for a small GPU step one kernel (``kernels.gemv.gemv_silu``)."""
-    module = _prologue_gemv(gate_up, "silu", "silu_and_mul")
-    if module is not None and module.silu_supported(gate_up, weight):
-        return module.gemv_silu(gate_up, weight)
+    """``linear(silu_and_mul(gate_up), weight)``; a GPU step of up to ``kernels.gemv.PROLOGUE_MAX_TOKENS`` tokens in
+    one kernel (``kernels.gemv.gemv_silu``) while ``ENGINE_SILU_PROLOGUE`` is on and no learner's SiLU·mul runs."""
+    n = gate_up.shape[0] if gate_up.dim() == 2 else -1
+    if gate_up.is_cuda and 0 < n <= _gemv_tokens() and "silu_and_mul" not in LEARNER_KERNELS:
+        module = kernel_module("gemv")
+        if (module.ENGINE_SILU_PROLOGUE and n <= module.PROLOGUE_MAX_TOKENS
+                and module.silu_supported(gate_up, weight)):
+            return module.gemv_silu(gate_up, weight)
     return linear(silu_and_mul(gate_up), weight)
 
 

@@ -7,8 +7,7 @@ One decoder layer, pre-norm, with the residual stream carried beside the hidden 
 
 ``[q_norm, k_norm]`` (RMSNorm over head_dim on every q and k head) is Qwen3's; Llama skips it. On a GPU, in
 the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``), and a batch-1
-step folds the SiLU·mul into ``down_proj`` (``Qwen3MLP.down``, ``kernels.gemv``); folding each add + RMSNorm into
-the matmul after it (``Qwen3DecoderLayer.forward_small``) is behind ``kernels.gemv.ENGINE_PROLOGUES``.
+step folds the SiLU·mul into ``down_proj`` (``layers.silu_and_mul_linear``, ``kernels.gemv.gemv_silu``).
 Everything else is shared. As in vLLM, the model works on a batch of *flattened tokens*,
 ``input_ids (tokens,)`` with ``positions (tokens,)``, and the attention metadata says which cache
 rows belong to whom. ``q, k, v`` are one matmul (``qkv_proj``) and ``gate, up`` another
@@ -113,12 +112,8 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden_states), attn_metadata)
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor,
-               attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        """Everything after ``qkv_proj``: (tokens, q + 2 kv) -> (tokens, hidden)."""
-        tokens = qkv.shape[0]
+        tokens = hidden_states.shape[0]
+        qkv = self.qkv_proj(hidden_states)
         if fuse_qkv_prep(qkv, attn_metadata, self.head_dim):  # the next three steps in one kernel, K and V stored
             norm = self.q_norm is not None
             q, k, v = layers.qkv_prep(qkv, self.num_heads, self.num_kv_heads, positions, self.rotary_emb.cos_sin,
@@ -148,12 +143,9 @@ class Qwen3MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """(tokens, 2I) -> SiLU·mul (tokens, I) -> down_proj (tokens, H); a small GPU step does both in one kernel."""
-        if type(self.down_proj) is Linear:  # the package's own layer (tensor parallelism swaps in another)
-            return layers.silu_and_mul_linear(gate_up, self.down_proj.weight)
+        gate_up = self.gate_up_proj(x)  # (tokens, 2I) -> SiLU·mul (tokens, I) -> down_proj (tokens, H)
+        if type(self.down_proj) is Linear:  # the package's own layer (quantization, tensor parallelism swap others)
+            return layers.silu_and_mul_linear(gate_up, self.down_proj.weight)  # batch 1 on a GPU: one kernel
         return self.down_proj(layers.silu_and_mul(gate_up))
 
 
@@ -167,8 +159,6 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is not None and self.folds_norms(hidden_states):
-            return self.forward_small(positions, hidden_states, residual, attn_metadata)
         if residual is None:  # first layer: the residual stream starts as the embeddings
             residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
@@ -176,26 +166,6 @@ class Qwen3DecoderLayer(nn.Module):
         hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
-
-    def folds_norms(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this step takes :meth:`forward_small`: a small GPU step (``layers.folds_norms``) through the
-        package's own modules (not a function plugged into a module's ``forward``, nor tensor parallelism's)."""
-        own = (type(self.self_attn.qkv_proj) is Linear and type(self.mlp.gate_up_proj) is Linear
-               and "forward" not in vars(self.self_attn) and "forward" not in vars(self.mlp))
-        return own and layers.folds_norms(hidden_states)
-
-    def forward_small(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor,
-                      attn_metadata: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same layer for a decode-sized GPU step, each add + RMSNorm folded into the matmul after it
-        (``layers.add_rms_norm_linear``): a few KB of input that every block of the matmul's kernel prepares
-        itself, two launches fewer than :meth:`forward`."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, residual = layers.add_rms_norm_linear(hidden_states, residual, self.input_layernorm.weight,
-                                                   self.input_layernorm.eps, attn.qkv_proj.weight)
-        hidden_states = attn.attend(positions, qkv, attn_metadata)
-        gate_up, residual = layers.add_rms_norm_linear(hidden_states, residual, self.post_attention_layernorm.weight,
-                                                       self.post_attention_layernorm.eps, mlp.gate_up_proj.weight)
-        return mlp.down(gate_up), residual
 
 
 class Qwen3Model(nn.Module):
