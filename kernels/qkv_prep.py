@@ -215,7 +215,7 @@ SIGNATURES = {
     for kernel, c, types in ((qkv_prep_kernel, None, _TYPES), (qkv_prep_fp8_kernel, "uint8", ("bfloat16",)))
 }
 SIGNATURES.update({  # the warp-per-head kernels at the course's head sizes (SmolLM2 64, Qwen3 128)
-    _build_warp(fp8, pairs): [sig for sig in SIGNATURES[qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel]]
+    _build_warp(fp8, pairs): list(SIGNATURES[qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel])
     for fp8 in (False, True) for pairs in (1, 2)})
 
 
