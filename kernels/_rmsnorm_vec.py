@@ -23,6 +23,7 @@ rows up to 1024 chunks (8,192 bf16 values). The launcher in kernels.rmsnorm chec
 the scalar kernels otherwise.
 """
 
+import functools
 import math
 
 import numba
@@ -32,6 +33,8 @@ from numba import cuda
 
 from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
 from kernels._reduce import group_reduce_sum
+from kernels._index import div_pow2, mod_pow2, pow2_shift
+from kernels._mma import pack_bf16 as mma_pack_bf16
 from kernels.basics import WARP
 
 MAX_CHUNKS = 4  # 16-byte chunks per thread, kept in registers as 16 words. Fewer (1 or 2: more threads per row,
@@ -88,8 +91,21 @@ def pack_f32x4(vals, w, at):
 
 
 # ----------------------------------------------------------------------------- kernels
-def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_CHUNKS):
-    """The RMSNorm and fused add+RMSNorm kernels for one dtype (``per_chunk`` values in 16 bytes)."""
+@cuda.jit(device=True, inline=True)
+def pack_bf16x8_cvt(vals, w, at):
+    """:func:`pack_bf16x8` in four instructions: the GPU's ``cvt.rn.bf16x2.f32`` rounds two values at once."""
+    for i in range(4):
+        w[at + i] = numba.int32(mma_pack_bf16(vals[2 * i], vals[2 * i + 1]))
+
+
+def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_CHUNKS, weight_early: bool = True,
+                 divide: bool = False):
+    """The RMSNorm and fused add+RMSNorm kernels for one dtype (``per_chunk`` values in 16 bytes).
+
+    ``weight_early``: load the weight's chunks with the row's, before the reduction (one memory round trip
+    fewer per row, ``4 * max_chunks`` more registers held across it). ``divide``: find a thread's row and lane
+    by int64 ``//`` and ``%`` (the earlier build, kept for ``bench.norm_variants``) instead of a shift and a mask
+    (``group`` is a power of two; kernels._index)."""
     n_words = 4 * max_chunks
 
     @cuda.jit(device=True, inline=True)
@@ -131,16 +147,20 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         wvals = cuda.local.array(8, numba.float32)
         partials = cuda.shared.array(WARP, numba.float32)
         rows, chunks = x.shape
-        per_block = cuda.blockDim.x // group
-        lane = cuda.threadIdx.x % group
+        s = -1 if divide else pow2_shift(group)
+        per_block = div_pow2(cuda.blockDim.x, group, s)
+        lane = mod_pow2(cuda.threadIdx.x, group, s)
         inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)
         first = cuda.blockIdx.x * per_block
         while first < rows:  # the same trip count for every thread of the block (shuffles, barriers)
-            row = first + cuda.threadIdx.x // group
+            row = first + div_pow2(cuda.threadIdx.x, group, s)
             load_row(x[min(row, rows - 1)], row < rows, lane, group, w)
+            if weight_early:
+                load_row(weight, True, lane, group, wt)
             acc = sum_squares(w, vals, chunks, lane, group) if row < rows else numba.float32(0.0)
             total = group_reduce_sum(acc, group, partials)
-            load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
+            if not weight_early:
+                load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
             inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
             scale_store(w, wt, vals, wvals, inv_rms, out, row, row < rows, lane, group)
             first += cuda.gridDim.x * per_block
@@ -154,15 +174,18 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         wvals = cuda.local.array(8, numba.float32)
         partials = cuda.shared.array(WARP, numba.float32)
         rows, chunks = x.shape
-        per_block = cuda.blockDim.x // group
-        lane = cuda.threadIdx.x % group
+        s = -1 if divide else pow2_shift(group)
+        per_block = div_pow2(cuda.blockDim.x, group, s)
+        lane = mod_pow2(cuda.threadIdx.x, group, s)
         inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)
         first = cuda.blockIdx.x * per_block
         while first < rows:
-            row = first + cuda.threadIdx.x // group
+            row = first + div_pow2(cuda.threadIdx.x, group, s)
             valid = row < rows
             load_row(x[min(row, rows - 1)], valid, lane, group, w)  # min: a valid view even past the last row
             load_row(residual[min(row, rows - 1)], valid, lane, group, r)
+            if weight_early:
+                load_row(weight, True, lane, group, wt)
             for k in range(max_chunks):  # residual <- x + residual, rounded to the dtype
                 j = lane + k * group
                 if valid and j < chunks:
@@ -174,7 +197,8 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
                     store_words(residual[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
             acc = sum_squares(w, vals, chunks, lane, group) if valid else numba.float32(0.0)
             total = group_reduce_sum(acc, group, partials)
-            load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
+            if not weight_early:
+                load_row(weight, True, lane, group, wt)  # only now: fewer registers held across the reduction
             inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
             scale_store(w, wt, vals, wvals, inv_rms, x, row, valid, lane, group)
             first += cuda.gridDim.x * per_block
@@ -184,7 +208,7 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
     return cuda.jit(rms_norm_vec), cuda.jit(fused_add_rms_norm_vec)
 
 
-rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8, 8, "bf16")
+rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16")
 rms_norm_f16_kernel, fused_add_rms_norm_f16_kernel = make_kernels(unpack_f16, pack_f16x8, 8, "f16")
 rms_norm_f32_kernel, fused_add_rms_norm_f32_kernel = make_kernels(unpack_f32, pack_f32x4, 4, "f32")
 NORM_KERNELS = {torch.bfloat16: rms_norm_bf16_kernel, torch.float16: rms_norm_f16_kernel,
@@ -192,10 +216,19 @@ NORM_KERNELS = {torch.bfloat16: rms_norm_bf16_kernel, torch.float16: rms_norm_f1
 FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: fused_add_rms_norm_f16_kernel,
                  torch.float32: fused_add_rms_norm_f32_kernel}
 
+
+
+@functools.cache
+def bf16_variant(cvt: bool, weight_early: bool, max_chunks: int = MAX_CHUNKS, divide: bool = False):
+    """(rms_norm, fused) bf16 kernels built another way, for ``bench.norm_variants`` to time against the defaults."""
+    tag = f"bf16{'_cvt' if cvt else ''}{'_early' if weight_early else ''}{'_div' if divide else ''}_c{max_chunks}"
+    return make_kernels(unpack_bf16, pack_bf16x8_cvt if cvt else pack_bf16x8, 8, tag, max_chunks, weight_early, divide)
+
+
 _ROWS, _VEC = "complex128[:, ::1]", "complex128[::1]"
 SIGNATURES = {
     **{f: ["void(int32[::1], int64, float32[::1])"] for f in (unpack_bf16, unpack_f16, unpack_f32)},
-    **{f: ["void(float32[::1], int32[::1], int64)"] for f in (pack_bf16x8, pack_f16x8, pack_f32x4)},
+    **{f: ["void(float32[::1], int32[::1], int64)"] for f in (pack_bf16x8, pack_bf16x8_cvt, pack_f16x8, pack_f32x4)},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32, int64)"]
        for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
 }

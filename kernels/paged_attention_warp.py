@@ -41,6 +41,7 @@ from numba import cuda
 
 from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
 from kernels._checks import FP8
+from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._fp8 import (UNPACK_SCALE, e4m3x4_floats, e4m3x4_halves, e4m3x4_halves_over256, e4m3x4_over256,
                           f16x2_floats, f16x2_of, hfma2)
 from kernels._vec16 import bf16_hi, bf16_lo, load_words
@@ -173,6 +174,7 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         block_size = kv_cache.shape[2]
+        bsh = pow2_shift(block_size)  # a shift and a mask for the block of token t, not an int64 division
         start = split * tokens_per_split
         end = min(context_lens[seq], start + tokens_per_split)
         for g in range(group):
@@ -191,8 +193,8 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
                 ok = t < end
                 b, o = 0, 0
                 if ok:
-                    b = block_tables[seq, t // block_size]
-                    o = t % block_size
+                    b = block_tables[seq, div_pow2(t, block_size, bsh)]
+                    o = mod_pow2(t, block_size, bsh)
                 valid[u] = ok
                 for j in range(epl):  # one coalesced row read each for K and V
                     d = lane + 32 * j
@@ -300,6 +302,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         c = lane % lpr  # this lane's 16-byte chunk of a row: elements vpl c .. vpl c + vpl - 1
         slot = warp * tpw + lane // lpr
         block_size = kv_cache.shape[2]
+        bsh = pow2_shift(block_size)  # a shift and a mask for the block of token t, not an int64 division
         start = split * tokens_per_split
         end = min(context_lens[seq], start + tokens_per_split)
         for g in range(group):
@@ -323,16 +326,16 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
 
         for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
             t = start + u * slots + slot
-            bt[u] = block_tables[seq, t // block_size] if t < end else 0
+            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
         for first in range(start, end, span):  # the same trips for every thread (see the simulator NOTE)
             for u in range(unroll):  # token first + u * slots + slot: neighbouring lane groups, neighbouring rows
                 t = first + u * slots + slot
-                b, o = bt[u], t % block_size
+                b, o = bt[u], mod_pow2(t, block_size, bsh)
                 kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
                 vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
             for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight:
                 t = first + span + u * slots + slot  # a trip waits on one memory round trip, not two in a row
-                bt[u] = block_tables[seq, t // block_size] if t < end else 0
+                bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
             seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
             if half2:  # fp16 pairs: each word's bytes widened once, two multiply-adds per instruction
                 for k in range(heads_per_trip):

@@ -41,6 +41,7 @@ from numba import cuda
 
 from kernels._checks import FLOAT_DTYPES, FP8, check_tensor
 from kernels._fp8 import e4m3_byte
+from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._launch import launch, resolve_backend
 from kernels._reduce import group_reduce_sum
 from kernels.basics import WARP, warp_reduce_sum
@@ -85,8 +86,11 @@ def _build(fp8: bool):
         heads = q_heads + kv_heads
         i = cuda.threadIdx.x  # this thread's pair: (i, i + half)
         item = cuda.blockIdx.x
+        bs = kv_cache.shape[2]
+        s = pow2_shift(bs)  # a KV block's slots: a shift and a mask, not an int64 division (kernels._index)
         while item < positions.size * heads:  # grid-stride; the same for every thread of the block (barriers)
-            t, h = item // heads, item % heads
+            t = numba.int32(item) // numba.int32(heads)  # 32-bit: a third of the int64 division's instructions
+            h = item - t * heads
             is_q = h < q_heads
             out = q_out if is_q else k_out
             head = h if is_q else h - q_heads
@@ -109,7 +113,7 @@ def _build(fp8: bool):
             if not is_q:
                 slot = slot_mapping[t]
                 if slot >= 0:  # -1: a padding row of a CUDA-graph batch, stored nowhere
-                    block, offset = slot // kv_cache.shape[2], slot % kv_cache.shape[2]
+                    block, offset = div_pow2(slot, bs, s), mod_pow2(slot, bs, s)
                     v_col = (q_heads + kv_heads) * d + head * d
                     if fp8:  # the key as written to k_out (rounded to the dtype), then to e4m3
                         kv_cache[block, 0, offset, head, i] = e4m3_byte(out[t, head, i])
@@ -154,8 +158,11 @@ def _build_warp(fp8: bool, pairs: int):
         lane = cuda.threadIdx.x % WARP
         warps = cuda.blockDim.x // WARP
         item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+        bs = kv_cache.shape[2]
+        s = pow2_shift(bs)
         while item < positions.size * heads:  # a warp's own loop: shuffles within the warp only
-            t, h = item // heads, item % heads
+            t = numba.int32(item) // numba.int32(heads)
+            h = item - t * heads
             is_q = h < q_heads
             out = q_out if is_q else k_out
             head = h if is_q else h - q_heads
@@ -186,7 +193,7 @@ def _build_warp(fp8: bool, pairs: int):
             if not is_q:
                 slot = slot_mapping[t]
                 if slot >= 0:
-                    block, offset = slot // kv_cache.shape[2], slot % kv_cache.shape[2]
+                    block, offset = div_pow2(slot, bs, s), mod_pow2(slot, bs, s)
                     v_col = (q_heads + kv_heads) * d + head * d
                     for j in range(pairs):
                         for i in (lane + WARP * j, lane + WARP * j + half):

@@ -37,6 +37,7 @@ from kernels.basics import WARP
 
 MAX_THREADS = 1024
 VEC_MAX_GROUP = 256  # the 16-byte kernels hold ~80-100 registers per thread: blocks of at most 256
+SMALL_GROUP_BLOCK = 64  # threads per block when a row's group is at most a warp (several rows per block)
 
 
 # ----------------------------------------------------------------------------- references
@@ -131,7 +132,7 @@ def launch_config(items: int, rows: int, backend: str, max_per_thread: int | Non
     if backend == "simulator":
         group, block, max_blocks = min(8, _pow2_at_least(items)), 32, 4
     else:
-        group, block, max_blocks = _pow2_at_least(cdiv(items, per_thread)), 64, 2**31 - 1
+        group, block, max_blocks = _pow2_at_least(cdiv(items, per_thread)), SMALL_GROUP_BLOCK, 2**31 - 1
     if max_per_thread:
         group = min(max(group, _pow2_at_least(cdiv(items, max_per_thread))), VEC_MAX_GROUP)
     group = min(group, MAX_THREADS)
@@ -164,8 +165,11 @@ def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
     return (_rmsnorm_vec.FUSED_KERNELS if fused else _rmsnorm_vec.NORM_KERNELS)[dtype]
 
 
-def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str) -> None:
-    """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views."""
+def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str,
+         max_chunks: int | None = None) -> None:
+    """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views.
+
+    ``max_chunks``: the 16-byte kernel's chunks per thread (default ``_rmsnorm_vec.MAX_CHUNKS``)."""
     width = weight.numel()
     rows = a.numel() // width
     if rows == 0:
@@ -173,7 +177,8 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
     a, b = a.view(rows, width), b.view(rows, width)
     if vec:
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
-    group, block, blocks = launch_config(a.shape[1], rows, where, _rmsnorm_vec.MAX_CHUNKS if vec else None)
+    group, block, blocks = launch_config(a.shape[1], rows, where,
+                                        (max_chunks or _rmsnorm_vec.MAX_CHUNKS) if vec else None)
     launch(kernel, blocks, block, a, b, weight, numba.float32(eps), group, backend=where)
 
 

@@ -1,0 +1,99 @@
+"""RMSNorm's bf16 16-byte kernels built four ways, against ``torch.compile`` of the reference, in one run.
+
+    python -m bench.norm_variants [--out DIR]     # GPU only; writes 17_norm_variants_cuda.json
+
+The builds (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below) against the module's defaults: the rounding to
+bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
+with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
+shift and a mask; 64, 128 or 256 threads per block. Each is timed by CUDA-graph replay on Qwen3-0.6B's shapes (hidden 1,024;
+QK-norm over 16 heads of 128) and its output compared with ``rms_norm_ref`` / ``fused_add_rms_norm_ref``
+(``*_err``, the largest difference in units of the result's largest value). GB/s: bytes the kernel must move
+over its time.
+"""
+
+import torch
+
+from bench._harness import kernel_bench_main
+
+NAME = "17_norm_variants_cuda"
+TOKENS = (1, 16, 256, 4096, 16384)
+BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads per block)
+    "before": (False, False, 4, True, 64),  # the kernels until 2026-12-05: integer rounding, weight late, int64 //
+    "divide": (True, True, 4, True, 64),  # today's defaults but for the int64 // and %
+    "late": (True, False, 4, False, 64),  # ... but for the weight loaded after the reduction
+    "c2": (True, True, 2, False, 64),
+    "block128": (True, True, 4, False, 128),
+    "block256": (True, True, 4, False, 256),
+}
+HIDDEN, HEADS, HEAD_DIM, EPS = 1024, 16, 128, 1e-6
+
+
+def _err(got, want) -> float:
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    return max(((g.float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)).item() for g, w in zip(got, want))
+
+
+def run() -> dict:
+    from kernels import _rmsnorm_vec as vec
+    from kernels import rmsnorm as rn
+    from kernels._timing import graph_time
+
+    rows = []
+    for tokens in TOKENS:
+        x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        res = torch.randn_like(x)
+        w = torch.randn(HIDDEN, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        wq = torch.randn(HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        cases = {  # name -> (tensors, reference, bytes, fused)
+            "rms_norm": ((x, w), lambda: rn.rms_norm_ref(x, w, EPS), 2 * x.nbytes, False),
+            "fused_add_rms_norm": ((x, res, w), lambda: rn.fused_add_rms_norm_ref(x, res, w, EPS), 4 * x.nbytes, True),
+            "qk_norm": ((q, wq), lambda: rn.rms_norm_ref(q, wq, EPS), 2 * q.nbytes, False),
+        }
+        for name, (tensors, ref, moved, fused) in cases.items():
+            reps = max(1, min(50, (1 << 28) // moved))
+            row = {"kernel": name, "tokens": tokens, "bytes": moved}
+
+            def default(tensors=tensors, fused=fused):
+                if fused:
+                    return rn.fused_add_rms_norm(tensors[0].clone(), tensors[1].clone(), tensors[2], EPS)
+                return rn.rms_norm(tensors[0], tensors[1], EPS)
+
+            want = ref()
+            row["default_err"] = _err(default(), want)
+            timed = {"default": lambda tensors=tensors, fused=fused: (
+                rn.fused_add_rms_norm(*tensors, EPS) if fused else rn.rms_norm(*tensors, EPS))}
+            for label, (cvt, early, chunks, divide, block) in BUILDS.items():
+                kernel = vec.bf16_variant(cvt, early, chunks, divide)[1 if fused else 0]
+
+                def call(tensors=tensors, kernel=kernel, chunks=chunks, fused=fused, block=block, copy=False):
+                    rn.SMALL_GROUP_BLOCK, default_block = block, rn.SMALL_GROUP_BLOCK
+                    try:
+                        if fused:
+                            a, b = (tensors[0].clone(), tensors[1].clone()) if copy else tensors[:2]
+                            rn._run(kernel, a, b, tensors[2], EPS, True, "gpu", chunks)
+                            return a, b
+                        out = torch.empty_like(tensors[0])
+                        rn._run(kernel, tensors[0], out, tensors[1], EPS, True, "gpu", chunks)
+                        return out
+                    finally:
+                        rn.SMALL_GROUP_BLOCK = default_block
+
+                row[f"{label}_err"] = _err(call(copy=True), want)
+                timed[label] = call
+            timed["compile"] = torch.compile(ref, dynamic=False)
+            for label, fn in timed.items():
+                us = graph_time(fn, reps=reps).median_us
+                row[f"{label}_us"] = round(us, 3)
+                row[f"{label}_gbps"] = round(moved / us / 1e3, 1)
+            rows.append(row)
+            print(name, tokens, {k: v for k, v in row.items() if k.endswith("_us")}, flush=True)
+    return {"results": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return kernel_bench_main("bench.norm_variants", __doc__, NAME, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
