@@ -25,6 +25,7 @@ BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads pe
     "block128": (True, True, 4, False, 128),
     "block256": (True, True, 4, False, 256),
 }
+STREAM_WAVES = (1, 2)  # the streaming RMSNorm kernel (rms_norm only) on a grid of 1 or 2 waves of resident blocks
 HIDDEN, HEADS, HEAD_DIM, EPS = 1024, 16, 128, 1e-6
 
 
@@ -81,6 +82,19 @@ def run() -> dict:
 
                 row[f"{label}_err"] = _err(call(copy=True), want)
                 timed[label] = call
+            if not fused:
+                kernel = vec.bf16_variant(True, True, 4, False, True)[0]
+                for waves in STREAM_WAVES:
+                    def streamed(tensors=tensors, kernel=kernel, waves=waves):
+                        from kernels._launch import resident_blocks
+                        out = torch.empty_like(tensors[0])
+                        cap = waves * resident_blocks(kernel, rn.SMALL_GROUP_BLOCK, out.device)
+                        rn._run(kernel, tensors[0], out, tensors[1], EPS, True, "gpu", max_blocks=cap)
+                        return out
+
+                    streamed()  # compiles: the occupancy query needs the compiled kernel
+                    row[f"stream{waves}_err"] = _err(streamed(), want)
+                    timed[f"stream{waves}"] = streamed
             timed["compile"] = torch.compile(ref, dynamic=False)
             for label, fn in timed.items():
                 us = graph_time(fn, reps=reps).median_us

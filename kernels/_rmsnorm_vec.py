@@ -4,15 +4,22 @@ The rows are viewed as ``complex128`` (one 16-byte chunk = 8 bf16/fp16 or 4 fp32
 into four 32-bit words. A thread keeps the words of its chunks in registers (a local array indexed by
 constants once the loops unroll), so the row is read from memory once:
 
-    loads:  the thread's chunks j = lane, lane + group, ... of the row, ALL issued before any is used,
-            so their memory latencies overlap instead of adding up
+    loads:  the thread's chunks j = lane, lane + group, ... of the row, and the weight's same chunks, ALL
+            issued before any is used, so their memory latencies overlap instead of adding up
     pass 1: unpack to fp32, sum of squares; the ``group`` threads of the row add their sums
             (kernels._reduce.group_reduce_sum)
-    pass 2: load the weight's chunks (from cache), unpack the row again, scale by 1/rms and the
-            weight, pack, store 16 bytes
+    pass 2: unpack the row again, scale by 1/rms and the weight, pack, store 16 bytes
 
-Measured on the H200 (bf16, 16,384 tokens): up to 4 chunks per thread (~80 registers) beat 8 (~170),
-and loading the weight after the reduction beat holding it in registers from the start.
+Packing rounds two fp32 values to bf16 in one instruction (``cvt.rn.bf16x2.f32``; round to nearest even, as the
+integer arithmetic of :func:`pack_bf16x8` does), and a thread finds its row and lane by a shift and a mask, not an
+int64 ``//`` and ``%`` (``group`` is a power of two; kernels._index). Measured on an H100 (bf16, CUDA-graph replay,
+``python -m bench.norm_variants``, bench/results/h100/17_norm_variants_cuda.json), against the earlier build
+(integer rounding, the weight loaded after the reduction, divisions): 1 token 2.3 / 2.5 / 2.2 µs against 2.7 / 3.6
+/ 2.8 (RMSNorm / fused / QK-norm); 16k tokens 26.1 / 50.4 / 48.8 against 28.9 / 53.0 / 51.5 µs, where
+``torch.compile`` of the reference took 25.5 / 48.2 / 47.9. Up to 4 chunks per thread (~94 registers) beat 8
+(~170, H200), and 2 at 4k tokens (2 won by 0.1-0.2 µs at 1-256 tokens and was within 1% at 16k); blocks of 128 or
+256 threads, and a grid of resident blocks that loads the next row while it normalizes one
+(``make_kernels(stream=True)``), did not beat 64-thread blocks overall.
 
 The 16-byte loads and stores are kernels._vec16's ``load_words`` / ``store_words``: one ``ld.global.v4.u32``
 / ``st.global.v4.u32`` instruction each on the GPU.
@@ -99,13 +106,14 @@ def pack_bf16x8_cvt(vals, w, at):
 
 
 def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_CHUNKS, weight_early: bool = True,
-                 divide: bool = False):
+                 divide: bool = False, stream: bool = False):
     """The RMSNorm and fused add+RMSNorm kernels for one dtype (``per_chunk`` values in 16 bytes).
 
     ``weight_early``: load the weight's chunks with the row's, before the reduction (one memory round trip
     fewer per row, ``4 * max_chunks`` more registers held across it). ``divide``: find a thread's row and lane
     by int64 ``//`` and ``%`` (the earlier build, kept for ``bench.norm_variants``) instead of a shift and a mask
-    (``group`` is a power of two; kernels._index)."""
+    (``group`` is a power of two; kernels._index). ``stream``: (the RMSNorm kernel for a grid of resident blocks
+    that loads the next row while it normalizes one, None) -- a build ``bench.norm_variants`` times."""
     n_words = 4 * max_chunks
 
     @cuda.jit(device=True, inline=True)
@@ -203,6 +211,39 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
             scale_store(w, wt, vals, wvals, inv_rms, x, row, valid, lane, group)
             first += cuda.gridDim.x * per_block
 
+    def rms_norm_stream(x, out, weight, eps, group):
+        # as rms_norm_vec, for a grid of at most the blocks the GPU holds at once: each thread loads its weight
+        # chunks once, and the next row's chunks while it normalizes this one (two rows of registers)
+        w = cuda.local.array(n_words, numba.int32)
+        nx = cuda.local.array(n_words, numba.int32)  # the next row, in flight
+        wt = cuda.local.array(n_words, numba.int32)
+        vals = cuda.local.array(8, numba.float32)
+        wvals = cuda.local.array(8, numba.float32)
+        partials = cuda.shared.array(WARP, numba.float32)
+        rows, chunks = x.shape
+        s = pow2_shift(group)
+        per_block = div_pow2(cuda.blockDim.x, group, s)
+        lane = mod_pow2(cuda.threadIdx.x, group, s)
+        inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)
+        stride = cuda.gridDim.x * per_block
+        first = cuda.blockIdx.x * per_block
+        row = first + div_pow2(cuda.threadIdx.x, group, s)
+        load_row(weight, True, lane, group, wt)
+        load_row(x[min(row, rows - 1)], row < rows, lane, group, w)
+        while first < rows:
+            load_row(x[min(row + stride, rows - 1)], row + stride < rows, lane, group, nx)
+            acc = sum_squares(w, vals, chunks, lane, group) if row < rows else numba.float32(0.0)
+            total = group_reduce_sum(acc, group, partials)
+            inv_rms = numba.float32(1.0) / math.sqrt(total * inv_width + eps)
+            scale_store(w, wt, vals, wvals, inv_rms, out, row, row < rows, lane, group)
+            for i in range(n_words):
+                w[i] = nx[i]
+            first += stride
+            row += stride
+
+    rms_norm_stream.__name__ = rms_norm_stream.__qualname__ = f"rms_norm_{name}_stream_kernel"
+    if stream:
+        return cuda.jit(rms_norm_stream), None
     rms_norm_vec.__name__ = rms_norm_vec.__qualname__ = f"rms_norm_{name}_kernel"
     fused_add_rms_norm_vec.__name__ = fused_add_rms_norm_vec.__qualname__ = f"fused_add_rms_norm_{name}_kernel"
     return cuda.jit(rms_norm_vec), cuda.jit(fused_add_rms_norm_vec)
@@ -219,10 +260,12 @@ FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: 
 
 
 @functools.cache
-def bf16_variant(cvt: bool, weight_early: bool, max_chunks: int = MAX_CHUNKS, divide: bool = False):
+def bf16_variant(cvt: bool, weight_early: bool, max_chunks: int = MAX_CHUNKS, divide: bool = False,
+                 stream: bool = False):
     """(rms_norm, fused) bf16 kernels built another way, for ``bench.norm_variants`` to time against the defaults."""
     tag = f"bf16{'_cvt' if cvt else ''}{'_early' if weight_early else ''}{'_div' if divide else ''}_c{max_chunks}"
-    return make_kernels(unpack_bf16, pack_bf16x8_cvt if cvt else pack_bf16x8, 8, tag, max_chunks, weight_early, divide)
+    return make_kernels(unpack_bf16, pack_bf16x8_cvt if cvt else pack_bf16x8, 8, tag, max_chunks, weight_early, divide,
+                        stream)
 
 
 _ROWS, _VEC = "complex128[:, ::1]", "complex128[::1]"

@@ -17,8 +17,9 @@ a 128-wide head get a fraction of a warp, a 1024-wide hidden state a warp or mor
 Kernels: ``rms_norm_kernel`` / ``fused_add_rms_norm_kernel`` load one value at a time and read the
 row twice (the second time from cache); kernels._rmsnorm_vec has the 16-byte versions, which read each
 value once, used when rows are whole 16-byte chunks (up to 1024 of them) and tensors 16-byte aligned.
-Measured on the H200 (bf16, 16,384 tokens, kernel time): rms_norm ~2.9 TB/s, fused ~3.4 TB/s,
-QK-norm ~3.2 TB/s with the 16-byte kernels; ~1 TB/s with the scalar ones.
+Measured on an H100 (bf16, 16,384 tokens, kernel time; 3.0 TB/s copy bandwidth): rms_norm ~2.6 TB/s, fused
+~2.7 TB/s, QK-norm ~2.8 TB/s with the 16-byte kernels, within 2-4% of ``torch.compile`` (bench/results/h100/
+03_05_kernels.json, 17_norm_variants_cuda.json); ~1 TB/s with the scalar ones.
 Limits: contiguous tensors, weight of the same dtype; ``python -m kernels.rmsnorm`` checks and times it.
 """
 
@@ -166,7 +167,7 @@ def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
 
 
 def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str,
-         max_chunks: int | None = None) -> None:
+         max_chunks: int | None = None, max_blocks: int | None = None) -> None:
     """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views.
 
     ``max_chunks``: the 16-byte kernel's chunks per thread (default ``_rmsnorm_vec.MAX_CHUNKS``)."""
@@ -179,7 +180,7 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
     group, block, blocks = launch_config(a.shape[1], rows, where,
                                         (max_chunks or _rmsnorm_vec.MAX_CHUNKS) if vec else None)
-    launch(kernel, blocks, block, a, b, weight, numba.float32(eps), group, backend=where)
+    launch(kernel, min(blocks, max_blocks or blocks), block, a, b, weight, numba.float32(eps), group, backend=where)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None,
