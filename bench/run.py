@@ -7,6 +7,8 @@
     python -m bench.run paged_decode      # the paged decode kernel's launch settings against the floor
     python -m bench.run prefill_sweep     # the tensor-core prefill kernel's launch settings against SDPA
     python -m bench.run gemv              # small-step matmuls (kernels.gemv, its prologue kernels) vs cuBLAS
+    python -m bench.run norm_variants     # RMSNorm's bf16 builds vs torch.compile
+    python -m bench.run kernel_floor      # one tiny kernel in a CUDA graph: numba vs ATen vs Triton
     python -m bench.run all
     python -m bench.run basics --out DIR  # e.g. $OUT on the device machine
 
@@ -28,7 +30,9 @@ BENCHMARKS = {"basics": ("bench.basics", "01_basics"), "kernels": ("bench.kernel
               "paged_attention": ("bench.attention:run_decode", "08_paged_attention"),
               "paged_decode": ("bench.paged_decode", "17_paged_decode_cuda"),
               "prefill_sweep": ("bench.prefill_sweep", "17_flash_mma_sweep_cuda"),
-              "gemv": ("bench.gemv", "17_gemv_cuda")}
+              "gemv": ("bench.gemv", "17_gemv_cuda"),
+              "norm_variants": ("bench.norm_variants", "17_norm_variants_cuda"),
+              "kernel_floor": ("bench.kernel_floor", "17_kernel_floor_cuda")}
 
 
 def main(argv: list[str] | None = None) -> int:
