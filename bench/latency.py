@@ -13,13 +13,14 @@ token ids (and prefix caching off, so nothing is served from the cache):
 * **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
   token (tokenization is not included: the prompt is token ids).
 
-On a GPU both run in six engines: the default (a CUDA graph per decode batch size, piecewise graphs for
+On a GPU both run in seven engines: the default (a CUDA graph per decode batch size, piecewise graphs for
 prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps launched op by op),
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
 (``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
-left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off). On a CPU there are no
-graphs: the eager engine only.
+left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off), and the default
+without the L2 prefetch of each layer's later weights ("cuda_graphs_no_prefetch": ``kernels.gemv.ENGINE_L2_PREFETCH``
+off). On a CPU there are no graphs: the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -88,23 +89,28 @@ def run(args: argparse.Namespace) -> dict:
     # each mode's engine options; on a GPU also graphs with the overlapped loop
     import kernels.gemv
 
-    default_gemv, default_silu = kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_SILU_PROLOGUE
+    switched = ("ENGINE_MAX_TOKENS", "ENGINE_SILU_PROLOGUE", "ENGINE_L2_PREFETCH")  # kernels.gemv's switches
+    defaults = {k: getattr(kernels.gemv, k) for k in switched}
+    default_gemv, default_silu = defaults["ENGINE_MAX_TOKENS"], defaults["ENGINE_SILU_PROLOGUE"]
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {}}
+              "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {},
+              "cuda_graphs_no_prefetch": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
-    switches = {"cuda_graphs_gemv": (8, default_silu), "cuda_graphs_cublas": (0, default_silu),
-                "cuda_graphs_unfused": (default_gemv or 2, False)}  # kernels.gemv's two switches, per mode
+    switches = {"cuda_graphs_gemv": {"ENGINE_MAX_TOKENS": 8}, "cuda_graphs_cublas": {"ENGINE_MAX_TOKENS": 0},
+                "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False},
+                "cuda_graphs_no_prefetch": {"ENGINE_L2_PREFETCH": False}}  # per mode, set before graph capture
     for mode, mode_options in modes.items():
-        kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_SILU_PROLOGUE = switches.get(
-            mode, (default_gemv, default_silu))  # before graph capture
+        for k, v in {**defaults, **switches.get(mode, {})}.items():
+            setattr(kernels.gemv, k, v)
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
             setup = time.perf_counter() - start
             result[mode] = {"setup_s": round(setup, 2), **measure(llm, args, random.Random(args.seed))}
         finally:
-            kernels.gemv.ENGINE_MAX_TOKENS, kernels.gemv.ENGINE_SILU_PROLOGUE = default_gemv, default_silu
+            for k, v in defaults.items():
+                setattr(kernels.gemv, k, v)
         del llm
         free_memory()
     if "cuda_graphs" in result:
@@ -120,6 +126,9 @@ def run(args: argparse.Namespace) -> dict:
         result["engine_gemv_prologues"] = default_silu
         result["prologue_speedup_decode"] = round(result["cuda_graphs_unfused"]["decode_ms_per_token"]
                                                   / result["cuda_graphs"]["decode_ms_per_token"], 3)
+        result["engine_l2_prefetch"] = defaults["ENGINE_L2_PREFETCH"]
+        result["l2_prefetch_speedup_decode"] = round(result["cuda_graphs_no_prefetch"]["decode_ms_per_token"]
+                                                     / result["cuda_graphs"]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv",
-                 "cuda_graphs_cublas", "cuda_graphs_unfused"):
+                 "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

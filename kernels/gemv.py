@@ -29,7 +29,7 @@ import math
 
 import numba
 import torch
-from numba import cuda
+from numba import config, cuda
 
 from kernels._checks import check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
@@ -387,6 +387,86 @@ def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
     _launch_prologue("add_norm", x.shape, weight, args, out, where,
                      after=(new_residual.view(torch.complex128),))
     return out, new_residual
+
+
+# ----------------------------------------------------------------------------- weights fetched into L2 ahead of use
+# At batch 1 only a layer's matmuls stream memory; its norms, QK-norm + RoPE and attention are latency-bound kernels
+# during which HBM idles. ``l2_prefetch`` asks the GPU to bring weights into its L2 cache (50 MB on an H100/H200:
+# a Qwen3-0.6B layer's four matrices are 31.5 MB) without waiting for them: each thread issues
+# ``prefetch.global.L2`` for a few 128-byte lines and exits. Launched on a side stream of the CUDA graph at the
+# start of a layer for the layer's o_proj, gate_up_proj and down_proj (``minivllm.model.layers.l2_prefetch_fork``),
+# the lines arrive while the main stream runs the norm, qkv_proj, QK-norm + RoPE and attention, and those three
+# matmuls then read L2 instead of HBM. ``ENGINE_L2_PREFETCH`` switches it; it only changes where the bytes come from.
+ENGINE_L2_PREFETCH = False  # off until measured on a GPU (bench.latency: cuda_graphs_no_prefetch against cuda_graphs)
+L2_LINE_CHUNKS = 8  # 16-byte chunks per 128-byte cache line
+
+if config.ENABLE_CUDASIM:
+    @cuda.jit(device=True, inline=True)
+    def prefetch_l2(chunks, j):
+        """A hint, with nothing to compute: the simulator has no cache to warm."""
+        return None
+else:
+    from llvmlite import ir
+    from numba.cuda.extending import intrinsic
+    from numba.core import types as _types
+
+    @intrinsic
+    def prefetch_l2(typingctx, chunks, j):
+        """``prefetch.global.L2`` of the line holding ``chunks[j]`` (complex128, global memory): no register waits."""
+        from kernels._mma import _element_address
+
+        def codegen(context, builder, sig, args):
+            address = _element_address(context, builder, sig.args[0], args[0], args[1])
+            asm = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [ir.IntType(64)]),
+                               "{ .reg .u64 g; cvta.to.global.u64 g, $0; prefetch.global.L2 [g]; }", "l",
+                               side_effect=True)
+            builder.call(asm, [address])
+            return context.get_dummy_value()
+
+        return _types.void(chunks, j), codegen
+
+
+@cuda.jit
+def l2_prefetch_kernel(a, b, c):
+    """Every 128-byte line of ``a``, ``b`` and ``c`` (1-D complex128) requested into L2: a grid-stride loop each."""
+    step = cuda.gridDim.x * cuda.blockDim.x * L2_LINE_CHUNKS
+    first = cuda.grid(1) * L2_LINE_CHUNKS
+    j = first
+    while j < a.size:
+        prefetch_l2(a, j)
+        j += step
+    j = first
+    while j < b.size:
+        prefetch_l2(b, j)
+        j += step
+    j = first
+    while j < c.size:
+        prefetch_l2(c, j)
+        j += step
+
+
+SIGNATURES[l2_prefetch_kernel] = ["void(complex128[::1], complex128[::1], complex128[::1])"]
+PREFETCH_THREADS = 256
+
+
+def prefetch_supported(*weights: torch.Tensor) -> bool:
+    """Whether :func:`l2_prefetch` takes these tensors: three, contiguous, 16-byte aligned, whole 16-byte chunks."""
+    return (len(weights) == 3 and all(w.is_contiguous() and w.nbytes % 16 == 0 for w in weights)
+            and aligned16(*weights))
+
+
+def l2_prefetch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, *, backend: str = "auto") -> None:
+    """Ask L2 for every byte of three contiguous tensors (a hint: returns at once, changes no value)."""
+    if not prefetch_supported(a, b, c):
+        raise ValueError("l2_prefetch takes three contiguous, 16-byte aligned tensors of whole 16-byte chunks")
+    where = resolve_backend(backend, a, b, c)
+    if where != "gpu":
+        return  # no cache to warm: the simulator and the CPU do nothing
+    lines = cdiv(max(a.nbytes, b.nbytes, c.nbytes), 16 * L2_LINE_CHUNKS)
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    blocks = max(1, min(cdiv(lines, PREFETCH_THREADS), 2 * sms))
+    flat = [t.reshape(-1).view(torch.complex128) for t in (a, b, c)]
+    launch(l2_prefetch_kernel, blocks, PREFETCH_THREADS, *flat, backend=where)
 
 
 def _main() -> None:

@@ -196,3 +196,68 @@ def test_bench_gemv_is_registered_and_refuses_to_time_without_a_gpu():
     assert run.BENCHMARKS["gemv"] == ("bench.gemv", "17_gemv_cuda") and callable(bench_gemv.run)
     if not torch.cuda.is_available():
         assert bench_gemv.main([]) == 2  # the simulator's timings would mean nothing
+
+
+def test_l2_prefetch_takes_three_whole_tensors_and_is_a_no_op_off_a_captured_gpu_step():
+    from minivllm.model import layers
+
+    a, b, c = (torch.randn(n, 64).to(torch.bfloat16) for n in (3, 5, 7))
+    g.l2_prefetch(a, b, c)  # a CPU tensor: nothing to warm, nothing changed
+    with pytest.raises(ValueError, match="three contiguous"):
+        g.l2_prefetch(a, b[:, :3], c)
+    assert layers.l2_prefetch_fork(a[:1], (a, b, c)) is None  # not a GPU step being captured
+    layers.l2_prefetch_join(None)
+
+
+@needs_sim
+def test_l2_prefetch_kernel_runs_in_the_simulator():
+    arrays = [torch.randn(n, 64).to(torch.bfloat16).reshape(-1).view(torch.complex128).numpy() for n in (3, 5, 7)]
+    before = [x.copy() for x in arrays]
+    g.l2_prefetch_kernel[2, 32](*arrays)  # each thread's loops over lines: the indexing runs, no value changes
+    assert all((x == y).all() for x, y in zip(arrays, before))
+
+
+@gpu
+def test_l2_prefetch_branches_off_a_captured_batch_1_step_and_changes_nothing(monkeypatch):
+    from kernels._timing import capture_graph
+    from minivllm.model import layers
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    monkeypatch.setattr(g, "ENGINE_L2_PREFETCH", True)
+    ws = tuple((torch.randn(n, 1024, device="cuda") * 0.05).to(torch.bfloat16) for n in (1024, 6144, 3072))
+    before = [w.clone() for w in ws]
+    x = torch.randn(1, 1024, device="cuda").to(torch.bfloat16)
+    out = torch.zeros(1, 6144, device="cuda", dtype=torch.bfloat16)
+    sides = []
+
+    def step():
+        side = layers.l2_prefetch_fork(x, ws)
+        sides.append(side)
+        out.copy_(g.gemv(x, ws[1]))
+        layers.l2_prefetch_join(side)
+
+    graph = capture_graph(step)
+    assert sides[-1] is not None and all(s is None for s in sides[:-1])  # only the capture forks
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, g.gemv(x, ws[1])) and all(torch.equal(w, v) for w, v in zip(ws, before))
+
+
+@gpu
+def test_an_engine_with_the_l2_prefetch_gives_the_same_tokens(monkeypatch):
+    from bench.models import QWEN3_06B
+    from minivllm import LLM, SamplingParams
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    answers = []
+    for on in (False, True):
+        monkeypatch.setattr(g, "ENGINE_L2_PREFETCH", on)  # before the graphs are captured
+        llm = LLM(QWEN3_06B, device="cuda", dtype="bfloat16", max_model_len=256, max_num_seqs=4,
+                  gpu_memory_utilization=0.2, seed=0)
+        answers.append([o.outputs[0].token_ids for o in llm.generate([[1, 2, 3, 4]], params, use_tqdm=False)])
+        del llm
+    assert answers[0] == answers[1]

@@ -129,6 +129,36 @@ def _gemv_tokens() -> int:
     return 0 if module is None else module.ENGINE_MAX_TOKENS
 
 
+_side_streams: dict = {}
+
+
+def l2_prefetch_fork(x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
+    """While a GPU step of at most ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens is being captured into a CUDA graph
+    (``ENGINE_L2_PREFETCH`` on): start ``kernels.gemv.l2_prefetch`` of ``weights`` on a side stream, a branch of the
+    graph beside the main stream's kernels, and return that stream for :func:`l2_prefetch_join`; else None.
+
+    Only under capture: in a replayed graph the branch costs nothing on the host, eagerly it would cost a launch."""
+    if not (weights and x.is_cuda and 0 < x.shape[0] <= _gemv_tokens() and torch.cuda.is_current_stream_capturing()):
+        return None
+    module = kernel_module("gemv")
+    if not (module.ENGINE_L2_PREFETCH and module.prefetch_supported(*weights)):
+        return None
+    main = torch.cuda.current_stream(x.device)
+    side = _side_streams.get(x.device)
+    if side is None:
+        side = _side_streams[x.device] = torch.cuda.Stream(x.device)
+    side.wait_stream(main)  # the fork: the branch starts after what the main stream has recorded so far
+    with torch.cuda.stream(side):
+        module.l2_prefetch(*weights)
+    return side
+
+
+def l2_prefetch_join(side) -> None:
+    """The main stream waits for the prefetch branch (a graph capture must end with every branch joined)."""
+    if side is not None:
+        torch.cuda.current_stream().wait_stream(side)
+
+
 def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``linear(silu_and_mul(gate_up), weight)``; a GPU step of up to ``kernels.gemv.PROLOGUE_MAX_TOKENS`` tokens in
     one kernel (``kernels.gemv.gemv_silu``) while ``ENGINE_SILU_PROLOGUE`` is on and no learner's SiLU·mul runs."""

@@ -159,13 +159,21 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
+        side = layers.l2_prefetch_fork(hidden_states, self._prefetch())  # batch-1 graphs: weights into L2, aside
         if residual is None:  # first layer: the residual stream starts as the embeddings
             residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        layers.l2_prefetch_join(side)  # the branch only issues requests: joined at once, before attention's split
         hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+    def _prefetch(self) -> tuple[torch.Tensor, ...]:
+        """The matrices read after qkv_proj (o_proj, gate_up_proj, down_proj), when all three are the package's
+        own ``Linear`` (quantization and tensor parallelism swap in others): ``layers.l2_prefetch_fork``."""
+        mods = (self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return tuple(m.weight for m in mods) if all(type(m) is Linear for m in mods) else ()
 
 
 class Qwen3Model(nn.Module):
