@@ -19,8 +19,8 @@ prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps l
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
 (``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
 left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off), and the default
-without the L2 prefetch of each layer's later weights ("cuda_graphs_no_prefetch": ``kernels.gemv.ENGINE_L2_PREFETCH``
-off). On a CPU there are no graphs: the eager engine only.
+with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGINE_L2_PREFETCH``; off by default:
+"cuda_graphs_l2_prefetch" turns it on). On a CPU there are no graphs: the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -93,13 +93,14 @@ def run(args: argparse.Namespace) -> dict:
     defaults = {k: getattr(kernels.gemv, k) for k in switched}
     default_gemv, default_silu = defaults["ENGINE_MAX_TOKENS"], defaults["ENGINE_SILU_PROLOGUE"]
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
+    prefetch = "cuda_graphs_no_prefetch" if defaults["ENGINE_L2_PREFETCH"] else "cuda_graphs_l2_prefetch"  # switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {},
-              "cuda_graphs_no_prefetch": {}}
+              "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {}, prefetch: {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     switches = {"cuda_graphs_gemv": {"ENGINE_MAX_TOKENS": 8}, "cuda_graphs_cublas": {"ENGINE_MAX_TOKENS": 0},
                 "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False},
-                "cuda_graphs_no_prefetch": {"ENGINE_L2_PREFETCH": False}}  # per mode, set before graph capture
+                "cuda_graphs_no_prefetch": {"ENGINE_L2_PREFETCH": False},
+                "cuda_graphs_l2_prefetch": {"ENGINE_L2_PREFETCH": True}}  # per mode, set before graph capture
     for mode, mode_options in modes.items():
         for k, v in {**defaults, **switches.get(mode, {})}.items():
             setattr(kernels.gemv, k, v)
@@ -127,8 +128,9 @@ def run(args: argparse.Namespace) -> dict:
         result["prologue_speedup_decode"] = round(result["cuda_graphs_unfused"]["decode_ms_per_token"]
                                                   / result["cuda_graphs"]["decode_ms_per_token"], 3)
         result["engine_l2_prefetch"] = defaults["ENGINE_L2_PREFETCH"]
-        result["l2_prefetch_speedup_decode"] = round(result["cuda_graphs_no_prefetch"]["decode_ms_per_token"]
-                                                     / result["cuda_graphs"]["decode_ms_per_token"], 3)
+        on, off = (("cuda_graphs", prefetch) if defaults["ENGINE_L2_PREFETCH"] else (prefetch, "cuda_graphs"))
+        result["l2_prefetch_speedup_decode"] = round(result[off]["decode_ms_per_token"]
+                                                     / result[on]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv",
-                 "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch"):
+                 "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch", "cuda_graphs_l2_prefetch"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

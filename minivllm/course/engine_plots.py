@@ -241,7 +241,7 @@ def throughput(result: dict) -> Figure:
                      f"  ({result[key]['output_tokens_per_s'] / first:.2f}x the first)"))
     for key, label in (("transformers", "transformers.generate"), ("llama_cpp", "llama.cpp")):
         peer = result.get(key)
-        if peer and "error" not in peer:
+        if peer and "output_tokens_per_s" in peer:  # not a peer that failed ("error") or was left out ("skipped")
             how = "one at a time" if peer.get("batch", 1) == 1 else f"batches of {peer['batch']}"
             rows.append((f"{label} ({how})", peer["output_tokens_per_s"],
                          f"  (minivllm: {first / peer['output_tokens_per_s']:.1f}x)"))
@@ -267,9 +267,10 @@ def throughput(result: dict) -> Figure:
 def latency(result: dict) -> Figure:
     """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, the overlapped loop, the
     small-step kernels switched off, eager), with targets."""
-    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "cuda_graphs_no_prefetch", "cuda_graphs_unfused",
-                         "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
-    palette = {"cuda_graphs": DECODE, "cuda_graphs_async": "#59a14f", "cuda_graphs_no_prefetch": "#76b7b2",
+    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "cuda_graphs_l2_prefetch", "cuda_graphs_no_prefetch",
+                         "cuda_graphs_unfused", "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
+    palette = {"cuda_graphs": DECODE, "cuda_graphs_async": "#59a14f", "cuda_graphs_l2_prefetch": "#76b7b2",
+               "cuda_graphs_no_prefetch": "#76b7b2",
                "cuda_graphs_unfused": "#edc948", "cuda_graphs_cublas": "#9c755f", "decode_graphs_only": "#b07aa1",
                "eager": PREFILL}
     targets = result.get("targets") or {}
