@@ -138,10 +138,11 @@ def l2_prefetch_fork(x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
     graph beside the main stream's kernels, and return that stream for :func:`l2_prefetch_join`; else None.
 
     Only under capture: in a replayed graph the branch costs nothing on the host, eagerly it would cost a launch."""
-    if not (weights and x.is_cuda and 0 < x.shape[0] <= _gemv_tokens() and torch.cuda.is_current_stream_capturing()):
+    if not (weights and x.is_cuda and 0 < x.shape[0] <= _gemv_tokens()):
         return None
     module = kernel_module("gemv")
-    if not (module.ENGINE_L2_PREFETCH and module.prefetch_supported(*weights)):
+    if not (module.ENGINE_L2_PREFETCH and torch.cuda.is_current_stream_capturing()
+            and module.prefetch_supported(*weights)):
         return None
     main = torch.cuda.current_stream(x.device)
     side = _side_streams.get(x.device)
