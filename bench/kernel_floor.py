@@ -2,7 +2,7 @@
 
     python -m bench.kernel_floor [--out DIR]     # GPU only; writes 17_kernel_floor_cuda.json
 
-At batch 1 a decode step replays ~250 kernels from a CUDA graph, most of which move a few KB: their time is the
+At batch 1 a decode step replays ~230 kernels from a CUDA graph, most of which move a few KB: their time is the
 cost of a kernel itself (the GPU starting it, a memory round trip or two, draining it), not of their work. Each
 case here is one block of 32 threads, 50 launches captured in one graph and replayed (kernels._timing.graph_time):
 

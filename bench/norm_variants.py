@@ -1,14 +1,15 @@
-"""RMSNorm's bf16 16-byte kernels built four ways, against ``torch.compile`` of the reference, in one run.
+"""RMSNorm's bf16 16-byte kernels built several ways, against ``torch.compile`` of the reference, in one run.
 
     python -m bench.norm_variants [--out DIR]     # GPU only; writes 17_norm_variants_cuda.json
 
 The builds (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below) against the module's defaults: the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
 with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
-shift and a mask; 64, 128 or 256 threads per block. Each is timed by CUDA-graph replay on Qwen3-0.6B's shapes (hidden 1,024;
-QK-norm over 16 heads of 128) and its output compared with ``rms_norm_ref`` / ``fused_add_rms_norm_ref``
-(``*_err``, the largest difference in units of the result's largest value). GB/s: bytes the kernel must move
-over its time.
+shift and a mask; 64, 128 or 256 threads per block; and, for RMSNorm alone, the streaming kernel (a grid of 1 or 2
+waves of resident blocks, the next row loaded while one is normalized). Each is timed by CUDA-graph replay on
+Qwen3-0.6B's shapes (hidden 1,024; QK-norm over 16 heads of 128) and its output compared with ``rms_norm_ref`` /
+``fused_add_rms_norm_ref`` (``*_err``, the largest difference in units of the result's largest value). GB/s: bytes
+the kernel must move over its time.
 """
 
 import torch

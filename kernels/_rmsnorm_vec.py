@@ -241,8 +241,8 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
             first += stride
             row += stride
 
-    rms_norm_stream.__name__ = rms_norm_stream.__qualname__ = f"rms_norm_{name}_stream_kernel"
     if stream:
+        rms_norm_stream.__name__ = rms_norm_stream.__qualname__ = f"rms_norm_{name}_stream_kernel"
         return cuda.jit(rms_norm_stream), None
     rms_norm_vec.__name__ = rms_norm_vec.__qualname__ = f"rms_norm_{name}_kernel"
     fused_add_rms_norm_vec.__name__ = fused_add_rms_norm_vec.__qualname__ = f"fused_add_rms_norm_{name}_kernel"
@@ -256,7 +256,6 @@ NORM_KERNELS = {torch.bfloat16: rms_norm_bf16_kernel, torch.float16: rms_norm_f1
                 torch.float32: rms_norm_f32_kernel}
 FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: fused_add_rms_norm_f16_kernel,
                  torch.float32: fused_add_rms_norm_f32_kernel}
-
 
 
 @functools.cache

@@ -397,7 +397,7 @@ def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
 # start of a layer for the layer's o_proj, gate_up_proj and down_proj (``minivllm.model.layers.l2_prefetch_fork``),
 # the lines arrive while the main stream runs the norm, qkv_proj, QK-norm + RoPE and attention, and those three
 # matmuls then read L2 instead of HBM. ``ENGINE_L2_PREFETCH`` switches it; it only changes where the bytes come from.
-ENGINE_L2_PREFETCH = False  # off until measured on a GPU (bench.latency: cuda_graphs_no_prefetch against cuda_graphs)
+ENGINE_L2_PREFETCH = False  # off until measured on a GPU (bench.latency's cuda_graphs_l2_prefetch against cuda_graphs)
 L2_LINE_CHUNKS = 8  # 16-byte chunks per 128-byte cache line
 
 if config.ENABLE_CUDASIM:

@@ -205,7 +205,7 @@ def test_l2_prefetch_takes_three_whole_tensors_and_is_a_no_op_off_a_captured_gpu
     g.l2_prefetch(a, b, c)  # a CPU tensor: nothing to warm, nothing changed
     with pytest.raises(ValueError, match="three contiguous"):
         g.l2_prefetch(a, b[:, :3], c)
-    assert layers.l2_prefetch_fork(a[:1], (a, b, c)) is None  # not a GPU step being captured
+    assert layers.l2_prefetch_fork(a[:1], lambda: (a, b, c)) is None  # not a GPU step being captured
     layers.l2_prefetch_join(None)
 
 
@@ -232,7 +232,7 @@ def test_l2_prefetch_branches_off_a_captured_batch_1_step_and_changes_nothing(mo
     sides = []
 
     def step():
-        side = layers.l2_prefetch_fork(x, ws)
+        side = layers.l2_prefetch_fork(x, lambda: ws)
         sides.append(side)
         out.copy_(g.gemv(x, ws[1]))
         layers.l2_prefetch_join(side)

@@ -132,17 +132,20 @@ def _gemv_tokens() -> int:
 _side_streams: dict = {}
 
 
-def l2_prefetch_fork(x: torch.Tensor, weights: tuple[torch.Tensor, ...]):
+def l2_prefetch_fork(x: torch.Tensor, weights: Callable[[], tuple[torch.Tensor, ...]]):
     """While a GPU step of at most ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens is being captured into a CUDA graph
     (``ENGINE_L2_PREFETCH`` on): start ``kernels.gemv.l2_prefetch`` of ``weights`` on a side stream, a branch of the
     graph beside the main stream's kernels, and return that stream for :func:`l2_prefetch_join`; else None.
+    ``weights()`` gives the tensors (none: nothing to fetch); it is called only when the rest holds.
 
     Only under capture: in a replayed graph the branch costs nothing on the host, eagerly it would cost a launch."""
-    if not (weights and x.is_cuda and 0 < x.shape[0] <= _gemv_tokens()):
+    if not (x.is_cuda and 0 < x.shape[0] <= _gemv_tokens()):
         return None
     module = kernel_module("gemv")
-    if not (module.ENGINE_L2_PREFETCH and torch.cuda.is_current_stream_capturing()
-            and module.prefetch_supported(*weights)):
+    if not (module.ENGINE_L2_PREFETCH and torch.cuda.is_current_stream_capturing()):
+        return None
+    weights = weights()
+    if not (weights and module.prefetch_supported(*weights)):
         return None
     main = torch.cuda.current_stream(x.device)
     side = _side_streams.get(x.device)

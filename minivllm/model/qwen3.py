@@ -159,7 +159,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
-        side = layers.l2_prefetch_fork(hidden_states, self._prefetch())  # batch-1 graphs: weights into L2, aside
+        side = layers.l2_prefetch_fork(hidden_states, self._prefetch)  # batch-1 graphs: weights into L2, aside
         if residual is None:  # first layer: the residual stream starts as the embeddings
             residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
