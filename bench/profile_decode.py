@@ -1,10 +1,12 @@
-"""Where a batch-1 decode step's time goes inside its CUDA graph: every replayed kernel, timed by the profiler.
+"""Where a decode step's time goes inside its CUDA graph: every replayed kernel, timed by the profiler.
 
     python -m bench.profile_decode [--steps 20] [--out DIR]     # GPU only; writes 17_decode_profile_cuda.json
+    python -m bench.profile_decode --batch 192                  # a throughput-sized step: ..._cuda_b192.json
 
-Qwen3-0.6B shapes, random bf16 weights, the engine's defaults (a CUDA graph per decode batch size). One request
-(16-token prompt) decodes; after a warm-up, ``--steps`` steps run under ``torch.profiler`` (CUPTI reports each
-kernel a graph replays). Per kernel name: launches per step, GPU time per step and per launch. Per step: the
+Qwen3-0.6B shapes, random bf16 weights, the engine's defaults (a CUDA graph per decode batch size). By default
+one request (16-token prompt) decodes. With ``--batch N``, N requests with prompts of 100..1024 tokens (uniform,
+seeded, as in ``bench.throughput``'s workload) are prefilled first, then decode together. After a warm-up,
+``--steps`` steps run under ``torch.profiler`` (CUPTI reports each kernel a graph replays). Per kernel name: launches per step, GPU time per step and per launch. Per step: the
 wall time between steps, the GPU busy time (sum of kernel durations), and the span from the step's first kernel
 start to its last kernel end -- the span minus the busy time is the GPU idle *between* the graph's kernels
 (each kernel's ramp-up and drain), the wall minus the span is the host's part.
@@ -30,17 +32,29 @@ def _short(name: str) -> str:
     return name.removeprefix("void ")[:70]
 
 
-def run(steps: int) -> dict:
+def run(steps: int, batch: int = 1) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from bench.models import QWEN3_06B
     from minivllm.llm import LLM
     from minivllm.sampling_params import SamplingParams
 
-    llm = LLM(QWEN3_06B, max_model_len=2048, max_num_seqs=8, gpu_memory_utilization=0.3)
+    llm = LLM(QWEN3_06B, max_model_len=2048, max_num_seqs=max(8, batch), gpu_memory_utilization=0.5)
     engine = llm.engine
-    engine.add_request(list(range(100, 116)), SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True))
-    for _ in range(20):  # prefill, then decode steps: the graph is captured and warm
+    params = SamplingParams(temperature=0, max_tokens=steps + 64, ignore_eos=True)
+    if batch == 1:
+        engine.add_request(list(range(100, 116)), params)
+    else:
+        import random
+
+        from bench._harness import random_ids
+
+        rng = random.Random(0)
+        for _ in range(batch):
+            engine.add_request(random_ids(rng, rng.randint(100, 1024), QWEN3_06B.vocab_size), params)
+    while engine.scheduler.waiting or any(s.is_prefill for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(20):  # decode steps: the graph is captured and warm
         engine.step()
     torch.cuda.synchronize()
     walls = []
@@ -68,7 +82,8 @@ def run(steps: int) -> dict:
     table = sorted(({"kernel": k, "per_step": round(len(v) / steps, 2), "us_per_step": round(sum(v) / steps, 2),
                      "us_each": round(statistics.median(v), 2)} for k, v in by_name.items()),
                    key=lambda r: -r["us_per_step"])
-    summary = {"steps": steps, "wall_us_median": round(statistics.median(walls), 1),
+    summary = {"steps": steps, "batch": batch, "context_tokens": sum(s.num_tokens for s in engine.scheduler.running),
+               "wall_us_median": round(statistics.median(walls), 1),
                "kernels_per_step": statistics.median(s["kernels"] for s in per_step),
                "busy_us_median": round(statistics.median(s["busy_us"] for s in per_step), 1),
                "span_us_median": round(statistics.median(s["span_us"] for s in per_step), 1)}
@@ -82,12 +97,14 @@ def run(steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=1, help="requests decoding together (prompts of 100..1024 tokens)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.profile_decode profiles a GPU; this machine has no GPU", file=sys.stderr)
         return 2
-    print(f"saved {save(NAME, run(args.steps), args.out)}")
+    name = NAME if args.batch == 1 else f"{NAME}_b{args.batch}"
+    print(f"saved {save(name, run(args.steps, args.batch), args.out)}")
     return 0
 
 

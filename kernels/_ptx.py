@@ -7,8 +7,8 @@ launched with in ``SIGNATURES``; this module builds them all for every target an
 ``@cuda.jit`` function a module forgot to list.
 
 Per signature, the steps a GPU would run at first launch, each done only as often as its result can
-differ (measured on 2 cores for all 91 signatures: typing + lowering ~65 s, NVVM ~13 s per target,
-assembling ~17 s per target):
+differ (measured on 2 cores for all 146 signatures and four targets: typing + lowering 195 s, NVVM ~30 s per
+target, assembling and linking 125 s in all, nvdisasm 94 s beside them):
 
 1. **typing and lowering to NVVM IR, once**, for the lowest target. numba-cuda 0.30's lowering reads the
    compute capability only to choose features older than sm_75 (f64 atomics at 6.0, ``tanh.approx``
@@ -24,6 +24,16 @@ assembling ~17 s per target):
    local memory. PTX is forward compatible (PTX valid for sm_80 is valid for every later target), so a
    kernel without shims whose PTX text for a later target equals one already assembled is not assembled
    again.
+
+``--ends`` (what ``tests/test_01_compile.py`` runs) builds each kernel for its oldest target and sm_90 only, the
+steps above for the targets between left out: PTX that assembles for its oldest target is valid PTX for every
+later one, and what a newer target adds (sm_89's fp8 conversions) is built from that target up anyway
+(``MIN_TARGETS``). The bf16/fp16 shims' headers (``cuda_bf16.hpp``, ``cuda_fp16.hpp``) branch on ``__CUDA_ARCH__`` at
+300 to 800 only, so sm_80, sm_86 and sm_89 compile them alike (``shim_arch_thresholds`` reads them; no
+kernel here uses numba's fp8 header, which branches at 890). Shared memory per SM is smaller on sm_86/sm_89,
+but that is met at launch, not by the compiler.
+Measured on 2 idle cores: ``python -m kernels._ptx`` over all four targets 7 min 27 s (user 8 min 30 s); the
+test file with ``--ends`` (and a SASS census of the kernels it reads only) 6 min 7 s (user 6 min 27 s).
 
 For each kernel at sm_90 (Hopper, the GPU the course measures on; always assembled, never skipped as
 above) it also reports what ptxas gave the kernel: registers per thread, and so how many warps an SM can hold
@@ -108,6 +118,19 @@ def warps_per_sm(registers: int) -> int:
         return 64
     per_warp = (registers * 32 + 255) // 256 * 256
     return min(64, 4 * (65_536 // 4 // per_warp))
+
+
+def shim_arch_thresholds() -> set[int]:
+    """Every ``__CUDA_ARCH__`` value that numba's bf16/fp16 shim headers compare against (their ``cuda_bf16.hpp``
+    and ``cuda_fp16.h[pp]``, for each CUDA major numba-cuda ships headers for)."""
+    import numba.cuda
+
+    found = set()
+    for header in Path(numba.cuda.__file__).parent.glob("include/*/cuda_[bf][fp]16.h*"):
+        for line in header.read_text(errors="replace").splitlines():
+            if "__CUDA_ARCH__" in line and line.lstrip().startswith("#"):
+                found.update(int(v) for v in re.findall(r"__CUDA_ARCH__\s*[<>=!]=?\s*(\d+)", line))
+    return found
 
 
 def kernel_modules() -> list[str]:
@@ -238,9 +261,12 @@ def resources(log: str, entry: str) -> Resources:
 class _Builder:
     """Lowers a signature once and builds it for each target, reusing what cannot differ."""
 
-    def __init__(self, targets: tuple[tuple[int, int], ...], resources_cc: tuple[int, int] | None = None) -> None:
+    def __init__(self, targets: tuple[tuple[int, int], ...], resources_cc: tuple[int, int] | None = None,
+                 between: bool = True, census: tuple[str, ...] | None = None) -> None:
         self.targets = tuple(sorted(targets))
         self.resources_cc = resources_cc  # kernels are always assembled for it, and get Resources
+        self.between = between  # False: a kernel only for its oldest target, the newest and resources_cc
+        self.census_prefixes = census  # None: a SASS census of every kernel with Resources; else of names with these
         self.shims: dict[tuple[bytes, tuple[int, int]], bytes] = {}  # (C++ source, cc) -> LTO-IR
         self.assembled: set[str] = set()  # PTX bodies (of kernels without shims) that assembled fine
         # NOTE: nvdisasm takes 0.4 s a cubin, mostly to start: it runs beside the compiler, see add_census
@@ -269,9 +295,10 @@ class _Builder:
         library, _ = _compile_pyfunc_with_fixup(disp.py_func, sig, device=device, fastmath=fastmath,
                                                 cc=self.targets[0], abi="numba")  # step 1, once
         out = []
-        for cc in self.targets:
-            if min_cc is not None and cc < min_cc:
-                continue
+        targets = [cc for cc in self.targets if min_cc is None or cc >= min_cc]
+        if not self.between:  # what PTX's forward compatibility covers is left out (see --ends)
+            targets = [cc for cc in targets if cc in (targets[0], targets[-1], self.resources_cc)]
+        for cc in targets:
             record = functools.partial(Compiled, module, disp.py_func.__name__, str(sig), cc)
             try:
                 ptxs = library.get_asm_strs(cc=cc)  # step 2
@@ -288,7 +315,9 @@ class _Builder:
                         cubin = len(data)
                         if wanted:
                             found = resources(log, re.search(r"\.entry\s+(\S+?)\s*\(", "".join(ptxs))[1])
-                            self.censuses.append(self.disassembler.submit(sass_census, data))
+                            name = disp.py_func.__name__
+                            self.censuses.append(self.disassembler.submit(sass_census, data) if self.census_prefixes
+                                                 is None or name.startswith(self.census_prefixes) else None)
                         if not shims:
                             self.assembled.add(body)
                     else:
@@ -306,7 +335,8 @@ class _Builder:
         self.censuses = []
         out = []
         for c in done:
-            census = next(censuses).result() if c.resources else None
+            future = next(censuses) if c.resources else None
+            census = None if future is None else future.result()
             out.append(replace(c, resources=replace(c.resources, sass=census[0], instructions=census[1],
                                                     wide_loop=census[2])) if census else c)
         return out
@@ -327,14 +357,16 @@ def _pretend_device(cc: tuple[int, int]) -> None:
 
 
 def compile_all(targets: tuple[tuple[int, int], ...] = TARGETS, resources_cc: tuple[int, int] | None = RESOURCES_CC,
-                only: list[str] | None = None) -> tuple[list[Compiled], list[str]]:
-    """Build every listed signature (of the ``only`` modules, if given) for every target; return the results
-    and the names of unlisted kernels."""
+                only: list[str] | None = None, between: bool = True,
+                census: tuple[str, ...] | None = None) -> tuple[list[Compiled], list[str]]:
+    """Build every listed signature (of the ``only`` modules, if given) for every target (with ``between=False``:
+    its oldest and the newest only); return the results and the names of unlisted kernels. ``census``: kernel-name
+    prefixes whose SASS is counted (None: all)."""
     from numba import config
 
     if config.ENABLE_CUDASIM:
         raise RuntimeError("compile_all needs numba's real CUDA target: run with NUMBA_ENABLE_CUDASIM=0")
-    builder = _Builder(targets, resources_cc)
+    builder = _Builder(targets, resources_cc, between, census)
     _pretend_device(builder.targets[0])
     modules = {name: importlib.import_module(name) for name in kernel_modules()}
     # NOTE: a dispatcher counts as listed wherever it is listed (rmsnorm lists the _reduce helper it imports)
@@ -395,13 +427,19 @@ def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels._ptx", description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the sm_90 kernels' resources here")
     parser.add_argument("--only", metavar="MODULE[,MODULE]", help="build these kernel modules only (kernels.rope)")
+    parser.add_argument("--ends", action="store_true",
+                        help="each kernel for its oldest target and sm_90 only (about half the time; what the test "
+                             "suite runs): PTX that assembles for sm_80 is valid for sm_86 and sm_89 unchanged")
+    parser.add_argument("--census", metavar="PREFIX[,PREFIX]",
+                        help="count the SASS of kernels whose names start with these only (nvdisasm: ~0.4 s a kernel)")
     args = parser.parse_args(argv)
     only = None if args.only is None else [m if m.startswith("kernels.") else f"kernels.{m}"
                                            for m in args.only.split(",")]
     if only is not None and (unknown := set(only) - set(kernel_modules())):
         parser.error(f"not a kernel module: {', '.join(sorted(unknown))}")
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
-    done, missing = compile_all(only=only)
+    census = None if args.census is None else tuple(args.census.split(","))
+    done, missing = compile_all(only=only, between=not args.ends, census=census)
     for c in done:
         where = f"{c.module}.{c.kernel}{'':<4}{c.signature:<60} sm_{c.cc[0]}{c.cc[1]}"
         if c.error:
@@ -417,7 +455,8 @@ def _main(argv: list[str]) -> int:
         kernels = [{"module": c.module, "kernel": c.kernel, "signature": c.signature, "cc": f"sm_{c.cc[0]}{c.cc[1]}",
                     "resources": asdict(c.resources), "warps_per_sm": warps_per_sm(c.resources.registers)}
                    for c in done if c.resources]
-        args.json.write_text(json.dumps({"meta": _meta(argv), "kernels": kernels}, indent=1) + "\n")
+        meta = _meta(argv) | {"targets": "oldest and sm_90" if args.ends else "all", "census": census}
+        args.json.write_text(json.dumps({"meta": meta, "kernels": kernels}, indent=1) + "\n")
     return 1 if missing or any(c.error for c in done) else 0
 
 
