@@ -103,3 +103,28 @@ def test_the_fused_merge_on_a_gpu_at_qwen3_shapes(fp8):
     for _ in range(3):
         got = paged_attention_warp(q, cache, tables, lens, max_context_len=2048, fused_merge=True)
         torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("has_cvt", [False, True])  # below sm_89 / from it
+@pytest.mark.parametrize("group,dim", [(2, 128), (3, 64)])  # Qwen3's and SmolLM2's shapes
+def test_the_kernel_the_defaults_launch_is_compiled_by_the_gpu_check(monkeypatch, fp8, has_cvt, group, dim):
+    """The 16-byte kernel a GPU launch picks with the module's defaults is one ``kernels._ptx`` builds (listed in
+    SIGNATURES, and from sm_89 up where it converts e4m3 in hardware): the variants are built by a factory, so a
+    new default could otherwise pick a kernel no CPU check ever compiled."""
+    import kernels.paged_attention_warp as paw
+
+    class Picked(Exception):
+        pass
+
+    factory, picked = paw._kernel16, []
+    monkeypatch.setattr(paw, "resolve_backend", lambda *a, **kw: "gpu")
+    monkeypatch.setattr(paw, "_has_cvt", lambda index: has_cvt)
+    monkeypatch.setattr(paw, "_kernel16", lambda *a: picked.append(a) or (_ for _ in ()).throw(Picked()))
+    q = torch.zeros(1, group, dim, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 2, 16, 1, dim).to(paw.FP8 if fp8 else torch.bfloat16)
+    with pytest.raises(Picked):
+        paw.paged_attention_warp(q, cache, torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    kernel = factory(*picked[0])
+    assert kernel in paw.SIGNATURES, kernel.py_func.__name__
+    assert (paw.MIN_TARGETS.get(kernel) == paw.CVT_CC) == (fp8 and has_cvt), kernel.py_func.__name__
