@@ -6,10 +6,11 @@
 Qwen3-0.6B shapes, random bf16 weights, the engine's defaults (a CUDA graph per decode batch size). By default
 one request (16-token prompt) decodes. With ``--batch N``, N requests with prompts of 100..1024 tokens (uniform,
 seeded, as in ``bench.throughput``'s workload) are prefilled first, then decode together. After a warm-up,
-``--steps`` steps run under ``torch.profiler`` (CUPTI reports each kernel a graph replays). Per kernel name: launches per step, GPU time per step and per launch. Per step: the
-wall time between steps, the GPU busy time (sum of kernel durations), and the span from the step's first kernel
-start to its last kernel end -- the span minus the busy time is the GPU idle *between* the graph's kernels
-(each kernel's ramp-up and drain), the wall minus the span is the host's part.
+``--steps`` steps run under ``torch.profiler`` (CUPTI reports each kernel a graph replays). Per kernel name:
+launches per step, GPU time per step and per launch. Per step: the wall time between steps, the GPU busy time
+(sum of kernel durations), and the span from the step's first kernel start to its last kernel end -- the span
+minus the busy time is the GPU idle *between* the graph's kernels (each kernel's ramp-up and drain), the wall
+minus the span is the host's part.
 """
 
 import argparse
