@@ -10,6 +10,14 @@ import os
 # OpenMP threads that spin while waiting make a 2-thread matmul 20-60x slower when the cores are shared
 # (pytest -n 2 on 2 cores); passive waiting fixes it. Set before torch loads; notebook kernels inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Even waiting passively, two workers whose every parallel region (an add, a norm) needs both cores wait on each
+# other's time slices: a 150-token prefill of the default model took 2.5 s instead of 1.5 with the other core busy.
+# So pytest -n N gives each worker (and the notebook kernels it starts, which inherit this) its share of the cores.
+# (Set in the workers only: they start from the controller's environment, which must not pin a value first.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 
 import pytest
 
