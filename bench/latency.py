@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     result: dict = {"device": device.type, "config": name, "dtype": "bfloat16" if device.type == "cuda" else "float32",
                     "threads": torch.get_num_threads(), "prompt_len": args.prompt_len, "output_len": args.output_len,
                     "ttft_prompt_len": args.ttft_len, "repeats": args.repeats, "engine": options}
-    # each mode's engine options; on a GPU also graphs with the overlapped loop
+    # each mode's engine options; on a GPU also graphs with the other loop (overlapped or plain) than the default's
     import kernels.gemv
 
     switched = ("ENGINE_MAX_TOKENS", "ENGINE_SILU_PROLOGUE", "ENGINE_L2_PREFETCH")  # kernels.gemv's switches
@@ -94,8 +94,12 @@ def run(args: argparse.Namespace) -> dict:
     default_gemv, default_silu = defaults["ENGINE_MAX_TOKENS"], defaults["ENGINE_SILU_PROLOGUE"]
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
     prefetch = "cuda_graphs_no_prefetch" if defaults["ENGINE_L2_PREFETCH"] else "cuda_graphs_l2_prefetch"  # switched
+    from minivllm.config import EngineConfig
+
+    default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
+    loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              "cuda_graphs_async": {"async_scheduling": True}, other: {}, "cuda_graphs_unfused": {}, prefetch: {}}
+              loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     switches = {"cuda_graphs_gemv": {"ENGINE_MAX_TOKENS": 8}, "cuda_graphs_cublas": {"ENGINE_MAX_TOKENS": 0},
                 "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False},
@@ -127,6 +131,10 @@ def run(args: argparse.Namespace) -> dict:
         result["engine_gemv_prologues"] = default_silu
         result["prologue_speedup_decode"] = round(result["cuda_graphs_unfused"]["decode_ms_per_token"]
                                                   / result["cuda_graphs"]["decode_ms_per_token"], 3)
+        result["engine_async_scheduling"] = default_async
+        on, off = (("cuda_graphs", loop) if default_async else (loop, "cuda_graphs"))
+        result["async_speedup_decode"] = round(result[off]["decode_ms_per_token"]
+                                               / result[on]["decode_ms_per_token"], 3)
         result["engine_l2_prefetch"] = defaults["ENGINE_L2_PREFETCH"]
         on, off = (("cuda_graphs", prefetch) if defaults["ENGINE_L2_PREFETCH"] else (prefetch, "cuda_graphs"))
         result["l2_prefetch_speedup_decode"] = round(result[off]["decode_ms_per_token"]
@@ -153,8 +161,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
-    for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_gemv",
-                 "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch", "cuda_graphs_l2_prefetch"):
+    for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
+                 "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
+                 "cuda_graphs_l2_prefetch"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

@@ -226,13 +226,16 @@ def run(args: argparse.Namespace) -> dict:
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     if args.gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.async_scheduling:
-        options["async_scheduling"] = True
+    from minivllm.config import EngineConfig
+
+    default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
+    result["engine_async_scheduling"] = default_async  # the engine's default loop here
     ours = None
-    for i, (kv_cache_dtype, overlap) in enumerate(engine_runs(args)):  # the first is "minivllm"; others are named
-        key = run_key(i, kv_cache_dtype, overlap)
+    runs = engine_runs(args, default_async)
+    for i, (kv_cache_dtype, overlap) in enumerate(runs):  # the first is "minivllm"; others are named
+        key = run_key(i, kv_cache_dtype, overlap, runs[0][1])
         run_options = {**options, **({} if kv_cache_dtype == "auto" else {"kv_cache_dtype": kv_cache_dtype}),
-                       **({"async_scheduling": True} if overlap else {})}
+                       "async_scheduling": overlap}
         start = time.perf_counter()
         llm = LLM(**engine_config(name, mc, device, **run_options))
         if weights is not None:  # transformers' random weights, so that both give the same tokens
@@ -284,20 +287,24 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def engine_runs(args: argparse.Namespace) -> list[tuple[str, bool]]:
-    """(KV cache dtype, overlapped loop) for each engine run, in order: every dtype, then with --also-async
-    every dtype again with the overlapped loop."""
-    runs = [(kv, args.async_scheduling) for kv in args.kv_cache_dtype]
-    if args.also_async and not args.async_scheduling:
-        runs += [(kv, True) for kv in args.kv_cache_dtype]
+def engine_runs(args: argparse.Namespace, default_async: bool) -> list[tuple[str, bool]]:
+    """(KV cache dtype, overlapped loop) for each engine run, in order: every dtype with ``--async-scheduling``'s
+    loop (the engine's default, ``default_async``, when not given), then with ``--both-loops`` every dtype again
+    with the other loop."""
+    first = default_async if args.async_scheduling is None else args.async_scheduling
+    runs = [(kv, first) for kv in args.kv_cache_dtype]
+    if args.both_loops:
+        runs += [(kv, not first) for kv in args.kv_cache_dtype]
     return runs
 
 
-def run_key(i: int, kv_cache_dtype: str, overlap: bool) -> str:
-    """The first run is "minivllm"; the others say how they differ: minivllm_kv_fp8, minivllm_async, ..."""
+def run_key(i: int, kv_cache_dtype: str, overlap: bool, first_overlap: bool) -> str:
+    """The first run is "minivllm"; the others say how they differ: minivllm_kv_fp8, minivllm_async (the
+    overlapped loop where the first ran the plain one), minivllm_no_async (the reverse), ..."""
     if i == 0:
         return "minivllm"
-    return "minivllm" + ("" if kv_cache_dtype == "auto" else f"_kv_{kv_cache_dtype}") + ("_async" if overlap else "")
+    loop = "" if overlap == first_overlap else ("_async" if overlap else "_no_async")
+    return "minivllm" + ("" if kv_cache_dtype == "auto" else f"_kv_{kv_cache_dtype}") + loop
 
 
 def parser() -> argparse.ArgumentParser:
@@ -318,10 +325,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine: GPU 256, CPU 64")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: GPU 8192, CPU 2048")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--async-scheduling", action="store_true", help="engine: the overlapped loop")
-    p.add_argument("--also-async", action="store_true",
-                   help="after the runs, each KV cache dtype again with the overlapped loop (saved as "
-                        "minivllm_async, minivllm_kv_fp8_async, ...)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="engine: the overlapped loop (default: the engine's, on for one GPU, off on a CPU)")
+    p.add_argument("--both-loops", "--also-async", dest="both_loops", action="store_true",
+                   help="after the runs, each KV cache dtype again with the other loop (saved as minivllm_no_async, "
+                        "minivllm_kv_fp8_no_async, ... on a GPU, minivllm_async, ... on a CPU)")
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
                    help="one engine run per KV cache dtype, back to back (e.g. auto fp8: the second is saved as "
                         "minivllm_kv_fp8, with its ratio to the first)")
@@ -366,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{peer}: {r.get('error') or r.get('skipped')}")
     if "parity_vs_transformers" in data:
         print(f"parity: {data['parity_vs_transformers']}")
-    for i, (kv_cache_dtype, overlap) in list(enumerate(engine_runs(args)))[1:]:
-        key = run_key(i, kv_cache_dtype, overlap)
+    runs = engine_runs(args, data["engine_async_scheduling"])
+    for i, (kv_cache_dtype, overlap) in list(enumerate(runs))[1:]:
+        key = run_key(i, kv_cache_dtype, overlap, runs[0][1])
         r = data[key]
-        label = kv_cache_dtype + (" async" if overlap else "")
+        label = kv_cache_dtype + (" async" if overlap else " plain")
         print(f"{label:12s} {r['output_tokens_per_s']:10,.1f} output tok/s  ({r['seconds']} s): "
               f"{data[f'{key}_vs_minivllm']}x the first run; same first 8 tokens as it: "
               f"{r['same_first_8_tokens_as_minivllm']}")

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     srv.add_argument("--cuda-graph-max-tokens", type=int, default=2048,
                      help="prefill steps up to this many tokens replay piecewise CUDA graphs; 0: launched op by op")
-    srv.add_argument("--async-scheduling", action="store_true",
-                     help="plan and prepare each decode step while the one before runs (overlapped loop)")
+    srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                     help="plan and prepare each decode step while the one before runs (overlapped loop; default: on "
+                          "for one GPU, off on a CPU and with tensor parallelism)")
     srv.add_argument("--reasoning-parser", default="auto", choices=["auto", "qwen3", "none"],
                      help="return <think> text as reasoning_content: auto = when the chat template thinks "
                           "(default: auto)")

@@ -92,12 +92,12 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
     cuda_graph_max_tokens: int = 2048  # prefill and mixed steps up to this many tokens replay piecewise graphs
     #                                    (minivllm.piecewise; capped at max_num_batched_tokens); 0: they run eagerly
-    async_scheduling: bool = False  # overlap: plan and prepare decode step N+1 while step N runs, output
+    async_scheduling: bool | None = None  # overlap: plan and prepare decode step N+1 while step N runs, output
     #                                 processing behind the device too (minivllm.overlap; not with tensor
-    #                                 parallelism). vLLM's --async-scheduling. Measured on an H100 and the H200: the
-    #                                 same tokens, 1.09-1.16x the offline throughput, batch-1 decode 1.2x faster.
-    #                                 Still opt-in: outputs come one step later, and the GPU server tests have
-    #                                 not yet run with it on
+    #                                 parallelism). vLLM's --async-scheduling, on by default since vLLM 0.14.
+    #                                 None: on for one GPU (H100, session 11: the same tokens, batch-1 decode 1.31
+    #                                 against 1.54 ms/token), off on a CPU (nothing runs beside the host there) and
+    #                                 with tensor parallelism. ``overlaps`` is the resolved choice
     # the course: True (or a workspace folder) builds the engine from the learner's passed components
     learner: bool | str | Path = False  # see minivllm.learner; default folder notebooks/workspace
     # tensor parallelism (minivllm.distributed): the model's heads, MLP and vocabulary split over this many ranks,
@@ -135,6 +135,8 @@ class EngineConfig:
             if device.type not in ("cuda", "cpu"):
                 raise ValueError(f"device must be cuda or cpu, got {self.device!r}")
         self._check_tensor_parallel()
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.async_scheduling and self.tensor_parallel_size > 1:
             raise ValueError("async_scheduling does not work with tensor_parallel_size > 1 yet (the workers would "
                              "need the sampled tokens of the step before)")
@@ -193,6 +195,14 @@ class EngineConfig:
         if self.quantization != "none" and self.torch_dtype != torch.float32:
             raise ValueError(f"quantization={self.quantization!r} computes in float32; drop dtype={self.dtype!r}")
         return self.quantization
+
+    @property
+    def overlaps(self) -> bool:
+        """Whether the engine runs its overlapped loop: ``async_scheduling`` when given, else on for a one-GPU engine
+        built from the package (a learner's engine runs the loop the learner wrote, one step at a time)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.torch_device.type == "cuda" and self.tensor_parallel_size == 1 and self.learner is False
 
     @property
     def torch_device(self) -> torch.device:

@@ -17,8 +17,9 @@ drives it (``LLM`` in a loop, or the server's engine thread).
 With ``tensor_parallel_size > 1`` the model is split over worker processes (``minivllm.distributed``):
 rank 0 runs all of the above, the workers only the forward pass of each plan.
 
-**Overlapped steps** (``async_scheduling=True``, vLLM's async scheduling): step N+1 is planned and launched
-before step N's tokens reach the host, and N is post-processed while N+1 runs (:mod:`minivllm.overlap`).
+**Overlapped steps** (``async_scheduling``, vLLM's async scheduling; on by default on one GPU): step N+1 is
+planned and launched before step N's tokens reach the host, and N is post-processed while N+1 runs
+(:mod:`minivllm.overlap`).
 
 Left out: pipeline parallelism, swapping KV to the CPU, beam search, prompt logprobs.
 """
@@ -87,7 +88,7 @@ class LLMEngine:
         self.processor = OutputProcessor(self.scheduler, self.tokenizer, self.eos_token_ids,
                                          stop_checker=learner.stop_checker_class(parts))
         self.learner_step = parts.functions.get("step")  # phase 12's step, when the learner's engine has it
-        self.overlap = config.async_scheduling and self.tp is None  # step() runs the overlapped loop (switchable)
+        self.overlap = config.overlaps and self.tp is None  # step() runs the overlapped loop (switchable)
         self.loop = OverlappedLoop(self)  # its state: the step in flight, pinned buffers for sampled tokens
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()

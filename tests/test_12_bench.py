@@ -43,20 +43,33 @@ def test_throughput_without_a_peer(tmp_path):
     assert data["minivllm"]["output_tokens"] == data["workload"]["output_tokens"]
 
 
-def test_throughput_runs_each_cache_dtype_again_overlapped(tmp_path):
-    """--also-async: the overlapped loop after the plain runs, each named by how it differs from the first; the
-    overlapped loop changes no token, the fp8 cache only what its rounding changes."""
+def test_throughput_runs_each_cache_dtype_again_with_the_other_loop(tmp_path):
+    """--both-loops: on a CPU (plain loop by default) the overlapped loop after the plain runs, each named by how it
+    differs from the first; the overlapped loop changes no token, the fp8 cache only what its rounding changes."""
     assert throughput.main(["--config", "tiny", "--device", "cpu", "--num-requests", "4", "--peer-requests", "0",
-                            "--kv-cache-dtype", "auto", "fp8", "--also-async", "--out", str(tmp_path)]) == 0
+                            "--kv-cache-dtype", "auto", "fp8", "--both-loops", "--out", str(tmp_path)]) == 0
     data = _load(tmp_path / "12_throughput_tiny.json")
     runs = [k for k in data if k.startswith("minivllm") and isinstance(data[k], dict)]
     assert runs == ["minivllm", "minivllm_kv_fp8", "minivllm_async", "minivllm_kv_fp8_async"]
-    assert [data[k].get("async_scheduling", False) for k in runs] == [False, False, True, True]
+    assert data["engine_async_scheduling"] is False
+    assert [data[k]["async_scheduling"] for k in runs] == [False, False, True, True]
     assert [data[k].get("kv_cache_dtype", "auto") for k in runs] == ["auto", "fp8", "auto", "fp8"]
     assert data["minivllm_async"]["same_all_tokens_as_minivllm"] == 4
     for k in runs:
         assert data[k]["output_tokens"] == data["workload"]["output_tokens"]
     assert data["minivllm_kv_fp8_async_vs_minivllm"] > 0
+
+
+def test_throughput_names_the_plain_runs_where_the_default_overlaps():
+    """On a GPU the engine overlaps by default: the first runs use the overlapped loop and --both-loops adds the plain
+    one (minivllm_no_async); --no-async-scheduling makes the plain loop the first."""
+    args = throughput.parser().parse_args(["--kv-cache-dtype", "auto", "fp8", "--both-loops"])
+    runs = throughput.engine_runs(args, default_async=True)
+    assert runs == [("auto", True), ("fp8", True), ("auto", False), ("fp8", False)]
+    keys = [throughput.run_key(i, kv, overlap, runs[0][1]) for i, (kv, overlap) in enumerate(runs)]
+    assert keys == ["minivllm", "minivllm_kv_fp8", "minivllm_no_async", "minivllm_kv_fp8_no_async"]
+    args = throughput.parser().parse_args(["--no-async-scheduling", "--also-async"])  # the old flag's name still works
+    assert throughput.engine_runs(args, default_async=True) == [("auto", False), ("auto", True)]
 
 
 def test_prefix_dry_run_computes_only_what_the_cache_cannot_serve(tmp_path):

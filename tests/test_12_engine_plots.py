@@ -165,6 +165,16 @@ def test_throughput_plot_sets_the_fp8_cache_run_beside_the_first():
     assert labels[1].endswith("(1.25x the first)") and labels[2].endswith("(minivllm: 200.0x)")
 
 
+def test_throughput_plot_names_the_plain_runs_where_the_first_overlapped():
+    thr = {"config": "qwen3-0.6b", "dtype": "bfloat16", "device": "cuda", "meta": {"gpu": "H100"},
+           "workload": {"requests": 256, "output_tokens": 144160},
+           "minivllm": {"output_tokens_per_s": 18000.0, "async_scheduling": True},
+           "minivllm_kv_fp8_no_async": {"output_tokens_per_s": 19000.0, "async_scheduling": False}}
+    ax = ep.throughput(thr).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "minivllm (all requests at once, overlapped loop)", "minivllm, fp8 KV cache, plain loop"]
+
+
 def test_throughput_plot_names_the_overlapped_runs_in_the_order_they_ran():
     thr = {"config": "qwen3-0.6b", "dtype": "bfloat16", "device": "cuda", "meta": {"gpu": "H100"},
            "workload": {"requests": 256, "output_tokens": 144160}, "minivllm": {"output_tokens_per_s": 16000.0},

@@ -197,7 +197,9 @@ def test_gpu_inputs_reach_the_model_as_planned_in_eager_and_graph_steps():
     with arrivals, departures and preemption, prefill steps eager and decode steps replayed."""
     engine = LLMEngine(model=TINY, device="cuda", dtype="float32", max_model_len=256, max_num_seqs=8,
                        max_num_batched_tokens=64, num_kv_blocks=12, cuda_graph_max_batch=8,  # 8 x ~48 > 192 slots
-                       cuda_graph_max_tokens=0)  # prefill eager (test_17_piecewise checks the piecewise replay's inputs)
+                       cuda_graph_max_tokens=0,  # prefill eager (test_17_piecewise checks the piecewise replay's inputs)
+                       async_scheduling=False)  # the plain loop, whose runner.execute is spied on (test_17_overlap
+    #                                             checks the overlapped loop's tokens against it)
     runner, seen = engine.runner, {"eager": 0, "graph": 0}
     execute = runner.execute
 

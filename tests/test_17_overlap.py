@@ -444,6 +444,30 @@ def test_async_scheduling_is_refused_with_tensor_parallelism():
         EngineConfig(model=TINY, device="cpu", async_scheduling=True, tensor_parallel_size=2)
 
 
+def test_async_scheduling_defaults_to_on_for_one_gpu_only():
+    """None (the default) resolves to the overlapped loop on one GPU, as vLLM's async scheduling does, and to the
+    plain loop on a CPU, with tensor parallelism and for a learner's engine; True and False are kept as given."""
+    from minivllm.config import EngineConfig
+
+    assert EngineConfig(model=TINY, device="cpu").async_scheduling is None
+    assert EngineConfig(model=TINY, device="cpu").overlaps is False
+    assert EngineConfig(model=TINY, device="cpu", async_scheduling=True).overlaps is True
+    with pytest.raises(ValueError, match="async_scheduling must be True, False or None"):
+        EngineConfig(model=TINY, device="cpu", async_scheduling="yes")
+
+    def on_a_gpu(**kwargs) -> EngineConfig:  # built on the CPU (no GPU here), then pointed at one: what overlaps reads
+        config = EngineConfig(model=TINY, device="cpu", **kwargs)
+        object.__setattr__(config, "device", "cuda")  # a frozen dataclass: past its checks, which need a GPU
+        return config
+
+    assert on_a_gpu().overlaps is True
+    assert on_a_gpu(async_scheduling=False).overlaps is False
+    assert on_a_gpu(learner=True).overlaps is False
+    assert on_a_gpu(tensor_parallel_size=2).overlaps is False
+    e = LLMEngine(model=TINY, device="cpu", dtype="float32", max_model_len=64, num_kv_blocks=8)
+    assert e.overlap is False  # the engine follows the resolved choice
+
+
 def test_a_selected_sampling_batch_samples_what_a_rebuilt_one_does():
     """``SamplingBatch.select`` (the rows of sequences still running) against ``from_requests`` of those rows."""
     from minivllm.sampler import Sampler, SamplingBatch, make_generator

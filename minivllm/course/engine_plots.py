@@ -228,15 +228,17 @@ def _bars(ax, labels: list[str], values: list[float], fmt: str, colors: Sequence
 
 def throughput(result: dict) -> Figure:
     """Output tokens/s of the engine and its peers in one ``12_throughput_*`` result, speed-ups in the labels; the
-    engine's other runs (another KV cache dtype, ``--kv-cache-dtype auto fp8``; the overlapped loop,
-    ``--also-async``) come right after its first, in the order they ran."""
+    engine's other runs (another KV cache dtype, ``--kv-cache-dtype auto fp8``; the other loop, ``--both-loops``:
+    overlapped where the first ran the plain loop, plain where it overlapped) come right after its first, in the order
+    they ran."""
     first = result["minivllm"]["output_tokens_per_s"]
-    rows = [("minivllm (all requests at once)", first, None)]
+    loop = ", overlapped loop" if result["minivllm"].get("async_scheduling") else ""  # the default on one GPU
+    rows = [(f"minivllm (all requests at once{loop})", first, None)]
     for key in (k for k in result if k.startswith("minivllm_") and isinstance(result[k], dict)):  # run order
         rest = key.removeprefix("minivllm_")
-        overlap = rest.endswith("async")
-        kv = rest.removeprefix("kv_").removesuffix("async").rstrip("_")
-        label = ", ".join(([f"{kv} KV cache"] if kv else []) + (["overlapped loop"] if overlap else []))
+        loop = ("plain loop" if rest.endswith("no_async") else "overlapped loop") if rest.endswith("async") else None
+        kv = rest.removeprefix("kv_").removesuffix("async").removesuffix("no_").rstrip("_")
+        label = ", ".join(([f"{kv} KV cache"] if kv else []) + ([loop] if loop else []))
         rows.append((f"minivllm, {label}", result[key]["output_tokens_per_s"],
                      f"  ({result[key]['output_tokens_per_s'] / first:.2f}x the first)"))
     for key, label in (("transformers", "transformers.generate"), ("llama_cpp", "llama.cpp")):
@@ -265,11 +267,13 @@ def throughput(result: dict) -> Figure:
 
 
 def latency(result: dict) -> Figure:
-    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, the overlapped loop, the
-    small-step kernels switched off, eager), with targets."""
-    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "cuda_graphs_l2_prefetch", "cuda_graphs_no_prefetch",
-                         "cuda_graphs_unfused", "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
-    palette = {"cuda_graphs": DECODE, "cuda_graphs_async": "#59a14f", "cuda_graphs_l2_prefetch": "#76b7b2",
+    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, the other loop than the
+    default's, the small-step kernels switched off, eager), with targets."""
+    modes = [m for m in ("cuda_graphs", "cuda_graphs_async", "cuda_graphs_no_async", "cuda_graphs_l2_prefetch",
+                         "cuda_graphs_no_prefetch", "cuda_graphs_unfused", "cuda_graphs_cublas", "decode_graphs_only",
+                         "eager") if m in result]
+    palette = {"cuda_graphs": DECODE, "cuda_graphs_async": "#59a14f", "cuda_graphs_no_async": "#59a14f",
+               "cuda_graphs_l2_prefetch": "#76b7b2",
                "cuda_graphs_no_prefetch": "#76b7b2",
                "cuda_graphs_unfused": "#edc948", "cuda_graphs_cublas": "#9c755f", "decode_graphs_only": "#b07aa1",
                "eager": PREFILL}

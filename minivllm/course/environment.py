@@ -37,7 +37,8 @@ def setup(quiet: bool = False) -> Environment:
     import torch
 
     if simulator_enabled():
-        backend, device = "simulator", f"{platform.machine()} CPU ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        backend, device = "simulator", f"{platform.machine()} CPU ({threads} thread{'s' if threads > 1 else ''})"
     else:
         backend, device = "gpu", torch.cuda.get_device_name()
     versions = {"python": sys.version.split()[0]}
