@@ -32,6 +32,11 @@ later one, and what a newer target adds (sm_89's fp8 conversions) is built from 
 300 to 800 only, so sm_80, sm_86 and sm_89 compile them alike (``shim_arch_thresholds`` reads them; no
 kernel here uses numba's fp8 header, which branches at 890). Shared memory per SM is smaller on sm_86/sm_89,
 but that is met at launch, not by the compiler.
+``--ends --lean --census PREFIXES`` (what the test suite runs) goes one step further: sm_90 only for the kernels
+whose names start with the census prefixes (the engine's GPU kernels, whose sm_90 machine code the tests hold to no
+spills and wide loads), every other kernel and device function for its oldest target only, by the same forward
+compatibility (sm_90 takes sm_80's PTX; the shims' headers do not branch between 800 and 900). Typing and lowering,
+half of a kernel's time, is done once whatever the targets.
 Measured on 2 idle cores: ``python -m kernels._ptx`` over all four targets 7 min 27 s (user 8 min 30 s); the
 test file with ``--ends`` (and a SASS census of the kernels it reads only) 6 min 7 s (user 6 min 27 s).
 
@@ -262,11 +267,13 @@ class _Builder:
     """Lowers a signature once and builds it for each target, reusing what cannot differ."""
 
     def __init__(self, targets: tuple[tuple[int, int], ...], resources_cc: tuple[int, int] | None = None,
-                 between: bool = True, census: tuple[str, ...] | None = None) -> None:
+                 between: bool = True, census: tuple[str, ...] | None = None, lean: bool = False) -> None:
         self.targets = tuple(sorted(targets))
         self.resources_cc = resources_cc  # kernels are always assembled for it, and get Resources
         self.between = between  # False: a kernel only for its oldest target, the newest and resources_cc
         self.census_prefixes = census  # None: a SASS census of every kernel with Resources; else of names with these
+        self.lean = lean  # True: a kernel whose name has no census prefix (and every device function) only for its
+        #                   oldest target (see --lean)
         self.shims: dict[tuple[bytes, tuple[int, int]], bytes] = {}  # (C++ source, cc) -> LTO-IR
         self.assembled: set[str] = set()  # PTX bodies (of kernels without shims) that assembled fine
         # NOTE: nvdisasm takes 0.4 s a cubin, mostly to start: it runs beside the compiler, see add_census
@@ -298,6 +305,8 @@ class _Builder:
         targets = [cc for cc in self.targets if min_cc is None or cc >= min_cc]
         if not self.between:  # what PTX's forward compatibility covers is left out (see --ends)
             targets = [cc for cc in targets if cc in (targets[0], targets[-1], self.resources_cc)]
+        if self.lean and (device or not disp.py_func.__name__.startswith(self.census_prefixes or ())):
+            targets = targets[:1]  # the same forward compatibility up to sm_90 (see --lean)
         for cc in targets:
             record = functools.partial(Compiled, module, disp.py_func.__name__, str(sig), cc)
             try:
@@ -358,7 +367,7 @@ def _pretend_device(cc: tuple[int, int]) -> None:
 
 def compile_all(targets: tuple[tuple[int, int], ...] = TARGETS, resources_cc: tuple[int, int] | None = RESOURCES_CC,
                 only: list[str] | None = None, between: bool = True,
-                census: tuple[str, ...] | None = None) -> tuple[list[Compiled], list[str]]:
+                census: tuple[str, ...] | None = None, lean: bool = False) -> tuple[list[Compiled], list[str]]:
     """Build every listed signature (of the ``only`` modules, if given) for every target (with ``between=False``:
     its oldest and the newest only); return the results and the names of unlisted kernels. ``census``: kernel-name
     prefixes whose SASS is counted (None: all)."""
@@ -366,7 +375,7 @@ def compile_all(targets: tuple[tuple[int, int], ...] = TARGETS, resources_cc: tu
 
     if config.ENABLE_CUDASIM:
         raise RuntimeError("compile_all needs numba's real CUDA target: run with NUMBA_ENABLE_CUDASIM=0")
-    builder = _Builder(targets, resources_cc, between, census)
+    builder = _Builder(targets, resources_cc, between, census, lean)
     _pretend_device(builder.targets[0])
     modules = {name: importlib.import_module(name) for name in kernel_modules()}
     # NOTE: a dispatcher counts as listed wherever it is listed (rmsnorm lists the _reduce helper it imports)
@@ -432,6 +441,10 @@ def _main(argv: list[str]) -> int:
                              "7.5 min on 2 cores): PTX that assembles for sm_80 is valid for sm_86 and sm_89 unchanged")
     parser.add_argument("--census", metavar="PREFIX[,PREFIX]",
                         help="count the SASS of kernels whose names start with these only (nvdisasm: ~0.4 s a kernel)")
+    parser.add_argument("--lean", action="store_true",
+                        help="with --ends and --census (what the test suite runs): sm_90 only for the kernels the "
+                             "census names, every other kernel for its oldest target only (valid PTX there is valid "
+                             "PTX for every later target)")
     args = parser.parse_args(argv)
     only = None if args.only is None else [m if m.startswith("kernels.") else f"kernels.{m}"
                                            for m in args.only.split(",")]
@@ -439,7 +452,9 @@ def _main(argv: list[str]) -> int:
         parser.error(f"not a kernel module: {', '.join(sorted(unknown))}")
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "0")
     census = None if args.census is None else tuple(args.census.split(","))
-    done, missing = compile_all(only=only, between=not args.ends, census=census)
+    if args.lean and (census is None or not args.ends):
+        parser.error("--lean needs --ends and --census (the kernels still built for sm_90)")
+    done, missing = compile_all(only=only, between=not args.ends, census=census, lean=args.lean)
     for c in done:
         where = f"{c.module}.{c.kernel}{'':<4}{c.signature:<60} sm_{c.cc[0]}{c.cc[1]}"
         if c.error:
@@ -455,7 +470,8 @@ def _main(argv: list[str]) -> int:
         kernels = [{"module": c.module, "kernel": c.kernel, "signature": c.signature, "cc": f"sm_{c.cc[0]}{c.cc[1]}",
                     "resources": asdict(c.resources), "warps_per_sm": warps_per_sm(c.resources.registers)}
                    for c in done if c.resources]
-        meta = _meta(argv) | {"targets": "oldest and sm_90" if args.ends else "all", "census": census}
+        targets = "oldest; sm_90 for the census" if args.lean else "oldest and sm_90" if args.ends else "all"
+        meta = _meta(argv) | {"targets": targets, "census": census}
         args.json.write_text(json.dumps({"meta": meta, "kernels": kernels}, indent=1) + "\n")
     return 1 if missing or any(c.error for c in done) else 0
 

@@ -2,9 +2,10 @@
 
 The simulator does no type inference, so this is what catches a kernel that would not compile on a GPU.
 ``kernels._ptx`` lowers each launch signature once, then runs NVVM, NVRTC (the bf16/fp16 shims) and
-nvJitLink (ptxas) per target. The suite runs it with ``--ends``: each kernel for its oldest target and sm_90,
-the targets between covered by PTX's forward compatibility (which holds only while the shims' headers do not
-branch between sm_80 and sm_90: checked below); ``python -m kernels._ptx`` builds all four. That the
+nvJitLink (ptxas) per target. The suite runs it with ``--ends --lean``: each kernel for its oldest target, and the
+engine's GPU kernels (those whose sm_90 machine code the tests below hold: the census prefixes) for sm_90 too; the
+other targets are covered by PTX's forward compatibility (which holds only while the shims' headers do not branch
+between sm_80 and sm_90: checked below); ``python -m kernels._ptx`` builds all four for every kernel. That the
 per-target steps can fail for one target only is shown by a deliberate case: a kernel linking CUDA C++ that
 reads ``%clusterid`` (Hopper's thread-block clusters).
 Both run in subprocesses because numba's real CUDA target cannot be loaded in a process whose numba is the
@@ -73,7 +74,7 @@ def compile_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict | N
     """One ``python -m kernels._ptx --json`` (minutes) for the tests of this file: its process and its report."""
     path = tmp_path_factory.mktemp("ptx") / "resources.json"
     census = sorted({*NO_SPILLS, *WIDE_LOADS, *TENSOR_CORES, *ASYNC_COPIES})  # every prefix a test below reads
-    proc = subprocess.run([sys.executable, "-m", "kernels._ptx", "--ends", "--census", ",".join(census),
+    proc = subprocess.run([sys.executable, "-m", "kernels._ptx", "--ends", "--lean", "--census", ",".join(census),
                            "--json", str(path)], env=ENV, capture_output=True, text=True, timeout=900)
     return proc, json.loads(path.read_text()) if path.exists() else None
 
@@ -106,20 +107,26 @@ def _count(sass: dict[str, int], family: str, modifier: str | None = None) -> in
                if op.split(".")[0] == family and (modifier is None or modifier in op.split(".")[1:]))
 
 
-def test_every_kernel_compiles_for_its_oldest_target_and_sm_90(compile_run):
+def test_every_kernel_compiles_for_its_oldest_target_and_the_engines_for_sm_90(compile_run, report):
     proc, _ = compile_run
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     lines = [line for line in proc.stdout.splitlines() if "B of PTX" in line]
     assert {"sm_80", "sm_86", "sm_89", "sm_90"} == TARGET_NAMES
     by_target = {t: [line.split(f" {t} ")[0].split() for line in lines if f" {t} " in line] for t in TARGET_NAMES}
     by_target = {t: {(words[0], " ".join(words[1:])) for words in v} for t, v in by_target.items()}  # kernel, sig
-    # every signature for sm_80 and sm_90, but a kernel listed in its module's MIN_TARGETS only from that target up
+    kernels = {(line.split(f" {t} ")[0].split()[0]) for t in TARGET_NAMES for line in lines
+               if f" {t} " in line and "device function" not in line}
+    engine = tuple(report["meta"]["census"])  # module.kernel names: the kernel's name after the last dot
+    named = {k for k in kernels if k.rsplit(".", 1)[1].startswith(engine)}
+    # every signature for its oldest target: sm_80, but a kernel listed in its module's MIN_TARGETS from there up
     newer = {k for k, _ in by_target["sm_90"] - by_target["sm_80"]}
     assert len(newer) == 6 and all("paged_decode16_fp8cvt" in k for k in newer), newer  # e4m3 widened in hardware
     #   (fp32 arithmetic, fp16 pairs, fp16 pairs with the fused merge; at Qwen3's and SmolLM2's shapes)
-    assert by_target["sm_80"] < by_target["sm_90"] and not by_target["sm_86"]  # --ends: nothing between
-    assert by_target["sm_89"] == by_target["sm_90"] - by_target["sm_80"]  # those six start at sm_89
-    assert len(by_target["sm_90"]) >= 10, by_target
+    assert not by_target["sm_86"] and by_target["sm_89"] == by_target["sm_90"] - by_target["sm_80"]  # those six
+    # sm_90 too for exactly the engine's kernels (the census names); the rest, forward compatible, at their oldest
+    assert {k for k, _ in by_target["sm_90"]} == named and {k for k, _ in by_target["sm_80"]} >= kernels - newer
+    assert all(sig in by_target["sm_90"] for sig in by_target["sm_80"] if sig[0] in named)
+    assert len(by_target["sm_90"]) >= 10 and len(by_target["sm_80"] - by_target["sm_90"]) >= 10, by_target
     modules = {line.split(".")[1] for line in lines}
     assert {"basics", "_vec16", "flash_attention", "paged_attention"} <= modules, proc.stdout[-3000:]
     assert any("B of cubin" in line for line in lines if " sm_80 " in line), "kernels should be assembled by ptxas"
