@@ -5,6 +5,7 @@ long each notebook took, since every notebook must stay well under a minute on a
 """
 
 import collections
+import json
 import os
 
 # OpenMP threads that spin while waiting make a 2-thread matmul 20-60x slower when the cores are shared
@@ -26,6 +27,71 @@ from kernels._env import configure_numba
 configure_numba()
 
 _notebook_seconds: dict[str, float] = collections.defaultdict(float)
+
+
+def _shared_dir(tmp_path_factory, name: str):
+    """A folder every pytest-xdist worker of this run sees (their base temps share a parent), else this process's."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+def _built_once(tmp_path_factory, name: str, build, load):
+    """``load(folder)`` of a folder that ``build(folder)`` fills once per test run: the first worker to get here
+    builds it while the others wait on the lock, then each loads it."""
+    import fcntl
+
+    folder = _shared_dir(tmp_path_factory, name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / "done").touch()
+    return load(folder)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(tmp_path_factory):
+    """``transformers``' model of the embedded default model, fp32 on the CPU, as its own GGUF loader gives it.
+    That loader takes ~30 s (gguf-py parses the file twice); the answer keys of several test files need it, so
+    it runs once per test run and is kept with ``save_pretrained`` (fp32 safetensors: exact) for the rest."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from minivllm.default_model import default_model_path
+
+    def build(folder):  # (transformers will not save_pretrained a model it loaded from GGUF: its weights and config)
+        path = default_model_path()
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (folder / "config.json").write_text(json.dumps(config))
+        model.generation_config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "weights.pt")
+
+    def load(folder):
+        data = json.loads((folder / "config.json").read_text())
+        config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(torch.load(folder / "weights.pt", mmap=True))
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+        return model.eval()
+
+    return _built_once(tmp_path_factory, "hf_default_model", build, load)
+
+
+@pytest.fixture(scope="session")
+def hf_default_tokenizer(tmp_path_factory):
+    """``transformers``' tokenizer of the default model from the same GGUF file, built once per run (as above)."""
+    transformers = pytest.importorskip("transformers")
+    from minivllm.default_model import default_model_path
+
+    def build(folder):
+        path = default_model_path()
+        transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(folder)
+
+    return _built_once(tmp_path_factory, "hf_default_tokenizer", build, transformers.AutoTokenizer.from_pretrained)
 
 
 def pytest_configure(config):

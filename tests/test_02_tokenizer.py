@@ -71,11 +71,9 @@ def tok() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """transformers' tokenizer for the default model, loaded from the same GGUF file."""
-    transformers = pytest.importorskip("transformers")
-    path = default_model_path()
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+def hf(hf_default_tokenizer):
+    """transformers' tokenizer for the default model, loaded from the same GGUF file (conftest.py)."""
+    return hf_default_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -116,14 +116,12 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "In 1969, 3 as
 
 
 @pytest.fixture(scope="module")
-def default():
-    """(our model, transformers' model, our tokenizer), all from the embedded GGUF file, fp32 on the CPU."""
-    path = default_model_path()
-    file = GGUFFile(path)  # parsed once, for the model and the tokenizer
+def default(hf_default_model):
+    """(our model, transformers' model, our tokenizer), all from the embedded GGUF file, fp32 on the CPU
+    (transformers' through its own GGUF loader: ``hf_default_model`` in conftest.py)."""
+    file = GGUFFile(default_model_path())  # parsed once, for the model and the tokenizer
     ours = load_model(file, device="cpu", progress=False)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
-    return ours, theirs, Tokenizer.from_gguf(file)
+    return ours, hf_default_model, Tokenizer.from_gguf(file)
 
 
 def test_default_model_config_is_smollm2_135m(default):

@@ -171,13 +171,8 @@ def test_n_samples_logprobs_and_bad_requests(tiny):
 
 # ----------------------------------------------------------------------------- the default model
 @pytest.fixture(scope="module")
-def default_pair():
-    from minivllm.default_model import default_model_path
-
-    path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    return LLM(dtype="float32", num_kv_blocks=96, max_num_batched_tokens=64), hf
+def default_pair(hf_default_model):  # transformers' model from the same GGUF file (conftest.py)
+    return LLM(dtype="float32", num_kv_blocks=96, max_num_batched_tokens=64), hf_default_model
 
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",
