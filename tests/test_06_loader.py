@@ -94,6 +94,33 @@ def test_gguf_file_loads_to_the_same_model(tmp_path, arch):
     assert diff.abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0"])
+def test_our_dequantization_gives_gguf_packages_bits(kind):
+    """``gguf_loader.dequantize`` (vectorized PyTorch for Q4_1 and Q8_0, the gguf package for the rest) against
+    ``gguf.quants.dequantize``, bit for bit: random blocks with finite fp16 scales, then row and whole-block
+    column cuts (a tensor-parallel rank's part), then every quantized tensor of the default model."""
+    from minivllm.model.gguf_loader import dequantize
+
+    qt = gguf.GGMLQuantizationType[kind]
+    block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+    rng = np.random.default_rng(0)
+    rows, blocks = 7, 5
+    raw = rng.integers(0, 256, (rows, blocks, nbytes), dtype=np.uint8)
+    scales = 2 if qt == gguf.GGMLQuantizationType.Q4_1 else 1  # d (and m): finite fp16 values
+    raw[:, :, : 2 * scales] = rng.normal(0, 0.05, (rows, blocks, scales)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(rows, blocks * nbytes)
+    for part in (raw, raw[2:5], raw[:, nbytes: 3 * nbytes]):
+        want = gguf.quants.dequantize(part, qt)
+        got = dequantize(part, qt)
+        assert got.dtype == np.float32 and got.shape == want.shape == (part.shape[0], part.shape[1] // nbytes * block)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    file = GGUFFile(default_model_path())
+    for name, info in file.tensors.items():
+        if info.type == qt:
+            assert np.array_equal(dequantize(file.raw(name), qt).view(np.uint32),
+                                  gguf.quants.dequantize(file.raw(name), qt).view(np.uint32)), name
+
+
 def test_gguf_errors_name_the_problem(tmp_path):
     hf = tiny_hf("llama")
     write_gguf(tmp_path / "gpt2.gguf", hf, "gpt2")

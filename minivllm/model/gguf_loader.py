@@ -77,6 +77,32 @@ def _raw_part(raw: np.ndarray, kind, columns: int, part: tuple[slice, slice]) ->
     return raw[:, start // block * nbytes: -(-stop // block) * nbytes], slice(None)
 
 
+def dequantize(raw: np.ndarray, kind) -> np.ndarray:
+    """``raw`` (rows, bytes per row) as float32 (rows, columns). Q4_1 and Q8_0 (every 2-D tensor of the embedded
+    default model) are done here in vectorized PyTorch, ~3x faster than the gguf package's numpy, with the same
+    float32 arithmetic (so the same bits: ``tests/test_06_loader.py`` checks it against ``gguf.quants``); every
+    other type goes to ``gguf.quants.dequantize``.
+
+    Q8_0: blocks of 32 values, ``d`` (fp16) then 32 int8 ``q``: ``d * q``. Q4_1: blocks of 32, ``d`` and ``m``
+    (fp16), then 16 bytes whose low nibbles are values 0-15 and high nibbles 16-31: ``d * q + m``."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if kind not in (Q.Q4_1, Q.Q8_0) or raw.ndim != 2:
+        return gguf.quants.dequantize(raw, kind)
+    nbytes = gguf.GGML_QUANT_SIZES[kind][1]
+    with warnings.catch_warnings():  # a read-only view of the memory-mapped file: only read
+        warnings.simplefilter("ignore", UserWarning)
+        blocks = torch.from_numpy(np.ascontiguousarray(raw)).view(-1, nbytes)
+    d = blocks[:, 0:2].view(torch.float16).float()
+    if kind == Q.Q8_0:
+        values = d * blocks[:, 2:].view(torch.int8).float()
+    else:
+        qs = blocks[:, 4:].contiguous()  # (bitwise ops on the strided view take ~100x longer)
+        values = d * torch.cat([qs & 0x0F, qs >> 4], dim=1).float() + blocks[:, 2:4].view(torch.float16).float()
+    return values.view(raw.shape[0], -1).numpy()
+
+
 def read_gguf(path: str | Path | GGUFFile,
               part: Part | None = None) -> tuple[ModelConfig, int, Iterator[tuple[str, torch.Tensor]]]:
     """A GGUF path or open file: its config, its number of tensors, and an iterator of (HF name, float32 tensor).
@@ -100,7 +126,7 @@ def read_gguf(path: str | Path | GGUFFile,
                 raw, cut = _raw_part(raw, kind, shape[-1], wanted)
                 shape = (raw.shape[0], -1)
             try:
-                array = gguf.quants.dequantize(raw, kind)  # (rows, columns) float32
+                array = dequantize(raw, kind)  # (rows, columns) float32
             except NotImplementedError as e:
                 raise UnsupportedModelError(f"tensor {name} is stored as {kind.name}, which the gguf package "
                                             f"cannot dequantize ({e})") from None
