@@ -382,4 +382,4 @@ class RadixModel(RuleBasedStateMachine):
 
 
 TestRadixModel = RadixModel.TestCase
-TestRadixModel.settings = settings(max_examples=500, stateful_step_count=50, deadline=None, database=None)
+TestRadixModel.settings = settings(max_examples=300, stateful_step_count=50, deadline=None, database=None)
