@@ -185,3 +185,20 @@ def test_throughput_plot_names_the_overlapped_runs_in_the_order_they_ran():
         "minivllm (all requests at once)", "minivllm, fp8 KV cache", "minivllm, overlapped loop",
         "minivllm, fp8 KV cache, overlapped loop"]
     assert [b.get_width() for b in ax.patches] == [16000.0, 19000.0, 17000.0, 20000.0]
+
+
+def test_run_profile_stacks_the_floor_the_busy_time_and_the_span():
+    run = {"meta": {"gpu": "H100"}, "workload": {"requests": 256, "output_tokens": 144160},
+           "profile": {"busy_s": 7.5, "idle_s": 0.5, "span_s": 8.0},
+           "floors": {"kv_floor_s": 5.0, "weights_floor_s": 0.4, "hbm_gbps": 3000.0},
+           "by_category": [{"category": "decode attention", "seconds": 5.5},
+                           {"category": "matmul (cuBLAS)", "seconds": 1.0},
+                           {"category": "norms", "seconds": 0.2}, {"category": "copies", "seconds": 0.1}]}
+    fig = ep.run_profile(run)
+    ax = fig.axes[0]
+    rows = {}
+    for bar in ax.patches:
+        rows.setdefault(round(bar.get_y() + bar.get_height() / 2), []).append(bar.get_width())
+    assert [round(sum(w), 6) for _, w in sorted(rows.items())] == [5.4, 7.5, 8.0]  # floor, busy, span
+    assert sorted(rows[1]) == pytest.approx(sorted([5.5, 1.0, 0.0, 0.2, 0.8]))  # no qk-norm: 0; the rest 7.5 - 6.7
+    assert "decode attention at 91% of its floor" in fig._suptitle.get_text()

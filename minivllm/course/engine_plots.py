@@ -5,7 +5,8 @@ engine :class:`~minivllm.outputs.StepRecord` s as a Gantt chart in seconds (one 
 :func:`as_sim_records` turns them into phase 11's records, so ``scheduler_plots.tokens_per_step`` and
 ``memory_timeline`` draw them too. :func:`install_scheduler` swaps the engine's scheduler (a policy
 subclass, other limits) between runs; :func:`policy_outcome` runs requests under a policy and returns
-what a check compares. :func:`throughput`, :func:`latency` and :func:`prefix` plot ``bench/results/12_*``.
+what a check compares. :func:`throughput`, :func:`latency` and :func:`prefix` plot ``bench/results/12_*``;
+:func:`run_profile` a whole GPU run against its floor (``bench.profile_run``).
 Each plot returns a closed matplotlib ``Figure``. Left out: live (streaming) plots while the engine runs.
 """
 
@@ -262,6 +263,52 @@ def throughput(result: dict) -> Figure:
     _few_ticks(ax)
     fig.suptitle(f"{w['requests']} requests, {w['output_tokens']:,} output tokens on {result['device']}\n"
                  f"{model_note(result)}\nmeasured on {_where(result)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+RUN_PARTS = (("decode attention", "#4C72B0"), ("matmul (cuBLAS)", "#DD8452"), ("qk-norm+rope+kv store", "#55A868"),
+             ("norms", "#8172B3"))  # the rest of the GPU's busy time is one grey segment, its idle time a white one
+
+
+def run_profile(result: dict) -> Figure:
+    """A whole offline run (``bench.profile_run``) as three stacked bars in seconds: the floor (the KV cache's and the
+    weights' bytes at the GPU's copy bandwidth), the GPU's busy time by kind of kernel, and the run's span with the
+    GPU idle in it."""
+    fl, cats = result["floors"], {r["category"]: r["seconds"] for r in result["by_category"]}
+    prof = result["profile"]
+    rest = prof["busy_s"] - sum(cats.get(name, 0.0) for name, _ in RUN_PARTS)
+    rows = [("floor: bytes / bandwidth", [("KV cache reads", fl["kv_floor_s"], "#4C72B0"),
+                                          ("weights, once a step", fl["weights_floor_s"], "#DD8452")]),
+            ("GPU busy, by kernel", [(name, cats.get(name, 0.0), color) for name, color in RUN_PARTS]
+             + [("everything else", rest, "#BBBBBB")]),
+            ("the profiled run", [("GPU busy", prof["busy_s"], "#999999"),
+                                  ("GPU idle", prof["idle_s"], "#FFFFFF")])]
+    fig, ax = plt.subplots(figsize=(9.5, 3.8))
+    plt.close(fig)
+    for y, (label, parts) in enumerate(rows):
+        left = 0.0
+        for name, seconds, color in parts:
+            ax.barh(y, seconds, left=left, color=color, edgecolor="#444444", linewidth=0.6)
+            if seconds > 0.14 * prof["span_s"]:  # room for a label inside; the legend names the rest
+                dark = color in ("#4C72B0", "#8172B3", "#55A868")
+                ax.text(left + seconds / 2, y, f"{name}\n{seconds:.2f} s", ha="center", va="center", fontsize=7.5,
+                        color="white" if dark else "black")
+            left += seconds
+        ax.text(left + 0.05, y, f"{left:.2f} s", va="center", fontsize=9)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, prof["span_s"] * 1.15)
+    ax.set_xlabel("seconds")
+    ax.legend(handles=[Patch(facecolor=c, edgecolor="#444444", label=n) for n, c in RUN_PARTS]
+              + [Patch(facecolor="#BBBBBB", edgecolor="#444444", label="other kernels"),
+                 Patch(facecolor="#FFFFFF", edgecolor="#444444", label="GPU idle")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=6, fontsize=7.5, frameon=False)
+    attn = cats.get("decode attention", 0.0)
+    w = result["workload"]
+    fig.suptitle(f"{w['requests']} requests, {w['output_tokens']:,} output tokens: decode attention at "
+                 f"{fl['kv_floor_s'] / attn:.0%} of its floor (copy bandwidth {fl['hbm_gbps'] / 1e3:.2f} TB/s)\n"
+                 f"measured on {_where(result)}", fontsize=9)
     fig.tight_layout()
     return fig
 
