@@ -224,8 +224,9 @@ def run(args: argparse.Namespace) -> dict:
 
     options = dict(max_model_len=max(len(p) + n for p, n in zip(prompts, max_tokens)) + 16,
                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    if args.gpu_memory_utilization is not None:
-        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    for option in ("gpu_memory_utilization", "cuda_graph_max_tokens"):
+        if getattr(args, option) is not None:
+            options[option] = getattr(args, option)
     from minivllm.config import EngineConfig
 
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
@@ -325,6 +326,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=None, help="engine: GPU 256, CPU 64")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: GPU 8192, CPU 2048")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=None,
+                   help="engine: prefill steps up to this many tokens replay piecewise graphs (default: the engine's)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="engine: the overlapped loop (default: the engine's, on for one GPU, off on a CPU)")
     p.add_argument("--both-loops", "--also-async", dest="both_loops", action="store_true",

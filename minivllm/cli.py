@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-request-bytes", type=int, default=8 * 2**20,
                      help="largest request body; larger ones get 413 (default: 8 MiB)")
     srv.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    srv.add_argument("--cuda-graph-max-tokens", type=int, default=2048,
-                     help="prefill steps up to this many tokens replay piecewise CUDA graphs; 0: launched op by op")
+    srv.add_argument("--cuda-graph-max-tokens", type=int, default=8192,
+                     help="prefill steps up to this many tokens (and --max-num-batched-tokens) replay piecewise CUDA "
+                          "graphs; 0: launched op by op")
     srv.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                      help="plan and prepare each decode step while the one before runs (overlapped loop; default: on "
                           "for one GPU, off on a CPU and with tensor parallelism)")

@@ -90,8 +90,12 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto": the fastest correct one per phase; "numba": our kernels; "torch"
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     cuda_graph_max_batch: int = 256  # decode steps up to this batch replay a captured graph
-    cuda_graph_max_tokens: int = 2048  # prefill and mixed steps up to this many tokens replay piecewise graphs
-    #                                    (minivllm.piecewise; capped at max_num_batched_tokens); 0: they run eagerly
+    cuda_graph_max_tokens: int = 8192  # prefill and mixed steps up to this many tokens replay piecewise graphs
+    #                                    (minivllm.piecewise; capped at max_num_batched_tokens, so 2048 unless that is
+    #                                    raised); 0: they run eagerly. At 8192 the offline workload's prefill steps (up
+    #                                    to 8192 tokens) wait less on the host: H100, A/B/A/B, 18,270 and 18,002 tok/s
+    #                                    against 17,364 and 17,511 with 2048 (bench/results/h100/
+    #                                    12_throughput_cuda_pw*.json); ~5 s more capture at start-up
     async_scheduling: bool | None = None  # overlap: plan and prepare decode step N+1 while step N runs, output
     #                                 processing behind the device too (minivllm.overlap; not with tensor
     #                                 parallelism). vLLM's --async-scheduling, on by default since vLLM 0.14.
