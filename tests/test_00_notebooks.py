@@ -32,6 +32,15 @@ def test_stored_notebooks_are_clean():
         assert path.read_text() == text, f"{path.relative_to(ROOT)}: outputs or metadata not cleaned"
 
 
+def test_every_cell_has_its_own_id():
+    """nbformat 4.5 cells carry an ``id`` (nbval and JupyterLab warn on a cell without one, and a future nbformat
+    refuses it); ids are unique within a notebook."""
+    for path in [*SOLUTIONS, *sorted((ROOT / "notebooks").glob("*.ipynb"))]:
+        nb = json.loads(path.read_text())
+        ids = [cell.get("id") for cell in nb["cells"]]
+        assert None not in ids and len(set(ids)) == len(ids), f"{path.relative_to(ROOT)}: {ids}"
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
 def test_solutions_require_every_check_to_pass(path):
     cells = json.loads(path.read_text())["cells"]
