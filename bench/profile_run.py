@@ -86,6 +86,8 @@ def layer_matmuls(mc, rows: tuple[int, ...] = (8, 32, 64, 128, 192, 256), gbps: 
     (as the engine's decode graphs do), against the time their weights take to read at ``gbps``."""
     import torch.nn.functional as F
 
+    from kernels._timing import graph_time
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = {"qkv_proj": ((mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim, mc.hidden_size),
               "o_proj": (mc.hidden_size, mc.num_attention_heads * mc.head_dim),
@@ -99,22 +101,7 @@ def layer_matmuls(mc, rows: tuple[int, ...] = (8, 32, 64, 128, 192, 256), gbps: 
               for k, w in weights.items()}
         row = {"rows": m}
         for k, w in weights.items():
-            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    F.linear(xs[k], w)
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                for _ in range(20):
-                    F.linear(xs[k], w)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                graph.replay()
-            end.record()
-            end.synchronize()
-            row[f"{k}_us"] = round(start.elapsed_time(end) * 1e3 / 200, 2)
+            row[f"{k}_us"] = round(graph_time(lambda: F.linear(xs[k], w)).median_us, 2)
         row["layer_us"] = round(sum(row[f"{k}_us"] for k in weights), 2)
         row["weights_floor_us"] = round(floor_us, 2)
         table.append(row)

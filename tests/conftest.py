@@ -55,7 +55,7 @@ def _built_once(tmp_path_factory, name: str, build, load):
 def hf_default_model(tmp_path_factory):
     """``transformers``' model of the embedded default model, fp32 on the CPU, as its own GGUF loader gives it.
     That loader takes ~30 s (gguf-py parses the file twice); the answer keys of several test files need it, so
-    it runs once per test run and is kept with ``save_pretrained`` (fp32 safetensors: exact) for the rest."""
+    it runs once per test run and is kept as its config and fp32 state dict (``torch.save``: exact) for the rest."""
     import torch
     transformers = pytest.importorskip("transformers")
     from minivllm.default_model import default_model_path
