@@ -26,6 +26,16 @@ block kernel and the references in the simulator. It takes steps of ``WARP_MIN_T
 it ran 4,096 tokens in 92 against 116 µs, while one token (a batch-1 decode step, 24 heads) is faster on the block
 kernel, 3.7 against 4.3 µs (``python -m kernels.qkv_prep`` times both at several sizes).
 
+A third kernel, for bf16 at head size 128 (``vec=True``, ``VEC_KERNEL``, the engine's at every size), keeps
+the warp per (token, head) but moves **4-byte words** (two bf16) where the others move 2-byte values: lane ``l``
+takes words ``l, l + 32, ...`` of the head's first half and the same words of its second half, which are exactly
+their RoPE partners. It rounds the norm's result in registers (``cvt.rn.bf16x2`` and back) instead of storing and
+re-reading it, and loads the position, the slot and the weights before the head. Its bits are the other kernels'
+(checked in the simulator). H100, CUDA-graph replay, Qwen3-0.6B's heads, block / warp / word-wide kernel: 1 token
+3.61 / 4.29 / 2.62 µs, 140 tokens (the offline workload's mean decode batch) 7.27 / 7.16 / 4.38 µs, 4,096 tokens
+129.6 / 114.1 / 66.5 µs; the offline workload ran at 18,726 and 18,555 tok/s against 18,404 and 18,177 with the
+earlier kernels (A/B/A/B, ``bench/results/h100/12_throughput_cuda_qkvvec_*.json``).
+
 Limits: ``d / 2`` a power of two up to 1024 (head sizes 64, 128, 256); q, k and v heads in qkv's column order
 (q's heads, then k's, then v's: ``Qwen3Attention``'s split); positions outside the RoPE table give NaN (no GPU
 sync to check), slots are not checked on the GPU. ``python -m kernels.qkv_prep`` checks it against the reference.
@@ -43,11 +53,13 @@ from kernels._checks import FLOAT_DTYPES, FP8, check_tensor
 from kernels._fp8 import e4m3_byte
 from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._launch import launch, resolve_backend
+from kernels._mma import pack_bf16 as cvt_pack_bf16
 from kernels._reduce import group_reduce_sum
 from kernels.basics import WARP, warp_reduce_sum
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rope import apply_rope_ref, check_positions
 from kernels.store_kv import store_kv_ref
+from kernels._vec16 import bf16_hi, bf16_lo
 
 
 # ----------------------------------------------------------------------------- reference
@@ -137,6 +149,7 @@ qkv_prep_kernel, qkv_prep_fp8_kernel = _build(False), _build(True)
 WARP_PER_HEAD = True  # take the warp-per-head kernel (below) where it fits, for steps of WARP_MIN_TOKENS or more
 WARP_MIN_TOKENS = 128  # measured on the H100 (python -m kernels.qkv_prep, bf16, Qwen3-0.6B's heads, µs, block/warp):
 #   1 token 3.7/4.3, 64: 4.5/5.0, 128: 6.6/5.5, 512: 16.7/13.2, 4,096: 116.8/91.8
+VEC_KERNEL = True  # bf16 steps with head size 128 take the word-wide kernel (_build_vec) at every size
 HEADS_PER_BLOCK = 4  # the warp-per-head kernel's warps per block (128 threads), each on its own (token, head)
 
 
@@ -210,6 +223,108 @@ def _build_warp(fp8: bool, pairs: int):
     return cuda.jit(qkv_prep_warp_kernel)
 
 
+@cuda.jit(device=True, inline=True)
+def _word(lo, hi):
+    """Two fp32 values rounded to bf16 (nearest even) in one int32 word, ``lo`` in the low half."""
+    return numba.int32(cvt_pack_bf16(lo, hi))
+
+
+@functools.cache
+def _build_vec(fp8: bool, words: int):
+    """bf16 only, a warp per (token, head) like :func:`_build_warp`, but every access is a 4-byte word (two bf16):
+    lane ``l`` holds words ``l + 32 m`` (``m < words``, ``d = 128 * words``) of the head's first half, values
+    ``(2i, 2i + 1)``, and the same words of its second half, their RoPE partners ``(2i + d/2, 2i + 1 + d/2)``.
+    The scalar kernels move 2 bytes an access, and round the norm's result by storing it and reading it back;
+    here the rounding is done in registers (``cvt.rn.bf16x2`` and back, the same round-to-nearest-even), and the
+    token's position, slot and the norm's weights are loaded before the head, so their latencies overlap."""
+    values = 2 * words  # a constant for the compiler: the local arrays' size
+
+    def qkv_prep_vec_kernel(qkv, q_out, k_out, q_weight, k_weight, eps, norm, positions, cos_sin, kv_cache,
+                            slot_mapping):
+        # qkv: (tokens, (q_heads + 2 kv_heads) * d / 2) int32 words; q_out, k_out: (tokens, heads, d / 2) words;
+        # q_weight, k_weight: (d / 2,) words; kv_cache: (blocks, 2, bs, kv_heads, d / 2) words, or (fp8) the
+        # (blocks, 2, bs, kv_heads, d) e4m3 bytes as uint8; blockDim.x a multiple of 32, d == 128 * words
+        a = cuda.local.array(values, numba.float32)  # first-half values, in registers once unrolled
+        b = cuda.local.array(values, numba.float32)  # their partners in the second half
+        r = cuda.local.array(4, numba.float32)  # a rotated pair of pairs
+        wa = cuda.local.array(words, numba.int32)
+        wb = cuda.local.array(words, numba.int32)
+        q_heads, kv_heads, hw = q_out.shape[1], k_out.shape[1], q_out.shape[2] // 2  # hw: words in a half
+        d = 4 * hw
+        half = 2 * hw
+        heads = q_heads + kv_heads
+        lane = cuda.threadIdx.x % WARP
+        warps = cuda.blockDim.x // WARP
+        item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+        bs = kv_cache.shape[2]
+        s = pow2_shift(bs)
+        while item < positions.size * heads:
+            t = numba.int32(item) // numba.int32(heads)
+            h = item - t * heads
+            is_q = h < q_heads
+            head = h if is_q else h - q_heads
+            p = positions[t]  # issued first: nothing below waits on the head's words for these
+            slot = slot_mapping[t]
+            wt = q_weight if is_q else k_weight
+            if norm:
+                for m in range(words):
+                    wa[m], wb[m] = wt[lane + WARP * m], wt[lane + WARP * m + hw]
+            col = h * 2 * hw
+            total = numba.float32(0.0)
+            for m in range(words):
+                i = lane + WARP * m
+                x, y = qkv[t, col + i], qkv[t, col + i + hw]
+                a[2 * m], a[2 * m + 1], b[2 * m], b[2 * m + 1] = bf16_lo(x), bf16_hi(x), bf16_lo(y), bf16_hi(y)
+                total += a[2 * m] * a[2 * m] + a[2 * m + 1] * a[2 * m + 1] + b[2 * m] * b[2 * m] \
+                    + b[2 * m + 1] * b[2 * m + 1]
+            if norm:  # each value times 1/rms times its weight, rounded to bf16 as the unfused kernel stores it
+                inv_rms = numba.float32(1.0) / math.sqrt(warp_reduce_sum(total) / numba.float32(d) + eps)
+                for m in range(words):
+                    x = _word((a[2 * m] * inv_rms) * bf16_lo(wa[m]), (a[2 * m + 1] * inv_rms) * bf16_hi(wa[m]))
+                    y = _word((b[2 * m] * inv_rms) * bf16_lo(wb[m]), (b[2 * m + 1] * inv_rms) * bf16_hi(wb[m]))
+                    a[2 * m], a[2 * m + 1], b[2 * m], b[2 * m + 1] = bf16_lo(x), bf16_hi(x), bf16_lo(y), bf16_hi(y)
+            inside = 0 <= p < cos_sin.shape[0]
+            for m in range(words):
+                e = 2 * (lane + WARP * m)  # the word's first value: its element index in the first half
+                for k in range(2):
+                    if inside:
+                        cos, sin = cos_sin[p, e + k], cos_sin[p, e + k + half]
+                    else:  # outside the table: NaN, as the other kernels
+                        cos = sin = numba.float32(np.nan)
+                    r[k] = a[2 * m + k] * cos - b[2 * m + k] * sin
+                    r[2 + k] = b[2 * m + k] * cos + a[2 * m + k] * sin
+                x, y = _word(r[0], r[1]), _word(r[2], r[3])
+                i = lane + WARP * m
+                if is_q:
+                    q_out[t, head, i], q_out[t, head, i + hw] = x, y
+                else:
+                    k_out[t, head, i], k_out[t, head, i + hw] = x, y
+                    if slot >= 0:  # -1: a padding row, stored nowhere
+                        block, offset = div_pow2(slot, bs, s), mod_pow2(slot, bs, s)
+                        vx, vy = qkv[t, col + kv_heads * 2 * hw + i], qkv[t, col + kv_heads * 2 * hw + i + hw]
+                        if fp8:  # the key as rounded to bf16 above, then to e4m3; the value from its bf16
+                            for k, word in ((0, x), (half, y)):
+                                kv_cache[block, 0, offset, head, e + k] = e4m3_byte(bf16_lo(word))
+                                kv_cache[block, 0, offset, head, e + k + 1] = e4m3_byte(bf16_hi(word))
+                            for k, word in ((0, vx), (half, vy)):
+                                kv_cache[block, 1, offset, head, e + k] = e4m3_byte(bf16_lo(word))
+                                kv_cache[block, 1, offset, head, e + k + 1] = e4m3_byte(bf16_hi(word))
+                        else:
+                            kv_cache[block, 0, offset, head, i], kv_cache[block, 0, offset, head, i + hw] = x, y
+                            kv_cache[block, 1, offset, head, i], kv_cache[block, 1, offset, head, i + hw] = vx, vy
+            item += cuda.gridDim.x * warps
+
+    name = f"qkv_prep_vec{'_fp8' if fp8 else ''}_w{words}_kernel"
+    qkv_prep_vec_kernel.__name__ = qkv_prep_vec_kernel.__qualname__ = name
+    return cuda.jit(qkv_prep_vec_kernel)
+
+
+def vec_supported(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the word-wide kernel takes this step: bf16 at head size 128 (Qwen3's; the kernel is written for any
+    multiple of 128, but only 128 is in ``SIGNATURES``, compiled for every GPU by the test suite)."""
+    return dtype == torch.bfloat16 and head_dim == 128
+
+
 def warp_supported(head_dim: int) -> bool:
     """Whether the warp-per-head kernel takes this head size: 64, 128 or 256 (1, 2 or 4 pairs per lane)."""
     return head_dim in (64, 128, 256)
@@ -224,6 +339,9 @@ SIGNATURES = {
 SIGNATURES.update({  # the warp-per-head kernels at the course's head sizes (SmolLM2 64, Qwen3 128)
     _build_warp(fp8, pairs): list(SIGNATURES[qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel])
     for fp8 in (False, True) for pairs in (1, 2)})
+_WORDS = ("void(int32[:, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[::1], int32[::1], float32, boolean, "
+          "int64[::1], float32[:, ::1], {}[:, :, :, :, ::1], int64[::1])")
+SIGNATURES.update({_build_vec(fp8, 1): [_WORDS.format("uint8" if fp8 else "int32")] for fp8 in (False, True)})
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -236,14 +354,16 @@ def supported(head_dim: int) -> bool:
 def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor, cos_sin: torch.Tensor,
              kv_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
              k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, max_blocks: int = 65535,
-             warp: bool | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             warp: bool | None = None, vec: bool | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """QK-norm (when weights are given), RoPE and the KV store in one launch.
 
     qkv: (tokens, (q_heads + 2 kv_heads) * d) contiguous; positions, slot_mapping: (tokens,) int64; cos_sin:
     (max_position, d) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, d). Returns q
     (tokens, q_heads, d) and k (tokens, kv_heads, d), new and contiguous, and v, a view of qkv; k and v are
-    stored at ``slot_mapping`` (-1: skipped). ``warp``: the warp-per-head kernel where the head size fits it
-    (:func:`warp_supported`); None: ``WARP_PER_HEAD`` for a step of ``WARP_MIN_TOKENS`` or more."""
+    stored at ``slot_mapping`` (-1: skipped). ``vec``: the word-wide warp-per-head kernel where it fits
+    (:func:`vec_supported`); None: ``VEC_KERNEL`` unless ``warp`` is given. ``warp``: the warp-per-head kernel where
+    the head size fits it (:func:`warp_supported`); None: ``WARP_PER_HEAD`` for a step of ``WARP_MIN_TOKENS`` or
+    more."""
     d = cos_sin.shape[1] if cos_sin.dim() == 2 else -1
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=2)
     tokens = qkv.shape[0]
@@ -274,6 +394,14 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
         qw, kw = (q_weight, k_weight) if norm else (cos_sin.new_empty(d, dtype=qkv.dtype),) * 2
         fp8 = kv_cache.dtype == FP8
         items = tokens * (q_heads + kv_heads)
+        if (VEC_KERNEL and warp is None if vec is None else vec) and vec_supported(qkv.dtype, d):
+            per_block = 1 if where == "simulator" else HEADS_PER_BLOCK
+            blocks = min(-(-items // per_block), 4 if where == "simulator" else max_blocks)
+            words = [x.view(torch.int32) for x in (qkv, q, k, qw, kw)]
+            launch(_build_vec(fp8, d // 128), blocks, WARP * per_block, *words, numba.float32(eps), norm, positions,
+                   cos_sin, kv_cache.view(torch.uint8) if fp8 else kv_cache.view(torch.int32), slot_mapping,
+                   backend=where)
+            return q, k, v
         if (WARP_PER_HEAD and tokens >= WARP_MIN_TOKENS if warp is None else warp) and warp_supported(d):
             per_block = 1 if where == "simulator" else HEADS_PER_BLOCK
             kernel, threads = _build_warp(fp8, d // 64), WARP * per_block
@@ -323,15 +451,19 @@ def _main() -> None:
             unfused_us = graph_time(unfused).median_us
             warp_us = graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots,
                                                   qw, kw, warp=True)).median_us
-            sizes = []  # smaller steps (1: a batch-1 decode step, 24 heads): where the warp kernel starts to win
+            vec_us = (graph_time(lambda: qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots, qw, kw,
+                                                  vec=True)).median_us if vec_supported(dtype, d) else float("nan"))
+            sizes = []  # smaller steps (1: a batch-1 decode step, 24 heads): block / warp / word-wide kernel
             for n in (1, 8, 32, 64, 128, 512):
                 few = [x[:n] for x in (qkv, positions, slots)]
-                us = [graph_time(lambda w=w: qkv_prep(few[0], q_heads, kv_heads, few[1], cos_sin, caches[1], few[2],
-                                                      qw, kw, warp=w)).median_us for w in (False, True)]
-                sizes.append(f"{n}: {us[0]:.1f}/{us[1]:.1f}")
+                kinds = [dict(warp=False), dict(warp=True)] + ([dict(vec=True)] if vec_supported(dtype, d) else [])
+                us = [graph_time(lambda k=k: qkv_prep(few[0], q_heads, kv_heads, few[1], cos_sin, caches[1], few[2],
+                                                      qw, kw, **k)).median_us for k in kinds]
+                sizes.append(f"{n}: " + "/".join(f"{u:.1f}" for u in us))
             moved = qkv.nbytes + 2 * (q_heads + 2 * kv_heads) * d * tokens * qkv.element_size()  # read + q, k, cache
             line += (f"  fused {fused_us:7.1f} us ({moved / fused_us / 1e3:5.0f} GB/s)  unfused kernels "
-                     f"{unfused_us:7.1f} us  warp per head {warp_us:7.1f} us | tokens: block/warp us "
+                     f"{unfused_us:7.1f} us  warp per head {warp_us:7.1f} us  word-wide {vec_us:7.1f} us | tokens: "
+                     "block/warp/word-wide us "
                      + ", ".join(sizes))
         print(line)
 

@@ -40,6 +40,7 @@ NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
     "fused_add_rms_norm_bf16_kernel",
     "qkv_prep_kernel",
     "qkv_prep_fp8_kernel",
+    "qkv_prep_vec_",
     "store_kv_fp8_kernel",
     "rope_bf16_kernel",
     "silu_and_mul_bf16_kernel",

@@ -80,13 +80,13 @@ def test_fused_equals_the_three_steps(dtype, d, norm):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="a GPU: real shapes (the simulator takes tiny ones)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("warp", [False, True])
-def test_fused_on_real_shapes(dtype, warp):
+@pytest.mark.parametrize("kernel", [dict(warp=False), dict(warp=True), dict(vec=True)], ids=["block", "warp", "vec"])
+def test_fused_on_real_shapes(dtype, kernel):
     q_heads, kv_heads, d = 16, 8, 128  # Qwen3-0.6B
     qkv, qw, kw, positions, cos_sin, cache, slots = case(dtype, d, q_heads, kv_heads, tokens=777, block_size=16)
     ref_cache, ker_cache = cache.clone(), cache.clone()
     want_q, want_k, _ = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, ref_cache, slots, qw, kw)
-    q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, qw, kw, warp=warp)
+    q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, cache, slots, qw, kw, **kernel)
     ker_q, ker_k = unfused_kernels(qkv, q_heads, kv_heads, positions, cos_sin, ker_cache, slots, qw, kw)
     for got, want, ker in ((q, want_q, ker_q), (k, want_k, ker_k), (cache, ref_cache, ker_cache)):
         torch.testing.assert_close(got, want, **TOL[dtype])
@@ -180,3 +180,34 @@ def test_the_warp_per_head_kernel_falls_back_where_the_head_size_does_not_fit():
     q, k, _ = qkv_prep(qkv, 4, 2, positions, cos_sin, cache, slots, qw, kw, warp=True, backend="numba")  # block kernel
     torch.testing.assert_close(q, want_q, **TOL[torch.float32])
     torch.testing.assert_close(cache, ref_cache, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("fp8, norm", [(False, True), (True, True), (False, False)])
+def test_the_word_wide_kernel_gives_the_other_kernels_bits(fp8, norm):
+    """``vec=True`` (bf16, head size 128): each lane moves 4-byte words and rounds the norm in registers,
+    not through memory; q, k and the cache (bf16, or fp8 bytes) are bit for bit the warp and block kernels'."""
+    q_heads, kv_heads, d = 2, 1, 128
+    qkv, qw, kw, positions, cos_sin, cache, slots = case(torch.bfloat16, d, q_heads, kv_heads, tokens=3, seed=d)
+    if fp8:
+        cache = cache.to(torch.float8_e4m3fn)
+    weights = (qw, kw) if norm else (None, None)
+    runs = {}
+    for name, kernel in (("vec", dict(vec=True)), ("warp", dict(warp=True)), ("block", dict(warp=False))):
+        c = cache.clone()
+        q, k, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, c, slots, *weights, **kernel, backend="numba")
+        runs[name] = [x.view(torch.uint8) for x in (q, k, c)]
+    for other in ("warp", "block"):
+        assert all(torch.equal(a, b) for a, b in zip(runs["vec"], runs[other])), other
+    assert not torch.equal(runs["vec"][2], cache.view(torch.uint8))  # it stored something (the others alike)
+    ref_cache = cache.clone()
+    want_q, want_k, _ = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, ref_cache, slots, *weights)
+    if not fp8:
+        torch.testing.assert_close(runs["vec"][0].view(torch.bfloat16).view(want_q.shape), want_q,
+                                   **TOL[torch.bfloat16])
+
+
+def test_the_word_wide_kernel_takes_bf16_at_head_size_128_only():
+    from kernels.qkv_prep import vec_supported
+
+    assert [vec_supported(torch.bfloat16, d) for d in (64, 128, 256)] == [False, True, False]
+    assert not vec_supported(torch.float16, 128) and not vec_supported(torch.float32, 128)
