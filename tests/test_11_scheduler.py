@@ -274,12 +274,13 @@ def test_random_workloads_match_each_sequence_run_alone(w):
         # budgets and caps
         assert out.num_batched_tokens <= budget and len(out.scheduled) <= max_seqs
         assert len(sched.running) <= max_seqs
-        # decode before prefill; each kind in FCFS order
+        # decode before prefill; decodes longest context first (ties: FCFS), prefill chunks in FCFS order
         kinds = [e.is_prefill for e in out.scheduled]
         assert kinds == sorted(kinds)
-        for flag in (False, True):
-            arrivals = [e.seq.arrival for e in out.scheduled if e.is_prefill is flag]
-            assert arrivals == sorted(arrivals)
+        decodes = [(-e.start, e.seq.arrival) for e in out.scheduled if not e.is_prefill]
+        assert decodes == sorted(decodes)
+        arrivals = [e.seq.arrival for e in out.scheduled if e.is_prefill]
+        assert arrivals == sorted(arrivals)
         # every running decode not preempted is scheduled
         for s in running_before:
             if not s.is_prefill and s.status is SequenceStatus.RUNNING:
