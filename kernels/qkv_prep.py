@@ -342,6 +342,7 @@ SIGNATURES.update({  # the warp-per-head kernels at the course's head sizes (Smo
 _WORDS = ("void(int32[:, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[::1], int32[::1], float32, boolean, "
           "int64[::1], float32[:, ::1], {}[:, :, :, :, ::1], int64[::1])")
 SIGNATURES.update({_build_vec(fp8, 1): [_WORDS.format("uint8" if fp8 else "int32")] for fp8 in (False, True)})
+SIGNATURES[_word] = ["int32(float32, float32)"]
 
 
 # ----------------------------------------------------------------------------- launcher
