@@ -2,7 +2,9 @@
 
     python -m bench.norm_variants [--out DIR]     # GPU only; writes 17_norm_variants_cuda.json
 
-The builds (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below) against the module's defaults: the rounding to
+The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
+QK-norm's 128-wide heads the warp kernels) against the warp kernels (``warp``) and the builds
+(kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
 with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
 shift and a mask; 64, 128 or 256 threads per block; and, for RMSNorm alone, the streaming kernel (a grid of 1 or 2
@@ -19,6 +21,7 @@ from bench._harness import kernel_bench_main
 NAME = "17_norm_variants_cuda"
 TOKENS = (1, 16, 256, 4096, 16384)
 BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads per block)
+    "warp": (True, True, 4, False, 64),  # a warp (or less) per row: the default until the block-per-row kernels
     "before": (False, False, 4, True, 64),  # the kernels until 2026-12-05: integer rounding, weight late, int64 //
     "divide": (True, True, 4, True, 64),  # today's defaults but for the int64 // and %
     "late": (True, False, 4, False, 64),  # ... but for the weight loaded after the reduction

@@ -39,6 +39,12 @@ from kernels.basics import WARP
 MAX_THREADS = 1024
 VEC_MAX_GROUP = 256  # the 16-byte kernels hold ~80-100 registers per thread: blocks of at most 256
 SMALL_GROUP_BLOCK = 64  # threads per block when a row's group is at most a warp (several rows per block)
+ROW_PER_BLOCK = True  # bf16 rows of ROW_MIN_CHUNKS to 1,024 16-byte chunks (hidden-size rows, not QK-norm's heads):
+#   a block per row, a chunk per thread (kernels._rmsnorm_vec.make_row_kernels). Measured on the H100 (CUDA-graph
+#   replay, 1,024-wide bf16 rows, RMSNorm, a dev build equal to this one): 1.75 / 1.83 / 2.15 / 4.93 / 24.5 us at
+#   1 / 16 / 256 / 4k / 16k tokens against 2.40 / 2.50 / 2.70 / 5.60 / 25.3 for a warp per row (same run);
+#   bench.norm_variants compares both with torch.compile
+ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU
 
 
 # ----------------------------------------------------------------------------- references
@@ -166,6 +172,29 @@ def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
     return (_rmsnorm_vec.FUSED_KERNELS if fused else _rmsnorm_vec.NORM_KERNELS)[dtype]
 
 
+def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool | None):
+    """The block-per-row kernel for this call, or None: ``row`` True/False, or None for ``ROW_PER_BLOCK`` on a GPU
+    at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
+    chunks = x.shape[-1] * x.element_size() // 16
+    pair = _rmsnorm_vec.row_kernels(x.dtype, cdiv(chunks, WARP)) if vec and 0 < chunks <= MAX_THREADS else None
+    if pair is None or where == "torch":
+        if row:
+            raise ValueError(f"row=True needs bf16 rows of whole 16-byte chunks, at most {MAX_THREADS} of them")
+        return None
+    use = (ROW_PER_BLOCK and where == "gpu" and chunks >= ROW_MIN_CHUNKS) if row is None else row
+    return pair[1 if fused else 0] if use else None
+
+
+def _run_rows(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, where: str) -> None:
+    """Launch a block-per-row kernel: a block of the row's chunks (rounded up to warps) per row."""
+    width = weight.numel()
+    rows = a.numel() // width
+    if rows == 0:
+        return
+    a, b, weight = (t.view(-1, width).view(torch.complex128) for t in (a, b, weight))
+    launch(kernel, rows, cdiv(a.shape[1], WARP) * WARP, a, b, weight.view(-1), numba.float32(eps), backend=where)
+
+
 def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str,
          max_chunks: int | None = None, max_blocks: int | None = None) -> None:
     """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views.
@@ -184,7 +213,7 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: torch.Tensor | None = None,
-             vectorized: bool | None = None, backend: str = "auto") -> torch.Tensor:
+             vectorized: bool | None = None, row: bool | None = None, backend: str = "auto") -> torch.Tensor:
     """RMSNorm of ``x`` (..., width) over its last dimension, times ``weight`` (width,); returns ``out``.
 
     ``out`` (default: new) may be ``x`` itself. ``vectorized``: None picks the 16-byte kernel when it
@@ -195,12 +224,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: t
     where = resolve_backend(backend, x, weight, out)
     if where == "torch":
         return out.copy_(rms_norm_ref(x, weight, eps))
-    _run(_kernel(False, x.dtype, vec), x, out, weight, eps, vec, where)
+    kernel = _row_kernel(False, x, vec, where, row)
+    if kernel is not None:
+        _run_rows(kernel, x, out, weight, eps, where)
+    else:
+        _run(_kernel(False, x.dtype, vec), x, out, weight, eps, vec, where)
     return out
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
-                       vectorized: bool | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                       vectorized: bool | None = None, row: bool | None = None,
+                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """IN PLACE: ``residual <- x + residual``, ``x <- rms_norm(residual) * weight``; returns (x, residual)."""
     vec = _check(x, weight, vectorized, "residual", residual)
     where = resolve_backend(backend, x, residual, weight)
@@ -208,7 +242,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         out, new_residual = fused_add_rms_norm_ref(x, residual, weight, eps)
         residual.copy_(new_residual)
         return x.copy_(out), residual
-    _run(_kernel(True, x.dtype, vec), x, residual, weight, eps, vec, where)
+    kernel = _row_kernel(True, x, vec, where, row)
+    if kernel is not None:
+        _run_rows(kernel, x, residual, weight, eps, where)
+    else:
+        _run(_kernel(True, x.dtype, vec), x, residual, weight, eps, vec, where)
     return x, residual
 
 

@@ -38,6 +38,8 @@ DECODE = ["paged_decode16_fused_", "paged_decode16_fp8h2_fused_", "paged_decode1
 NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
     "rms_norm_bf16_kernel",
     "fused_add_rms_norm_bf16_kernel",
+    "rms_norm_row_bf16_w4_kernel",
+    "fused_add_rms_norm_row_bf16_w4_kernel",
     "qkv_prep_kernel",
     "qkv_prep_fp8_kernel",
     "qkv_prep_vec_",
@@ -52,6 +54,8 @@ NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
 WIDE_LOADS = {  # at least this many 16-byte global loads (LDG.E.128), one for each tensor read that way
     "rms_norm_bf16_kernel": 2,  # x, weight
     "fused_add_rms_norm_bf16_kernel": 3,  # x, residual, weight
+    "rms_norm_row_bf16_w4_kernel": 2,
+    "fused_add_rms_norm_row_bf16_w4_kernel": 3,
     "rope_bf16_kernel": 2,  # the head, cos / sin
     "silu_and_mul_bf16_kernel": 2,  # gate, up
     **{prefix: 2 for prefix in DECODE},  # K, V (numba's own complex128 access would be two 8-byte loads each)

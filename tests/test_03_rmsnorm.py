@@ -123,6 +123,33 @@ def test_the_whole_block_reduction_and_full_registers_in_the_simulator():
     _assert_close(x, want_x, torch.bfloat16)
 
 
+@needs_sim
+@pytest.mark.parametrize("width", [64, 256])
+def test_the_block_per_row_kernels_give_the_warp_kernels_bits(width):
+    """``row=True`` (bf16): a block per row, a 16-byte chunk per thread, one barrier. Its RMSNorm and fused add give
+    the very bits of the warp-per-row kernels (the same roundings; only the sum's order differs) and match the key,
+    and on a row of fewer chunks than a warp (64 bf16: 8 chunks, 24 idle threads)."""
+    x, r, w = _inputs((6, width), torch.bfloat16, "cpu")
+    got = rmsnorm.rms_norm(x, w, EPS, row=True, backend="numba")
+    assert torch.equal(got, rmsnorm.rms_norm(x, w, EPS, row=False, backend="numba"))
+    _assert_close(got, key(x, w), torch.bfloat16)
+    fx, fr = rmsnorm.fused_add_rms_norm(x.clone(), r.clone(), w, EPS, row=True, backend="numba")
+    gx, gr = rmsnorm.fused_add_rms_norm(x.clone(), r.clone(), w, EPS, row=False, backend="numba")
+    want_x, want_r = key_fused(x, r, w)
+    assert torch.equal(fx, gx) and torch.equal(fr, gr) and torch.equal(fr, want_r)
+    _assert_close(fx, want_x, torch.bfloat16)
+
+
+def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
+    x, _, w = _inputs((2, 64), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="row=True needs bf16 rows"):
+        rmsnorm.rms_norm(x, w, row=True, backend="numba")
+    assert rmsnorm._row_kernel(False, x.to(torch.bfloat16), True, "gpu", None) is None  # 8 chunks: a warp's kernel
+    wide = torch.empty(2, 1024, dtype=torch.bfloat16)
+    assert rmsnorm._row_kernel(True, wide, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
+    assert rmsnorm._row_kernel(True, wide, True, "simulator", None) is None  # the simulator: only when asked
+
+
 def test_empty_batch_and_torch_backend():
     x, r, w = _inputs((0, 16), torch.float32, "cpu")
     assert rmsnorm.rms_norm(x, w).shape == (0, 16)
