@@ -74,6 +74,14 @@ FUSED_MERGE = True  # split-K steps merge in the kernel's last block instead of 
 #   kernel; one launch fewer per layer at small decode batches). Measured on the H100 (bench.paged_decode, CUDA-graph
 #   replay): batch 1 x 300 tokens 8.2 against 9.2 us, batch 8 mixed 27.2 against 28.4
 #   (bench/results/h100/17_paged_decode_cuda.json, 12-05 session 8)
+HEADS_FIRST = True  # the 16-byte kernel's grid (kv_heads, seqs, splits): the GPU dispatches blocks x first, so a
+#   sequence's KV heads go out one after another; with the scheduler's rows longest context first
+#   (minivllm.scheduler.row_order) the longest sequences' blocks all start first. (seqs, kv_heads, splits) sent
+#   every sequence's first head before any second head. Measured on the H100 (graph replay, rows longest first,
+#   Qwen3-0.6B's heads): 139 contexts of 100-2,048 tokens 200.5 against 211.6 µs (97% against 92% of the floor),
+#   64 of them 85.6 against 109.4 (96% / 75%), 200: 284.1 / 290.5; 256: 394.7 / 391.8 and uniform contexts within 1%.
+#   The offline workload did not tell them apart: 18,718 and 18,937 tok/s against 19,023 and 18,693 (A/B/A/B,
+#   bench/results/h100/12_throughput_cuda_grid_*.json)
 NEG_INF = -math.inf
 FULL_MASK = 0xFFFFFFFF
 _COUNTERS: dict = {}  # device -> the fused merge's int32 counters, zero between launches (graphs replay them)
@@ -233,7 +241,7 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
 
 @functools.cache
 def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False,
-              half2: bool = False, fused: bool = False):
+              half2: bool = False, fused: bool = False, heads_first: bool = True):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
@@ -296,7 +304,10 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         hs = cuda.local.array(heads_per_trip, numba.int32)
         pp = cuda.local.array(group, numba.int32)
 
-        seq, kvh, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        if heads_first:  # the grid is (kv_heads, seqs, splits): a sequence's heads are dispatched one after another
+            kvh, seq, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        else:
+            seq, kvh, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
         lane, warp = tid % 32, tid // 32
         c = lane % lpr  # this lane's 16-byte chunk of a row: elements vpl c .. vpl c + vpl - 1
@@ -463,7 +474,8 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
 
     kind = ("16_fp8cvt" if cvt else "16_fp8") + ("h2" if half2 else "") if fp8 else "16"
     kind += "_fused" if fused else ""
-    kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}"
+    kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}" + (
+        "" if heads_first else "_seqs_first")
     return cuda.jit(fastmath=True)(kernel)
 
 
@@ -568,7 +580,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         half2 = fp8 and (FP8_HALF2 if fp8_half2 is None else fp8_half2)
         fused = FUSED_MERGE if fused_merge is None else fused_merge
         kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2,
-                           fused)
+                           fused, *(() if HEADS_FIRST else (False,)))  # (the cache key SIGNATURES' builds have)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
         warps, fused = WARPS_4B if warps is None else warps, None  # None: the 4-byte kernel (no counters argument)
@@ -582,7 +594,9 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     args = (q_in, kv_in, block_tables, context_lens, numba.float32(scale), out, partial, m, l, tokens_per_split, splits)
     if fused is not None:  # the 16-byte kernel takes the fused merge's counters (a placeholder when unused)
         args += (_counters(q.device, seqs, kv_heads) if fused and splits > 1 else _NO_COUNTERS(q.device),)
-    launch(kernel, (seqs, kv_heads, splits), warps * 32, *args, backend=where)
+    heads_first = fused is not None and HEADS_FIRST  # the 16-byte kernel's grid: (kv_heads, seqs, splits)
+    launch(kernel, (kv_heads, seqs, splits) if heads_first else (seqs, kv_heads, splits), warps * 32, *args,
+           backend=where)
     if splits > 1 and not fused:
         merge_splits(partial, m, l, context_lens, tokens_per_split, out, where)
     return out
