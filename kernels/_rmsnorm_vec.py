@@ -273,66 +273,47 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
             total += partials[i]
         return total
 
-    def rms_norm_row(x, out, weight, eps):
-        # x, out: (rows, chunks) complex128; weight: (chunks,) complex128; block ``row`` normalizes row ``row``
-        w = cuda.local.array(4, numba.int32)
-        wt = cuda.local.array(4, numba.int32)
-        vals = cuda.local.array(8, numba.float32)
-        wvals = cuda.local.array(8, numba.float32)
-        partials = cuda.shared.array(warps, numba.float32)
-        chunks = x.shape[1]
-        row, j = cuda.blockIdx.x, cuda.threadIdx.x
-        mine = j < chunks
-        inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)  # as the warp kernels round it
-        acc = numba.float32(0.0)
-        if mine:
-            w[0], w[1], w[2], w[3] = load_words(x[row], j)
-            wt[0], wt[1], wt[2], wt[3] = load_words(weight, j)
-            unpack(w, 0, vals)
-            for i in range(per_chunk):
-                acc += vals[i] * vals[i]
-        inv_rms = numba.float32(1.0) / math.sqrt(block_sum(acc, partials) * inv_width + eps)
-        if mine:
-            unpack(wt, 0, wvals)
-            for i in range(per_chunk):
-                vals[i] = (vals[i] * inv_rms) * wvals[i]
-            pack(vals, w, 0)
-            store_words(out[row], j, w[0], w[1], w[2], w[3])
+    def build(fused: bool):
+        def norm_row(x, other, weight, eps):
+            # x: (rows, chunks) complex128; other: out (RMSNorm) or, ``fused``, the residual (x and residual are
+            # both updated in place); weight: (chunks,) complex128; block ``row`` normalizes row ``row``
+            w = cuda.local.array(4, numba.int32)
+            r = cuda.local.array(4, numba.int32)
+            wt = cuda.local.array(4, numba.int32)
+            vals = cuda.local.array(8, numba.float32)
+            wvals = cuda.local.array(8, numba.float32)
+            partials = cuda.shared.array(warps, numba.float32)
+            chunks = x.shape[1]
+            row, j = cuda.blockIdx.x, cuda.threadIdx.x
+            mine = j < chunks
+            inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)  # as the warp kernels round it
+            acc = numba.float32(0.0)
+            if mine:
+                w[0], w[1], w[2], w[3] = load_words(x[row], j)
+                if fused:
+                    r[0], r[1], r[2], r[3] = load_words(other[row], j)
+                wt[0], wt[1], wt[2], wt[3] = load_words(weight, j)
+                unpack(w, 0, vals)
+                if fused:  # residual <- x + residual, rounded to the dtype: stored, then normalized
+                    unpack(r, 0, wvals)
+                    for i in range(per_chunk):
+                        vals[i] += wvals[i]
+                    pack(vals, w, 0)
+                    store_words(other[row], j, w[0], w[1], w[2], w[3])
+                    unpack(w, 0, vals)
+                for i in range(per_chunk):
+                    acc += vals[i] * vals[i]
+            inv_rms = numba.float32(1.0) / math.sqrt(block_sum(acc, partials) * inv_width + eps)
+            if mine:
+                unpack(wt, 0, wvals)
+                for i in range(per_chunk):
+                    vals[i] = (vals[i] * inv_rms) * wvals[i]
+                pack(vals, w, 0)
+                store_words((x if fused else other)[row], j, w[0], w[1], w[2], w[3])
 
-    def fused_add_rms_norm_row(x, residual, weight, eps):
-        # x, residual: (rows, chunks) complex128, both updated in place; weight: (chunks,) complex128
-        w = cuda.local.array(4, numba.int32)
-        r = cuda.local.array(4, numba.int32)
-        wt = cuda.local.array(4, numba.int32)
-        vals = cuda.local.array(8, numba.float32)
-        wvals = cuda.local.array(8, numba.float32)
-        partials = cuda.shared.array(warps, numba.float32)
-        chunks = x.shape[1]
-        row, j = cuda.blockIdx.x, cuda.threadIdx.x
-        mine = j < chunks
-        inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)  # as the warp kernels round it
-        acc = numba.float32(0.0)
-        if mine:
-            w[0], w[1], w[2], w[3] = load_words(x[row], j)
-            r[0], r[1], r[2], r[3] = load_words(residual[row], j)
-            wt[0], wt[1], wt[2], wt[3] = load_words(weight, j)
-            unpack(w, 0, vals)
-            unpack(r, 0, wvals)
-            for i in range(per_chunk):
-                vals[i] += wvals[i]
-            pack(vals, w, 0)  # the new residual, rounded to the dtype: stored, then normalized
-            store_words(residual[row], j, w[0], w[1], w[2], w[3])
-            unpack(w, 0, vals)
-            for i in range(per_chunk):
-                acc += vals[i] * vals[i]
-        inv_rms = numba.float32(1.0) / math.sqrt(block_sum(acc, partials) * inv_width + eps)
-        if mine:
-            unpack(wt, 0, wvals)
-            for i in range(per_chunk):
-                vals[i] = (vals[i] * inv_rms) * wvals[i]
-            pack(vals, w, 0)
-            store_words(x[row], j, w[0], w[1], w[2], w[3])
+        return norm_row
 
+    rms_norm_row, fused_add_rms_norm_row = build(False), build(True)
     rms_norm_row.__name__ = rms_norm_row.__qualname__ = f"rms_norm_row_{name}_w{warps}_kernel"
     fused_add_rms_norm_row.__name__ = fused_add_rms_norm_row.__qualname__ = f"fused_add_rms_norm_row_{name}_w{warps}_kernel"
     return cuda.jit(rms_norm_row), cuda.jit(fused_add_rms_norm_row)

@@ -153,6 +153,23 @@ VEC_KERNEL = True  # bf16 steps with head size 128 take the word-wide kernel (_b
 HEADS_PER_BLOCK = 4  # the warp-per-head kernel's warps per block (128 threads), each on its own (token, head)
 
 
+@cuda.jit(device=True, inline=True)
+def _warp_item():
+    """A warp-per-head kernel's (lane, warps per block, this warp's first (token, head) item)."""
+    warps = cuda.blockDim.x // WARP
+    return cuda.threadIdx.x % WARP, warps, cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+
+
+@cuda.jit(device=True, inline=True)
+def _token_head(item, heads, q_heads):
+    """Item ``item``'s (token, column head, is a query head, head among its kind): 32-bit division (a third of the
+    int64 division's instructions)."""
+    t = numba.int32(item) // numba.int32(heads)
+    h = item - t * heads
+    is_q = h < q_heads
+    return t, h, is_q, h if is_q else h - q_heads
+
+
 @functools.cache
 def _build_warp(fp8: bool, pairs: int):
     """A warp per (token, head), ``pairs`` pairs ``(i, i + d/2)`` per lane (``d = 64 * pairs``): the norm's sum is
@@ -168,17 +185,12 @@ def _build_warp(fp8: bool, pairs: int):
         q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
         half = d // 2
         heads = q_heads + kv_heads
-        lane = cuda.threadIdx.x % WARP
-        warps = cuda.blockDim.x // WARP
-        item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+        lane, warps, item = _warp_item()
         bs = kv_cache.shape[2]
         s = pow2_shift(bs)
         while item < positions.size * heads:  # a warp's own loop: shuffles within the warp only
-            t = numba.int32(item) // numba.int32(heads)
-            h = item - t * heads
-            is_q = h < q_heads
+            t, h, is_q, head = _token_head(item, heads, q_heads)
             out = q_out if is_q else k_out
-            head = h if is_q else h - q_heads
             col = h * d
             total = numba.float32(0.0)
             for j in range(pairs):  # unrolled: a and b are indexed by constants, so they are registers
@@ -253,16 +265,11 @@ def _build_vec(fp8: bool, words: int):
         d = 4 * hw
         half = 2 * hw
         heads = q_heads + kv_heads
-        lane = cuda.threadIdx.x % WARP
-        warps = cuda.blockDim.x // WARP
-        item = cuda.blockIdx.x * warps + cuda.threadIdx.x // WARP
+        lane, warps, item = _warp_item()
         bs = kv_cache.shape[2]
         s = pow2_shift(bs)
         while item < positions.size * heads:
-            t = numba.int32(item) // numba.int32(heads)
-            h = item - t * heads
-            is_q = h < q_heads
-            head = h if is_q else h - q_heads
+            t, h, is_q, head = _token_head(item, heads, q_heads)
             p = positions[t]  # issued first: nothing below waits on the head's words for these
             slot = slot_mapping[t]
             wt = q_weight if is_q else k_weight
@@ -343,6 +350,8 @@ _WORDS = ("void(int32[:, ::1], int32[:, :, ::1], int32[:, :, ::1], int32[::1], i
           "int64[::1], float32[:, ::1], {}[:, :, :, :, ::1], int64[::1])")
 SIGNATURES.update({_build_vec(fp8, 1): [_WORDS.format("uint8" if fp8 else "int32")] for fp8 in (False, True)})
 SIGNATURES[_word] = ["int32(float32, float32)"]
+SIGNATURES[_warp_item] = ["UniTuple(int64, 3)()"]
+SIGNATURES[_token_head] = ["Tuple((int32, int64, boolean, int64))(int64, int64, int64)"]
 
 
 # ----------------------------------------------------------------------------- launcher
