@@ -315,7 +315,8 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
 
     rms_norm_row, fused_add_rms_norm_row = build(False), build(True)
     rms_norm_row.__name__ = rms_norm_row.__qualname__ = f"rms_norm_row_{name}_w{warps}_kernel"
-    fused_add_rms_norm_row.__name__ = fused_add_rms_norm_row.__qualname__ = f"fused_add_rms_norm_row_{name}_w{warps}_kernel"
+    fused_add_rms_norm_row.__name__ = f"fused_add_rms_norm_row_{name}_w{warps}_kernel"
+    fused_add_rms_norm_row.__qualname__ = fused_add_rms_norm_row.__name__
     return cuda.jit(rms_norm_row), cuda.jit(fused_add_rms_norm_row)
 
 

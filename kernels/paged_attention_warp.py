@@ -508,14 +508,17 @@ _SIG16 = ("void(complex128[:, :, ::1], complex128[:, :, :, :, ::1], int32[:, ::1
           "bfloat16[:, :, ::1], float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64, "
           "int32[:, ::1])")
 _VARIANTS = ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True))
-SIGNATURES.update({_kernel16(2, 128, fit_warps(2, 128, WARPS, fp8), UNROLL16, fp8, cvt, half2, False): [_SIG16]
+SIGNATURES.update({_kernel16(2, 128, fit_warps(2, 128, WARPS, fp8), UNROLL16, fp8, cvt, half2, False, HEADS_FIRST):
+                   [_SIG16]
                    for fp8, cvt, half2 in _VARIANTS})  # the builds bench.paged_decode compares: at Qwen3's shape only
 #   (the same code at SmolLM2's shape is the fused builds', below; each build ~4 s of the test suite's compile run)
 _FUSED = ((False, False, False), (True, False, True), (True, True, True))  # the defaults: bf16, fp8 (sm_80, sm_89+)
-SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt, half2, True): [_SIG16]
+SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt, half2, True,
+                             HEADS_FIRST): [_SIG16]
                    for group, dim in ((2, 128), (3, 64)) for fp8, cvt, half2 in _FUSED})  # fused merge
 CVT_CC = (8, 9)  # cvt.rn.f16x2.e4m3x2: Ada and newer
-MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True, half2, fused): CVT_CC
+MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True, half2, fused,
+                         HEADS_FIRST): CVT_CC
                for group, dim in ((2, 128), (3, 64)) for half2, fused in ((False, False), (True, False), (True, True))
                if fused or group == 2}
 #              built for sm_89+ only
@@ -580,7 +583,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         half2 = fp8 and (FP8_HALF2 if fp8_half2 is None else fp8_half2)
         fused = FUSED_MERGE if fused_merge is None else fused_merge
         kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2,
-                           fused, *(() if HEADS_FIRST else (False,)))  # (the cache key SIGNATURES' builds have)
+                           fused, HEADS_FIRST)  # (every build passes all nine: one cache key for a kernel)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
         warps, fused = WARPS_4B if warps is None else warps, None  # None: the 4-byte kernel (no counters argument)

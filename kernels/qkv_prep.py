@@ -55,11 +55,11 @@ from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._launch import launch, resolve_backend
 from kernels._mma import pack_bf16 as cvt_pack_bf16
 from kernels._reduce import group_reduce_sum
+from kernels._vec16 import bf16_hi, bf16_lo
 from kernels.basics import WARP, warp_reduce_sum
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rope import apply_rope_ref, check_positions
 from kernels.store_kv import store_kv_ref
-from kernels._vec16 import bf16_hi, bf16_lo
 
 
 # ----------------------------------------------------------------------------- reference
@@ -364,7 +364,8 @@ def supported(head_dim: int) -> bool:
 def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor, cos_sin: torch.Tensor,
              kv_cache: torch.Tensor, slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
              k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, max_blocks: int = 65535,
-             warp: bool | None = None, vec: bool | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             warp: bool | None = None, vec: bool | None = None,
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """QK-norm (when weights are given), RoPE and the KV store in one launch.
 
     qkv: (tokens, (q_heads + 2 kv_heads) * d) contiguous; positions, slot_mapping: (tokens,) int64; cos_sin:
@@ -404,23 +405,19 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
         qw, kw = (q_weight, k_weight) if norm else (cos_sin.new_empty(d, dtype=qkv.dtype),) * 2
         fp8 = kv_cache.dtype == FP8
         items = tokens * (q_heads + kv_heads)
-        if (VEC_KERNEL and warp is None if vec is None else vec) and vec_supported(qkv.dtype, d):
+        tensors, cache = (qkv, q, k, qw, kw), kv_cache.view(torch.uint8) if fp8 else kv_cache
+        use_vec = (VEC_KERNEL and warp is None if vec is None else vec) and vec_supported(qkv.dtype, d)
+        if use_vec or (WARP_PER_HEAD and tokens >= WARP_MIN_TOKENS if warp is None else warp) and warp_supported(d):
             per_block = 1 if where == "simulator" else HEADS_PER_BLOCK
-            blocks = min(-(-items // per_block), 4 if where == "simulator" else max_blocks)
-            words = [x.view(torch.int32) for x in (qkv, q, k, qw, kw)]
-            launch(_build_vec(fp8, d // 128), blocks, WARP * per_block, *words, numba.float32(eps), norm, positions,
-                   cos_sin, kv_cache.view(torch.uint8) if fp8 else kv_cache.view(torch.int32), slot_mapping,
-                   backend=where)
-            return q, k, v
-        if (WARP_PER_HEAD and tokens >= WARP_MIN_TOKENS if warp is None else warp) and warp_supported(d):
-            per_block = 1 if where == "simulator" else HEADS_PER_BLOCK
-            kernel, threads = _build_warp(fp8, d // 64), WARP * per_block
-            blocks = min(-(-items // per_block), 4 if where == "simulator" else max_blocks)
+            threads, blocks = WARP * per_block, min(-(-items // per_block), 4 if where == "simulator" else max_blocks)
+            kernel = _build_vec(fp8, d // 128) if use_vec else _build_warp(fp8, d // 64)
+            if use_vec:  # the word-wide kernel reads and writes bf16 pairs as int32 words
+                tensors, cache = tuple(x.view(torch.int32) for x in tensors), cache if fp8 else cache.view(torch.int32)
         else:
             kernel, threads = qkv_prep_fp8_kernel if fp8 else qkv_prep_kernel, d // 2
             blocks = min(items, 4 if where == "simulator" else max_blocks)
-        launch(kernel, blocks, threads, qkv, q, k, qw, kw, numba.float32(eps), norm, positions, cos_sin,
-               kv_cache.view(torch.uint8) if fp8 else kv_cache, slot_mapping, backend=where)
+        launch(kernel, blocks, threads, *tensors, numba.float32(eps), norm, positions, cos_sin, cache, slot_mapping,
+               backend=where)
     return q, k, v
 
 

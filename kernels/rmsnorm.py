@@ -177,7 +177,7 @@ def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool |
     at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
     chunks = x.shape[-1] * x.element_size() // 16
     pair = _rmsnorm_vec.row_kernels(x.dtype, cdiv(chunks, WARP)) if vec and 0 < chunks <= MAX_THREADS else None
-    if pair is None or where == "torch":
+    if pair is None:
         if row:
             raise ValueError(f"row=True needs bf16 rows of whole 16-byte chunks, at most {MAX_THREADS} of them")
         return None
@@ -185,19 +185,10 @@ def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool |
     return pair[1 if fused else 0] if use else None
 
 
-def _run_rows(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, where: str) -> None:
-    """Launch a block-per-row kernel: a block of the row's chunks (rounded up to warps) per row."""
-    width = weight.numel()
-    rows = a.numel() // width
-    if rows == 0:
-        return
-    a, b, weight = (t.view(-1, width).view(torch.complex128) for t in (a, b, weight))
-    launch(kernel, rows, cdiv(a.shape[1], WARP) * WARP, a, b, weight.view(-1), numba.float32(eps), backend=where)
-
-
 def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str,
-         max_chunks: int | None = None, max_blocks: int | None = None) -> None:
-    """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views.
+         max_chunks: int | None = None, max_blocks: int | None = None, row: bool = False) -> None:
+    """Launch ``kernel(a, b, weight, eps, group)`` on (rows, width) views, or (rows, chunks) complex128 views;
+    ``row``: a block-per-row kernel (:func:`_row_kernel`), ``kernel(a, b, weight, eps)`` on a block per row.
 
     ``max_chunks``: the 16-byte kernel's chunks per thread (default ``_rmsnorm_vec.MAX_CHUNKS``)."""
     width = weight.numel()
@@ -207,6 +198,9 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
     a, b = a.view(rows, width), b.view(rows, width)
     if vec:
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
+    if row:  # a block of the row's chunks, rounded up to whole warps
+        launch(kernel, rows, cdiv(a.shape[1], WARP) * WARP, a, b, weight, numba.float32(eps), backend=where)
+        return
     group, block, blocks = launch_config(a.shape[1], rows, where,
                                         (max_chunks or _rmsnorm_vec.MAX_CHUNKS) if vec else None)
     launch(kernel, min(blocks, max_blocks or blocks), block, a, b, weight, numba.float32(eps), group, backend=where)
@@ -225,10 +219,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, out: t
     if where == "torch":
         return out.copy_(rms_norm_ref(x, weight, eps))
     kernel = _row_kernel(False, x, vec, where, row)
-    if kernel is not None:
-        _run_rows(kernel, x, out, weight, eps, where)
-    else:
-        _run(_kernel(False, x.dtype, vec), x, out, weight, eps, vec, where)
+    _run(kernel or _kernel(False, x.dtype, vec), x, out, weight, eps, vec, where, row=kernel is not None)
     return out
 
 
@@ -243,10 +234,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         residual.copy_(new_residual)
         return x.copy_(out), residual
     kernel = _row_kernel(True, x, vec, where, row)
-    if kernel is not None:
-        _run_rows(kernel, x, residual, weight, eps, where)
-    else:
-        _run(_kernel(True, x.dtype, vec), x, residual, weight, eps, vec, where)
+    _run(kernel or _kernel(True, x.dtype, vec), x, residual, weight, eps, vec, where, row=kernel is not None)
     return x, residual
 
 

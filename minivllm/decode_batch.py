@@ -43,8 +43,8 @@ def next_decode_positions(positions: np.ndarray, slots: np.ndarray, block_size: 
 class DecodeBatch:
     """A steady decode batch: its sequences as rows, and the latest step planned for them as arrays.
 
-    Row ``i`` is ``seqs[i]`` (longest context first, as ``Scheduler.schedule`` orders decodes: ``row_order``). The rows never change:
-    when some sequences finish, :meth:`keep` makes a new batch of the others."""
+    Row ``i`` is ``seqs[i]`` (longest context first, as ``Scheduler.schedule`` orders decodes: ``row_order``).
+    The rows never change: when some sequences finish, :meth:`keep` makes a new batch of the others."""
 
     batch_id: int  # a new id whenever the rows change (the runner and the output side cache per-row work by it)
     seqs: list[Sequence]

@@ -193,9 +193,9 @@ class Scheduler:
             d = self._decode = d.keep(source)
         bs = self.config.block_size
         positions, slots, fresh = next_decode_positions(d.positions, d.slots, bs)
-        if len(fresh) > 1:  # blocks are taken in arrival order, as plan() grows them (the rows are not in it)
-            fresh = sorted(fresh.tolist(), key=lambda row: d.seqs[row].arrival)
-        for row in list(fresh):  # these enter a new block
+        entering = fresh.tolist()  # these enter a new block, taken in arrival order as plan() grows them
+        entering.sort(key=lambda row: d.seqs[row].arrival)
+        for row in entering:
             seq, p = d.seqs[row], int(positions[row])
             if self.blocks.fit(seq, 1 + lag) < 1 + lag:
                 return None  # memory is short: plan() preempts
