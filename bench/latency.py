@@ -20,7 +20,9 @@ default with the linear layers of small steps switched between ``kernels.gemv`` 
 (``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
 left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off), and the default
 with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGINE_L2_PREFETCH``; off by default:
-"cuda_graphs_l2_prefetch" turns it on). On a CPU there are no graphs: the eager engine only.
+"cuda_graphs_l2_prefetch" turns it on), and the default with programmatic dependent launch off ("cuda_graphs_no_pdl":
+``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer). On a CPU there are no graphs:
+the eager engine only.
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -99,8 +101,12 @@ def run(args: argparse.Namespace) -> dict:
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
-              loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {}}
+              loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {},
+              "cuda_graphs_no_pdl": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
+    import kernels._launch
+
+    default_pdl = kernels._launch.PDL
     switches = {"cuda_graphs_gemv": {"ENGINE_MAX_TOKENS": 8}, "cuda_graphs_cublas": {"ENGINE_MAX_TOKENS": 0},
                 "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False},
                 "cuda_graphs_no_prefetch": {"ENGINE_L2_PREFETCH": False},
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     for mode, mode_options in modes.items():
         for k, v in {**defaults, **switches.get(mode, {})}.items():
             setattr(kernels.gemv, k, v)
+        kernels._launch.PDL = default_pdl and mode != "cuda_graphs_no_pdl"
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
@@ -116,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             for k, v in defaults.items():
                 setattr(kernels.gemv, k, v)
+            kernels._launch.PDL = default_pdl
         del llm
         free_memory()
     if "cuda_graphs" in result:
@@ -139,6 +147,9 @@ def run(args: argparse.Namespace) -> dict:
         on, off = (("cuda_graphs", prefetch) if defaults["ENGINE_L2_PREFETCH"] else (prefetch, "cuda_graphs"))
         result["l2_prefetch_speedup_decode"] = round(result[off]["decode_ms_per_token"]
                                                      / result[on]["decode_ms_per_token"], 3)
+        result["engine_pdl"] = default_pdl and kernels._launch.pdl_active()
+        result["pdl_speedup_decode"] = round(result["cuda_graphs_no_pdl"]["decode_ms_per_token"]
+                                             / result["cuda_graphs"]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
                  "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
-                 "cuda_graphs_l2_prefetch"):
+                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

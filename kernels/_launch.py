@@ -15,9 +15,17 @@ On the GPU the conversions and launch configurations are cached: numba wrapping 
 ~80 µs per launch, a cached view lookup < 1 µs; a whole ``launch`` costs ~8 µs more than calling a
 pre-configured kernel on pre-wrapped arrays (~30 µs), measured on the H200 (bench/results/01_basics.json).
 Inside a captured CUDA graph none of this host cost remains (~1 µs per kernel replayed).
+
+Kernels marked by :func:`kernels._pdl.mark` are launched with programmatic dependent launch allowed on GPUs that
+have it (sm_90 and newer; ``PDL``): the GPU may start them while the kernel before them finishes (see
+:mod:`kernels._pdl`). numba-cuda 0.30 launches through ``cuda.core`` with a fixed launch configuration, so for
+those kernels the compiled kernel's ``launch`` is replaced, at its first launch here, by one that adds the PDL
+attribute (numba's own steps otherwise: the same argument packing, the same ``cuda.core.launch``).
 """
 
 import sys
+import types
+import warnings
 from collections import OrderedDict
 from typing import Literal
 
@@ -33,6 +41,10 @@ SIMULATOR_SWITCH_INTERVAL = 1e-4  # seconds: Python's thread switch interval whi
 _views: OrderedDict = OrderedDict()
 _streams: dict[int, object] = {}
 _configs: dict[tuple, object] = {}
+PDL = True  # launch kernels marked by kernels._pdl.mark with programmatic dependent launch on sm_90 and newer
+_pdl_devices: dict[int, bool] = {}
+_pdl_configs: dict[tuple, object] = {}
+_pdl_broken: list[str] = []  # why PDL launches were given up (an older cuda.core without the attribute)
 
 
 def resolve_backend(backend: str = "auto", *tensors: torch.Tensor) -> Backend:
@@ -125,6 +137,8 @@ def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) ->
         configured = _configs.get(key)
         if configured is None:
             configured = _configs[key] = kernel[grid, block, stream, shared_mem]
+            if getattr(kernel, "pdl", False):
+                configured.pre_launch_callbacks.append(_allow_pdl)
         configured(*[device_array(a) if isinstance(a, torch.Tensor) else a for a in args])
     elif backend == "simulator":
         from kernels import _simulator
@@ -140,6 +154,50 @@ def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) ->
             sys.setswitchinterval(switch)
     else:
         raise ValueError(f"launch() runs numba kernels; backend {backend!r} has no kernel to launch")
+
+
+def pdl_active() -> bool:
+    """Whether marked kernels launch with PDL on the current device: ``PDL`` on and the GPU sm_90 or newer."""
+    index = torch.cuda.current_device()
+    ok = _pdl_devices.get(index)
+    if ok is None:
+        from kernels._pdl import PDL_MIN_CC
+
+        ok = _pdl_devices[index] = torch.cuda.get_device_capability(index) >= PDL_MIN_CC
+    return PDL and ok and not _pdl_broken
+
+
+def _allow_pdl(compiled, launch_config) -> None:
+    # numba's pre-launch hook, with the compiled kernel numba chose for these arguments: give that kernel (once)
+    # a launch that allows PDL
+    if "launch" not in compiled.__dict__:
+        compiled.launch = types.MethodType(_launch_pdl, compiled)
+
+
+def _launch_pdl(self, args, griddim, blockdim, stream=0, sharedmem=0):
+    """numba-cuda 0.30's ``_Kernel.launch`` (no debug mode) with ``programmatic_stream_serialization`` set."""
+    if self.debug or not pdl_active():
+        return type(self).launch(self, args, griddim, blockdim, stream, sharedmem)
+    from numba.cuda.dispatcher import LaunchConfig, launch as core_launch
+
+    key = (griddim, blockdim, sharedmem)
+    config = _pdl_configs.get(key)
+    if config is None:
+        try:
+            config = LaunchConfig(grid=griddim, block=blockdim, shmem_size=sharedmem,
+                                  programmatic_stream_serialization=True)
+        except TypeError as e:  # a cuda.core without PDL: launch as numba does, from now on
+            _pdl_broken.append(str(e))
+            warnings.warn(f"programmatic dependent launch unavailable ({e}); kernels launch without it",
+                          RuntimeWarning, stacklevel=2)
+            return type(self).launch(self, args, griddim, blockdim, stream, sharedmem)
+        _pdl_configs[key] = config
+    kernelargs, retr = [], []
+    for t, v in zip(self.argument_types, args):
+        self._prepare_args(t, v, stream, retr, kernelargs)
+    core_launch(stream, config, self._codelibrary.get_cufunc().kernel, *kernelargs)
+    for writeback in retr:
+        writeback()
 
 
 _resident: dict[tuple, int] = {}

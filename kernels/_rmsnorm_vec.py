@@ -40,6 +40,7 @@ from numba import cuda
 
 from kernels._vec16 import bf16_hi, bf16_lo, f32, f32_word, load_words, pack_bf16, store_words
 from kernels._reduce import group_reduce_sum
+from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._mma import pack_bf16 as mma_pack_bf16
 from kernels.basics import WARP, warp_reduce_sum
@@ -154,6 +155,8 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         vals = cuda.local.array(8, numba.float32)
         wvals = cuda.local.array(8, numba.float32)
         partials = cuda.shared.array(WARP, numba.float32)
+        pdl_trigger()  # the next kernel may launch; nothing is read before the previous one has ended
+        pdl_wait()
         rows, chunks = x.shape
         s = -1 if divide else pow2_shift(group)
         per_block = div_pow2(cuda.blockDim.x, group, s)
@@ -181,6 +184,8 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         vals = cuda.local.array(8, numba.float32)
         wvals = cuda.local.array(8, numba.float32)
         partials = cuda.shared.array(WARP, numba.float32)
+        pdl_trigger()  # the next kernel may launch; nothing is read before the previous one has ended
+        pdl_wait()
         rows, chunks = x.shape
         s = -1 if divide else pow2_shift(group)
         per_block = div_pow2(cuda.blockDim.x, group, s)
@@ -220,6 +225,8 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
         vals = cuda.local.array(8, numba.float32)
         wvals = cuda.local.array(8, numba.float32)
         partials = cuda.shared.array(WARP, numba.float32)
+        pdl_trigger()  # the next kernel may launch; nothing is read before the previous one has ended
+        pdl_wait()
         rows, chunks = x.shape
         s = pow2_shift(group)
         per_block = div_pow2(cuda.blockDim.x, group, s)
@@ -243,10 +250,10 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
 
     if stream:
         rms_norm_stream.__name__ = rms_norm_stream.__qualname__ = f"rms_norm_{name}_stream_kernel"
-        return cuda.jit(rms_norm_stream), None
+        return mark(cuda.jit(rms_norm_stream)), None
     rms_norm_vec.__name__ = rms_norm_vec.__qualname__ = f"rms_norm_{name}_kernel"
     fused_add_rms_norm_vec.__name__ = fused_add_rms_norm_vec.__qualname__ = f"fused_add_rms_norm_{name}_kernel"
-    return cuda.jit(rms_norm_vec), cuda.jit(fused_add_rms_norm_vec)
+    return mark(cuda.jit(rms_norm_vec)), mark(cuda.jit(fused_add_rms_norm_vec))
 
 
 @functools.cache
@@ -288,11 +295,14 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
             mine = j < chunks
             inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)  # as the warp kernels round it
             acc = numba.float32(0.0)
+            pdl_trigger()
+            if mine:  # the norm's weight, which no kernel writes, while the previous kernel may still run
+                wt[0], wt[1], wt[2], wt[3] = load_words(weight, j)
+            pdl_wait()
             if mine:
                 w[0], w[1], w[2], w[3] = load_words(x[row], j)
                 if fused:
                     r[0], r[1], r[2], r[3] = load_words(other[row], j)
-                wt[0], wt[1], wt[2], wt[3] = load_words(weight, j)
                 unpack(w, 0, vals)
                 if fused:  # residual <- x + residual, rounded to the dtype: stored, then normalized
                     unpack(r, 0, wvals)
@@ -317,7 +327,7 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
     rms_norm_row.__name__ = rms_norm_row.__qualname__ = f"rms_norm_row_{name}_w{warps}_kernel"
     fused_add_rms_norm_row.__name__ = f"fused_add_rms_norm_row_{name}_w{warps}_kernel"
     fused_add_rms_norm_row.__qualname__ = fused_add_rms_norm_row.__name__
-    return cuda.jit(rms_norm_row), cuda.jit(fused_add_rms_norm_row)
+    return mark(cuda.jit(rms_norm_row)), mark(cuda.jit(fused_add_rms_norm_row))
 
 
 rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16")

@@ -33,6 +33,7 @@ from numba import config, cuda
 
 from kernels._checks import check_tensor
 from kernels._launch import cdiv, launch, resolve_backend
+from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words
 
 MAX_TOKENS = 8  # rows of x per call: each lane keeps one fp32 sum per token
@@ -87,6 +88,7 @@ def _kernel(cpl: int, tokens: int):
         lane = cuda.threadIdx.x % 32
         chunks = weight.shape[1]
         n = cuda.blockIdx.x * (cuda.blockDim.x // 32) + cuda.threadIdx.x // 32
+        pdl_trigger()  # the next kernel may launch (kernels._pdl)
         while n < weight.shape[0]:  # grid-stride over output rows: a whole warp per row, so it exits as one
             for i in range(cpl):  # every load of the row first: cpl x 16 bytes in flight per lane
                 c = lane + 32 * i
@@ -94,6 +96,7 @@ def _kernel(cpl: int, tokens: int):
                     wr[4 * i], wr[4 * i + 1], wr[4 * i + 2], wr[4 * i + 3] = load_words(weight[n], c)
                 else:
                     wr[4 * i] = wr[4 * i + 1] = wr[4 * i + 2] = wr[4 * i + 3] = 0
+            pdl_wait()  # the weights are in flight: now wait for the kernel that wrote x (at once after the first)
             for t in range(tokens):
                 acc[t] = numba.float32(0.0)
             for i in range(cpl):
@@ -107,9 +110,10 @@ def _kernel(cpl: int, tokens: int):
                 if lane == t:
                     out[t, n] = total
             n += cuda.gridDim.x * (cuda.blockDim.x // 32)
+        pdl_wait()  # a warp without a row waits too: every PDL grid must, before it ends
 
     kernel.__name__ = kernel.__qualname__ = f"gemv_bf16_c{cpl}_t{tokens}"
-    return cuda.jit(fastmath=True)(kernel)
+    return mark(cuda.jit(fastmath=True)(kernel))
 
 
 _SIG = "void(complex128[:, ::1], complex128[:, ::1], bfloat16[:, ::1])"
@@ -221,7 +225,9 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
         lane = cuda.threadIdx.x % 32
         chunks = weight.shape[1]
         n = cuda.blockIdx.x * (cuda.blockDim.x // 32) + cuda.threadIdx.x // 32
+        pdl_trigger()
         issue(weight, n, lane, wr)
+        pdl_wait()  # the first row's weights are in flight; x is the previous kernel's output
         for t in range(tokens):  # x = silu(gate) * up, rounded to bf16 as the SiLU·mul kernel does
             c = cuda.threadIdx.x
             while c < chunks:
@@ -246,7 +252,9 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
         lane, warp, warps = cuda.threadIdx.x % 32, cuda.threadIdx.x // 32, cuda.blockDim.x // 32
         chunks = weight.shape[1]
         n = cuda.blockIdx.x * warps + warp
+        pdl_trigger()
         issue(weight, n, lane, wr)
+        pdl_wait()  # the first row's weights are in flight; x is the previous kernel's output
         for t in range(tokens):  # the new residual x + residual, rounded to bf16; block 0 writes it out
             c = cuda.threadIdx.x
             sq = numba.float32(0.0)
@@ -287,7 +295,7 @@ def _prologue_kernel(cpl: int, tokens: int, prologue: str):
 
     kernel = silu_kernel if prologue == "silu" else add_norm_kernel
     kernel.__name__ = kernel.__qualname__ = f"gemv_{prologue}_bf16_c{cpl}_t{tokens}"
-    return cuda.jit(fastmath=True)(kernel)
+    return mark(cuda.jit(fastmath=True)(kernel))
 
 
 _SILU_SIG = "void(complex128[:, ::1], complex128[:, ::1], bfloat16[:, ::1])"

@@ -40,6 +40,7 @@ import torch
 from numba import cuda
 
 from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
+from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._checks import FP8
 from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._fp8 import (UNPACK_SCALE, e4m3x4_floats, e4m3x4_halves, e4m3x4_halves_over256, e4m3x4_over256,
@@ -177,6 +178,8 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
         valid = cuda.local.array(unroll, numba.boolean)
         m = cuda.local.array(group, numba.float32)
         l = cuda.local.array(group, numba.float32)
+        pdl_trigger()  # the next kernel may launch; nothing is read before the previous one has ended (kernels._pdl)
+        pdl_wait()
 
         seq, kvh, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         tid = cuda.threadIdx.x
@@ -236,7 +239,7 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
                       partial_out, max_logits, exp_sums)
 
     kernel.__name__ = kernel.__qualname__ = f"paged_decode_g{group}_d{dim}_w{warps}_u{unroll}"
-    return cuda.jit(fastmath=True)(kernel)
+    return mark(cuda.jit(fastmath=True)(kernel))
 
 
 @functools.cache
@@ -303,6 +306,8 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         vh = cuda.local.array(pairs, numba.int32)
         hs = cuda.local.array(heads_per_trip, numba.int32)
         pp = cuda.local.array(group, numba.int32)
+        pdl_trigger()  # the next kernel may launch; nothing is read before the previous one has ended
+        pdl_wait()
 
         if heads_first:  # the grid is (kv_heads, seqs, splits): a sequence's heads are dispatched one after another
             kvh, seq, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
@@ -476,7 +481,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     kind += "_fused" if fused else ""
     kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}" + (
         "" if heads_first else "_seqs_first")
-    return cuda.jit(fastmath=True)(kernel)
+    return mark(cuda.jit(fastmath=True)(kernel))
 
 
 _TYPES = ("float32", "float16", "bfloat16")

@@ -54,6 +54,7 @@ from kernels._fp8 import e4m3_byte
 from kernels._index import div_pow2, mod_pow2, pow2_shift
 from kernels._launch import launch, resolve_backend
 from kernels._mma import pack_bf16 as cvt_pack_bf16
+from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._reduce import group_reduce_sum
 from kernels._vec16 import bf16_hi, bf16_lo
 from kernels.basics import WARP, warp_reduce_sum
@@ -93,6 +94,8 @@ def _build(fp8: bool):
         # kv_cache: (blocks, 2, block_size, kv_heads, d) of qkv's dtype, or (fp8) e4m3 bytes as uint8;
         # blockDim.x == d / 2, one block per (token, head)
         partials = cuda.shared.array(WARP, numba.float32)
+        pdl_trigger()  # the next kernel may launch; nothing here is read before the previous one has ended
+        pdl_wait()
         q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
         half = d // 2
         heads = q_heads + kv_heads
@@ -141,7 +144,7 @@ def _build(fp8: bool):
 
     if fp8:
         qkv_prep_kernel.__name__ = qkv_prep_kernel.__qualname__ = "qkv_prep_fp8_kernel"
-    return cuda.jit(qkv_prep_kernel)
+    return mark(cuda.jit(qkv_prep_kernel))
 
 
 qkv_prep_kernel, qkv_prep_fp8_kernel = _build(False), _build(True)
@@ -182,6 +185,8 @@ def _build_warp(fp8: bool, pairs: int):
         # the block kernel's arguments; blockDim.x a multiple of 32, d == 64 * pairs
         a = cuda.local.array(pairs, numba.float32)  # the lane's first halves of its pairs, then its second
         b = cuda.local.array(pairs, numba.float32)
+        pdl_trigger()
+        pdl_wait()
         q_heads, kv_heads, d = q_out.shape[1], k_out.shape[1], q_out.shape[2]
         half = d // 2
         heads = q_heads + kv_heads
@@ -232,7 +237,7 @@ def _build_warp(fp8: bool, pairs: int):
 
     name = f"qkv_prep_warp{'_fp8' if fp8 else ''}_p{pairs}_kernel"
     qkv_prep_warp_kernel.__name__ = qkv_prep_warp_kernel.__qualname__ = name
-    return cuda.jit(qkv_prep_warp_kernel)
+    return mark(cuda.jit(qkv_prep_warp_kernel))
 
 
 @cuda.jit(device=True, inline=True)
@@ -261,6 +266,8 @@ def _build_vec(fp8: bool, words: int):
         r = cuda.local.array(4, numba.float32)  # a rotated pair of pairs
         wa = cuda.local.array(words, numba.int32)
         wb = cuda.local.array(words, numba.int32)
+        pdl_trigger()
+        pdl_wait()
         q_heads, kv_heads, hw = q_out.shape[1], k_out.shape[1], q_out.shape[2] // 2  # hw: words in a half
         d = 4 * hw
         half = 2 * hw
@@ -323,7 +330,7 @@ def _build_vec(fp8: bool, words: int):
 
     name = f"qkv_prep_vec{'_fp8' if fp8 else ''}_w{words}_kernel"
     qkv_prep_vec_kernel.__name__ = qkv_prep_vec_kernel.__qualname__ = name
-    return cuda.jit(qkv_prep_vec_kernel)
+    return mark(cuda.jit(qkv_prep_vec_kernel))
 
 
 def vec_supported(dtype: torch.dtype, head_dim: int) -> bool:
