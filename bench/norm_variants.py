@@ -3,7 +3,8 @@
     python -m bench.norm_variants [--out DIR]     # GPU only; writes 17_norm_variants_cuda.json
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
-QK-norm's 128-wide heads the warp kernels) against the warp kernels (``warp``) and the builds
+QK-norm's 128-wide heads the warp kernels; on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
+``default_no_pdl`` the same without it) against the warp kernels (``warp``) and the builds
 (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
 with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
@@ -39,6 +40,7 @@ def _err(got, want) -> float:
 
 
 def run() -> dict:
+    from kernels import _launch as kl
     from kernels import _rmsnorm_vec as vec
     from kernels import rmsnorm as rn
     from kernels._timing import graph_time
@@ -68,6 +70,15 @@ def run() -> dict:
             row["default_err"] = _err(default(), want)
             timed = {"default": lambda tensors=tensors, fused=fused: (
                 rn.fused_add_rms_norm(*tensors, EPS) if fused else rn.rms_norm(*tensors, EPS))}
+
+            def no_pdl(tensors=tensors, fused=fused):  # the default kernels launched (and captured) without PDL
+                kl.PDL, before = False, kl.PDL
+                try:
+                    return rn.fused_add_rms_norm(*tensors, EPS) if fused else rn.rms_norm(*tensors, EPS)
+                finally:
+                    kl.PDL = before
+
+            timed["default_no_pdl"] = no_pdl
             for label, (cvt, early, chunks, divide, block) in BUILDS.items():
                 kernel = vec.bf16_variant(cvt, early, chunks, divide)[1 if fused else 0]
 
