@@ -158,13 +158,15 @@ def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) ->
 
 def pdl_active() -> bool:
     """Whether marked kernels launch with PDL on the current device: ``PDL`` on and the GPU sm_90 or newer."""
+    if not PDL or _pdl_broken:
+        return False
     index = torch.cuda.current_device()
     ok = _pdl_devices.get(index)
     if ok is None:
         from kernels._pdl import PDL_MIN_CC
 
         ok = _pdl_devices[index] = torch.cuda.get_device_capability(index) >= PDL_MIN_CC
-    return PDL and ok and not _pdl_broken
+    return ok
 
 
 def _allow_pdl(compiled, launch_config) -> None:

@@ -46,6 +46,26 @@ def test_unmarked_kernels_are_not_launched_with_pdl():
     assert not getattr(rms_norm_kernel, "pdl", False)
 
 
+def test_the_launch_hook_replaces_a_compiled_kernels_launch_once_and_launches_plainly_while_pdl_is_off(monkeypatch):
+    calls = []
+
+    class Compiled:  # stands in for numba's compiled kernel (_Kernel)
+        debug = False
+
+        def launch(self, args, griddim, blockdim, stream=0, sharedmem=0):
+            calls.append((args, griddim, blockdim))
+
+    kernel = Compiled()
+    kl._allow_pdl(kernel, None)
+    patched = kernel.launch
+    kl._allow_pdl(kernel, None)  # numba calls the hook at every launch: the kernel is patched once
+    assert kernel.launch is patched and patched.__func__ is kl._launch_pdl
+    monkeypatch.setattr(kl, "PDL", False)
+    assert not kl.pdl_active()
+    kernel.launch((1, 2), (3, 1, 1), (32, 1, 1))  # PDL off: numba's own launch, unchanged arguments
+    assert calls == [((1, 2), (3, 1, 1), (32, 1, 1))]
+
+
 def test_the_instructions_are_compiled_for_sm_90_only():
     # numba's real compiler (no GPU needed), in a child process: the tests run under the CUDA simulator
     code = textwrap.dedent("""
