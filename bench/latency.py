@@ -18,9 +18,7 @@ prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps l
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
 (``kernels.gemv.ENGINE_MAX_TOKENS``: "cuda_graphs_cublas" sets 0), and the default with the norms and SiLU·mul
-left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` and
-``ENGINE_ADD_NORM_PROLOGUE`` off), the default with the add + RMSNorm fold switched (``ENGINE_ADD_NORM_PROLOGUE``;
-off by default: "cuda_graphs_add_norm" turns it on), and the default
+left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off), and the default
 with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGINE_L2_PREFETCH``; off by default:
 "cuda_graphs_l2_prefetch" turns it on), and the default with programmatic dependent launch off ("cuda_graphs_no_pdl":
 ``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer). On a CPU there are no graphs:
@@ -93,28 +91,24 @@ def run(args: argparse.Namespace) -> dict:
     # each mode's engine options; on a GPU also graphs with the other loop (overlapped or plain) than the default's
     import kernels.gemv
 
-    switched = ("ENGINE_MAX_TOKENS", "ENGINE_SILU_PROLOGUE", "ENGINE_ADD_NORM_PROLOGUE", "ENGINE_L2_PREFETCH")
+    switched = ("ENGINE_MAX_TOKENS", "ENGINE_SILU_PROLOGUE", "ENGINE_L2_PREFETCH")  # kernels.gemv's switches
     defaults = {k: getattr(kernels.gemv, k) for k in switched}
     default_gemv, default_silu = defaults["ENGINE_MAX_TOKENS"], defaults["ENGINE_SILU_PROLOGUE"]
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
     prefetch = "cuda_graphs_no_prefetch" if defaults["ENGINE_L2_PREFETCH"] else "cuda_graphs_l2_prefetch"  # switched
-    add_norm = "cuda_graphs_no_add_norm" if defaults["ENGINE_ADD_NORM_PROLOGUE"] else "cuda_graphs_add_norm"  # too
     from minivllm.config import EngineConfig
 
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
               loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {},
-              "cuda_graphs_no_pdl": {}, add_norm: {}}
+              "cuda_graphs_no_pdl": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     import kernels._launch
 
     default_pdl = kernels._launch.PDL
     switches = {"cuda_graphs_gemv": {"ENGINE_MAX_TOKENS": 8}, "cuda_graphs_cublas": {"ENGINE_MAX_TOKENS": 0},
-                "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False,
-                                        "ENGINE_ADD_NORM_PROLOGUE": False},
-                "cuda_graphs_add_norm": {"ENGINE_ADD_NORM_PROLOGUE": True},
-                "cuda_graphs_no_add_norm": {"ENGINE_ADD_NORM_PROLOGUE": False},  # (runs of a default with it on)
+                "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False},
                 "cuda_graphs_no_prefetch": {"ENGINE_L2_PREFETCH": False},
                 "cuda_graphs_l2_prefetch": {"ENGINE_L2_PREFETCH": True}}  # per mode, set before graph capture
     for mode, mode_options in modes.items():
@@ -154,10 +148,6 @@ def run(args: argparse.Namespace) -> dict:
         result["l2_prefetch_speedup_decode"] = round(result[off]["decode_ms_per_token"]
                                                      / result[on]["decode_ms_per_token"], 3)
         result["engine_pdl"] = default_pdl and kernels._launch.pdl_active()
-        result["engine_add_norm_prologue"] = defaults["ENGINE_ADD_NORM_PROLOGUE"]
-        on, off = (("cuda_graphs", add_norm) if defaults["ENGINE_ADD_NORM_PROLOGUE"] else (add_norm, "cuda_graphs"))
-        result["add_norm_speedup_decode"] = round(result[off]["decode_ms_per_token"]
-                                                  / result[on]["decode_ms_per_token"], 3)
         result["pdl_speedup_decode"] = round(result["cuda_graphs_no_pdl"]["decode_ms_per_token"]
                                              / result["cuda_graphs"]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
@@ -184,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
                  "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
-                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl", "cuda_graphs_add_norm", "cuda_graphs_no_add_norm"):
+                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

@@ -47,12 +47,11 @@ ENGINE_MAX_TOKENS = 2  # the model's linear layers use this kernel for steps of 
 ENGINE_SILU_PROLOGUE = True  # steps of up to PROLOGUE_MAX_TOKENS tokens fold SiLU·mul into down_proj (gemv_silu,
 #   below; minivllm.model.layers.silu_and_mul_linear). Measured on the H100 at 1 token (CUDA-graph replay,
 #   h100/17_gemv_cuda.json): 5.6-5.7 us against 6.6 for the two launches (three runs). gemv_add_norm, the same fold
-#   for the add + RMSNorm, alone: 6.5 against 7.4 us before qkv_proj but 8.9 against 8.2 before gate_up_proj
-ENGINE_ADD_NORM_PROLOGUE = False  # fold the add + RMSNorm into qkv_proj and gate_up_proj too (gemv_add_norm,
-#   minivllm.model.layers.add_norm_linear). Off: in the engine on the H100 with PDL (kernels._pdl), batch-1 decode
-#   took 1.096 ms/token with both folds against 0.956 without them (bench.latency's "cuda_graphs" and
-#   "cuda_graphs_no_add_norm" modes, h100/12_latency_cuda_add_norm.json): every one of the 1,536 or 1,024 blocks redoes
-#   the norm and waits at two barriers before its first multiply, which costs more than the kernel it saves
+#   for the add + RMSNorm, alone: 6.5 against 7.4 us before qkv_proj but 8.9 against 8.2 before gate_up_proj.
+#   The add + norm fold was also wired into the model (both places) and timed in the engine on the H100 with PDL
+#   (kernels._pdl): batch-1 decode 1.096 ms/token with it against 0.956 without (h100/12_latency_cuda_add_norm.json,
+#   commit 8e5592c), likely because each of its 1,536 or 1,024 blocks redoes the norm and waits at two barriers
+#   before its first multiply. So the model does not use it
 PROLOGUE_MAX_TOKENS = 1  # at 2 tokens and more each prologue kernel was slower than its two launches
 FULL_MASK = 0xFFFFFFFF
 

@@ -12,8 +12,7 @@ references, until a phase's kernel lands). Where a call runs:
 The launchers are imported on first use (importing numba costs seconds), once per module.
 What is left out: attention (``minivllm.model.attention``). The matmuls are PyTorch's (cuBLAS on a GPU), except
 that :func:`linear` sends small GPU steps (up to ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens) to ``kernels.gemv``, and
-:func:`silu_and_mul_linear` a batch-1 step's SiLU·mul and ``down_proj`` to one kernel of it, and
-:func:`add_norm_linear` its add + RMSNorm and the matmul after it.
+:func:`silu_and_mul_linear` a batch-1 step's SiLU·mul and ``down_proj`` to one kernel of it.
 """
 
 import functools
@@ -174,20 +173,6 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Te
                 and module.silu_supported(gate_up, weight)):
             return module.gemv_silu(gate_up, weight)
     return linear(silu_and_mul(gate_up), weight)
-
-
-def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(linear(rms_norm(x + residual), weight), x + residual)`` in one kernel (``kernels.gemv.gemv_add_norm``) for
-    a GPU step of up to ``PROLOGUE_MAX_TOKENS`` tokens while ``ENGINE_ADD_NORM_PROLOGUE`` is on and no learner's
-    norm runs; None otherwise (the caller runs the two steps). Out of place: x and residual are left as they were."""
-    n = x.shape[0] if x.dim() == 2 else -1
-    if x.is_cuda and 0 < n <= _gemv_tokens() and "fused_add_rms_norm" not in LEARNER_KERNELS:
-        module = kernel_module("gemv")
-        if (module.ENGINE_ADD_NORM_PROLOGUE and n <= module.PROLOGUE_MAX_TOKENS
-                and module.add_norm_supported(x, residual, norm_weight, weight)):
-            return module.gemv_add_norm(x, residual, norm_weight, eps, weight)
-    return None
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
