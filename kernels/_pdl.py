@@ -11,11 +11,11 @@ launched *before* its predecessor has finished, and says itself where it needs t
   memory writes are visible. Everything before it must not touch the predecessor's outputs -- nor write what the
   predecessor may still read; loading weights, which nobody writes, is exactly what fits there.
 
-So a gemv issues its weight loads, then waits, then reads x: the next layer's weights stream in while the
-previous kernel's tail runs. A grid launched with PDL allowed *must* call ``pdl_wait()`` in every block before
+So a gemv issues its weight loads, then waits, then reads x: its weights stream in while the previous
+kernel's tail runs. A grid launched with PDL allowed *must* call ``pdl_wait()`` in every block before
 reading or writing shared data (completion of a grid that never waited would not imply completion of the grids
 before it); :func:`mark` records that a kernel does, and :mod:`kernels._launch` allows PDL for marked kernels
-only (``kernels._launch.PDL``; ``MINIVLLM_PDL=0`` turns it off). A CUDA graph captured from such launches keeps
+only, while ``kernels._launch.PDL`` is on (the default). A CUDA graph captured from such launches keeps
 the programmatic edges.
 
 Both instructions exist from sm_90 on. The intrinsics ask NVVM for the target architecture
