@@ -4,7 +4,8 @@
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
 QK-norm's 128-wide heads the warp kernels; on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
-``default_no_pdl`` the same without it) against the warp kernels (``warp``) and the builds
+``default_no_pdl`` the same without it) against the warp kernels (``warp``), QK-norm on the block-per-row kernel
+(``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds
 (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
 with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
@@ -97,6 +98,12 @@ def run() -> dict:
 
                 row[f"{label}_err"] = _err(call(copy=True), want)
                 timed[label] = call
+            if name == "qk_norm":  # a block per head (the hidden-size rows' kernel; half its warp idles on 16 chunks)
+                def per_head(tensors=tensors):
+                    return rn.rms_norm(tensors[0], tensors[1], EPS, row=True)
+
+                row["row_err"] = _err(per_head(), want)
+                timed["row"] = per_head
             if not fused:
                 kernel = vec.bf16_variant(True, True, 4, False, True)[0]
                 for waves in STREAM_WAVES:
