@@ -5,6 +5,7 @@
     python -m bench.run attention         # phase 07: prefill attention, ours vs SDPA's flash backend
     python -m bench.run paged_attention   # phase 08: decode attention vs the HBM floor and gather + SDPA; store_kv
     python -m bench.run paged_decode      # the paged decode kernel's launch settings against the floor
+    python -m bench.run decode_order      # decode attention's row order and grid order against the floor
     python -m bench.run prefill_sweep     # the tensor-core prefill kernel's launch settings against SDPA
     python -m bench.run gemv              # small-step matmuls (kernels.gemv, its prologue kernels) vs cuBLAS
     python -m bench.run norm_variants     # RMSNorm's bf16 builds vs torch.compile
@@ -29,6 +30,7 @@ BENCHMARKS = {"basics": ("bench.basics", "01_basics"), "kernels": ("bench.kernel
               "attention": ("bench.attention:run_prefill", "07_attention"),
               "paged_attention": ("bench.attention:run_decode", "08_paged_attention"),
               "paged_decode": ("bench.paged_decode", "17_paged_decode_cuda"),
+              "decode_order": ("bench.decode_order", "17_decode_order_cuda"),
               "prefill_sweep": ("bench.prefill_sweep", "17_flash_mma_sweep_cuda"),
               "gemv": ("bench.gemv", "17_gemv_cuda"),
               "norm_variants": ("bench.norm_variants", "17_norm_variants_cuda"),
