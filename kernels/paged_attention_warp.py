@@ -80,7 +80,9 @@ HEADS_FIRST = True  # the 16-byte kernel's grid (kv_heads, seqs, splits): the GP
 #   (minivllm.scheduler.row_order) the longest sequences' blocks all start first. (seqs, kv_heads, splits) sent
 #   every sequence's first head before any second head. Measured on the H100 (graph replay, rows longest first,
 #   Qwen3-0.6B's heads): 139 contexts of 100-2,048 tokens 200.5 against 211.6 µs (97% against 92% of the floor),
-#   64 of them 85.6 against 109.4 (96% / 75%), 200: 284.1 / 290.5; 256: 394.7 / 391.8 and uniform contexts within 1%.
+#   64 of them 85.6 against 109.4 (96% / 75%), 200: 284.1 / 290.5; 256: 394.7 / 391.8 and uniform contexts within 1%
+#   (a development script of that session; ``python -m bench.decode_order`` makes the same comparison, rows in arrival
+#   order too, and writes 17_decode_order_cuda.json).
 #   The offline workload did not tell them apart: 18,718 and 18,937 tok/s against 19,023 and 18,693 (A/B/A/B,
 #   bench/results/h100/12_throughput_cuda_grid_*.json)
 NEG_INF = -math.inf
