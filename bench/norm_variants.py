@@ -3,7 +3,8 @@
     python -m bench.norm_variants [--out DIR]     # GPU only; writes 17_norm_variants_cuda.json
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
-QK-norm's 128-wide heads the warp kernels; on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
+QK-norm's 128-wide heads the block-per-row kernel up to ``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels;
+on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 ``default_no_pdl`` the same without it) against the warp kernels (``warp``), QK-norm on the block-per-row kernel
 (``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds
 (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to

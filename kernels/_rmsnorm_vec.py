@@ -264,8 +264,9 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
     of squares is reduced by shuffles in each warp, then through shared memory behind a single barrier, every
     thread adding the ``warps`` partial sums itself (a loop of constant length: unrolled, where a loop over
     ``blockDim.x // 32`` took 7.1 against 4.9 µs at 4k tokens on the H100). The kernels above give a row to a warp
-    or less (up to 4 chunks a thread, a longer chain of dependent work per thread), which suits QK-norm's narrow
-    rows but not a hidden-size row (``rmsnorm.ROW_PER_BLOCK``)."""
+    or less (up to 4 chunks a thread, a longer chain of dependent work per thread), which suits many of QK-norm's
+    narrow rows but not a hidden-size row (``rmsnorm.ROW_PER_BLOCK``); a few narrow rows
+    (``rmsnorm.NARROW_ROW_MAX_ROWS``) take this kernel too, a block per row."""
 
     @cuda.jit(device=True, inline=True)
     def block_sum(acc, partials):
@@ -345,7 +346,7 @@ def row_kernels(dtype: torch.dtype, warps: int):
     return make_row_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16", warps) if dtype == torch.bfloat16 else None
 
 
-ROW_SIGNATURE_WARPS = 4  # the build SIGNATURES lists (and the test suite compiles): Qwen3-0.6B's 1,024-wide rows
+ROW_SIGNATURE_WARPS = 4  # the build SIGNATURES lists for Qwen3-0.6B's 1,024-wide rows (and w1 for its 128-wide heads)
 
 
 @functools.cache
@@ -363,5 +364,6 @@ SIGNATURES = {
     **{f: ["void(float32[::1], int32[::1], int64)"] for f in (pack_bf16x8, pack_bf16x8_cvt, pack_f16x8, pack_f32x4)},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32, int64)"]
        for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
-    **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for k in row_kernels(torch.bfloat16, ROW_SIGNATURE_WARPS)},
+    **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w in (1, ROW_SIGNATURE_WARPS)
+       for k in row_kernels(torch.bfloat16, w)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden rows
 }

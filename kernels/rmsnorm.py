@@ -44,7 +44,12 @@ ROW_PER_BLOCK = True  # bf16 rows of ROW_MIN_CHUNKS to 1,024 16-byte chunks (hid
 #   replay, 1,024-wide bf16 rows, RMSNorm, a dev build equal to this one): 1.75 / 1.83 / 2.15 / 4.93 / 24.5 us at
 #   1 / 16 / 256 / 4k / 16k tokens against 2.40 / 2.50 / 2.70 / 5.60 / 25.3 for a warp per row (same run);
 #   bench.norm_variants compares both with torch.compile
-ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU
+ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
+NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
+#   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on
+#   the H100 (bench.norm_variants, graph replay, PDL): a 32-thread block per head 1.21 / 1.33 / 5.34 / 80 us at
+#   1 / 16 / 256 / 4k tokens, against 1.85 / 1.96 / 2.54 / 11.0 for the warp kernels and 1.47 / 2.04 / 3.90 / 10.8
+#   for torch.compile (bench/results/h100/17_norm_variants_cuda_session15.json)
 
 
 # ----------------------------------------------------------------------------- references
@@ -174,15 +179,19 @@ def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
 
 def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool | None):
     """The block-per-row kernel for this call, or None: ``row`` True/False, or None for ``ROW_PER_BLOCK`` on a GPU
-    at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
+    at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks, or of ``NARROW_ROW_MIN_CHUNKS`` and more when there are at most
+    ``NARROW_ROW_MAX_ROWS`` of them (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
     chunks = x.shape[-1] * x.element_size() // 16
     pair = _rmsnorm_vec.row_kernels(x.dtype, cdiv(chunks, WARP)) if vec and 0 < chunks <= MAX_THREADS else None
     if pair is None:
         if row:
             raise ValueError(f"row=True needs bf16 rows of whole 16-byte chunks, at most {MAX_THREADS} of them")
         return None
-    use = (ROW_PER_BLOCK and where == "gpu" and chunks >= ROW_MIN_CHUNKS) if row is None else row
-    return pair[1 if fused else 0] if use else None
+    if row is None:
+        rows = x.numel() // max(x.shape[-1], 1)
+        narrow = chunks >= NARROW_ROW_MIN_CHUNKS and rows <= NARROW_ROW_MAX_ROWS
+        row = ROW_PER_BLOCK and where == "gpu" and (chunks >= ROW_MIN_CHUNKS or narrow)
+    return pair[1 if fused else 0] if row else None
 
 
 def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: float, vec: bool, where: str,

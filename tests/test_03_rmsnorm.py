@@ -147,6 +147,10 @@ def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
     wide = torch.empty(2, 1024, dtype=torch.bfloat16)
     assert rmsnorm._row_kernel(True, wide, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
     assert rmsnorm._row_kernel(True, wide, True, "simulator", None) is None  # the simulator: only when asked
+    heads = torch.empty(16, 16, 128, dtype=torch.bfloat16)  # QK-norm's heads, 16 tokens: a 32-thread block per head
+    assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1)[0]
+    more = torch.empty(17, 16, 128, dtype=torch.bfloat16)  # 272 heads: the warp kernels (several heads a block)
+    assert rmsnorm._row_kernel(False, more, True, "gpu", None) is None
 
 
 def test_empty_batch_and_torch_backend():
