@@ -188,7 +188,7 @@ def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool |
             raise ValueError(f"row=True needs bf16 rows of whole 16-byte chunks, at most {MAX_THREADS} of them")
         return None
     if row is None:
-        rows = x.numel() // max(x.shape[-1], 1)
+        rows = x.numel() // x.shape[-1]  # chunks > 0 here: the width is not 0
         narrow = chunks >= NARROW_ROW_MIN_CHUNKS and rows <= NARROW_ROW_MAX_ROWS
         row = ROW_PER_BLOCK and where == "gpu" and (chunks >= ROW_MIN_CHUNKS or narrow)
     return pair[1 if fused else 0] if row else None
