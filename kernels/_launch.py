@@ -23,7 +23,6 @@ those kernels the compiled kernel's ``launch`` is replaced, at its first launch 
 attribute (numba's own steps otherwise: the same argument packing, the same ``cuda.core.launch``).
 """
 
-import sys
 import types
 import warnings
 from collections import OrderedDict
@@ -37,7 +36,6 @@ Backend = Literal["gpu", "simulator", "torch"]
 BACKEND_CHOICES = ("auto", "numba", "torch")
 
 _VIEW_CACHE_SIZE = 1024
-SIMULATOR_SWITCH_INTERVAL = 1e-4  # seconds: Python's thread switch interval while a simulated kernel runs
 _views: OrderedDict = OrderedDict()
 _streams: dict[int, object] = {}
 _configs: dict[tuple, object] = {}
@@ -143,15 +141,8 @@ def launch(kernel, grid, block, *args, backend: Backend, shared_mem: int = 0) ->
     elif backend == "simulator":
         from kernels import _simulator
 
-        _simulator.install()
-        # NOTE: the simulator's threads meet at every barrier through a polling loop; at Python's default 5 ms
-        # thread switch interval each meeting waits for switches, at 0.1 ms a barrier-heavy kernel runs ~7x faster
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, SIMULATOR_SWITCH_INTERVAL))
-        try:
-            kernel[grid, block, 0, shared_mem](*[host_array(a) if isinstance(a, torch.Tensor) else a for a in args])
-        finally:
-            sys.setswitchinterval(switch)
+        _simulator.install()  # shuffles, and a block barrier that does not poll
+        kernel[grid, block, 0, shared_mem](*[host_array(a) if isinstance(a, torch.Tensor) else a for a in args])
     else:
         raise ValueError(f"launch() runs numba kernels; backend {backend!r} has no kernel to launch")
 

@@ -112,6 +112,76 @@ def test_simulated_shuffles_match_the_hardware_model(delta):
     np.testing.assert_array_equal(out.numpy(), _shuffle_model(64, delta))
 
 
+@cuda.jit
+def _barrier_probe(out, partial, early):
+    """Block-wide sums through shared memory, a barrier between rounds; threads below ``early`` return first."""
+    tid = cuda.threadIdx.x
+    if tid < early:
+        out[cuda.blockIdx.x, tid] = -1
+        return
+    buf = cuda.shared.array(64, dtype=np.int64)
+    buf[tid] = tid + 1 + cuda.blockIdx.x
+    cuda.syncthreads()
+    total = 0
+    for i in range(early, cuda.blockDim.x):
+        total += buf[i]
+    cuda.syncthreads()  # nobody writes again before everyone has read
+    buf[tid] = total * 2
+    cuda.syncthreads()
+    out[cuda.blockIdx.x, tid] = buf[(tid + 1 - early) % (cuda.blockDim.x - early) + early] + cuda.shfl_xor_sync(
+        0xFFFFFFFF, tid, 1)
+    partial[cuda.blockIdx.x] = cuda.syncthreads_count(tid % 3 == 0)
+
+
+@cuda.jit
+def _raising_probe(out):
+    tid = cuda.threadIdx.x
+    cuda.syncthreads()
+    if tid == 5:
+        out[100] = 1  # out of bounds: the simulator raises IndexError in this thread
+    cuda.syncthreads()
+    out[tid] = tid
+
+
+def _polling(monkeypatch) -> None:
+    """numba's own polling barrier back in place for this test: the reference for ours."""
+    from numba.cuda.simulator import kernel as sim
+
+    from kernels import _simulator
+
+    _simulator.install()
+    manager_run, thread_run, syncthreads = sim.BlockManager.run.polling
+    monkeypatch.setattr(sim.BlockManager, "run", manager_run)
+    monkeypatch.setattr(sim.BlockThread, "run", thread_run)
+    monkeypatch.setattr(sim.BlockThread, "syncthreads", syncthreads)
+
+
+@needs_sim
+@pytest.mark.parametrize("early", [0, 32])
+def test_the_event_driven_barrier_gives_numbas_polling_barriers_results(monkeypatch, early):
+    ours = torch.zeros(3, 64, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    launch(_barrier_probe, 3, 64, *ours, early, backend="simulator")
+    with monkeypatch.context() as m:
+        _polling(m)
+        ref = torch.zeros(3, 64, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+        launch(_barrier_probe, 3, 64, *ref, early, backend="simulator")
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    live = np.arange(early, 64)  # the threads that reach the barriers
+    want = 2 * ((live + 1).sum() + len(live) * np.arange(3))  # per block: twice the block's sum
+    assert (ours[0][:, :early] == -1).all()
+    np.testing.assert_array_equal(ours[0][:, early:].numpy(), want[:, None] + (live ^ 1))
+    assert (ours[1] == int((live % 3 == 0).sum())).all()
+
+
+@needs_sim
+def test_an_exception_in_one_simulated_thread_is_raised_from_the_launch():
+    with pytest.raises(IndexError, match=r"tid=\[5, 0, 0\]"):  # the other 31 wait at a barrier: woken, not hung
+        launch(_raising_probe, 1, 32, torch.zeros(32, dtype=torch.int64), backend="simulator")
+    out = torch.zeros(4, 32, dtype=torch.int64)  # and the next launch runs as usual
+    launch(_shuffle_probe, 1, 32, out, 1, backend="simulator")
+    np.testing.assert_array_equal(out.numpy(), _shuffle_model(32, 1))
+
+
 # ----------------------------------------------------------------------------- phase 01 kernels
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
