@@ -10,7 +10,7 @@ on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
 with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
-shift and a mask; 64, 128 or 256 threads per block; and, for RMSNorm alone, the streaming kernel (a grid of 1 or 2
+shift and a mask; 32, 64, 128 or 256 threads per block; and, for RMSNorm alone, the streaming kernel (a grid of 1 or 2
 waves of resident blocks, the next row loaded while one is normalized). Each is timed by CUDA-graph replay on
 Qwen3-0.6B's shapes (hidden 1,024; QK-norm over 16 heads of 128) and its output compared with ``rms_norm_ref`` /
 ``fused_add_rms_norm_ref`` (``*_err``, the largest difference in units of the result's largest value). GB/s: bytes
@@ -29,6 +29,8 @@ BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads pe
     "divide": (True, True, 4, True, 64),  # today's defaults but for the int64 // and %
     "late": (True, False, 4, False, 64),  # ... but for the weight loaded after the reduction
     "c2": (True, True, 2, False, 64),
+    "block32": (True, True, 4, False, 32),  # a block of one warp: at 1,024-wide rows a row a block, the layout
+    #                                         torch.compile's Triton kernel takes there (one warp, no shared memory)
     "block128": (True, True, 4, False, 128),
     "block256": (True, True, 4, False, 256),
 }
