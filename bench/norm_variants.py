@@ -30,7 +30,7 @@ BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads pe
     "late": (True, False, 4, False, 64),  # ... but for the weight loaded after the reduction
     "c2": (True, True, 2, False, 64),
     "block32": (True, True, 4, False, 32),  # a block of one warp: at 1,024-wide rows a row a block, the layout
-    #                                         torch.compile's Triton kernel takes there (one warp, no shared memory)
+    #   Inductor's heuristic gives torch.compile's persistent reduction there (one row, num_warps=1, no shared memory)
     "block128": (True, True, 4, False, 128),
     "block256": (True, True, 4, False, 256),
 }
