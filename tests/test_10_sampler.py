@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from minivllm.sampler import Sampler, SamplingBatch, SamplingParams, make_generator
+from minivllm.sampler import Sampler, SamplingBatch, SamplingParams, greedy_tokens, make_generator
 from minivllm.sampling import apply_penalties, apply_top_k, apply_top_p, random_sample
 from minivllm.stop import Finish, StopChecker, check_stop, partial_stop_length, scan_stop_strings
 
@@ -148,6 +148,21 @@ def test_seeded_rows_sample_the_exact_distribution_too():
 
 
 # ------------------------------------------------------------------------------- greedy and seeds
+def test_greedy_tokens_are_torch_argmax_with_ties_nan_and_infinities():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-3, 4, (64, 50), generator=g).float()  # few values: many ties in each row
+    logits[5, 7] = logits[5, 30] = float("nan")  # NaN counts as the largest; the first of two
+    logits[9, 40] = float("nan")  # after the row's largest value
+    logits[11] = float("-inf")  # every token banned: index 0
+    logits[12, 3] = logits[12, 44] = float("inf")
+    got = greedy_tokens(logits)
+    assert got.dtype == torch.int64 and got.shape == (64,)
+    assert torch.equal(got, logits.argmax(-1))
+    assert got[5] == 7 and got[9] == 40 and got[11] == 0 and got[12] == 3
+    strided = torch.randn(50, 64, generator=g).t()  # a non-contiguous view
+    assert torch.equal(greedy_tokens(strided), strided.argmax(-1))
+
+
 def test_greedy_rows_are_exactly_the_argmax_in_a_mixed_batch():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(64, 5000, generator=g) * 4
