@@ -57,8 +57,9 @@ def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """(B,) int64: the argmax of each row of (B, V) ``logits``, the first index on ties and a NaN counted as the
     largest, as ``torch.argmax`` does. On a CPU through numpy's argmax: 5-8x faster than torch's on one thread
-    here (a (256, 512) batch 40 against 230 µs, (8, 49,152) 76 against 590 µs)."""
-    if logits.device.type == "cpu":
+    here (a (256, 512) batch 40 against 230 µs, (8, 49,152) 76 against 590 µs); dtypes numpy lacks (bf16) stay
+    with torch."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64, torch.float16):
         return torch.from_numpy(logits.numpy().argmax(-1))
     return logits.argmax(-1)
 

@@ -161,6 +161,8 @@ def test_greedy_tokens_are_torch_argmax_with_ties_nan_and_infinities():
     assert got[5] == 7 and got[9] == 40 and got[11] == 0 and got[12] == 3
     strided = torch.randn(50, 64, generator=g).t()  # a non-contiguous view
     assert torch.equal(greedy_tokens(strided), strided.argmax(-1))
+    for dtype in (torch.bfloat16, torch.float16):  # bf16 has no numpy dtype: torch's argmax
+        assert torch.equal(greedy_tokens(logits.to(dtype)), logits.to(dtype).argmax(-1))
 
 
 def test_greedy_rows_are_exactly_the_argmax_in_a_mixed_batch():
