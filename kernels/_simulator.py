@@ -72,14 +72,11 @@ def _lanemask_lt(self):
 
 
 def _bitcast(value, src, dst):
-    import numpy as np
-
     return np.array(value).astype(src).view(dst)[()]
 
 
 def _install_libdevice_casts() -> None:
     """The simulator's ``libdevice`` functions are stubs: give the bit casts real bodies."""
-    import numpy as np
     from numba.cuda import libdevice
 
     libdevice.int_as_float = lambda x: _bitcast(np.int64(x) & 0xFFFFFFFF, np.uint32, np.float32)
