@@ -4,6 +4,8 @@
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
 QK-norm's 128-wide heads the block-per-row kernel up to ``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels;
+hidden-size rows a block of 4 warps, one chunk a thread, below ``rmsnorm.ROW_WARP_MIN_ROWS`` rows and a block of one warp,
+4 chunks a thread, from there: ``row_w4`` and ``row_w1c4`` time each at every size;
 on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 ``default_no_pdl`` the same without it) against the warp kernels (``warp``), QK-norm on the block-per-row kernel
 (``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds
@@ -107,6 +109,21 @@ def run() -> dict:
 
                 row["row_err"] = _err(per_head(), want)
                 timed["row"] = per_head
+            if name != "qk_norm":  # hidden-size rows: a block per row of 4 warps (a chunk a thread), or of one warp
+                for label, warps, per_thread in (("row_w4", 4, 1), ("row_w1c4", 1, 4)):  # (4 chunks a thread)
+                    kernel = vec.row_kernels(torch.bfloat16, warps, per_thread)[1 if fused else 0]
+
+                    def per_row(tensors=tensors, kernel=kernel, fused=fused, copy=False):
+                        if fused:
+                            a, b = (tensors[0].clone(), tensors[1].clone()) if copy else tensors[:2]
+                            rn._run(kernel, a, b, tensors[2], EPS, True, "gpu", row=True)
+                            return a, b
+                        out = torch.empty_like(tensors[0])
+                        rn._run(kernel, tensors[0], out, tensors[1], EPS, True, "gpu", row=True)
+                        return out
+
+                    row[f"{label}_err"] = _err(per_row(copy=True), want)
+                    timed[label] = per_row
             if not fused:
                 kernel = vec.bf16_variant(True, True, 4, False, True)[0]
                 for waves in STREAM_WAVES:

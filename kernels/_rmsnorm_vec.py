@@ -257,22 +257,31 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
 
 
 @functools.cache
-def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
-    """RMSNorm and fused add+RMSNorm with **a block per row and one 16-byte chunk per thread**: ``warps`` warps
-    (``32 * warps`` threads, at least the row's chunks: 4 for a 1,024-wide bf16 row), a grid of one block per row.
+def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_thread: int = 1):
+    """RMSNorm and fused add+RMSNorm with **a block per row and ``per_thread`` 16-byte chunks per thread**: ``warps``
+    warps (``32 * warps * per_thread`` chunks at least the row's: 4 warps of one chunk, or one warp of 4 chunks, for a
+    1,024-wide bf16 row), a grid of one block per row. Thread ``t`` holds chunks ``t``, ``t + 32 * warps``, ...
     Each thread issues its loads (row, residual, weight) at once, so a row waits on one memory round trip; the sum
     of squares is reduced by shuffles in each warp, then through shared memory behind a single barrier, every
     thread adding the ``warps`` partial sums itself (a loop of constant length: unrolled, where a loop over
     ``blockDim.x // 32`` took 7.1 against 4.9 µs at 4k tokens on the H100). The kernels above give a row to a warp
     or less (up to 4 chunks a thread, a longer chain of dependent work per thread), which suits many of QK-norm's
     narrow rows but not a hidden-size row (``rmsnorm.ROW_PER_BLOCK``); a few narrow rows
-    (``rmsnorm.NARROW_ROW_MAX_ROWS``) take this kernel too, a block per row."""
+    (``rmsnorm.NARROW_ROW_MAX_ROWS``) take this kernel too, a block per row.
+
+    Why one warp of 4 chunks can beat 4 warps of one: an H100 SM holds at most 32 blocks and 64 warps. At 4,096
+    rows of 4 warps, 16 blocks fit an SM, so the grid runs in two waves; blocks of one warp (at most 64 registers a
+    thread) all fit at once."""
+    stride = WARP * warps  # chunks between one thread's chunks
+    n_words = 4 * per_thread
 
     @cuda.jit(device=True, inline=True)
     def block_sum(acc, partials):
         """The sum of ``acc`` over the block: a warp's lanes by shuffles, the warps through shared memory."""
         tid = cuda.threadIdx.x
         acc = warp_reduce_sum(acc)
+        if warps == 1:
+            return acc
         if tid % WARP == 0:
             partials[tid // WARP] = acc
         cuda.syncthreads()
@@ -285,50 +294,63 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int):
         def norm_row(x, other, weight, eps):
             # x: (rows, chunks) complex128; other: out (RMSNorm) or, ``fused``, the residual (x and residual are
             # both updated in place); weight: (chunks,) complex128; block ``row`` normalizes row ``row``
-            w = cuda.local.array(4, numba.int32)
-            r = cuda.local.array(4, numba.int32)
-            wt = cuda.local.array(4, numba.int32)
+            w = cuda.local.array(n_words, numba.int32)
+            r = cuda.local.array(n_words, numba.int32)
+            wt = cuda.local.array(n_words, numba.int32)
             vals = cuda.local.array(8, numba.float32)
             wvals = cuda.local.array(8, numba.float32)
             partials = cuda.shared.array(warps, numba.float32)
             chunks = x.shape[1]
-            row, j = cuda.blockIdx.x, cuda.threadIdx.x
-            mine = j < chunks
+            row, tid = cuda.blockIdx.x, cuda.threadIdx.x
             inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)  # as the warp kernels round it
             acc = numba.float32(0.0)
             pdl_trigger()
-            if mine:  # the norm's weight, which no kernel writes, while the previous kernel may still run
-                wt[0], wt[1], wt[2], wt[3] = load_words(weight, j)
+            for k in range(per_thread):  # the norm's weight, which no kernel writes, while the previous one may run
+                j = tid + k * stride
+                if j < chunks:
+                    wt[4 * k], wt[4 * k + 1], wt[4 * k + 2], wt[4 * k + 3] = load_words(weight, j)
             pdl_wait()
-            if mine:
-                w[0], w[1], w[2], w[3] = load_words(x[row], j)
-                if fused:
-                    r[0], r[1], r[2], r[3] = load_words(other[row], j)
-                unpack(w, 0, vals)
-                if fused:  # residual <- x + residual, rounded to the dtype: stored, then normalized
-                    unpack(r, 0, wvals)
+            for k in range(per_thread):  # every load issued before any value is used
+                j = tid + k * stride
+                if j < chunks:
+                    w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3] = load_words(x[row], j)
+                    if fused:
+                        r[4 * k], r[4 * k + 1], r[4 * k + 2], r[4 * k + 3] = load_words(other[row], j)
+            for k in range(per_thread):
+                j = tid + k * stride
+                if j < chunks:
+                    unpack(w, 4 * k, vals)
+                    if fused:  # residual <- x + residual, rounded to the dtype: stored, then normalized
+                        unpack(r, 4 * k, wvals)
+                        for i in range(per_chunk):
+                            vals[i] += wvals[i]
+                        pack(vals, w, 4 * k)
+                        store_words(other[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
+                        unpack(w, 4 * k, vals)
                     for i in range(per_chunk):
-                        vals[i] += wvals[i]
-                    pack(vals, w, 0)
-                    store_words(other[row], j, w[0], w[1], w[2], w[3])
-                    unpack(w, 0, vals)
-                for i in range(per_chunk):
-                    acc += vals[i] * vals[i]
+                        acc += vals[i] * vals[i]
             inv_rms = numba.float32(1.0) / math.sqrt(block_sum(acc, partials) * inv_width + eps)
-            if mine:
-                unpack(wt, 0, wvals)
-                for i in range(per_chunk):
-                    vals[i] = (vals[i] * inv_rms) * wvals[i]
-                pack(vals, w, 0)
-                store_words((x if fused else other)[row], j, w[0], w[1], w[2], w[3])
+            for k in range(per_thread):
+                j = tid + k * stride
+                if j < chunks:
+                    unpack(w, 4 * k, vals)
+                    unpack(wt, 4 * k, wvals)
+                    for i in range(per_chunk):
+                        vals[i] = (vals[i] * inv_rms) * wvals[i]
+                    pack(vals, w, 4 * k)
+                    store_words((x if fused else other)[row], j, w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3])
 
         return norm_row
 
     rms_norm_row, fused_add_rms_norm_row = build(False), build(True)
-    rms_norm_row.__name__ = rms_norm_row.__qualname__ = f"rms_norm_row_{name}_w{warps}_kernel"
-    fused_add_rms_norm_row.__name__ = f"fused_add_rms_norm_row_{name}_w{warps}_kernel"
+    tag = f"w{warps}" + (f"c{per_thread}" if per_thread > 1 else "")
+    rms_norm_row.__name__ = rms_norm_row.__qualname__ = f"rms_norm_row_{name}_{tag}_kernel"
+    fused_add_rms_norm_row.__name__ = f"fused_add_rms_norm_row_{name}_{tag}_kernel"
     fused_add_rms_norm_row.__qualname__ = fused_add_rms_norm_row.__name__
-    return mark(cuda.jit(rms_norm_row)), mark(cuda.jit(fused_add_rms_norm_row))
+    pair = mark(cuda.jit(rms_norm_row)), mark(cuda.jit(fused_add_rms_norm_row))
+    for kernel in pair:
+        kernel.row_block = stride  # threads per block
+    return pair
 
 
 rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16")
@@ -340,10 +362,12 @@ FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: 
                  torch.float32: fused_add_rms_norm_f32_kernel}
 
 
-def row_kernels(dtype: torch.dtype, warps: int):
-    """(RMSNorm, fused add+RMSNorm) block-per-row kernels of ``warps`` warps, or None for a dtype without them (bf16
-    only: the engine's)."""
-    return make_row_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16", warps) if dtype == torch.bfloat16 else None
+def row_kernels(dtype: torch.dtype, warps: int, per_thread: int = 1):
+    """(RMSNorm, fused add+RMSNorm) block-per-row kernels of ``warps`` warps and ``per_thread`` chunks per thread, or
+    None for a dtype without them (bf16 only: the engine's)."""
+    if dtype != torch.bfloat16:
+        return None
+    return make_row_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16", warps, per_thread)
 
 
 ROW_SIGNATURE_WARPS = 4  # the build SIGNATURES lists for Qwen3-0.6B's 1,024-wide rows (and w1 for its 128-wide heads)
@@ -364,6 +388,7 @@ SIGNATURES = {
     **{f: ["void(float32[::1], int32[::1], int64)"] for f in (pack_bf16x8, pack_bf16x8_cvt, pack_f16x8, pack_f32x4)},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32, int64)"]
        for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
-    **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w in (1, ROW_SIGNATURE_WARPS)
-       for k in row_kernels(torch.bfloat16, w)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden rows
+    **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w, c in ((1, 1), (ROW_SIGNATURE_WARPS, 1), (1, 4))
+       for k in row_kernels(torch.bfloat16, w, c)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden
+    #   rows a block of 4 warps, or of one warp of 4 chunks a thread from rmsnorm.ROW_WARP_MIN_ROWS rows
 }

@@ -44,6 +44,9 @@ ROW_PER_BLOCK = True  # bf16 rows of ROW_MIN_CHUNKS to 1,024 16-byte chunks (hid
 #   replay, 1,024-wide bf16 rows, RMSNorm, a dev build equal to this one): 1.75 / 1.83 / 2.15 / 4.93 / 24.5 us at
 #   1 / 16 / 256 / 4k / 16k tokens against 2.40 / 2.50 / 2.70 / 5.60 / 25.3 for a warp per row (same run);
 #   bench.norm_variants compares both with torch.compile
+ROW_WARP_MIN_ROWS = 1024  # from this many rows, a row of at most 128 chunks (1,024 bf16) gets a block of ONE warp,
+#   4 chunks a thread (kernels._rmsnorm_vec.make_row_kernels, per_thread): 4,096 one-warp blocks of <= 64 registers
+#   fit an H100 at once (32 blocks an SM), where 4-warp blocks run in two waves
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on
@@ -182,13 +185,16 @@ def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool |
     at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks, or of ``NARROW_ROW_MIN_CHUNKS`` and more when there are at most
     ``NARROW_ROW_MAX_ROWS`` of them (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
     chunks = x.shape[-1] * x.element_size() // 16
-    pair = _rmsnorm_vec.row_kernels(x.dtype, cdiv(chunks, WARP)) if vec and 0 < chunks <= MAX_THREADS else None
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    warps, per_thread = cdiv(chunks, WARP), 1
+    if ROW_WARP_MIN_ROWS and rows >= ROW_WARP_MIN_ROWS and ROW_MIN_CHUNKS <= chunks <= 4 * WARP:
+        warps, per_thread = 1, cdiv(chunks, WARP)
+    pair = _rmsnorm_vec.row_kernels(x.dtype, warps, per_thread) if vec and 0 < chunks <= MAX_THREADS else None
     if pair is None:
         if row:
             raise ValueError(f"row=True needs bf16 rows of whole 16-byte chunks, at most {MAX_THREADS} of them")
         return None
     if row is None:
-        rows = x.numel() // x.shape[-1]  # chunks > 0 here: the width is not 0
         narrow = chunks >= NARROW_ROW_MIN_CHUNKS and rows <= NARROW_ROW_MAX_ROWS
         row = ROW_PER_BLOCK and where == "gpu" and (chunks >= ROW_MIN_CHUNKS or narrow)
     return pair[1 if fused else 0] if row else None
@@ -207,8 +213,8 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
     a, b = a.view(rows, width), b.view(rows, width)
     if vec:
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
-    if row:  # a block of the row's chunks, rounded up to whole warps
-        launch(kernel, rows, cdiv(a.shape[1], WARP) * WARP, a, b, weight, numba.float32(eps), backend=where)
+    if row:  # a block per row: the kernel's warps (the row's chunks rounded up to whole warps, or one warp)
+        launch(kernel, rows, kernel.row_block, a, b, weight, numba.float32(eps), backend=where)
         return
     group, block, blocks = launch_config(a.shape[1], rows, where,
                                         (max_chunks or _rmsnorm_vec.MAX_CHUNKS) if vec else None)

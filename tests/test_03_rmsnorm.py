@@ -139,6 +139,36 @@ def test_the_block_per_row_kernels_give_the_warp_kernels_bits(width=128):
     _assert_close(fx, want_x, torch.bfloat16)
 
 
+@needs_sim
+@pytest.mark.parametrize(("width", "per_thread"), [(1024, 4), (320, 2)])
+def test_one_warp_a_row_gives_the_same_bits_as_a_chunk_a_thread(width, per_thread):
+    """From ``ROW_WARP_MIN_ROWS`` rows a hidden-size row gets a block of one warp holding several chunks a thread
+    (chunks t, t + 32, ...; at 320 bf16 = 40 chunks, 8 threads hold a second one): the same bits as the block of
+    one chunk a thread (the same roundings) and the key's values."""
+    x, r, w = _inputs((3, width), torch.bfloat16, "cpu")
+    one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, per_thread)
+    assert one_warp[0].row_block == 32 and _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0].row_block == 128
+    got = torch.empty_like(x)
+    rmsnorm._run(one_warp[0], x, got, w, EPS, True, "simulator", row=True)
+    assert torch.equal(got, rmsnorm.rms_norm(x, w, EPS, row=True, backend="numba"))
+    _assert_close(got, key(x, w), torch.bfloat16)
+    fx, fr = x.clone(), r.clone()
+    rmsnorm._run(one_warp[1], fx, fr, w, EPS, True, "simulator", row=True)
+    gx, gr = rmsnorm.fused_add_rms_norm(x.clone(), r.clone(), w, EPS, row=True, backend="numba")
+    want_x, want_r = key_fused(x, r, w)
+    assert torch.equal(fx, gx) and torch.equal(fr, gr) and torch.equal(fr, want_r)
+    _assert_close(fx, want_x, torch.bfloat16)
+
+
+def test_many_rows_take_the_one_warp_kernel():
+    many = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS, 1024, dtype=torch.bfloat16)
+    fewer = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS - 1, 1024, dtype=torch.bfloat16)
+    assert rmsnorm._row_kernel(False, many, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4)[0]
+    assert rmsnorm._row_kernel(True, fewer, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
+    heads = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS, 16, 128, dtype=torch.bfloat16)  # QK-norm: not a hidden-size row
+    assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is None
+
+
 def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
     x, _, w = _inputs((2, 64), torch.float32, "cpu")
     with pytest.raises(ValueError, match="row=True needs bf16 rows"):
