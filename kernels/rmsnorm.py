@@ -44,9 +44,11 @@ ROW_PER_BLOCK = True  # bf16 rows of ROW_MIN_CHUNKS to 1,024 16-byte chunks (hid
 #   replay, 1,024-wide bf16 rows, RMSNorm, a dev build equal to this one): 1.75 / 1.83 / 2.15 / 4.93 / 24.5 us at
 #   1 / 16 / 256 / 4k / 16k tokens against 2.40 / 2.50 / 2.70 / 5.60 / 25.3 for a warp per row (same run);
 #   bench.norm_variants compares both with torch.compile
-ROW_WARP_MIN_ROWS = 1024  # from this many rows, a row of at most 128 chunks (1,024 bf16) gets a block of ONE warp,
-#   4 chunks a thread (kernels._rmsnorm_vec.make_row_kernels, per_thread): 4,096 one-warp blocks of <= 64 registers
-#   fit an H100 at once (32 blocks an SM), where 4-warp blocks run in two waves
+ROW_WARP_MIN_ROWS = 0  # from this many rows (0: never), a row of at most 128 chunks (1,024 bf16) would get a block of
+#   ONE warp, 4 chunks a thread (kernels._rmsnorm_vec.make_row_kernels, per_thread; 56 / 63 registers at sm_90): 4,096
+#   such blocks fit an H100 at once (32 blocks an SM), where 4-warp blocks run in two waves. Measured on the H100
+#   (bench.norm_variants, row_w1c4 against row_w4, h100/17_norm_variants_cuda_session17.json): RMSNorm 5.63 against
+#   5.84 us at 4k tokens, but the fused add + norm 8.20 against 7.31, and no better at 16k. So it stays off
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on

@@ -142,9 +142,9 @@ def test_the_block_per_row_kernels_give_the_warp_kernels_bits(width=128):
 @needs_sim
 @pytest.mark.parametrize(("width", "per_thread"), [(1024, 4), (320, 2)])
 def test_one_warp_a_row_gives_the_same_bits_as_a_chunk_a_thread(width, per_thread):
-    """From ``ROW_WARP_MIN_ROWS`` rows a hidden-size row gets a block of one warp holding several chunks a thread
-    (chunks t, t + 32, ...; at 320 bf16 = 40 chunks, 8 threads hold a second one): the same bits as the block of
-    one chunk a thread (the same roundings) and the key's values."""
+    """The block of one warp holding several chunks a thread (chunks t, t + 32, ...; at 320 bf16 = 40 chunks, 8
+    threads hold a second one; ``rmsnorm.ROW_WARP_MIN_ROWS``, bench.norm_variants' ``row_w1c4``): the same bits as the
+    block of one chunk a thread (the same roundings) and the key's values."""
     x, r, w = _inputs((3, width), torch.bfloat16, "cpu")
     one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, per_thread)
     assert one_warp[0].row_block == 32 and _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0].row_block == 128
@@ -160,7 +160,8 @@ def test_one_warp_a_row_gives_the_same_bits_as_a_chunk_a_thread(width, per_threa
     _assert_close(fx, want_x, torch.bfloat16)
 
 
-def test_many_rows_take_the_one_warp_kernel():
+def test_many_rows_take_the_one_warp_kernel_when_it_is_on(monkeypatch):
+    monkeypatch.setattr(rmsnorm, "ROW_WARP_MIN_ROWS", 1024)  # off by default (slower for the fused add + norm)
     many = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS, 1024, dtype=torch.bfloat16)
     fewer = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS - 1, 1024, dtype=torch.bfloat16)
     assert rmsnorm._row_kernel(False, many, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4)[0]
