@@ -27,8 +27,8 @@ decode-only steps are timed. Each step is split into the phases of :meth:`LLMEng
 logits are computed once (in the warm-up steps) and then replayed, so between two steps the CPU does nothing, as it
 does beside a GPU. The default (``cpu``) runs the tiny model's forward pass on the same core in every step, and that
 pass (tens of milliseconds over a 1 GiB KV cache and the weights) evicts the host code's data and instructions from
-the CPU's caches, so every step's host work starts cold: measured on the 2-core dev machine, a decode step's host
-work took ~1.0 ms that way against ~0.3-0.4 ms with the forward pass replayed. A GPU's forward pass does not touch
+the CPU's caches, so every step's host work starts cold: measured on the 2-core dev machine (four runs of each), a
+decode step's host work took 0.86-1.05 ms that way against 0.26-0.51 ms with the forward pass replayed. A GPU's forward pass does not touch
 the CPU's caches, so ``replay`` is the closer model of a GPU engine's host; ``cpu`` is the pessimistic bound. With
 ``replay`` every step samples from the same logits (the same tokens): the host's work per step is the same.
 
@@ -254,7 +254,8 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(), "load_avg_1min": {"start": load[0], "end": load[1]},
         "workload": {"batch": args.batch, "context_mean": round(statistics.fmean(contexts), 1),
                      "context_min": min(contexts), "context_max": max(contexts), "sampling": args.sampling,
-                     "final_only": args.final_only, "forward": args.forward, "async_scheduling": args.overlap, "finishing": args.finishing,
+                     "final_only": args.final_only, "forward": args.forward, "async_scheduling": args.overlap,
+                     "finishing": args.finishing,
                      "timed_batch_mean": round(statistics.fmean(batches), 1),
                      "tokenizer": args.tokenizer, "timed_steps": args.steps, "prefill_seconds": round(prefill_s, 2)},
         "cpu_ms_per_step": summarize(steps, 0), "wall_ms_per_step": summarize(steps, 1),
