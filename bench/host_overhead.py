@@ -28,9 +28,10 @@ logits are computed once (in the warm-up steps) and then replayed, so between tw
 does beside a GPU. The default (``cpu``) runs the tiny model's forward pass on the same core in every step, and that
 pass (tens of milliseconds over a 1 GiB KV cache and the weights) evicts the host code's data and instructions from
 the CPU's caches, so every step's host work starts cold: measured on the 2-core dev machine (four runs of each), a
-decode step's host work took 0.86-1.05 ms that way against 0.26-0.51 ms with the forward pass replayed. A GPU's forward pass does not touch
-the CPU's caches, so ``replay`` is the closer model of a GPU engine's host; ``cpu`` is the pessimistic bound. With
-``replay`` every step samples from the same logits (the same tokens): the host's work per step is the same.
+decode step's host work took 0.86-1.05 ms that way against 0.26-0.51 ms with the forward pass replayed. A GPU's
+forward pass does not touch the CPU's caches, so ``replay`` is the closer model of a GPU engine's host; ``cpu`` is the
+pessimistic bound. With ``replay`` every step samples from the same logits (the same tokens): the host's work per step
+is the same.
 
 ``host`` = the step minus ``forward``; ``host_without_sampler`` leaves out the sampler's tensor ops too, which on a
 GPU are device work like the forward pass (here they run on the CPU: a greedy argmax over the tiny vocabulary).
