@@ -177,18 +177,44 @@ def test_host_overhead_bench_dry_run(tmp_path):
     try:
         assert host_overhead.main(args + ["--label", "one"]) == 0
         assert host_overhead.main(args + ["--label", "two", "--tokenizer", "none"]) == 0
+        assert host_overhead.main(args + ["--label", "three", "--forward", "replay"]) == 0
     finally:  # the bench holds torch and numba to one thread; the tests after it get theirs back
         torch.set_num_threads(threads[0])
         numba.set_num_threads(threads[1])
     data = json.loads((tmp_path / "17_host_overhead_cpu.json").read_text())
     assert {"date", "command", "host", "versions"} <= set(data["meta"])
-    assert set(data["runs"]) == {"one", "two"}
+    assert set(data["runs"]) == {"one", "two", "three"}
+    assert [data["runs"][k]["workload"]["forward"] for k in ("one", "three")] == ["cpu", "replay"]
     run = data["runs"]["one"]
     assert run["workload"]["batch"] == 6 and 38 <= run["workload"]["context_min"] and run["load_avg_1min"]
     cpu = run["cpu_ms_per_step"]
     assert set(cpu) == {*host_overhead.PHASES, "step", "host", "host_without_sampler"}
     assert cpu["forward"]["median"] > 0 and cpu["process"]["median"] > 0
     assert 0 < cpu["host"]["median"] <= cpu["step"]["median"]  # host = step - forward, step by step
+
+
+def test_replayed_model_runs_each_shape_once_and_returns_its_first_outputs():
+    calls = []
+
+    class Model:
+        hidden_size = 8
+
+        def __call__(self, input_ids, positions, meta):
+            calls.append(("forward", tuple(input_ids.shape)))
+            return torch.full((input_ids.shape[0], 8), float(len(calls)))
+
+        def compute_logits(self, hidden):
+            calls.append(("logits", tuple(hidden.shape)))
+            return hidden * 2
+
+    model = host_overhead.ReplayedModel(Model())
+    first = model(torch.zeros(3, dtype=torch.long), None, None)
+    assert model(torch.ones(3, dtype=torch.long), None, None) is first  # same shape: replayed, not recomputed
+    other = model(torch.zeros(5, dtype=torch.long), None, None)
+    assert other.shape == (5, 8) and other is not first
+    assert model.compute_logits(first) is model.compute_logits(first + 1)
+    assert calls == [("forward", (3,)), ("forward", (5,)), ("logits", (3, 8))]
+    assert model.hidden_size == 8  # everything else is the model's
 
 
 @pytest.mark.gpu
