@@ -4,8 +4,9 @@
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
 QK-norm's 128-wide heads the block-per-row kernel up to ``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels;
-hidden-size rows a block of 4 warps, one chunk a thread (``row_w4``), or from ``rmsnorm.ROW_WARP_MIN_ROWS`` rows when
-that is set a block of one warp, 4 chunks a thread (``row_w1c4``): both are timed at every size;
+hidden-size rows a block of 4 warps, one chunk a thread (``row_w4``), but RMSNorm of ``rmsnorm.ROW_WARP_ROWS`` rows a
+block of one warp, 4 chunks a thread, launched without PDL (``row_w1c4_nopdl``; ``row_w1c4`` with PDL): all three are
+timed at every size;
 on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 ``default_no_pdl`` the same without it) against the warp kernels (``warp``), QK-norm on the block-per-row kernel
 (``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds
@@ -24,7 +25,7 @@ import torch
 from bench._harness import kernel_bench_main
 
 NAME = "17_norm_variants_cuda"
-TOKENS = (1, 16, 256, 4096, 16384)
+TOKENS = (1, 16, 256, 1024, 4096, 8192, 16384)
 BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads per block)
     "warp": (True, True, 4, False, 64),  # a warp (or less) per row: the default until the block-per-row kernels
     "before": (False, False, 4, True, 64),  # the kernels until 2026-12-05: integer rounding, weight late, int64 //
@@ -110,8 +111,9 @@ def run() -> dict:
                 row["row_err"] = _err(per_head(), want)
                 timed["row"] = per_head
             if name != "qk_norm":  # hidden-size rows: a block per row of 4 warps (a chunk a thread), or of one warp
-                for label, warps, per_thread in (("row_w4", 4, 1), ("row_w1c4", 1, 4)):  # (4 chunks a thread)
-                    kernel = vec.row_kernels(torch.bfloat16, warps, per_thread)[1 if fused else 0]
+                for label, warps, per_thread, pdl in (("row_w4", 4, 1, True), ("row_w1c4", 1, 4, True),
+                                                      ("row_w1c4_nopdl", 1, 4, False)):  # (4 chunks a thread)
+                    kernel = vec.row_kernels(torch.bfloat16, warps, per_thread, pdl)[1 if fused else 0]
 
                     def per_row(tensors=tensors, kernel=kernel, fused=fused, copy=False):
                         if fused:

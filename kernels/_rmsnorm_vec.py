@@ -257,7 +257,7 @@ def make_kernels(unpack, pack, per_chunk: int, name: str, max_chunks: int = MAX_
 
 
 @functools.cache
-def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_thread: int = 1):
+def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_thread: int = 1, pdl: bool = True):
     """RMSNorm and fused add+RMSNorm with **a block per row and ``per_thread`` 16-byte chunks per thread**: ``warps``
     warps (``32 * warps * per_thread`` chunks at least the row's: 4 warps of one chunk, or one warp of 4 chunks, for a
     1,024-wide bf16 row), a grid of one block per row. Thread ``t`` holds chunks ``t``, ``t + 32 * warps``, ...
@@ -271,8 +271,10 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
 
     One warp of 4 chunks a thread (``per_thread=4``) was built for the grid's waves: an H100 SM holds at most 32
     blocks and 64 warps, so 4,096 rows of 4 warps run in two waves, and blocks of one warp (at most 64 registers a
-    thread) all fit at once. On the H100 it gained 4% on RMSNorm at 4k tokens and lost 12% on the fused add + norm
-    (``rmsnorm.ROW_WARP_MIN_ROWS``): ``bench.norm_variants`` keeps it as ``row_w1c4``."""
+    thread) all fit at once. Launched with PDL it gained little (5.5-5.6 against 5.7-5.8 µs for RMSNorm at 4k tokens
+    on the H100, the fused norm slower): the next grid's blocks, launched early, take the slots it needs. Without PDL
+    (``pdl=False``: the kernels are not marked, kernels._pdl) RMSNorm at 4k tokens took 4.5-4.6 µs, and that is what
+    ``rmsnorm.ROW_WARP_ROWS`` picks."""
     stride = WARP * warps  # chunks between one thread's chunks
     n_words = 4 * per_thread
 
@@ -344,11 +346,13 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
         return norm_row
 
     rms_norm_row, fused_add_rms_norm_row = build(False), build(True)
-    tag = f"w{warps}" + (f"c{per_thread}" if per_thread > 1 else "")
+    tag = f"w{warps}" + (f"c{per_thread}" if per_thread > 1 else "") + ("" if pdl else "_nopdl")
     rms_norm_row.__name__ = rms_norm_row.__qualname__ = f"rms_norm_row_{name}_{tag}_kernel"
     fused_add_rms_norm_row.__name__ = f"fused_add_rms_norm_row_{name}_{tag}_kernel"
     fused_add_rms_norm_row.__qualname__ = fused_add_rms_norm_row.__name__
-    pair = mark(cuda.jit(rms_norm_row)), mark(cuda.jit(fused_add_rms_norm_row))
+    pair = cuda.jit(rms_norm_row), cuda.jit(fused_add_rms_norm_row)
+    if pdl:  # launched with programmatic dependent launch (griddepcontrol does nothing in a launch without it)
+        pair = tuple(mark(kernel) for kernel in pair)
     for kernel in pair:
         kernel.row_block = stride  # threads per block
     return pair
@@ -363,12 +367,12 @@ FUSED_KERNELS = {torch.bfloat16: fused_add_rms_norm_bf16_kernel, torch.float16: 
                  torch.float32: fused_add_rms_norm_f32_kernel}
 
 
-def row_kernels(dtype: torch.dtype, warps: int, per_thread: int = 1):
-    """(RMSNorm, fused add+RMSNorm) block-per-row kernels of ``warps`` warps and ``per_thread`` chunks per thread, or
-    None for a dtype without them (bf16 only: the engine's)."""
+def row_kernels(dtype: torch.dtype, warps: int, per_thread: int = 1, pdl: bool = True):
+    """(RMSNorm, fused add+RMSNorm) block-per-row kernels of ``warps`` warps and ``per_thread`` chunks per thread
+    (``pdl``: marked for programmatic dependent launch), or None for a dtype without them (bf16 only: the engine's)."""
     if dtype != torch.bfloat16:
         return None
-    return make_row_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16", warps, per_thread)
+    return make_row_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16", warps, per_thread, pdl)
 
 
 ROW_SIGNATURE_WARPS = 4  # the build SIGNATURES lists for Qwen3-0.6B's 1,024-wide rows (and w1 for its 128-wide heads)
@@ -391,4 +395,5 @@ SIGNATURES = {
        for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w in (1, ROW_SIGNATURE_WARPS)
        for k in row_kernels(torch.bfloat16, w)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden rows
+    row_kernels(torch.bfloat16, 1, 4, pdl=False)[0]: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"],  # ROW_WARP_ROWS
 }

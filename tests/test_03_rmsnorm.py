@@ -143,10 +143,10 @@ def test_the_block_per_row_kernels_give_the_warp_kernels_bits(width=128):
 @pytest.mark.parametrize(("width", "per_thread"), [(1024, 4), (320, 2)])
 def test_one_warp_a_row_gives_the_same_bits_as_a_chunk_a_thread(width, per_thread):
     """The block of one warp holding several chunks a thread (chunks t, t + 32, ...; at 320 bf16 = 40 chunks, 8
-    threads hold a second one; ``rmsnorm.ROW_WARP_MIN_ROWS``, bench.norm_variants' ``row_w1c4``): the same bits as the
+    threads hold a second one; ``rmsnorm.ROW_WARP_ROWS``, bench.norm_variants' ``row_w1c4``): the same bits as the
     block of one chunk a thread (the same roundings) and the key's values."""
     x, r, w = _inputs((3, width), torch.bfloat16, "cpu")
-    one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, per_thread)
+    one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, per_thread, pdl=False)
     assert one_warp[0].row_block == 32 and _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0].row_block == 128
     got = torch.empty_like(x)
     rmsnorm._run(one_warp[0], x, got, w, EPS, True, "simulator", row=True)
@@ -160,14 +160,22 @@ def test_one_warp_a_row_gives_the_same_bits_as_a_chunk_a_thread(width, per_threa
     _assert_close(fx, want_x, torch.bfloat16)
 
 
-def test_many_rows_take_the_one_warp_kernel_when_it_is_on(monkeypatch):
-    monkeypatch.setattr(rmsnorm, "ROW_WARP_MIN_ROWS", 1024)  # off by default (slower for the fused add + norm)
-    many = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS, 1024, dtype=torch.bfloat16)
-    fewer = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS - 1, 1024, dtype=torch.bfloat16)
-    assert rmsnorm._row_kernel(False, many, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4)[0]
-    assert rmsnorm._row_kernel(True, fewer, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
-    heads = torch.empty(rmsnorm.ROW_WARP_MIN_ROWS, 16, 128, dtype=torch.bfloat16)  # QK-norm: not a hidden-size row
+def test_rms_norm_of_many_rows_takes_one_warp_a_row_without_pdl():
+    lo, hi = rmsnorm.ROW_WARP_ROWS
+    one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4, pdl=False)
+    assert not getattr(one_warp[0], "pdl", False) and _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0].pdl
+    for rows in (lo, hi):
+        assert rmsnorm._row_kernel(False, torch.empty(rows, 1024, dtype=torch.bfloat16), True, "gpu", None) \
+            is one_warp[0]
+    for rows in (lo - 1, hi + 1):  # outside the range: a block of 4 warps, with PDL
+        assert rmsnorm._row_kernel(False, torch.empty(rows, 1024, dtype=torch.bfloat16), True, "gpu", None) \
+            is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0]
+    many = torch.empty(lo, 1024, dtype=torch.bfloat16)  # the fused add + norm keeps 4 warps
+    assert rmsnorm._row_kernel(True, many, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
+    heads = torch.empty(lo, 16, 128, dtype=torch.bfloat16)  # QK-norm's heads are not hidden-size rows
     assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is None
+    narrow = torch.empty(lo, 128, dtype=torch.bfloat16)  # 16 chunks: not a hidden-size row either
+    assert rmsnorm._row_kernel(False, narrow, True, "gpu", None) is None
 
 
 def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
