@@ -48,9 +48,9 @@ ROW_WARP_ROWS = (1024, 8192)  # RMSNorm (not the fused add + norm) of this many 
 #   1,024 bf16), gets a block of ONE warp, 4 chunks a thread, launched WITHOUT programmatic dependent launch
 #   (kernels._rmsnorm_vec.make_row_kernels, per_thread, pdl=False). An H100 SM holds 32 blocks and 64 warps: 4,096
 #   one-warp blocks (56 registers a thread) fit at once, where blocks of 4 warps run in two waves; launched with PDL,
-#   the next kernel's blocks take slots early. Measured on the H100 at 4k tokens (graph replay, .gpu3-free reruns in
-#   bench.norm_variants: row_w1c4_nopdl): 4.5-4.6 us against 5.7-5.8 for 4 warps and 4.7 for torch.compile; with PDL
-#   it took 5.5-5.6. At 256 tokens PDL matters more (2.0 against 1.4 us) and at 16k the 4-warp blocks are faster
+#   the next kernel's blocks take slots early. On the H100 at 4k tokens (graph replay, a first experiment): 4.5-4.6 us
+#   against 5.7 for 4 warps and 4.7 for torch.compile; 5.5 with PDL. At 256 tokens PDL matters more (2.0 against
+#   1.4 us without it), and at 16k tokens the 4-warp blocks with PDL were faster (24.8 against 25.6 us)
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on
