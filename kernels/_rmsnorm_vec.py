@@ -307,12 +307,14 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
             row, tid = cuda.blockIdx.x, cuda.threadIdx.x
             inv_width = numba.float32(1.0) / numba.float32(chunks * per_chunk)  # as the warp kernels round it
             acc = numba.float32(0.0)
-            pdl_trigger()
+            if pdl:  # (a constant: without PDL the kernel has no griddepcontrol instructions at all)
+                pdl_trigger()
             for k in range(per_thread):  # the norm's weight, which no kernel writes, while the previous one may run
                 j = tid + k * stride
                 if j < chunks:
                     wt[4 * k], wt[4 * k + 1], wt[4 * k + 2], wt[4 * k + 3] = load_words(weight, j)
-            pdl_wait()
+            if pdl:
+                pdl_wait()
             for k in range(per_thread):  # every load issued before any value is used
                 j = tid + k * stride
                 if j < chunks:

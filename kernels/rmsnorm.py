@@ -44,7 +44,7 @@ ROW_PER_BLOCK = True  # bf16 rows of ROW_MIN_CHUNKS to 1,024 16-byte chunks (hid
 #   replay, 1,024-wide bf16 rows, RMSNorm, a dev build equal to this one): 1.75 / 1.83 / 2.15 / 4.93 / 24.5 us at
 #   1 / 16 / 256 / 4k / 16k tokens against 2.40 / 2.50 / 2.70 / 5.60 / 25.3 for a warp per row (same run);
 #   bench.norm_variants compares both with torch.compile
-ROW_WARP_ROWS = (1024, 8192)  # RMSNorm (not the fused add + norm) of this many rows, each of 32 to 128 chunks (up to
+ROW_WARP_ROWS = (2048, 6144)  # RMSNorm (not the fused add + norm) of this many rows, each of 32 to 128 chunks (up to
 #   1,024 bf16), gets a block of ONE warp, 4 chunks a thread, launched WITHOUT programmatic dependent launch
 #   (kernels._rmsnorm_vec.make_row_kernels, per_thread, pdl=False). An H100 SM holds 32 blocks and 64 warps: 4,096
 #   one-warp blocks (56 registers a thread) fit at once, where blocks of 4 warps run in two waves; launched with PDL,
