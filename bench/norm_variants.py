@@ -4,9 +4,9 @@
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
 QK-norm's 128-wide heads the block-per-row kernel up to ``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels;
-hidden-size rows a block of 4 warps, one chunk a thread (``row_w4``), but RMSNorm of ``rmsnorm.ROW_WARP_ROWS`` rows a
-block of one warp, 4 chunks a thread, launched without PDL (``row_w1c4_nopdl``; ``row_w1c4`` with PDL): all three are
-timed at every size;
+hidden-size rows a block of 4 warps, one chunk a thread (``row_w4``), or, for RMSNorm of ``rmsnorm.ROW_WARP_ROWS`` rows
+when that is set, a block of one warp, 4 chunks a thread, launched without PDL and compiled without its instructions
+(``row_w1c4_nopdl``; ``row_w1c4`` with PDL): all three are timed at every size;
 on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 ``default_no_pdl`` the same without it) against the warp kernels (``warp``), QK-norm on the block-per-row kernel
 (``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds

@@ -273,8 +273,9 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
     blocks and 64 warps, so 4,096 rows of 4 warps run in two waves, and blocks of one warp (at most 64 registers a
     thread) all fit at once. Launched with PDL it gained little (5.5-5.6 against 5.7-5.8 µs for RMSNorm at 4k tokens
     on the H100, the fused norm slower): the next grid's blocks, launched early, take the slots it needs. Without PDL
-    (``pdl=False``: the kernels are not marked, kernels._pdl) RMSNorm at 4k tokens took 4.5-4.6 µs, and that is what
-    ``rmsnorm.ROW_WARP_ROWS`` picks."""
+    (``pdl=False``: the kernels are not marked, kernels._pdl, and have no griddepcontrol instructions) RMSNorm at 4k
+    tokens took 4.5-4.6 µs in a first experiment; ``rmsnorm.ROW_WARP_ROWS`` would pick it (off until
+    ``bench.norm_variants`` confirms it)."""
     stride = WARP * warps  # chunks between one thread's chunks
     n_words = 4 * per_thread
 
@@ -397,5 +398,4 @@ SIGNATURES = {
        for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w in (1, ROW_SIGNATURE_WARPS)
        for k in row_kernels(torch.bfloat16, w)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden rows
-    row_kernels(torch.bfloat16, 1, 4, pdl=False)[0]: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"],  # ROW_WARP_ROWS
 }

@@ -170,7 +170,10 @@ def test_one_warp_a_row_gives_the_chunk_a_thread_kernels_values(width, per_threa
     _assert_close(fx, want_x, torch.bfloat16)
 
 
-def test_rms_norm_of_many_rows_takes_one_warp_a_row_without_pdl():
+def test_rms_norm_of_many_rows_takes_one_warp_a_row_without_pdl_when_it_is_on(monkeypatch):
+    assert rmsnorm._row_kernel(False, torch.empty(4096, 1024, dtype=torch.bfloat16), True, "gpu", None) \
+        is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0]  # off by default (not yet confirmed by bench.norm_variants)
+    monkeypatch.setattr(rmsnorm, "ROW_WARP_ROWS", (2048, 6144))
     lo, hi = rmsnorm.ROW_WARP_ROWS
     one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4, pdl=False)
     assert not getattr(one_warp[0], "pdl", False) and _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0].pdl
