@@ -11,10 +11,14 @@ the engine's decode graphs. Rows:
 * ``silu``: ``gemv_silu`` (SiLU·mul folded in) against ``silu_and_mul`` + ``gemv`` and ``silu_and_mul`` + cuBLAS,
   ``down_proj``'s shape;
 * ``add_norm``: ``gemv_add_norm`` against ``fused_add_rms_norm`` + ``gemv`` and + cuBLAS, ``qkv_proj``'s and
-  ``gate_up_proj``'s shapes.
+  ``gate_up_proj``'s shapes; at one token also its per-warp version at 1, 2 and 4 rows a warp (``warp_r*``), each
+  alone and per call in a chain of ``CHAIN`` calls in one graph (``*_chain_us``: with PDL each launch overlaps the
+  one before, as in a decode step), beside the two kernels' chain.
 
 Each fused result is compared with its reference (``*_err``, the largest difference in bf16 units of the output).
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +29,24 @@ NAME = "17_gemv_cuda"
 HBM_GBPS = 4300.0
 PLAIN = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)]  # qkv, o, gate_up, down: (N, K)
 TOKENS = (1, 2, 4, 8)
+CHAIN = 8
 
 
 def _us(fn) -> float:
     from kernels._timing import graph_time
 
     return round(graph_time(fn).median_us, 2)
+
+
+def _chain_us(fn) -> float:
+    """Per call, ``CHAIN`` calls captured in one graph: each launch waits on the one before, as in a decode step."""
+    from kernels._timing import graph_time
+
+    def chain():
+        for _ in range(CHAIN):
+            fn()
+
+    return round(graph_time(chain).median_us / CHAIN, 2)
 
 
 def run() -> dict:
@@ -79,6 +95,14 @@ def run() -> dict:
                    "residual_equal": bool(torch.equal(got_res, want_res)),
                    "fused_us": _us(lambda: g.gemv_add_norm(x, res, norm_weight, 1e-6, weight)),
                    "two_kernels_us": _us(lambda: two(g.gemv)), "with_cublas_us": _us(lambda: two(F.linear))}
+            if t == 1:  # the per-warp kernel, alone and in a chain of CHAIN launches (one graph: PDL between them)
+                row["two_kernels_chain_us"] = _chain_us(lambda: two(g.gemv))
+                for r in (1, 2, 4):
+                    got, got_res = g.gemv_add_norm(x, res, norm_weight, 1e-6, weight, rows_per_warp=r)
+                    row[f"warp_r{r}_err"] = (got.float() - want.float()).abs().max().item()
+                    row[f"warp_r{r}_residual_equal"] = bool(torch.equal(got_res, want_res))
+                    fn = functools.partial(g.gemv_add_norm, x, res, norm_weight, 1e-6, weight, rows_per_warp=r)
+                    row[f"warp_r{r}_us"], row[f"warp_r{r}_chain_us"] = _us(fn), _chain_us(fn)
             add_norm.append(row)
             print("add_norm", row, flush=True)
     return {"hbm_gbps_for_floor": HBM_GBPS, "plain": plain, "silu": silu, "add_norm": add_norm}

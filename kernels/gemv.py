@@ -376,9 +376,16 @@ def gemv_add_norm_ref(x: torch.Tensor, residual: torch.Tensor, norm_weight: torc
 
 
 def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                  weight: torch.Tensor, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                  weight: torch.Tensor, *, rows_per_warp: int | None = None,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """The fused add + RMSNorm and the matmul after it, in one kernel, out of place: x, residual (tokens, K),
-    norm_weight (K,), weight (N, K) -> ``(rms_norm(x + residual) @ weight.T, x + residual)``."""
+    norm_weight (K,), weight (N, K) -> ``(rms_norm(x + residual) @ weight.T, x + residual)``.
+
+    ``rows_per_warp`` None: the block-wide kernel (x prepared in shared memory); 1, 2 or 4: the per-warp register
+    kernel (one token only) with that many output rows per warp."""
+    if rows_per_warp is not None and (rows_per_warp not in (1, 2, 4) or x.dim() != 2 or x.shape[0] != 1):
+        raise ValueError(f"gemv_add_norm's per-warp kernel takes one token and 1, 2 or 4 rows per warp; got "
+                         f"x {tuple(x.shape)}, rows_per_warp {rows_per_warp}")
     check_tensor("x", x, dtypes=(torch.bfloat16,), ndim=2)
     for name, t in (("residual", residual), ("norm_weight", norm_weight), ("weight", weight)):
         check_tensor(name, t, dtypes=(torch.bfloat16,), device=x.device)
@@ -395,10 +402,96 @@ def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
         return out.copy_(want), new_residual.copy_(res)
     args = (x.view(torch.complex128), residual.view(torch.complex128), norm_weight.view(torch.complex128),
             numba.float32(eps))
-    _launch_prologue("add_norm", x.shape, weight, args, out, where,
-                     after=(new_residual.view(torch.complex128),))
+    if rows_per_warp is None:
+        _launch_prologue("add_norm", x.shape, weight, args, out, where,
+                         after=(new_residual.view(torch.complex128),))
+        return out, new_residual
+    kernel = _warp_norm_kernel(cdiv(x.shape[1] // 8, 32), rows_per_warp)
+    warps = WARPS if where == "gpu" else 1
+    blocks = cdiv(cdiv(weight.shape[0], rows_per_warp), warps)  # no grid stride: every row has its warp
+    launch(kernel, blocks, 32 * warps, *args, weight.view(torch.complex128), out, new_residual.view(torch.complex128),
+           backend=where)
     return out, new_residual
 
+
+# ----------------------------------------------------------------------------- add + RMSNorm per warp, in registers
+# The block-wide prologue above makes every block stop at two barriers before its first multiply, and it measured
+# slower in the engine than the two launches (the note on ``ENGINE_SILU_PROLOGUE``). At one token x is 1,024
+# values: the 32 lanes of a warp hold all of it in registers already (lane ``l`` loads chunks ``l, l + 32, ...``,
+# exactly the chunks its weight row meets), so a warp can add the residual, sum the squares over its own lanes
+# (five shuffles), scale and round -- no shared memory, no barrier -- and then multiply. Its cost is loading x, the
+# residual and the norm weight once per warp; ``rows`` output rows per warp (all their weight loads issued before
+# the wait) spread that over several rows and keep the grid in one wave of resident blocks. Rounded where the
+# separate kernels round (the new residual, the normalized x: bf16 each), so the result equals
+# ``fused_add_rms_norm`` then ``gemv`` up to the order of the fp32 sums. One token only; warp 0 of block 0 writes
+# the new residual (to its own buffer: the other warps still read the old one).
+ENGINE_ADD_NORM_PROLOGUE = False  # batch-1 steps fold add + RMSNorm into qkv_proj and gate_up_proj with this kernel
+ADD_NORM_ROWS = 2  # output rows per warp of the register version (1, 2 or 4 are compiled ahead)
+
+
+@functools.cache
+def _warp_norm_kernel(cpl: int, rows: int):
+    """The add + RMSNorm + gemv kernel with x prepared per warp in registers; ``rows`` output rows per warp."""
+    from kernels._vec16 import pack_bf16, store_words
+
+    words, row_words = 4 * cpl, 4 * cpl * rows  # constants for numba: the local arrays' sizes
+
+    def kernel(x, residual, norm_weight, eps, weight, out, new_residual):
+        # x, residual, new_residual: (1, K // 8) complex128; norm_weight: (K // 8,); weight: (N, K // 8); out: (1, N)
+        wr = cuda.local.array(row_words, numba.int32)  # this lane's chunks of the warp's rows of W
+        xw = cuda.local.array(words, numba.int32)  # this lane's chunks of x + residual, then of the normalized x
+        lane = cuda.threadIdx.x % 32
+        chunks, n_rows = weight.shape[1], weight.shape[0]
+        first = (cuda.blockIdx.x * (cuda.blockDim.x // 32) + cuda.threadIdx.x // 32) * rows
+        pdl_trigger()
+        for r in range(rows):  # every weight load first: rows x cpl x 16 bytes in flight per lane
+            for i in range(cpl):
+                c = lane + 32 * i
+                j = r * words + 4 * i
+                if first + r < n_rows and c < chunks:
+                    wr[j], wr[j + 1], wr[j + 2], wr[j + 3] = load_words(weight[first + r], c)
+                else:
+                    wr[j] = wr[j + 1] = wr[j + 2] = wr[j + 3] = 0
+        pdl_wait()  # x and the residual are the previous kernels' outputs
+        sq = numba.float32(0.0)
+        for i in range(cpl):  # x + residual, rounded to bf16 (the new residual), and its sum of squares
+            c = lane + 32 * i
+            if c < chunks:
+                a0, a1, a2, a3 = load_words(x[0], c)
+                b0, b1, b2, b3 = load_words(residual[0], c)
+                r0 = pack_bf16(bf16_lo(a0) + bf16_lo(b0), bf16_hi(a0) + bf16_hi(b0))
+                r1 = pack_bf16(bf16_lo(a1) + bf16_lo(b1), bf16_hi(a1) + bf16_hi(b1))
+                r2 = pack_bf16(bf16_lo(a2) + bf16_lo(b2), bf16_hi(a2) + bf16_hi(b2))
+                r3 = pack_bf16(bf16_lo(a3) + bf16_lo(b3), bf16_hi(a3) + bf16_hi(b3))
+                if first == 0:
+                    store_words(new_residual[0], c, r0, r1, r2, r3)
+                xw[4 * i], xw[4 * i + 1], xw[4 * i + 2], xw[4 * i + 3] = r0, r1, r2, r3
+                for v in (r0, r1, r2, r3):
+                    sq += bf16_lo(v) * bf16_lo(v) + bf16_hi(v) * bf16_hi(v)
+        sq = warp_sum(sq)  # the whole row's: the warp's lanes hold all of it
+        inv_rms = numba.float32(1.0) / math.sqrt(sq / numba.float32(8 * chunks) + eps)
+        for i in range(cpl):  # x <- residual / rms * norm weight, rounded to bf16, as rms_norm_ref rounds
+            c = lane + 32 * i
+            if c < chunks:
+                w0, w1, w2, w3 = load_words(norm_weight, c)
+                for k, wk in ((0, w0), (1, w1), (2, w2), (3, w3)):
+                    v = xw[4 * i + k]
+                    xw[4 * i + k] = pack_bf16((bf16_lo(v) * inv_rms) * bf16_lo(wk),
+                                              (bf16_hi(v) * inv_rms) * bf16_hi(wk))
+        for r in range(rows):
+            acc = numba.float32(0.0)
+            for i in range(cpl):
+                if lane + 32 * i < chunks:
+                    acc = chunk_dot(acc, wr, r * cpl + i, xw[4 * i], xw[4 * i + 1], xw[4 * i + 2], xw[4 * i + 3])
+            total = warp_sum(acc)
+            if lane == 0 and first + r < n_rows:
+                out[0, first + r] = total
+
+    kernel.__name__ = kernel.__qualname__ = f"gemv_add_norm_warp_bf16_c{cpl}_r{rows}"
+    return mark(cuda.jit(fastmath=True)(kernel))
+
+
+SIGNATURES.update({_warp_norm_kernel(4, r): [_ADD_NORM_SIG] for r in (1, 2, 4)})  # Qwen3-0.6B: K = 1,024
 
 # ----------------------------------------------------------------------------- weights fetched into L2 ahead of use
 # At batch 1 only a layer's matmuls stream memory; its norms, QK-norm + RoPE and attention are latency-bound kernels
