@@ -21,10 +21,8 @@ default with the linear layers of small steps switched between ``kernels.gemv`` 
 left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off), and the default
 with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGINE_L2_PREFETCH``; off by default:
 "cuda_graphs_l2_prefetch" turns it on), and the default with programmatic dependent launch off ("cuda_graphs_no_pdl":
-``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer), and the default with the
-per-warp add + RMSNorm fold into qkv_proj and gate_up_proj switched (``kernels.gemv.ENGINE_ADD_NORM_PROLOGUE``:
-"cuda_graphs_add_norm" while it is off; "cuda_graphs_add_norm_r1", "_r2", "_r4" at 1, 2 or 4 rows a warp, run only
-when ``--modes`` names them). On a CPU there are no graphs: the eager engine only. ``--modes`` runs a subset.
+``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer). On a CPU there are no graphs:
+the eager engine only. ``--modes`` runs a subset (the derived speedups need all of them).
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -93,41 +91,31 @@ def run(args: argparse.Namespace) -> dict:
     # each mode's engine options; on a GPU also graphs with the other loop (overlapped or plain) than the default's
     import kernels.gemv
 
-    switched = ("ENGINE_MAX_TOKENS", "ENGINE_SILU_PROLOGUE", "ENGINE_L2_PREFETCH", "ENGINE_ADD_NORM_PROLOGUE",
-                "ADD_NORM_ROWS")  # kernels.gemv's switches
+    switched = ("ENGINE_MAX_TOKENS", "ENGINE_SILU_PROLOGUE", "ENGINE_L2_PREFETCH")  # kernels.gemv's switches
     defaults = {k: getattr(kernels.gemv, k) for k in switched}
     default_gemv, default_silu = defaults["ENGINE_MAX_TOKENS"], defaults["ENGINE_SILU_PROLOGUE"]
     other = "cuda_graphs_cublas" if default_gemv else "cuda_graphs_gemv"  # the default's linear layers, switched
     prefetch = "cuda_graphs_no_prefetch" if defaults["ENGINE_L2_PREFETCH"] else "cuda_graphs_l2_prefetch"  # switched
-    add_norm = "cuda_graphs_no_add_norm" if defaults["ENGINE_ADD_NORM_PROLOGUE"] else "cuda_graphs_add_norm"
     from minivllm.config import EngineConfig
 
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
               loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {},
-              "cuda_graphs_no_pdl": {}, add_norm: {}}
+              "cuda_graphs_no_pdl": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
-    if device.type == "cuda":  # the per-warp add + norm fold at each compiled row count, on request (--modes)
-        modes.update({f"cuda_graphs_add_norm_r{r}": {} for r in (1, 2, 4)})
     if args.modes:
         unknown = sorted(set(args.modes) - set(modes))
         if unknown:
             raise SystemExit(f"--modes: no mode {unknown} on {device.type}; modes: {', '.join(modes)}")
         modes = {m: o for m, o in modes.items() if m in args.modes}
-    else:
-        modes = {m: o for m, o in modes.items() if not m.startswith("cuda_graphs_add_norm_r")}
     import kernels._launch
 
     default_pdl = kernels._launch.PDL
     switches = {"cuda_graphs_gemv": {"ENGINE_MAX_TOKENS": 8}, "cuda_graphs_cublas": {"ENGINE_MAX_TOKENS": 0},
                 "cuda_graphs_unfused": {"ENGINE_MAX_TOKENS": default_gemv or 2, "ENGINE_SILU_PROLOGUE": False},
                 "cuda_graphs_no_prefetch": {"ENGINE_L2_PREFETCH": False},
-                "cuda_graphs_l2_prefetch": {"ENGINE_L2_PREFETCH": True},
-                "cuda_graphs_add_norm": {"ENGINE_ADD_NORM_PROLOGUE": True},
-                "cuda_graphs_no_add_norm": {"ENGINE_ADD_NORM_PROLOGUE": False},
-                **{f"cuda_graphs_add_norm_r{r}": {"ENGINE_ADD_NORM_PROLOGUE": True, "ADD_NORM_ROWS": r}
-                   for r in (1, 2, 4)}}  # per mode, set before graph capture
+                "cuda_graphs_l2_prefetch": {"ENGINE_L2_PREFETCH": True}}  # per mode, set before graph capture
     for mode, mode_options in modes.items():
         for k, v in {**defaults, **switches.get(mode, {})}.items():
             setattr(kernels.gemv, k, v)
@@ -143,11 +131,6 @@ def run(args: argparse.Namespace) -> dict:
             kernels._launch.PDL = default_pdl
         del llm
         free_memory()
-    if "cuda_graphs" in result and add_norm in result:
-        result["engine_add_norm_prologue"] = defaults["ENGINE_ADD_NORM_PROLOGUE"]
-        on, off = (("cuda_graphs", add_norm) if defaults["ENGINE_ADD_NORM_PROLOGUE"] else (add_norm, "cuda_graphs"))
-        result["add_norm_speedup_decode"] = round(result[off]["decode_ms_per_token"]
-                                                  / result[on]["decode_ms_per_token"], 3)
     if all(m in result for m in ("cuda_graphs", "eager", "decode_graphs_only", "cuda_graphs_unfused", loop, prefetch,
                                  "cuda_graphs_no_pdl", other)):
         result["graph_speedup_decode"] = round(result["eager"]["decode_ms_per_token"]
@@ -189,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=8, help="also the largest captured graph")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", metavar="MODE",
-                   help="run only these modes (default: all but cuda_graphs_add_norm_r1/_r2/_r4, run only when named)")
+                   help="run only these modes (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
 
@@ -199,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
                  "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
-                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl", "cuda_graphs_add_norm", "cuda_graphs_no_add_norm",
-                 "cuda_graphs_add_norm_r1", "cuda_graphs_add_norm_r2", "cuda_graphs_add_norm_r4"):
+                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "

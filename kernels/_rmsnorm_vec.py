@@ -274,8 +274,8 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
     thread) all fit at once. Launched with PDL it gained little (5.5-5.6 against 5.7-5.8 µs for RMSNorm at 4k tokens
     on the H100, the fused norm slower): the next grid's blocks, launched early, take the slots it needs. Without PDL
     (``pdl=False``: the kernels are not marked, kernels._pdl, and have no griddepcontrol instructions) RMSNorm at 4k
-    tokens took 4.5-4.6 µs in a first experiment; ``rmsnorm.ROW_WARP_ROWS`` would pick it (off until
-    ``bench.norm_variants`` confirms it)."""
+    tokens took 4.64 µs in ``bench.norm_variants`` on the H100 (torch.compile 4.76); ``rmsnorm.ROW_WARP_ROWS`` picks
+    it for RMSNorm of 2k-6k rows."""
     stride = WARP * warps  # chunks between one thread's chunks
     n_words = 4 * per_thread
 
@@ -398,4 +398,5 @@ SIGNATURES = {
        for k in (*NORM_KERNELS.values(), *FUSED_KERNELS.values())},
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w in (1, ROW_SIGNATURE_WARPS)
        for k in row_kernels(torch.bfloat16, w)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden rows
+    row_kernels(torch.bfloat16, 1, 4, pdl=False)[0]: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"],  # ROW_WARP_ROWS
 }

@@ -415,18 +415,17 @@ def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
 
 
 # ----------------------------------------------------------------------------- add + RMSNorm per warp, in registers
-# The block-wide prologue above makes every block stop at two barriers before its first multiply, and it measured
-# slower in the engine than the two launches (the note on ``ENGINE_SILU_PROLOGUE``). At one token x is 1,024
-# values: the 32 lanes of a warp hold all of it in registers already (lane ``l`` loads chunks ``l, l + 32, ...``,
-# exactly the chunks its weight row meets), so a warp can add the residual, sum the squares over its own lanes
-# (five shuffles), scale and round -- no shared memory, no barrier -- and then multiply. Its cost is loading x, the
-# residual and the norm weight once per warp; ``rows`` output rows per warp (all their weight loads issued before
-# the wait) spread that over several rows and keep the grid in one wave of resident blocks. Rounded where the
-# separate kernels round (the new residual, the normalized x: bf16 each), so the result equals
-# ``fused_add_rms_norm`` then ``gemv`` up to the order of the fp32 sums. One token only; warp 0 of block 0 writes
-# the new residual (to its own buffer: the other warps still read the old one).
-ENGINE_ADD_NORM_PROLOGUE = False  # batch-1 steps fold add + RMSNorm into qkv_proj and gate_up_proj with this kernel
-ADD_NORM_ROWS = 2  # output rows per warp of the register version (1, 2 or 4 are compiled ahead)
+# The block-wide prologue above makes every block stop at two barriers before its first multiply. At one token x is
+# 1,024 values: the 32 lanes of a warp hold all of it in registers already (lane ``l`` loads chunks ``l, l + 32,
+# ...``, exactly the chunks its weight row meets), so a warp can add the residual, sum the squares over its own
+# lanes (five shuffles), scale and round -- no shared memory, no barrier -- and then multiply, ``rows`` output rows
+# per warp (all their weight loads issued before the wait) to spread that work and keep the grid in one wave. Rounded
+# where the separate kernels round. Measured on the H100 (commit cc446ba, h100/17_gemv_cuda_session18.json and
+# h100/12_latency_cuda_add_norm_warp.json), it loses too: per call in a PDL chain of 8 (one graph), qkv_proj's shape
+# 8.28 / 6.67 / 5.57 us at 1 / 2 / 4 rows a warp against 3.52 for fused_add_rms_norm + gemv, gate_up_proj's 10.60 /
+# 6.70 / 6.59 against 5.00; wired into the decoder layers, batch-1 decode took 1.224 / 1.119 / 1.179 ms/token against
+# 0.950 for the two launches. With PDL the norm kernel overlaps the gemv's weight loads and costs ~0.5 us in the
+# chain; folded in, the norm's loads and reduction sit on the gemv's critical path after its wait. Not wired in.
 
 
 @functools.cache

@@ -44,15 +44,15 @@ ROW_PER_BLOCK = True  # bf16 rows of ROW_MIN_CHUNKS to 1,024 16-byte chunks (hid
 #   replay, 1,024-wide bf16 rows, RMSNorm, a dev build equal to this one): 1.75 / 1.83 / 2.15 / 4.93 / 24.5 us at
 #   1 / 16 / 256 / 4k / 16k tokens against 2.40 / 2.50 / 2.70 / 5.60 / 25.3 for a warp per row (same run);
 #   bench.norm_variants compares both with torch.compile
-ROW_WARP_ROWS = None  # (fewest, most) rows: RMSNorm (not the fused add + norm) of that many rows, each of 32 to 128
-#   chunks (up to 1,024 bf16), would get a block of ONE warp, 4 chunks a thread, launched without programmatic dependent
-#   launch and compiled without its griddepcontrol instructions (kernels._rmsnorm_vec.make_row_kernels, per_thread,
-#   pdl=False). None: off. An H100 SM holds 32 blocks and 64 warps: 4,096 one-warp blocks (56 registers a thread) fit
-#   at once, where blocks of 4 warps run in two waves. On the H100 at 4k tokens (graph replay): a first experiment,
-#   outside bench.norm_variants, gave 4.5-4.6 us against 5.7 for 4 warps and 4.7 for torch.compile; in
-#   bench.norm_variants the build still compiled WITH griddepcontrol (launched without PDL) took 6.2, with PDL 5.6
-#   (h100/17_norm_variants_cuda_session17b.json). The build without those instructions (``row_w1c4_nopdl`` now) is
-#   not yet timed there, so this stays off. At 1k, 8k and 16k tokens the 4-warp blocks with PDL beat torch.compile
+ROW_WARP_ROWS = (2048, 6144)  # (fewest, most) rows: RMSNorm (not the fused add + norm) of that many rows, each of 32
+#   to 128 chunks (up to 1,024 bf16), gets a block of ONE warp, 4 chunks a thread, launched without programmatic
+#   dependent launch and compiled without its griddepcontrol instructions (kernels._rmsnorm_vec.make_row_kernels,
+#   per_thread, pdl=False); None: off. An H100 SM holds 32 blocks and 64 warps: 4,096 one-warp blocks (56 registers
+#   a thread) fit at once, where blocks of 4 warps run in two waves. H100, bench.norm_variants at cc446ba
+#   (h100/17_norm_variants_cuda_session18.json, graph replay): at 4k tokens 4.64 us against 5.84 for the 4-warp
+#   blocks with PDL and 4.76 for torch.compile (a first experiment outside the bench: 4.5-4.6); the same one-warp
+#   build with PDL took 5.64 there (its griddepcontrol.wait keeps blocks resident). At 1k and 8k tokens the 4-warp
+#   blocks with PDL are faster (2.13 / 11.65 against 2.74 / 12.35), hence the range
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on

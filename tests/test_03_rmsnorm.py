@@ -171,8 +171,10 @@ def test_one_warp_a_row_gives_the_chunk_a_thread_kernels_values(width, per_threa
 
 
 def test_rms_norm_of_many_rows_takes_one_warp_a_row_without_pdl_when_it_is_on(monkeypatch):
+    assert rmsnorm.ROW_WARP_ROWS == (2048, 6144)  # where bench.norm_variants measured it faster (H100)
+    monkeypatch.setattr(rmsnorm, "ROW_WARP_ROWS", None)  # off: a block of 4 warps at every row count
     assert rmsnorm._row_kernel(False, torch.empty(4096, 1024, dtype=torch.bfloat16), True, "gpu", None) \
-        is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0]  # off by default (not yet confirmed by bench.norm_variants)
+        is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0]
     monkeypatch.setattr(rmsnorm, "ROW_WARP_ROWS", (2048, 6144))
     lo, hi = rmsnorm.ROW_WARP_ROWS
     one_warp = _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4, pdl=False)

@@ -315,16 +315,11 @@ def run_profile(result: dict) -> Figure:
 
 def latency(result: dict) -> Figure:
     """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, the other loop than the
-    default's, programmatic dependent launch, the add + norm fold or the small-step kernels switched, eager), with
-    targets."""
-    modes = [m for m in ("cuda_graphs", "cuda_graphs_no_pdl", "cuda_graphs_add_norm", "cuda_graphs_no_add_norm",
-                         "cuda_graphs_add_norm_r1", "cuda_graphs_add_norm_r2", "cuda_graphs_add_norm_r4",
-                         "cuda_graphs_async", "cuda_graphs_no_async",
+    default's, programmatic dependent launch or the small-step kernels switched off, eager), with targets."""
+    modes = [m for m in ("cuda_graphs", "cuda_graphs_no_pdl", "cuda_graphs_async", "cuda_graphs_no_async",
                          "cuda_graphs_l2_prefetch", "cuda_graphs_no_prefetch", "cuda_graphs_unfused",
                          "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
     palette = {"cuda_graphs": DECODE, "cuda_graphs_no_pdl": "#f28e2b", "cuda_graphs_async": "#59a14f",
-               **{m: "#ff9da7" for m in ("cuda_graphs_add_norm", "cuda_graphs_no_add_norm", "cuda_graphs_add_norm_r1",
-                                         "cuda_graphs_add_norm_r2", "cuda_graphs_add_norm_r4")},
                "cuda_graphs_no_async": "#59a14f", "cuda_graphs_l2_prefetch": "#76b7b2",
                "cuda_graphs_no_prefetch": "#76b7b2", "cuda_graphs_unfused": "#edc948", "cuda_graphs_cublas": "#9c755f",
                "decode_graphs_only": "#b07aa1", "eager": PREFILL}

@@ -12,8 +12,7 @@ references, until a phase's kernel lands). Where a call runs:
 The launchers are imported on first use (importing numba costs seconds), once per module.
 What is left out: attention (``minivllm.model.attention``). The matmuls are PyTorch's (cuBLAS on a GPU), except
 that :func:`linear` sends small GPU steps (up to ``kernels.gemv.ENGINE_MAX_TOKENS`` tokens) to ``kernels.gemv``, and
-:func:`silu_and_mul_linear` a batch-1 step's SiLU·mul and ``down_proj`` to one kernel of it (and, while
-``kernels.gemv.ENGINE_ADD_NORM_PROLOGUE`` is on, :func:`add_norm_linear` its add + RMSNorm and the matmul after it).
+:func:`silu_and_mul_linear` a batch-1 step's SiLU·mul and ``down_proj`` to one kernel of it.
 """
 
 import functools
@@ -174,19 +173,6 @@ def silu_and_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Te
                 and module.silu_supported(gate_up, weight)):
             return module.gemv_silu(gate_up, weight)
     return linear(silu_and_mul(gate_up), weight)
-
-
-def add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(linear(rms_norm(x + residual), weight), x + residual)`` in one kernel (``kernels.gemv.gemv_add_norm``, its
-    per-warp version with ``ADD_NORM_ROWS`` rows a warp) for a one-token GPU step while ``ENGINE_ADD_NORM_PROLOGUE``
-    is on and no learner's norm runs; None otherwise (the caller runs the two steps). Out of place."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and _gemv_tokens() > 0 \
-            and "fused_add_rms_norm" not in LEARNER_KERNELS:
-        module = kernel_module("gemv")
-        if module.ENGINE_ADD_NORM_PROLOGUE and module.add_norm_supported(x, residual, norm_weight, weight):
-            return module.gemv_add_norm(x, residual, norm_weight, eps, weight, rows_per_warp=module.ADD_NORM_ROWS)
-    return None
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -112,12 +112,8 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden_states), attn_metadata)
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor,
-               attn_metadata: AttentionMetadata | None = None) -> torch.Tensor:
-        """The rest of :meth:`forward`, from ``qkv_proj``'s output (tokens, q_size + 2 kv_size)."""
-        tokens = qkv.shape[0]
+        tokens = hidden_states.shape[0]
+        qkv = self.qkv_proj(hidden_states)
         if fuse_qkv_prep(qkv, attn_metadata, self.head_dim):  # the next three steps in one kernel, K and V stored
             norm = self.q_norm is not None
             q, k, v = layers.qkv_prep(qkv, self.num_heads, self.num_kv_heads, positions, self.rotary_emb.cos_sin,
@@ -147,10 +143,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """(tokens, 2I) -> SiLU·mul (tokens, I) -> down_proj (tokens, H)."""
+        gate_up = self.gate_up_proj(x)  # (tokens, 2I) -> SiLU·mul (tokens, I) -> down_proj (tokens, H)
         if type(self.down_proj) is Linear:  # the package's own layer (quantization, tensor parallelism swap others)
             return layers.silu_and_mul_linear(gate_up, self.down_proj.weight)  # batch 1 on a GPU: one kernel
         return self.down_proj(layers.silu_and_mul(gate_up))
@@ -167,33 +160,14 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata | None) -> tuple[torch.Tensor, torch.Tensor]:
         side = layers.l2_prefetch_fork(hidden_states, self._prefetch)  # batch-1 graphs: weights into L2, aside
-        fused = None if residual is None else self._add_norm_linear(hidden_states, residual, self.input_layernorm,
-                                                                    self.self_attn.qkv_proj)
-        if fused is not None:  # one-token GPU steps, while kernels.gemv.ENGINE_ADD_NORM_PROLOGUE: add + norm + qkv_proj
-            qkv, residual = fused
-            layers.l2_prefetch_join(side)
-            hidden_states = self.self_attn.attend(positions, qkv, attn_metadata)
+        if residual is None:  # first layer: the residual stream starts as the embeddings
+            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
         else:
-            if residual is None:  # first layer: the residual stream starts as the embeddings
-                residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
-            else:
-                hidden_states, residual = self.input_layernorm(hidden_states, residual)
-            layers.l2_prefetch_join(side)  # the branch only issues requests: joined at once, before attention's split
-            hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
-        fused = self._add_norm_linear(hidden_states, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
-        if fused is not None:  # ... and add + norm + gate_up_proj
-            gate_up, residual = fused
-            return self.mlp.down(gate_up), residual
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        layers.l2_prefetch_join(side)  # the branch only issues requests: joined at once, before attention's split
+        hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
-
-    @staticmethod
-    def _add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, proj: nn.Module):
-        """``layers.add_norm_linear`` where ``proj`` is the package's own ``Linear`` (quantization and tensor
-        parallelism swap in others), else None."""
-        if type(proj) is not Linear:
-            return None
-        return layers.add_norm_linear(x, residual, norm.weight, norm.eps, proj.weight)
 
     def _prefetch(self) -> tuple[torch.Tensor, ...]:
         """The matrices read after qkv_proj (o_proj, gate_up_proj, down_proj), when all three are the package's
