@@ -12,7 +12,7 @@ on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 (``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds
 (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
-with the row; 4 or 2 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
+with the row; 2, 4, 8 or 16 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
 shift and a mask; 32, 64, 128 or 256 threads per block; and, for RMSNorm alone, the streaming kernel (a grid of 1 or 2
 waves of resident blocks, the next row loaded while one is normalized). Each is timed by CUDA-graph replay on
 Qwen3-0.6B's shapes (hidden 1,024; QK-norm over 16 heads of 128) and its output compared with ``rms_norm_ref`` /
@@ -36,6 +36,9 @@ BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads pe
     #   Inductor's heuristic gives torch.compile's persistent reduction there (one row, num_warps=1, no shared memory)
     "block128": (True, True, 4, False, 128),
     "block256": (True, True, 4, False, 256),
+    "c8": (True, True, 8, False, 64),  # more chunks a thread: QK-norm's 16-chunk heads on 2 threads, or 1 (c16;
+    "c16": (True, False, 16, False, 64),  # its weight loaded late: 64 words of row are already held)
+    "c16_block32": (True, False, 16, False, 32),
 }
 STREAM_WAVES = (1, 2)  # the streaming RMSNorm kernel (rms_norm only) on a grid of 1 or 2 waves of resident blocks
 HIDDEN, HEADS, HEAD_DIM, EPS = 1024, 16, 128, 1e-6
