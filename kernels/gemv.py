@@ -492,6 +492,7 @@ def _warp_norm_kernel(cpl: int, rows: int):
 
 SIGNATURES.update({_warp_norm_kernel(4, r): [_ADD_NORM_SIG] for r in (1, 2, 4)})  # Qwen3-0.6B: K = 1,024
 
+
 # ----------------------------------------------------------------------------- weights fetched into L2 ahead of use
 # At batch 1 only a layer's matmuls stream memory; its norms, QK-norm + RoPE and attention are latency-bound kernels
 # during which HBM idles. ``l2_prefetch`` asks the GPU to bring weights into its L2 cache (50 MB on an H100/H200:
