@@ -7,6 +7,7 @@ long each notebook took, since every notebook must stay well under a minute on a
 import collections
 import json
 import os
+import sys
 
 # OpenMP threads that spin while waiting make a 2-thread matmul 20-60x slower when the cores are shared
 # (pytest -n 2 on 2 cores); passive waiting fixes it. Set before torch loads; notebook kernels inherit it.
@@ -27,6 +28,21 @@ from kernels._env import configure_numba
 configure_numba()
 
 _notebook_seconds: dict[str, float] = collections.defaultdict(float)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_per_test(request):
+    """Every test starts from random states of its own, fixed by its id: a test that draws unseeded inputs gets the
+    same ones on every run, whichever tests pytest-xdist ran before it in the same worker."""
+    import random
+    import zlib
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    if "torch" in sys.modules:  # tests that never import torch do not pay for it here
+        sys.modules["torch"].manual_seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed)
 
 
 def _shared_dir(tmp_path_factory, name: str):
