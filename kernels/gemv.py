@@ -424,8 +424,9 @@ def gemv_add_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
 # h100/12_latency_cuda_add_norm_warp.json), it loses too: per call in a PDL chain of 8 (one graph), qkv_proj's shape
 # 8.28 / 6.67 / 5.57 us at 1 / 2 / 4 rows a warp against 3.52 for fused_add_rms_norm + gemv, gate_up_proj's 10.60 /
 # 6.70 / 6.59 against 5.00; wired into the decoder layers, batch-1 decode took 1.224 / 1.119 / 1.179 ms/token against
-# 0.950 for the two launches. With PDL the norm kernel overlaps the gemv's weight loads and costs ~0.5 us in the
-# chain; folded in, the norm's loads and reduction sit on the gemv's critical path after its wait. Not wired in.
+# 0.950 for the two launches. With PDL the norm kernel overlaps the gemv's weight loads and costs little in the chain
+# (the pair 3.52 us; the gemv alone, timed outside a chain in 17_gemv_cuda.json, 3.69); folded in, the norm's loads
+# and reduction sit on the gemv's critical path after its wait. Not wired in.
 
 
 @functools.cache
