@@ -82,6 +82,11 @@ def meta(name: str) -> dict:
     }
 
 
+def save_tagged(prefix: str, data: dict, out_dir: Path = RESULTS) -> Path:
+    """:func:`save` as ``<prefix>_<device>.json``, or ``<prefix>_tiny.json`` for a dry run on the tiny model."""
+    return save(f"{prefix}_{'tiny' if data['config'] == 'tiny' else data['device']}", data, out_dir)
+
+
 def save(name: str, data: dict, out_dir: Path = RESULTS) -> Path:
     """Write ``{"meta": ..., **data}`` to ``<out_dir>/<name>.json`` and return the path."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, engine_config, free_memory, model_spec, random_ids, resolve_device, save  # noqa
+from bench._harness import RESULTS, engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa
+from bench._harness import save_tagged  # noqa: E402
 
 NAME = "17_knockout"
 KINDS = ("norms", "qkv_proj", "qkv_prep", "attention", "o_proj", "gate_up_proj", "down_proj")
@@ -168,8 +169,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
-    tag = data["device"] if data["config"] != "tiny" else "tiny"
-    print(f"saved {save(f'{NAME}_{tag}', data, args.out)}")
+    print(f"saved {save_tagged(NAME, data, args.out)}")
     return 0
 
 

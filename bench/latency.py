@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, save  # noqa: E402
+from bench._harness import RESULTS, save_tagged  # noqa: E402
 from bench._harness import engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa: E402
 from minivllm.utils import cdiv  # noqa: E402
 
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['decode_tokens_per_s']:,.0f} tok/s), TTFT({data['ttft_prompt_len']}) {r['ttft_ms']:.1f} ms")
     if "graph_speedup_decode" in data:
         print(f"CUDA graphs: {data['graph_speedup_decode']}x faster decode")
-    tag = data["device"] if data["config"] != "tiny" else "tiny"
-    print(f"saved {save(f'12_latency_{tag}', data, args.out)}")
+    print(f"saved {save_tagged('12_latency', data, args.out)}")
     return 0
 
 

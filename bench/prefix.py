@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, save  # noqa: E402
+from bench._harness import RESULTS, save_tagged  # noqa: E402
 from bench._harness import (  # noqa: E402
     engine_config, free_memory, model_spec, random_ids, resolve_device, same_tokens, sync)
 from minivllm.utils import cdiv  # noqa: E402
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['seconds']} s")
     print(f"prefill tokens saved: {data['prefill_tokens_saved']:.1%}, TTFT {data['ttft_speedup_median']}x; "
           f"same outputs: {data['same_outputs']}/{data['num_requests']}")
-    tag = data["device"] if data["config"] != "tiny" else "tiny"
-    print(f"saved {save(f'12_prefix_{tag}', data, args.out)}")
+    print(f"saved {save_tagged('12_prefix', data, args.out)}")
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS, save
+from bench._harness import RESULTS, save_tagged
 from bench.models import RANDOM_MODELS
 
 TOPICS = ["the sea", "a lighthouse", "autumn leaves", "a robot", "the moon", "bread", "a train", "chess",
@@ -160,8 +160,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     data = run(args)
-    tag = data["device"] if data["config"] != "tiny" else "tiny"
-    print(f"saved {save(f'13_serve_{tag}', data, args.out)}")
+    print(f"saved {save_tagged('13_serve', data, args.out)}")
     return 0
 
 

@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from bench._harness import (RESULTS, dtype_of, engine_config, free_memory, model_spec, random_ids,  # noqa: E402
-                            resolve_device, same_tokens, save, sync)
+                            resolve_device, same_tokens, save_tagged, sync)
 from minivllm.config import KV_CACHE_DTYPES  # noqa: E402
 from minivllm.model.config import ModelConfig  # noqa: E402
 
@@ -385,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:12s} {r['output_tokens_per_s']:10,.1f} output tok/s  ({r['seconds']} s): "
               f"{data[f'{key}_vs_minivllm']}x the first run; same first 8 tokens as it: "
               f"{r['same_first_8_tokens_as_minivllm']}")
-    device = data["device"] if data["config"] != "tiny" else "tiny"
-    print(f"saved {save(f'12_throughput_{device}', data, args.out)}")
+    print(f"saved {save_tagged('12_throughput', data, args.out)}")
     return 0
 
 
