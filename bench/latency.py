@@ -13,7 +13,7 @@ token ids (and prefix caching off, so nothing is served from the cache):
 * **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
   token (tokenization is not included: the prompt is token ids).
 
-On a GPU both run in seven engines: the default (a CUDA graph per decode batch size, piecewise graphs for
+On a GPU both run in nine engines: the default (a CUDA graph per decode batch size, piecewise graphs for
 prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps launched op by op),
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
@@ -21,8 +21,10 @@ default with the linear layers of small steps switched between ``kernels.gemv`` 
 left as separate kernels ("cuda_graphs_unfused": ``kernels.gemv.ENGINE_SILU_PROLOGUE`` off), and the default
 with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGINE_L2_PREFETCH``; off by default:
 "cuda_graphs_l2_prefetch" turns it on), and the default with programmatic dependent launch off ("cuda_graphs_no_pdl":
-``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer). On a CPU there are no graphs:
-the eager engine only. ``--modes`` runs a subset (the derived speedups need all of them).
+``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer), and the default with each decode
+layer's QK-norm, RoPE and KV store done inside the attention kernel switched ("cuda_graphs_decode_prep":
+``kernels.paged_decode_prep.ENGINE``). On a CPU there are no graphs: the eager engine only. ``--modes`` runs a subset
+(the derived speedups need all of them; the decode-prep one only that mode and "cuda_graphs").
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -98,11 +100,15 @@ def run(args: argparse.Namespace) -> dict:
     prefetch = "cuda_graphs_no_prefetch" if defaults["ENGINE_L2_PREFETCH"] else "cuda_graphs_l2_prefetch"  # switched
     from minivllm.config import EngineConfig
 
+    import kernels.paged_decode_prep
+
+    default_prep = kernels.paged_decode_prep.ENGINE
+    prep = "cuda_graphs_no_decode_prep" if default_prep else "cuda_graphs_decode_prep"  # switched
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
               loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {},
-              "cuda_graphs_no_pdl": {}}
+              "cuda_graphs_no_pdl": {}, prep: {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     if args.modes:
         unknown = sorted(set(args.modes) - set(modes))
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         for k, v in {**defaults, **switches.get(mode, {})}.items():
             setattr(kernels.gemv, k, v)
         kernels._launch.PDL = default_pdl and mode != "cuda_graphs_no_pdl"
+        kernels.paged_decode_prep.ENGINE = default_prep != (mode == prep)
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
@@ -129,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
             for k, v in defaults.items():
                 setattr(kernels.gemv, k, v)
             kernels._launch.PDL = default_pdl
+            kernels.paged_decode_prep.ENGINE = default_prep
         del llm
         free_memory()
     if all(m in result for m in ("cuda_graphs", "eager", "decode_graphs_only", "cuda_graphs_unfused", loop, prefetch,
@@ -156,6 +164,11 @@ def run(args: argparse.Namespace) -> dict:
         result["engine_pdl"] = default_pdl and kernels._launch.pdl_active()
         result["pdl_speedup_decode"] = round(result["cuda_graphs_no_pdl"]["decode_ms_per_token"]
                                              / result["cuda_graphs"]["decode_ms_per_token"], 3)
+    if "cuda_graphs" in result and prep in result:  # its own pair: --modes cuda_graphs <prep mode> suffices
+        result["engine_decode_prep"] = default_prep
+        on, off = (("cuda_graphs", prep) if default_prep else (prep, "cuda_graphs"))
+        result["decode_prep_speedup_decode"] = round(result[off]["decode_ms_per_token"]
+                                                     / result[on]["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -182,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     data = run(args)
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
                  "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
-                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl"):
+                 "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl", "cuda_graphs_decode_prep",
+                 "cuda_graphs_no_decode_prep"):
         if mode in data:
             r = data[mode]
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "
                   f"({r['decode_tokens_per_s']:,.0f} tok/s), TTFT({data['ttft_prompt_len']}) {r['ttft_ms']:.1f} ms")
+    if "decode_prep_speedup_decode" in data:
+        print(f"attention preparing its own inputs (kernels.paged_decode_prep): {data['decode_prep_speedup_decode']}x "
+              "decode")
     if "graph_speedup_decode" in data:
         print(f"CUDA graphs: {data['graph_speedup_decode']}x faster decode")
     print(f"saved {save_tagged('12_latency', data, args.out)}")

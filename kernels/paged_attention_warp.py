@@ -245,6 +245,49 @@ def _kernel(group: int, dim: int, warps: int, unroll: int):
 
 
 @functools.cache
+def _bf16_trip(group: int, unroll: int, slots: int, lpr: int):
+    """One trip of the 16-byte kernel on a bf16 cache, for each query head of the group: the scores of the lane
+    group's ``unroll`` tokens (``kw``: their K rows as bf16 pairs, summed over the row's ``lpr`` lanes), then one
+    rescale of its online softmax and the weighted values (``vw``). Shared by the kernels that read the cache
+    this way (``kernels.paged_decode_prep`` too)."""
+    offsets = tuple(lpr >> (k + 1) for k in range(lpr.bit_length() - 1))  # lpr/2, ..., 1: sums within a row
+
+    def trip(qr, kw, vw, sc, m, l, acc, first, slot, end):
+        seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
+        for g in range(group):
+            top = m[g]
+            for u in range(unroll):
+                s = numba.float32(0.0)
+                for i in range(4):
+                    w = kw[4 * u + i]
+                    s += qr[g * 8 + 2 * i] * bf16_lo(w) + qr[g * 8 + 2 * i + 1] * bf16_hi(w)
+                for offset in offsets:  # the sum over the row's lanes, left in each of them
+                    s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
+                sc[u] = s
+                if first + u * slots + slot < end:
+                    top = max(top, s)
+            if not seen:
+                continue
+            alpha = math.exp(m[g] - top)  # 0 on this lane group's first chunk (m = -inf)
+            m[g] = top
+            total = l[g] * alpha
+            for i in range(8):
+                acc[g * 8 + i] *= alpha
+            for u in range(unroll):
+                p = numba.float32(0.0)
+                if first + u * slots + slot < end:
+                    p = math.exp(sc[u] - top)
+                total += p
+                for i in range(4):
+                    w = vw[4 * u + i]
+                    acc[g * 8 + 2 * i] += p * bf16_lo(w)
+                    acc[g * 8 + 2 * i + 1] += p * bf16_hi(w)
+            l[g] = total
+
+    return cuda.jit(device=True, inline=True, fastmath=True)(trip)  # as the kernels that call it
+
+
+@functools.cache
 def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False,
               half2: bool = False, fused: bool = False, heads_first: bool = True):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
@@ -286,6 +329,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     smul = numba.float32(qmul if half2 else 1.0)  # what a score is multiplied by
     pairs = gd // 2 if half2 else 1  # fp8 + half2: the queries (and a trip's weighted values) as fp16 pairs
     adj = 1 if cvt else 2  # the pair partner's offset within a word's 4 values: (0, 1) cvt, (0, 2) masks + shifts
+    trip = _bf16_trip(group, unroll, slots, lpr)  # the bf16 cache's trip
 
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits, counters):
@@ -436,35 +480,7 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
                                     acc[j + 2] += p * x2
                                     acc[j + 3] += p * x3
                 continue
-            for g in range(group):
-                top = m[g]
-                for u in range(unroll):
-                    s = numba.float32(0.0)
-                    for i in range(4):
-                        w = kw[4 * u + i]
-                        s += qr[g * 8 + 2 * i] * bf16_lo(w) + qr[g * 8 + 2 * i + 1] * bf16_hi(w)
-                    for offset in offsets:  # the sum over the row's lanes, left in each of them
-                        s += cuda.shfl_xor_sync(FULL_MASK, s, offset)
-                    sc[u] = s
-                    if first + u * slots + slot < end:
-                        top = max(top, s)
-                if not seen:
-                    continue
-                alpha = math.exp(m[g] - top)  # 0 on this lane group's first chunk (m = -inf)
-                m[g] = top
-                total = l[g] * alpha
-                for i in range(8):
-                    acc[g * 8 + i] *= alpha
-                for u in range(unroll):
-                    p = numba.float32(0.0)
-                    if first + u * slots + slot < end:
-                        p = math.exp(sc[u] - top)
-                    total += p
-                    for i in range(4):
-                        w = vw[4 * u + i]
-                        acc[g * 8 + 2 * i] += p * bf16_lo(w)
-                        acc[g * 8 + 2 * i + 1] += p * bf16_hi(w)
-                l[g] = total
+            trip(qr, kw, vw, sc, m, l, acc, first, slot, end)
 
         for g in range(group):
             if c == 0:

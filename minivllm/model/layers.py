@@ -113,6 +113,25 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
                                            q_weight, k_weight, eps, backend=_backend(qkv))
 
 
+def decode_prep_fits(qkv: torch.Tensor, kv_cache: torch.Tensor, head_dim: int, q_heads: int, kv_heads: int) -> bool:
+    """Whether a decode step's layer prepares its inputs inside the attention kernel (``kernels.paged_decode_prep``:
+    QK-norm, RoPE, the KV store and attention in one launch): its switch ``ENGINE`` on, the shapes it takes, and no
+    learner's attention kernel to run instead."""
+    module = kernel_module("paged_decode_prep")
+    return (module is not None and module.ENGINE and "paged_attention" not in LEARNER_KERNELS
+            and module.fits(qkv, kv_cache, head_dim, q_heads, kv_heads))
+
+
+def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor,
+                      cos_sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, q_weight: torch.Tensor | None,
+                      k_weight: torch.Tensor | None, eps: float, max_context_len: int) -> torch.Tensor:
+    """QK-norm, RoPE, the KV store and decode attention in one kernel: ``kernels.paged_decode_prep``."""
+    return launcher("paged_decode_prep", "paged_decode_prep")(
+        qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping, block_tables, context_lens, q_weight,
+        k_weight, eps, max_context_len=max_context_len, backend=_backend(qkv))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T``: cuBLAS (``F.linear``), or on a GPU for a step of at most ``kernels.gemv.ENGINE_MAX_TOKENS``
     tokens the matrix-vector kernel ``kernels.gemv``."""

@@ -6,7 +6,8 @@ One decoder layer, pre-norm, with the residual stream carried beside the hidden 
       RMSNorm ─► gate_up_proj ─► SiLU(gate) · up ─► down_proj ─► +
 
 ``[q_norm, k_norm]`` (RMSNorm over head_dim on every q and k head) is Qwen3's; Llama skips it. On a GPU, in
-the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``), and a batch-1
+the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``; with
+``kernels.paged_decode_prep.ENGINE`` on, a decode step does them inside its attention kernel), and a batch-1
 step folds the SiLU·mul into ``down_proj`` (``layers.silu_and_mul_linear``, ``kernels.gemv.gemv_silu``).
 Everything else is shared. As in vLLM, the model works on a batch of *flattened tokens*,
 ``input_ids (tokens,)`` with ``positions (tokens,)``, and the attention metadata says which cache
@@ -116,6 +117,14 @@ class Qwen3Attention(nn.Module):
         qkv = self.qkv_proj(hidden_states)
         if fuse_qkv_prep(qkv, attn_metadata, self.head_dim):  # the next three steps in one kernel, K and V stored
             norm = self.q_norm is not None
+            meta, kv = attn_metadata, attn_metadata.kv_cache.kv[self.layer]
+            if meta.split is None and meta.num_decodes == tokens and layers.decode_prep_fits(
+                    qkv, kv, self.head_dim, self.num_heads, self.num_kv_heads):  # and attention: one kernel
+                out = layers.paged_decode_prep(
+                    qkv, self.num_heads, self.num_kv_heads, positions, self.rotary_emb.cos_sin, kv, meta.slot_mapping,
+                    meta.block_tables[:tokens], meta.context_lens[:tokens], self.q_norm.weight if norm else None,
+                    self.k_norm.weight if norm else None, self.q_norm.eps if norm else 0.0, meta.max_context_len)
+                return self.o_proj(out.view(tokens, -1))
             q, k, v = layers.qkv_prep(qkv, self.num_heads, self.num_kv_heads, positions, self.rotary_emb.cos_sin,
                                       attn_metadata.kv_cache.kv[self.layer], attn_metadata.slot_mapping,
                                       self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,

@@ -1,0 +1,333 @@
+"""Decode attention that prepares its own inputs: QK-norm, RoPE and the KV store inside the attention kernel.
+
+A decode step's attention layer runs two kernels after its ``qkv_proj`` matmul: ``kernels.qkv_prep`` (each head
+normalized and rotated, this token's key and value stored in the paged cache) and the paged decode attention
+(``kernels.paged_attention_warp``), which reads the prepared queries back. At batch 1 neither has much to do: the
+prep moves ~12 KB, the attention a few hundred keys. What each costs is its chain of memory round trips after it
+waits for the kernel before it (``kernels._pdl``): the prep reads qkv, writes q, and ends; the attention can only
+then read q. Here one kernel does both, and the prepared queries never leave the registers:
+
+* every block (KV head, sequence, split) prepares the ``group`` query heads of its KV head itself, straight from
+  the projection's output: a row of 16 lanes holds a head (8 bf16 values a lane, one 16-byte load), the norm's
+  sum is a shuffle reduction over the row, and RoPE's partner of element ``i`` (``i + 64``) is in the lane 8
+  places away (``shfl_xor 8``). Splits of the same head repeat this work: a few hundred instructions, no memory
+  traffic beyond the head's 256 bytes (cached);
+* the block whose split holds the sequence's last key (this step's token) prepares the key, stores it and the
+  value into the cache, and makes them visible to its own warps with the barrier every block passes before its
+  first trip; no other block reads that key.
+
+The roundings are the unfused kernels' (the norm's result rounded to bf16, then RoPE's); the kernel is built with
+``fastmath`` like the attention kernel, so the norm's square root and division are the GPU's approximate ones and a
+stored key can differ from ``qkv_prep``'s in its last bit. The trip over the cache is
+``kernels.paged_attention_warp``'s 16-byte bf16 trip (:func:`~kernels.paged_attention_warp._bf16_trip`), split-K
+with the fused merge as there.
+
+Limits: bf16, head size 128, a bf16 cache; a decode step only (one new token per sequence, the last of its
+context); positions outside the RoPE table give NaN. ``python -m kernels.paged_decode_prep`` checks it against the
+two kernels it replaces.
+"""
+
+import functools
+import math
+
+import numba
+import numpy as np
+import torch
+from numba import cuda
+
+from kernels._checks import check_tensor
+from kernels._index import div_pow2, mod_pow2, pow2_shift
+from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
+from kernels._pdl import mark, pdl_trigger, pdl_wait
+from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words, store_words
+from kernels.paged_attention import paged_attention_ref, split_buffers
+from kernels.paged_attention_warp import (FULL_MASK, NEG_INF, UNROLL16, WARPS, _bf16_trip, _counters,
+                                          _last_block_merges, _merge_states, fit_warps, split_size)
+from kernels.qkv_prep import _word, qkv_prep_ref, split_qkv
+
+DIM = 128  # the head size the kernel is written for: 16 lanes of 8 bf16 values
+LPR = DIM // 8  # lanes per head row
+ENGINE = False  # the engine's decode steps take this kernel where it fits (minivllm.model.layers.decode_prep_fits);
+#   off until timed on a GPU (bench.latency's cuda_graphs_decode_prep against cuda_graphs)
+
+
+@cuda.jit(device=True, inline=True, fastmath=True)
+def _squares(w):
+    return bf16_lo(w) * bf16_lo(w) + bf16_hi(w) * bf16_hi(w)
+
+
+@cuda.jit(device=True, inline=True, fastmath=True)
+def _normed(w, ww, inv_rms):
+    """A word's two values times ``inv_rms`` and their weights (``ww``), rounded to bf16."""
+    return _word((bf16_lo(w) * inv_rms) * bf16_lo(ww), (bf16_hi(w) * inv_rms) * bf16_hi(ww))
+
+
+@cuda.jit(device=True, inline=True, fastmath=True)
+def _rotated(w, p, first, cos, sin, i):
+    """RoPE of a word's two values (angles ``i``, ``i + 1``) with their partners' (``p``): ``a cos - b sin`` in the
+    first half, ``b cos + a sin`` in the second (``a``: the first half's value, ``b`` its partner), rounded."""
+    sign = numba.float32(-1.0) if first else numba.float32(1.0)
+    return _word(bf16_lo(w) * cos[i] + sign * bf16_lo(p) * sin[i],
+                 bf16_hi(w) * cos[i + 1] + sign * bf16_hi(p) * sin[i + 1])
+
+
+@cuda.jit(device=True, inline=True, fastmath=True)
+def _prep_row(src, j, ww0, ww1, ww2, ww3, norm, eps, c, cos, sin):
+    """Lane ``c`` of a 16-lane row holds the 16-byte chunk ``src[j]`` of a head (values ``8 (c % 8) ..`` of the
+    first half for ``c < 8``, of the second half otherwise) and returns it normalized (weights ``ww``, rounded to
+    bf16) and rotated (``cos``, ``sin``: the lane's 8 angles' values), as four bf16-pair words. The whole warp must
+    call it (shuffles)."""
+    w0, w1, w2, w3 = load_words(src, j)
+    total = _squares(w0) + _squares(w1) + _squares(w2) + _squares(w3)
+    for offset in (8, 4, 2, 1):  # the head's sum of squares, in each of its 16 lanes
+        total += cuda.shfl_xor_sync(FULL_MASK, total, offset)
+    if norm:
+        inv_rms = numba.float32(1.0) / math.sqrt(total / numba.float32(DIM) + eps)
+        w0, w1 = _normed(w0, ww0, inv_rms), _normed(w1, ww1, inv_rms)
+        w2, w3 = _normed(w2, ww2, inv_rms), _normed(w3, ww3, inv_rms)
+    p0 = cuda.shfl_xor_sync(FULL_MASK, w0, 8)  # the RoPE partners: the same values of the other half
+    p1 = cuda.shfl_xor_sync(FULL_MASK, w1, 8)
+    p2 = cuda.shfl_xor_sync(FULL_MASK, w2, 8)
+    p3 = cuda.shfl_xor_sync(FULL_MASK, w3, 8)
+    first = c < 8
+    return (_rotated(w0, p0, first, cos, sin, 0), _rotated(w1, p1, first, cos, sin, 2),
+            _rotated(w2, p2, first, cos, sin, 4), _rotated(w3, p3, first, cos, sin, 6))
+
+
+@functools.cache
+def _kernel(group: int, warps: int, unroll: int):
+    """The kernel for one (group, warps, unroll): constants, so loops unroll and arrays live in registers."""
+    vpl = 8  # bf16 values a lane holds of a row: one 16-byte load
+    tpw = 32 // LPR  # tokens per warp per load instruction
+    slots = warps * tpw  # online-softmax states per block (one per lane group)
+    span = slots * unroll  # tokens a block reads per trip
+    words = 4 * unroll  # 32-bit words of K (or V) a lane holds per trip
+    gd = group * vpl
+    trip = _bf16_trip(group, unroll, slots, LPR)
+
+    def kernel(qkv, q_weight, k_weight, eps, norm, positions, cos_sin, slot_mapping, kv_cache, block_tables,
+               context_lens, scale, out, partial_out, max_logits, exp_sums, tokens_per_split, num_splits, counters):
+        # qkv: (seqs, (q_heads + 2 kv_heads) * 16) complex128 (16-byte chunks of bf16); q_weight, k_weight: (16,)
+        # complex128; positions, slot_mapping: (seqs,) int64; cos_sin: (max_position, 128) float32; kv_cache:
+        # (blocks, 2, block_size, kv_heads, 16) complex128; out: (seqs, q_heads, 128) bf16; the rest as
+        # kernels.paged_attention_warp's 16-byte kernel with the fused merge
+        sm_m = cuda.shared.array((slots, group), numba.float32)
+        sm_l = cuda.shared.array((slots, group), numba.float32)
+        sm_acc = cuda.shared.array((slots, group, DIM), numba.float32)
+        sm_last = cuda.shared.array(1, numba.int32)
+        qr = cuda.local.array(gd, numba.float32)
+        acc = cuda.local.array(gd, numba.float32)
+        kw = cuda.local.array(words, numba.int32)
+        vw = cuda.local.array(words, numba.int32)
+        sc = cuda.local.array(unroll, numba.float32)
+        bt = cuda.local.array(unroll, numba.int32)
+        m = cuda.local.array(group, numba.float32)
+        l = cuda.local.array(group, numba.float32)
+        cos = cuda.local.array(vpl, numba.float32)
+        sin = cuda.local.array(vpl, numba.float32)
+        tid = cuda.threadIdx.x
+        lane, warp = tid % 32, tid // 32
+        c = lane % LPR
+        qw0, qw1, qw2, qw3 = load_words(q_weight, c)  # weights: nobody writes them, so read before the wait
+        kw0, kw1, kw2, kw3 = load_words(k_weight, c)
+        pdl_trigger()  # the next kernel may launch (kernels._pdl)
+        pdl_wait()
+
+        kvh, seq, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        q_heads, kv_heads = out.shape[1], kv_cache.shape[3]
+        slot = warp * tpw + lane // LPR
+        block_size = kv_cache.shape[2]
+        bsh = pow2_shift(block_size)
+        context = context_lens[seq]
+        start = split * tokens_per_split
+        end = min(context, start + tokens_per_split)
+        p = positions[seq]
+        e = 8 * (c % 8)  # the lane's first angle: elements e .. e + 7 of the first half (or their partners)
+        inside = 0 <= p < cos_sin.shape[0]
+        for i in range(vpl):
+            if inside:
+                cos[i], sin[i] = cos_sin[p, e + i], cos_sin[p, e + i + DIM // 2]
+            else:  # outside the table: NaN rather than a read out of bounds (as kernels.rope)
+                cos[i] = sin[i] = numba.float32(np.nan)
+        row = qkv[seq]
+        for g in range(group):  # this block's query heads, prepared in registers (each lane group alike)
+            w0, w1, w2, w3 = _prep_row(row, (kvh * group + g) * LPR + c, qw0, qw1, qw2, qw3, norm, eps, c, cos, sin)
+            j = g * vpl
+            qr[j + 0], qr[j + 1] = bf16_lo(w0) * scale, bf16_hi(w0) * scale
+            qr[j + 2], qr[j + 3] = bf16_lo(w1) * scale, bf16_hi(w1) * scale
+            qr[j + 4], qr[j + 5] = bf16_lo(w2) * scale, bf16_hi(w2) * scale
+            qr[j + 6], qr[j + 7] = bf16_lo(w3) * scale, bf16_hi(w3) * scale
+            m[g] = NEG_INF
+            l[g] = 0.0
+            for i in range(vpl):
+                acc[j + i] = 0.0
+        target = slot_mapping[seq]
+        if warp == 0 and target >= 0 and context > 0 and (context - 1) // tokens_per_split == split:
+            # this step's key (and value) into the cache: this split is the one that reads it
+            k0, k1, k2, k3 = _prep_row(row, (q_heads + kvh) * LPR + c, kw0, kw1, kw2, kw3, norm, eps, c, cos, sin)
+            if lane < LPR:
+                b, o = div_pow2(target, block_size, bsh), mod_pow2(target, block_size, bsh)
+                store_words(kv_cache[b, 0, o, kvh], c, k0, k1, k2, k3)
+                v0, v1, v2, v3 = load_words(row, (q_heads + kv_heads + kvh) * LPR + c)
+                store_words(kv_cache[b, 1, o, kvh], c, v0, v1, v2, v3)
+        cuda.syncthreads()  # the stored key and value are visible to every warp of the block
+
+        for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
+            t = start + u * slots + slot
+            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+        for first in range(start, end, span):  # the same trips for every thread (the simulator's shuffles)
+            for u in range(unroll):
+                t = first + u * slots + slot
+                b, o = bt[u], mod_pow2(t, block_size, bsh)
+                kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
+                vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
+            for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight
+                t = first + span + u * slots + slot
+                bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+            trip(qr, kw, vw, sc, m, l, acc, first, slot, end)
+
+        for g in range(group):
+            if c == 0:
+                sm_m[slot, g] = m[g]
+                sm_l[slot, g] = l[g]
+            for i in range(vpl):
+                sm_acc[slot, g, c * vpl + i] = acc[g * vpl + i]
+        cuda.syncthreads()
+        _merge_states(sm_m, sm_l, sm_acc, slots, group, DIM, tid, warps * 32, seq, kvh, split, num_splits, out,
+                      partial_out, max_logits, exp_sums)
+        if num_splits > 1:
+            _last_block_merges(counters, context_lens, tokens_per_split, num_splits, partial_out, max_logits,
+                               exp_sums, out, seq, kvh, group, DIM, tid, warps * 32, sm_last)
+
+    kernel.__name__ = kernel.__qualname__ = f"paged_decode_prep_g{group}_w{warps}_u{unroll}"
+    return mark(cuda.jit(fastmath=True)(kernel))
+
+
+_SIG = ("void(complex128[:, ::1], complex128[::1], complex128[::1], float32, boolean, int64[::1], float32[:, ::1], "
+        "int64[::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, bfloat16[:, :, ::1], "
+        "float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64, int32[:, ::1])")
+SIGNATURES = {_kernel(2, fit_warps(2, DIM, WARPS, False), UNROLL16): [_SIG]}  # Qwen3's shape (group 2)
+SIGNATURES[_squares] = ["float32(int32)"]
+SIGNATURES[_normed] = ["int32(int32, int32, float32)"]
+SIGNATURES[_rotated] = ["int32(int32, int32, boolean, float32[::1], float32[::1], int64)"]
+SIGNATURES[_prep_row] = ["UniTuple(int32, 4)(complex128[::1], int64, int32, int32, int32, int32, boolean, float32, "
+                         "int64, float32[::1], float32[::1])"]
+
+
+# ----------------------------------------------------------------------------- reference and launcher
+def paged_decode_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping, block_tables,
+                          context_lens, q_weight=None, k_weight=None, eps=1e-6, scale=None):
+    """The two steps it fuses, with their references: ``kernels.qkv_prep``'s (which stores k and v) then paged
+    decode attention's. Returns (seqs, q_heads, d)."""
+    q, _, _ = qkv_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping, q_weight, k_weight, eps)
+    return paged_attention_ref(q.contiguous(), kv_cache, block_tables, context_lens, scale).to(qkv.dtype)
+
+
+def fits(qkv: torch.Tensor, kv_cache: torch.Tensor, head_dim: int, q_heads: int, kv_heads: int) -> bool:
+    """Whether the fused kernel takes this step: bf16 projections and cache, head size 128, a GQA group whose
+    merge buffers fit (group <= 8), 16-byte aligned rows."""
+    return (qkv.dtype == kv_cache.dtype == torch.bfloat16 and head_dim == DIM and q_heads % kv_heads == 0
+            and q_heads // kv_heads <= 8 and aligned16(qkv, kv_cache) and qkv.is_contiguous())
+
+
+def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor,
+                      cos_sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, q_weight: torch.Tensor | None = None,
+                      k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, scale: float | None = None,
+                      max_context_len: int | None = None, tokens_per_split: int | None = None,
+                      warps: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """QK-norm (when weights are given), RoPE, the KV store and decode attention of one layer in one launch.
+
+    qkv: (seqs, (q_heads + 2 kv_heads) * 128) bf16, one new token per sequence (the last of its context:
+    ``context_lens`` counts it, ``slot_mapping`` says where it goes, -1 nowhere); positions, slot_mapping: (seqs,)
+    int64; cos_sin: (max_position, 128) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, 128) bf16;
+    block_tables (seqs, width) and context_lens (seqs,) int32. Returns (seqs, q_heads, 128). ``max_context_len``,
+    ``tokens_per_split``, ``warps``: as :func:`kernels.paged_attention_warp.paged_attention_warp`."""
+    check_tensor("qkv", qkv, dtypes=(torch.bfloat16,), ndim=2)
+    seqs = qkv.shape[0]
+    if qkv.shape[1] != (q_heads + 2 * kv_heads) * DIM or q_heads % kv_heads:
+        raise ValueError(f"qkv must be (seqs, (q_heads + 2 * kv_heads) * {DIM}) with q_heads a multiple of kv_heads, "
+                         f"got {tuple(qkv.shape)} for {q_heads} and {kv_heads} heads")
+    check_tensor("positions", positions, dtypes=(torch.int64,), shape=(seqs,), device=qkv.device)
+    check_tensor("cos_sin", cos_sin, dtypes=(torch.float32,), shape=(None, DIM), device=qkv.device)
+    check_tensor("kv_cache", kv_cache, dtypes=(torch.bfloat16,), shape=(None, 2, None, kv_heads, DIM),
+                 device=qkv.device)
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(seqs,), device=qkv.device)
+    check_tensor("context_lens", context_lens, dtypes=(torch.int32,), shape=(seqs,), device=qkv.device)
+    check_tensor("block_tables", block_tables, dtypes=(torch.int32,), ndim=2, device=qkv.device)
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("give both q_weight and k_weight (QK-norm), or neither")
+    if not fits(qkv, kv_cache, DIM, q_heads, kv_heads):
+        raise ValueError("paged_decode_prep takes contiguous, 16-byte aligned bf16 tensors and a GQA group <= 8")
+    scale = DIM ** -0.5 if scale is None else float(scale)
+    where = resolve_backend(backend, qkv, positions, cos_sin, kv_cache, slot_mapping, block_tables, context_lens)
+    if where == "torch":
+        return paged_decode_prep_ref(qkv, q_heads, kv_heads, positions, cos_sin, kv_cache, slot_mapping,
+                                     block_tables, context_lens, q_weight, k_weight, eps, scale)
+    out = torch.empty(seqs, q_heads, DIM, dtype=qkv.dtype, device=qkv.device)
+    if seqs == 0:
+        return out
+    norm = q_weight is not None
+    if not norm:
+        q_weight = k_weight = torch.ones(DIM, dtype=qkv.dtype, device=qkv.device)  # unread: norm is False
+    group = q_heads // kv_heads
+    warps = fit_warps(group, DIM, WARPS if warps is None else warps, False)
+    kernel = _kernel(group, warps, UNROLL16)
+    longest = int(context_lens.max()) if max_context_len is None else max_context_len
+    if tokens_per_split is None and where == "gpu":
+        tokens_per_split = split_size(seqs * kv_heads, longest, resident_blocks(kernel, warps * 32, qkv.device))
+    splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
+    tokens_per_split = max(longest, 1) if splits == 1 else tokens_per_split
+    partial, m, l = split_buffers(out, splits)
+    counters = _counters(qkv.device, seqs, kv_heads)
+    c16 = torch.complex128
+    launch(kernel, (kv_heads, seqs, splits), warps * 32, qkv.view(c16), q_weight.view(c16), k_weight.view(c16),
+           numba.float32(eps), norm, positions, cos_sin, slot_mapping, kv_cache.view(c16), block_tables,
+           context_lens, numba.float32(scale), out, partial, m, l, tokens_per_split, splits, counters, backend=where)
+    return out
+
+
+def _main() -> None:
+    """Against the two kernels it replaces (and, on a GPU, their time in a CUDA graph against its own)."""
+    from kernels.paged_attention_warp import paged_attention_warp
+    from kernels.qkv_prep import qkv_prep
+    from kernels.rope import rope_cache
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    q_heads, kv_heads, bs = 16, 8, 16
+    cases = ((1, 300), (8, 845), (64, 2048)) if on_gpu else ((2, 21),)
+    cos_sin = rope_cache(DIM, 8192, 1e6, device=device)
+    for seqs, context in cases:
+        g = torch.Generator().manual_seed(seqs)
+        lens = torch.full((seqs,), context, dtype=torch.int32)
+        width = cdiv(context, bs)
+        tables = torch.randperm(seqs * width + 2, generator=g)[: seqs * width].view(seqs, width).to(torch.int32)
+        cache = torch.randn(seqs * width + 2, 2, bs, kv_heads, DIM, generator=g).to(torch.bfloat16)
+        qkv = torch.randn(seqs, (q_heads + 2 * kv_heads) * DIM, generator=g).to(torch.bfloat16)
+        qw, kw = ((1 + 0.1 * torch.randn(DIM, generator=g)).to(torch.bfloat16) for _ in range(2))
+        positions = (lens - 1).long()
+        slots = torch.stack([tables[i, (context - 1) // bs].long() * bs + (context - 1) % bs for i in range(seqs)])
+        t = [x.to(device) for x in (qkv, qw, kw, positions, slots, tables, lens)]
+        qkv, qw, kw, positions, slots, tables, lens = t
+        caches = [cache.to(device) for _ in range(2)]
+        got = paged_decode_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[0], slots, tables, lens, qw, kw)
+
+        def two_kernels():
+            q, _, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots, qw, kw)
+            return paged_attention_warp(q, caches[1], tables, lens)
+
+        want = two_kernels()
+        line = (f"{seqs} x {context}: max |diff| {(got.float() - want.float()).abs().max().item():.3g}, "
+                f"cache {(caches[0].float() - caches[1].float()).abs().max().item():.3g}")
+        if on_gpu:
+            from kernels._timing import graph_time
+
+            fused_us = graph_time(lambda: paged_decode_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[0],
+                                                            slots, tables, lens, qw, kw)).median_us
+            line += f"  fused {fused_us:.2f} us, qkv_prep + attention {graph_time(two_kernels).median_us:.2f} us"
+        print(line)
+
+
+if __name__ == "__main__":
+    _main()
