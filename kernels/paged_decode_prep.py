@@ -150,17 +150,19 @@ def _kernel(group: int, warps: int, unroll: int):
             else:  # outside the table: NaN rather than a read out of bounds (as kernels.rope)
                 cos[i] = sin[i] = numba.float32(np.nan)
         row = qkv[seq]
+        for i in range(gd):
+            qr[i] = acc[i] = 0.0
         for g in range(group):  # this block's query heads, prepared in registers (each lane group alike)
+            m[g] = NEG_INF
+            l[g] = 0.0
+            if start >= end:  # a split past the context (a CUDA graph's fixed longest): no key to score
+                continue
             w0, w1, w2, w3 = _prep_row(row, (kvh * group + g) * LPR + c, qw0, qw1, qw2, qw3, norm, eps, c, cos, sin)
             j = g * vpl
             qr[j + 0], qr[j + 1] = bf16_lo(w0) * scale, bf16_hi(w0) * scale
             qr[j + 2], qr[j + 3] = bf16_lo(w1) * scale, bf16_hi(w1) * scale
             qr[j + 4], qr[j + 5] = bf16_lo(w2) * scale, bf16_hi(w2) * scale
             qr[j + 6], qr[j + 7] = bf16_lo(w3) * scale, bf16_hi(w3) * scale
-            m[g] = NEG_INF
-            l[g] = 0.0
-            for i in range(vpl):
-                acc[j + i] = 0.0
         target = slot_mapping[seq]
         if warp == 0 and target >= 0 and context > 0 and (context - 1) // tokens_per_split == split:
             # this step's key (and value) into the cache: this split is the one that reads it
