@@ -10,6 +10,9 @@ token ids (and prefix caching off, so nothing is served from the cache):
 * **decode**: a ``--prompt-len``-token prompt and ``--output-len`` output tokens (EOS ignored); the time
   per output token *after the first* (``(last token time - first token time) / (tokens - 1)``), which
   leaves the prefill out;
+* each mode's greedy tokens for its warm-up decode prompt (the same prompt in every mode) are compared with the
+  default engine's: ``same_leading_tokens_as_cuda_graphs`` (an end-to-end check that a switched kernel computes the
+  same model; bf16 roundings may part them late in a run);
 * **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
   token (tokenization is not included: the prompt is token ids).
 
@@ -59,21 +62,23 @@ def measure(llm, args: argparse.Namespace, rng: random.Random) -> dict:
             for out in engine.step():
                 if out.request_id == rid and out.finished:
                     assert len(out.outputs[0].token_ids) == max_tokens
-                    return out.metrics
+                    return out.metrics, list(out.outputs[0].token_ids)
 
-    decode, ttft = [], []
+    decode, ttft, tokens = [], [], None
     for i in range(args.repeats + 1):  # run 0 is the warm-up
-        m = one(args.prompt_len, args.output_len)
+        m, ids = one(args.prompt_len, args.output_len)
+        tokens = tokens or ids  # the warm-up's greedy tokens: the same prompt in every mode (rng seeded alike)
         if i:
             decode.append((m.last_token_time - m.first_token_time) / (args.output_len - 1) * 1e3)
-        m = one(args.ttft_len, 1)
+        m, _ = one(args.ttft_len, 1)
         if i:
             ttft.append(m.time_to_first_token * 1e3)
     engine.check_no_leaks()
     return {"decode_ms_per_token": round(statistics.median(decode), 4),
             "decode_tokens_per_s": round(1e3 / statistics.median(decode), 1),
             "ttft_ms": round(statistics.median(ttft), 3),
-            "runs": {"decode_ms_per_token": [round(x, 4) for x in decode], "ttft_ms": [round(x, 3) for x in ttft]}}
+            "runs": {"decode_ms_per_token": [round(x, 4) for x in decode], "ttft_ms": [round(x, 3) for x in ttft]},
+            "tokens": tokens}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -164,6 +169,12 @@ def run(args: argparse.Namespace) -> dict:
         result["engine_pdl"] = default_pdl and kernels._launch.pdl_active()
         result["pdl_speedup_decode"] = round(result["cuda_graphs_no_pdl"]["decode_ms_per_token"]
                                              / result["cuda_graphs"]["decode_ms_per_token"], 3)
+    base = result.get("cuda_graphs", {}).get("tokens")  # greedy tokens of the same prompt in every mode
+    for mode in modes:
+        tokens = result[mode].pop("tokens") if mode in result else None
+        if tokens is not None and base is not None and mode != "cuda_graphs":  # how many lead equal to the default's
+            same = next((i for i, (x, y) in enumerate(zip(tokens, base)) if x != y), len(tokens))
+            result[mode]["same_leading_tokens_as_cuda_graphs"] = same
     if "cuda_graphs" in result and prep in result:  # its own pair: --modes cuda_graphs <prep mode> suffices
         result["engine_decode_prep"] = default_prep
         on, off = (("cuda_graphs", prep) if default_prep else (prep, "cuda_graphs"))
@@ -199,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
                  "cuda_graphs_no_decode_prep"):
         if mode in data:
             r = data[mode]
+            same = r.get("same_leading_tokens_as_cuda_graphs")
             print(f"{data['config']} on {data['device']}, {mode:18s}: decode {r['decode_ms_per_token']:.3f} ms/token "
-                  f"({r['decode_tokens_per_s']:,.0f} tok/s), TTFT({data['ttft_prompt_len']}) {r['ttft_ms']:.1f} ms")
+                  f"({r['decode_tokens_per_s']:,.0f} tok/s), TTFT({data['ttft_prompt_len']}) {r['ttft_ms']:.1f} ms"
+                  + ("" if same is None else f", first {same} of {data['output_len']} greedy tokens as cuda_graphs"))
     if "decode_prep_speedup_decode" in data:
         print(f"attention preparing its own inputs (kernels.paged_decode_prep): {data['decode_prep_speedup_decode']}x "
               "decode")
