@@ -75,6 +75,10 @@ FUSED_MERGE = True  # split-K steps merge in the kernel's last block instead of 
 #   kernel; one launch fewer per layer at small decode batches). Measured on the H100 (bench.paged_decode, CUDA-graph
 #   replay): batch 1 x 300 tokens 8.2 against 9.2 us, batch 8 mixed 27.2 against 28.4
 #   (bench/results/h100/17_paged_decode_cuda.json, 12-05 session 8)
+DYNAMIC_SPLIT = False  # split-K with the fused merge, split size picked by the launcher: each sequence cuts its own
+#   context into the grid's splits (at least MIN_SPLIT keys each; _split_keys) instead of chunks sized for the longest
+#   context the grid allows. A CUDA graph's grid is sized for max_model_len: with the static chunks a 300-key request
+#   under a 40,960-key limit is one block per KV head. Off until timed on a GPU (python -m kernels.paged_decode_prep)
 HEADS_FIRST = True  # the 16-byte kernel's grid (kv_heads, seqs, splits): the GPU dispatches blocks x first, so a
 #   sequence's KV heads go out one after another; with the scheduler's rows longest context first
 #   (minivllm.scheduler.row_order) the longest sequences' blocks all start first. (seqs, kv_heads, splits) sent
@@ -127,6 +131,19 @@ def _merge_states(sm_m, sm_l, sm_acc, states, group, dim, tid, threads, seq, kvh
             if d == 0:
                 max_logits[seq, h, split] = big
                 exp_sums[seq, h, split] = den
+
+
+@cuda.jit(device=True, inline=True)
+def _split_keys(tokens_per_split, num_splits, context, split):
+    """(keys per split, this block's first key, its end) for a sequence of ``context`` keys: chunks of
+    ``tokens_per_split`` keys when it is positive; when negative (``-minimum``, ``DYNAMIC_SPLIT``), the sequence's
+    own context cut into ``num_splits`` chunks of at least ``minimum`` keys, so that a grid sized for the longest
+    context (a CUDA graph's) still spreads a short one over several blocks."""
+    tps = tokens_per_split
+    if tps < 0:
+        tps = max(-tokens_per_split, (context + num_splits - 1) // num_splits)
+    start = split * tps
+    return tps, start, min(context, start + tps)
 
 
 @cuda.jit(device=True, inline=True)
@@ -287,9 +304,15 @@ def _bf16_trip(group: int, unroll: int, slots: int, lpr: int):
     return cuda.jit(device=True, inline=True, fastmath=True)(trip)  # as the kernels that call it
 
 
-@functools.cache
 def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False,
-              half2: bool = False, fused: bool = False, heads_first: bool = True):
+              half2: bool = False, fused: bool = False, heads_first: bool = True, dynamic: bool = False):
+    """The 16-byte kernel's build for these settings (:func:`_build16`), made once however the call spells them."""
+    return _build16(group, dim, warps, unroll, fp8, cvt, half2, fused, heads_first, dynamic)
+
+
+@functools.cache
+def _build16(group: int, dim: int, warps: int, unroll: int, fp8: bool, cvt: bool, half2: bool, fused: bool,
+             heads_first: bool, dynamic: bool):
     """bf16 only: each lane loads 16 bytes (8 values) of a row at once; ``dim // 8`` lanes hold a row, so a
     warp reads ``32 // (dim // 8)`` tokens per load instruction (2 at head_dim 128), each lane group keeping
     its own online softmax. A lane group takes ``unroll`` tokens per trip: it issues all their K and V loads
@@ -314,7 +337,10 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
     ``fused`` (split-K): no second kernel merges the splits. Each block writes its split's partial result, then
     counts itself done on ``counters[seq, kv_head]`` (an atomic add, after a memory fence); the block that
     finds every other split done merges them all into the output and sets the counter back to 0 (so a CUDA
-    graph can replay it). One launch instead of two, for the steps that split: small decode batches."""
+    graph can replay it). One launch instead of two, for the steps that split: small decode batches.
+
+    ``dynamic``: ``tokens_per_split`` is ``-minimum`` and each sequence cuts its own context into the grid's splits
+    (:func:`_split_keys`, ``DYNAMIC_SPLIT``)."""
     vpl = 16 if fp8 else 8  # values per lane per row: one 16-byte load
     lpr = dim // vpl  # lanes per row
     tpw = 32 // lpr  # tokens per warp per load instruction
@@ -365,8 +391,11 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         slot = warp * tpw + lane // lpr
         block_size = kv_cache.shape[2]
         bsh = pow2_shift(block_size)  # a shift and a mask for the block of token t, not an int64 division
-        start = split * tokens_per_split
-        end = min(context_lens[seq], start + tokens_per_split)
+        if dynamic:  # tokens_per_split < 0: this sequence's own chunks (a build of its own: the others unchanged)
+            tps, start, end = _split_keys(tokens_per_split, num_splits, context_lens[seq], split)
+        else:
+            tps, start = tokens_per_split, split * tokens_per_split
+            end = min(context_lens[seq], start + tokens_per_split)
         for g in range(group):
             m[g] = NEG_INF
             l[g] = 0.0
@@ -492,11 +521,11 @@ def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, 
         _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
         if fused and num_splits > 1:
-            _last_block_merges(counters, context_lens, tokens_per_split, num_splits, partial_out, max_logits,
+            _last_block_merges(counters, context_lens, tps, num_splits, partial_out, max_logits,
                                exp_sums, out, seq, kvh, group, dim, tid, warps * 32, sm_last)
 
     kind = ("16_fp8cvt" if cvt else "16_fp8") + ("h2" if half2 else "") if fp8 else "16"
-    kind += "_fused" if fused else ""
+    kind += ("_fused" if fused else "") + ("_dyn" if dynamic else "")
     kernel.__name__ = kernel.__qualname__ = f"paged_decode{kind}_g{group}_d{dim}_w{warps}_u{unroll}" + (
         "" if heads_first else "_seqs_first")
     return mark(cuda.jit(fastmath=True)(kernel))
@@ -509,6 +538,7 @@ SIGNATURES = {  # the shapes the course's models launch: Qwen3 (group 2, head_di
         f"float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64)" for t in _TYPES]
     for group, dim in ((2, 128), (3, 64))
 }
+SIGNATURES[_split_keys] = ["UniTuple(int64, 3)(int64, int64, int32, int64)"]
 SIGNATURES[_last_block_merges] = [
     "void(int32[:, ::1], int32[::1], int64, int64, float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], "
     "bfloat16[:, :, ::1], int64, int64, int64, int64, int64, int64, int32[::1])"]
@@ -539,6 +569,8 @@ _FUSED = ((False, False, False), (True, False, True), (True, True, True))  # the
 SIGNATURES.update({_kernel16(group, dim, fit_warps(group, dim, WARPS, fp8), UNROLL16, fp8, cvt, half2, True,
                              HEADS_FIRST): [_SIG16]
                    for group, dim in ((2, 128), (3, 64)) for fp8, cvt, half2 in _FUSED})  # fused merge
+SIGNATURES[_kernel16(2, 128, fit_warps(2, 128, WARPS, False), UNROLL16, False, False, False, True, HEADS_FIRST,
+                     True)] = [_SIG16]  # DYNAMIC_SPLIT's build of the bf16 default
 CVT_CC = (8, 9)  # cvt.rn.f16x2.e4m3x2: Ada and newer
 MIN_TARGETS = {_kernel16(group, dim, fit_warps(group, dim, WARPS, True), UNROLL16, True, True, half2, fused,
                          HEADS_FIRST): CVT_CC
@@ -573,7 +605,8 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
                          warps: int | None = None, unroll: int | None = None, wide: bool = True,
                          fp8_cvt: bool | None = None, fp8_half2: bool | None = None,
-                         fused_merge: bool | None = None, backend: str = "auto") -> torch.Tensor:
+                         fused_merge: bool | None = None, dynamic_split: int | None = None,
+                         backend: str = "auto") -> torch.Tensor:
     """Decode attention of ``q`` (seqs, q_heads, d) over each sequence's paged K/V; returns ``out``.
 
     ``max_context_len`` (>= every context length) avoids reading ``context_lens`` back from the GPU (a CUDA
@@ -586,7 +619,9 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     widen its bytes by the hardware's conversion (sm_89+) or by masks and shifts; None: ``FP8_CVT`` where the GPU
     has it. ``fp8_half2``: multiply-add the widened values as fp16 pairs; None: ``FP8_HALF2``. ``fused_merge``
     (the 16-byte kernel): split-K partial results merged by the kernel's last block, not a second kernel; None:
-    ``FUSED_MERGE``.
+    ``FUSED_MERGE``. ``dynamic_split`` (split-K with the fused merge): each sequence cuts its own context into the
+    grid's splits, chunks of at least this many keys (:func:`_split_keys`); 0: chunks of ``tokens_per_split``; None:
+    ``MIN_SPLIT`` where ``DYNAMIC_SPLIT`` is on and the split size is picked here, else 0.
     """
     _check(q, kv_cache, block_tables, context_lens, fp8=True)
     seqs, q_heads, dim = q.shape
@@ -605,19 +640,25 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         cvt = fp8 and (FP8_CVT and where == "gpu" and _has_cvt(q.device.index or 0) if fp8_cvt is None else fp8_cvt)
         half2 = fp8 and (FP8_HALF2 if fp8_half2 is None else fp8_half2)
         fused = FUSED_MERGE if fused_merge is None else fused_merge
-        kernel = _kernel16(q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2,
-                           fused, HEADS_FIRST)  # (every build passes all nine: one cache key for a kernel)
+        build = (q_heads // kv_heads, dim, warps, UNROLL16 if unroll is None else unroll, fp8, cvt, half2, fused,
+                 HEADS_FIRST)
+        kernel = _kernel16(*build)
         q_in, kv_in = q.view(torch.complex128), kv_cache.view(torch.uint8 if fp8 else q.dtype).view(torch.complex128)
     else:
         warps, fused = WARPS_4B if warps is None else warps, None  # None: the 4-byte kernel (no counters argument)
         kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)
         q_in, kv_in = q, kv_cache
-    if tokens_per_split is None and where == "gpu":
+    picked = tokens_per_split is None  # split_size's choice, not the caller's
+    if picked and where == "gpu":
         tokens_per_split = split_size(seqs * kv_heads, longest, resident_blocks(kernel, warps * 32, q.device))
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = longest if splits == 1 else tokens_per_split
     partial, m, l = split_buffers(q, splits)
-    args = (q_in, kv_in, block_tables, context_lens, numba.float32(scale), out, partial, m, l, tokens_per_split, splits)
+    least = (MIN_SPLIT if DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
+    keys = -least if least > 0 and fused and splits > 1 else tokens_per_split  # negative: _split_keys's own chunks
+    if keys < 0:
+        kernel = _kernel16(*build, True)  # its build with _split_keys
+    args = (q_in, kv_in, block_tables, context_lens, numba.float32(scale), out, partial, m, l, keys, splits)
     if fused is not None:  # the 16-byte kernel takes the fused merge's counters (a placeholder when unused)
         args += (_counters(q.device, seqs, kv_heads) if fused and splits > 1 else _NO_COUNTERS(q.device),)
     heads_first = fused is not None and HEADS_FIRST  # the 16-byte kernel's grid: (kv_heads, seqs, splits)

@@ -41,8 +41,9 @@ from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
 from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words, store_words
 from kernels.paged_attention import paged_attention_ref, split_buffers
+import kernels.paged_attention_warp as paw
 from kernels.paged_attention_warp import (FULL_MASK, NEG_INF, UNROLL16, WARPS, _bf16_trip, _counters,
-                                          _last_block_merges, _merge_states, fit_warps, split_size)
+                                          _last_block_merges, _merge_states, _split_keys, fit_warps, split_size)
 from kernels.qkv_prep import _word, qkv_prep_ref, split_qkv
 
 DIM = 128  # the head size the kernel is written for: 16 lanes of 8 bf16 values
@@ -95,8 +96,9 @@ def _prep_row(src, j, ww0, ww1, ww2, ww3, norm, eps, c, cos, sin):
 
 
 @functools.cache
-def _kernel(group: int, warps: int, unroll: int):
-    """The kernel for one (group, warps, unroll): constants, so loops unroll and arrays live in registers."""
+def _kernel(group: int, warps: int, unroll: int, dynamic: bool):
+    """The kernel for one (group, warps, unroll): constants, so loops unroll and arrays live in registers.
+    ``dynamic``: ``tokens_per_split`` is ``-minimum``, each sequence's own chunks (as ``paged_attention_warp``'s)."""
     vpl = 8  # bf16 values a lane holds of a row: one 16-byte load
     tpw = 32 // LPR  # tokens per warp per load instruction
     slots = warps * tpw  # online-softmax states per block (one per lane group)
@@ -139,8 +141,11 @@ def _kernel(group: int, warps: int, unroll: int):
         block_size = kv_cache.shape[2]
         bsh = pow2_shift(block_size)
         context = context_lens[seq]
-        start = split * tokens_per_split
-        end = min(context, start + tokens_per_split)
+        if dynamic:
+            tps, start, end = _split_keys(tokens_per_split, num_splits, context, split)
+        else:
+            tps, start = tokens_per_split, split * tokens_per_split
+            end = min(context, start + tokens_per_split)
         p = positions[seq]
         e = 8 * (c % 8)  # the lane's first angle: elements e .. e + 7 of the first half (or their partners)
         inside = 0 <= p < cos_sin.shape[0]
@@ -164,10 +169,12 @@ def _kernel(group: int, warps: int, unroll: int):
             qr[j + 4], qr[j + 5] = bf16_lo(w2) * scale, bf16_hi(w2) * scale
             qr[j + 6], qr[j + 7] = bf16_lo(w3) * scale, bf16_hi(w3) * scale
         target = slot_mapping[seq]
-        if warp == 0 and target >= 0 and context > 0 and (context - 1) // tokens_per_split == split:
-            # this step's key (and value) into the cache: this split is the one that reads it
+        if target >= 0 and context > 0 and (context - 1) // tps == split:
+            # this step's key (and value) into the cache: this split is the one that reads it. Every warp prepares
+            # it (they would wait at the barrier below anyway; the simulator's shuffles want the block's warps
+            # alike), the first row of lanes stores it
             k0, k1, k2, k3 = _prep_row(row, (q_heads + kvh) * LPR + c, kw0, kw1, kw2, kw3, norm, eps, c, cos, sin)
-            if lane < LPR:
+            if tid < LPR:
                 b, o = div_pow2(target, block_size, bsh), mod_pow2(target, block_size, bsh)
                 store_words(kv_cache[b, 0, o, kvh], c, k0, k1, k2, k3)
                 v0, v1, v2, v3 = load_words(row, (q_heads + kv_heads + kvh) * LPR + c)
@@ -198,17 +205,19 @@ def _kernel(group: int, warps: int, unroll: int):
         _merge_states(sm_m, sm_l, sm_acc, slots, group, DIM, tid, warps * 32, seq, kvh, split, num_splits, out,
                       partial_out, max_logits, exp_sums)
         if num_splits > 1:
-            _last_block_merges(counters, context_lens, tokens_per_split, num_splits, partial_out, max_logits,
+            _last_block_merges(counters, context_lens, tps, num_splits, partial_out, max_logits,
                                exp_sums, out, seq, kvh, group, DIM, tid, warps * 32, sm_last)
 
-    kernel.__name__ = kernel.__qualname__ = f"paged_decode_prep_g{group}_w{warps}_u{unroll}"
+    name = f"paged_decode_prep_g{group}_w{warps}_u{unroll}" + ("_dyn" if dynamic else "")
+    kernel.__name__ = kernel.__qualname__ = name
     return mark(cuda.jit(fastmath=True)(kernel))
 
 
 _SIG = ("void(complex128[:, ::1], complex128[::1], complex128[::1], float32, boolean, int64[::1], float32[:, ::1], "
         "int64[::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, bfloat16[:, :, ::1], "
         "float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64, int32[:, ::1])")
-SIGNATURES = {_kernel(2, fit_warps(2, DIM, WARPS, False), UNROLL16): [_SIG]}  # Qwen3's shape (group 2)
+SIGNATURES = {_kernel(2, fit_warps(2, DIM, WARPS, False), UNROLL16, dynamic): [_SIG] for dynamic in (False, True)}
+#   Qwen3's shape (group 2), static and dynamic splits
 SIGNATURES[_squares] = ["float32(int32)"]
 SIGNATURES[_normed] = ["int32(int32, int32, float32)"]
 SIGNATURES[_rotated] = ["int32(int32, int32, boolean, float32[::1], float32[::1], int64)"]
@@ -237,14 +246,15 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
                       block_tables: torch.Tensor, context_lens: torch.Tensor, q_weight: torch.Tensor | None = None,
                       k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, scale: float | None = None,
                       max_context_len: int | None = None, tokens_per_split: int | None = None,
-                      warps: int | None = None, backend: str = "auto") -> torch.Tensor:
+                      warps: int | None = None, dynamic_split: int | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """QK-norm (when weights are given), RoPE, the KV store and decode attention of one layer in one launch.
 
     qkv: (seqs, (q_heads + 2 kv_heads) * 128) bf16, one new token per sequence (the last of its context:
     ``context_lens`` counts it, ``slot_mapping`` says where it goes, -1 nowhere); positions, slot_mapping: (seqs,)
     int64; cos_sin: (max_position, 128) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, 128) bf16;
     block_tables (seqs, width) and context_lens (seqs,) int32. Returns (seqs, q_heads, 128). ``max_context_len``,
-    ``tokens_per_split``, ``warps``: as :func:`kernels.paged_attention_warp.paged_attention_warp`."""
+    ``tokens_per_split``, ``warps``, ``dynamic_split``: as :func:`kernels.paged_attention_warp.paged_attention_warp`."""
     check_tensor("qkv", qkv, dtypes=(torch.bfloat16,), ndim=2)
     seqs = qkv.shape[0]
     if qkv.shape[1] != (q_heads + 2 * kv_heads) * DIM or q_heads % kv_heads:
@@ -274,12 +284,17 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
         q_weight = k_weight = torch.ones(DIM, dtype=qkv.dtype, device=qkv.device)  # unread: norm is False
     group = q_heads // kv_heads
     warps = fit_warps(group, DIM, WARPS if warps is None else warps, False)
-    kernel = _kernel(group, warps, UNROLL16)
+    kernel = _kernel(group, warps, UNROLL16, False)
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    if tokens_per_split is None and where == "gpu":
+    picked = tokens_per_split is None  # split_size's choice, not the caller's
+    if picked and where == "gpu":
         tokens_per_split = split_size(seqs * kv_heads, longest, resident_blocks(kernel, warps * 32, qkv.device))
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = max(longest, 1) if splits == 1 else tokens_per_split
+    least = (paw.MIN_SPLIT if paw.DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
+    if least > 0 and splits > 1:
+        tokens_per_split = -least  # each sequence cuts its own context into the splits (paw._split_keys)
+        kernel = _kernel(group, warps, UNROLL16, True)
     partial, m, l = split_buffers(out, splits)
     counters = _counters(qkv.device, seqs, kv_heads)
     c16 = torch.complex128
@@ -290,7 +305,9 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
 
 
 def _main() -> None:
-    """Against the two kernels it replaces (and, on a GPU, their time in a CUDA graph against its own)."""
+    """Against the two kernels it replaces; on a GPU also their times in a CUDA graph, at the grid an eager call
+    sizes (the longest context) and at a CUDA graph's (``max_context_len`` 1,040 as bench.latency's, 40,960 as a
+    server's default for Qwen3), with each sequence's own splits (``dynamic``) or the static ones."""
     from kernels.paged_attention_warp import paged_attention_warp
     from kernels.qkv_prep import qkv_prep
     from kernels.rope import rope_cache
@@ -298,12 +315,12 @@ def _main() -> None:
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     q_heads, kv_heads, bs = 16, 8, 16
-    cases = ((1, 300), (8, 845), (64, 2048)) if on_gpu else ((2, 21),)
+    cases = ((1, 300), (1, 4000), (8, 845), (64, 2048)) if on_gpu else ((2, 21),)
     cos_sin = rope_cache(DIM, 8192, 1e6, device=device)
     for seqs, context in cases:
         g = torch.Generator().manual_seed(seqs)
         lens = torch.full((seqs,), context, dtype=torch.int32)
-        width = cdiv(context, bs)
+        width = cdiv(40960 if on_gpu else context, bs)  # room for the longest graph below
         tables = torch.randperm(seqs * width + 2, generator=g)[: seqs * width].view(seqs, width).to(torch.int32)
         cache = torch.randn(seqs * width + 2, 2, bs, kv_heads, DIM, generator=g).to(torch.bfloat16)
         qkv = torch.randn(seqs, (q_heads + 2 * kv_heads) * DIM, generator=g).to(torch.bfloat16)
@@ -313,21 +330,30 @@ def _main() -> None:
         t = [x.to(device) for x in (qkv, qw, kw, positions, slots, tables, lens)]
         qkv, qw, kw, positions, slots, tables, lens = t
         caches = [cache.to(device) for _ in range(2)]
-        got = paged_decode_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[0], slots, tables, lens, qw, kw)
 
-        def two_kernels():
+        def fused(longest=None, dynamic=None):
+            return paged_decode_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[0], slots, tables, lens, qw,
+                                     kw, max_context_len=longest, dynamic_split=dynamic)
+
+        def two_kernels(longest=None, dynamic=None):
             q, _, _ = qkv_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[1], slots, qw, kw)
-            return paged_attention_warp(q, caches[1], tables, lens)
+            return paged_attention_warp(q, caches[1], tables, lens, max_context_len=longest, dynamic_split=dynamic)
 
-        want = two_kernels()
+        got, want = fused(), two_kernels()
         line = (f"{seqs} x {context}: max |diff| {(got.float() - want.float()).abs().max().item():.3g}, "
                 f"cache {(caches[0].float() - caches[1].float()).abs().max().item():.3g}")
         if on_gpu:
             from kernels._timing import graph_time
+            from kernels.paged_attention_warp import MIN_SPLIT
 
-            fused_us = graph_time(lambda: paged_decode_prep(qkv, q_heads, kv_heads, positions, cos_sin, caches[0],
-                                                            slots, tables, lens, qw, kw)).median_us
-            line += f"  fused {fused_us:.2f} us, qkv_prep + attention {graph_time(two_kernels).median_us:.2f} us"
+            line += " | us fused / qkv_prep + attention:"
+            for longest in (None, 1040, 40960):
+                if longest is not None and longest < context:
+                    continue
+                for dynamic in ((0,) if longest is None else (0, MIN_SPLIT)):
+                    us = [graph_time(lambda f=f: f(longest, dynamic)).median_us for f in (fused, two_kernels)]
+                    label = "eager" if longest is None else f"graph {longest}{' dynamic' if dynamic else ''}"
+                    line += f"  {label} {us[0]:.2f} / {us[1]:.2f}"
         print(line)
 
 

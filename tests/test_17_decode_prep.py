@@ -48,14 +48,15 @@ def _close(got, want):
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize(("lens", "split"), [((21, 5), None), ((40, 17, 33), 16), ((48, 1), 16)])
-def test_kernel_matches_the_two_references_in_the_simulator(lens, split):
+@pytest.mark.parametrize(("lens", "split", "warps"), [((21, 5), None, 2), ((40, 17, 33), 16, 1), ((48, 1), 16, 2)])
+def test_kernel_matches_the_two_references_in_the_simulator(lens, split, warps):
     """The new token's key is read by the split that holds it (each case puts it in a different chunk), every
-    split merged by the last block to finish."""
+    split merged by the last block to finish; one warp a block, or two (whose lane groups read the new key the
+    other warp's lanes stored)."""
     cos_sin = rope_cache(DIM, 64, 1e6, device="cpu")
     case = _case(lens, seed=len(lens))
     want, want_cache = _run(paged_decode_prep_ref, case, cos_sin)
-    got, got_cache = _run(paged_decode_prep, case, cos_sin, warps=1, tokens_per_split=split)
+    got, got_cache = _run(paged_decode_prep, case, cos_sin, warps=warps, tokens_per_split=split)
     _close(got, want)
     _close(got_cache, want_cache)  # the new keys (QK-norm + RoPE) and values, where the slots say
     assert not torch.equal(want_cache, case["kv_cache"])  # ... which the reference did store
@@ -122,3 +123,33 @@ def test_kernel_on_gpu_matches_the_two_kernels_eager_and_graphed(lens):
     _close(got_cache, cache)
     graphed, _ = _run(paged_decode_prep, case, cos_sin, max_context_len=4096)  # a CUDA graph's fixed longest
     _close(graphed, want)
+
+
+@pytest.mark.parametrize("kernel", ["prep", "attention"])
+def test_each_sequence_cuts_its_own_context_into_the_splits_in_the_simulator(kernel, monkeypatch):
+    """``dynamic_split``: a grid sized for a longer context (here 2 splits of 32 keys, as a CUDA graph's
+    ``max_context_len`` fixes it) cuts a 21-key context into 11 + 10 keys and a 5-key one into 4 + 1 (chunks of at
+    least 4), where the static chunks give each one block; the fused merge puts them together."""
+    import kernels.paged_attention_warp as paw
+    import kernels.paged_decode_prep as pdp
+
+    module = pdp if kernel == "prep" else paw
+    launched = []
+    monkeypatch.setattr(module, "launch", lambda k, grid, *a, launch=module.launch, **kw: (
+        launched.append((grid, a)), launch(k, grid, *a, **kw))[1])
+    cos_sin = rope_cache(DIM, 64, 1e6, device="cpu")
+    case = _case((21, 5), seed=11)
+    want, want_cache = _run(paged_decode_prep_ref, case, cos_sin)
+    if kernel == "prep":
+        got, got_cache = _run(paged_decode_prep, case, cos_sin, warps=1, tokens_per_split=32, max_context_len=64,
+                              dynamic_split=4)
+    else:
+        got_cache = want_cache
+        q, _, _ = qkv_prep_ref(case["qkv"], 4, 2, case["positions"], cos_sin, case["kv_cache"].clone(),
+                               case["slot_mapping"], case["q_weight"], case["k_weight"])
+        got = paged_attention_warp(q.contiguous(), want_cache, case["block_tables"], case["context_lens"], warps=1,
+                                   tokens_per_split=32, max_context_len=64, dynamic_split=4)
+    _close(got, want)
+    _close(got_cache, want_cache)
+    (grid, args), = launched
+    assert grid[-1] == 2 and -4 in [a for a in args if isinstance(a, int)]  # 2 splits, each sequence's own chunks
