@@ -47,6 +47,7 @@ NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
     "rope_bf16_kernel",
     "silu_and_mul_bf16_kernel",
     *DECODE,
+    "paged_decode_prep_",  # decode attention that prepares its own q, k and v (its engine switch is off by default)
     "flash_mma_bf16_",  # head_dim 128 spilled 1,288 bytes a thread until its fragment addresses stopped being hoisted
     "flash_mma_async_bf16_",
     "gemv_bf16_",
@@ -59,6 +60,7 @@ WIDE_LOADS = {  # at least this many 16-byte global loads (LDG.E.128), one for e
     "rope_bf16_kernel": 2,  # the head, cos / sin
     "silu_and_mul_bf16_kernel": 2,  # gate, up
     **{prefix: 2 for prefix in DECODE},  # K, V (numba's own complex128 access would be two 8-byte loads each)
+    "paged_decode_prep_": 4,  # K, V, the qkv row, the norm's weights
     "flash_mma_bf16_": 2,  # K, V (the pipelined flash_mma_async_* copies them with cp.async instead: LDGSTS)
     "gemv_bf16_": 2,  # the weight row, x
 }

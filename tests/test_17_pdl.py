@@ -21,7 +21,7 @@ gpu = pytest.mark.gpu
 
 def _engine_kernel_modules():
     """Import the modules whose kernels are marked (each marks at import: SIGNATURES builds them)."""
-    from kernels import _rmsnorm_vec, paged_attention_warp, qkv_prep  # noqa: F401
+    from kernels import _rmsnorm_vec, paged_attention_warp, paged_decode_prep, qkv_prep  # noqa: F401
 
     return _pdl.MARKED
 
@@ -38,6 +38,7 @@ def test_every_marked_kernel_calls_pdl_wait():
     # the batch-1 decode step's kernels: gemv (plain and with a prologue), the norms, qkv_prep, paged decode
     assert {"gemv_bf16_c4_t1", "gemv_silu_bf16_c12_t1", "fused_add_rms_norm_bf16_kernel"} <= names, sorted(names)
     assert any(n.startswith("qkv_prep_vec") for n in names) and any(n.startswith("paged_decode16") for n in names)
+    assert any(n.startswith("paged_decode_prep_") for n in names)
 
 
 def test_unmarked_kernels_are_not_launched_with_pdl():
