@@ -16,7 +16,7 @@ token ids (and prefix caching off, so nothing is served from the cache):
 * **TTFT**: a ``--ttft-len``-token prompt (1k by default), one output token; from ``add_request`` to the
   token (tokenization is not included: the prompt is token ids).
 
-On a GPU both run in nine engines: the default (a CUDA graph per decode batch size, piecewise graphs for
+On a GPU both run in ten engines: the default (a CUDA graph per decode batch size, piecewise graphs for
 prefill steps), decode graphs only (``cuda_graph_max_tokens=0``: prefill steps launched op by op),
 ``enforce_eager=True``, the default with the overlapped loop -- to show what each kind of graph saves -- and the
 default with the linear layers of small steps switched between ``kernels.gemv`` and cuBLAS
@@ -26,8 +26,9 @@ with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGI
 "cuda_graphs_l2_prefetch" turns it on), and the default with programmatic dependent launch off ("cuda_graphs_no_pdl":
 ``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer), and the default with each decode
 layer's QK-norm, RoPE and KV store done inside the attention kernel switched ("cuda_graphs_decode_prep":
-``kernels.paged_decode_prep.ENGINE``). On a CPU there are no graphs: the eager engine only. ``--modes`` runs a subset
-(the derived speedups need all of them; the decode-prep one only that mode and "cuda_graphs").
+``kernels.paged_decode_prep.ENGINE``), and that kernel with its reads moved before the wait for the previous kernel
+("cuda_graphs_decode_prep_early": ``EARLY`` too). On a CPU there are no graphs: the eager engine only. ``--modes``
+runs a subset (the derived speedups need all of them; the decode-prep ones only their mode and "cuda_graphs").
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -107,13 +108,13 @@ def run(args: argparse.Namespace) -> dict:
 
     import kernels.paged_decode_prep
 
-    default_prep = kernels.paged_decode_prep.ENGINE
+    default_prep, default_early = kernels.paged_decode_prep.ENGINE, kernels.paged_decode_prep.EARLY
     prep = "cuda_graphs_no_decode_prep" if default_prep else "cuda_graphs_decode_prep"  # switched
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
               loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {},
-              "cuda_graphs_no_pdl": {}, prep: {}}
+              "cuda_graphs_no_pdl": {}, prep: {}, "cuda_graphs_decode_prep_early": {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     if args.modes:
         unknown = sorted(set(args.modes) - set(modes))
@@ -131,7 +132,8 @@ def run(args: argparse.Namespace) -> dict:
         for k, v in {**defaults, **switches.get(mode, {})}.items():
             setattr(kernels.gemv, k, v)
         kernels._launch.PDL = default_pdl and mode != "cuda_graphs_no_pdl"
-        kernels.paged_decode_prep.ENGINE = default_prep != (mode == prep)
+        kernels.paged_decode_prep.ENGINE = default_prep != (mode == prep) or mode == "cuda_graphs_decode_prep_early"
+        kernels.paged_decode_prep.EARLY = default_early or mode == "cuda_graphs_decode_prep_early"
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
             for k, v in defaults.items():
                 setattr(kernels.gemv, k, v)
             kernels._launch.PDL = default_pdl
-            kernels.paged_decode_prep.ENGINE = default_prep
+            kernels.paged_decode_prep.ENGINE, kernels.paged_decode_prep.EARLY = default_prep, default_early
         del llm
         free_memory()
     if all(m in result for m in ("cuda_graphs", "eager", "decode_graphs_only", "cuda_graphs_unfused", loop, prefetch,
@@ -180,6 +182,10 @@ def run(args: argparse.Namespace) -> dict:
         on, off = (("cuda_graphs", prep) if default_prep else (prep, "cuda_graphs"))
         result["decode_prep_speedup_decode"] = round(result[off]["decode_ms_per_token"]
                                                      / result[on]["decode_ms_per_token"], 3)
+    if "cuda_graphs" in result and "cuda_graphs_decode_prep_early" in result:
+        base, early = result["cuda_graphs"], result["cuda_graphs_decode_prep_early"]
+        result["decode_prep_early_speedup_decode"] = round(base["decode_ms_per_token"]
+                                                           / early["decode_ms_per_token"], 3)
     result["targets"] = TARGETS.get(device.type) if name == "qwen3-0.6b" else None
     return result
 
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
                  "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
                  "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl", "cuda_graphs_decode_prep",
-                 "cuda_graphs_no_decode_prep"):
+                 "cuda_graphs_no_decode_prep", "cuda_graphs_decode_prep_early"):
         if mode in data:
             r = data[mode]
             same = r.get("same_leading_tokens_as_cuda_graphs")

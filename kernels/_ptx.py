@@ -299,8 +299,9 @@ class _Builder:
 
         device = bool(disp.targetoptions.get("device"))
         fastmath = bool(disp.targetoptions.get("fastmath", False))  # compile the flavour that runs
+        bounds = disp.targetoptions.get("launch_bounds")  # as the dispatcher compiles it (registers per thread)
         library, _ = _compile_pyfunc_with_fixup(disp.py_func, sig, device=device, fastmath=fastmath,
-                                                cc=self.targets[0], abi="numba")  # step 1, once
+                                                cc=self.targets[0], abi="numba", launch_bounds=bounds)  # step 1, once
         out = []
         targets = [cc for cc in self.targets if min_cc is None or cc >= min_cc]
         if not self.between:  # what PTX's forward compatibility covers is left out (see --ends)

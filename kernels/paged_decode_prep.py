@@ -22,6 +22,12 @@ stored key can differ from ``qkv_prep``'s in its last bit. The trip over the cac
 ``kernels.paged_attention_warp``'s 16-byte bf16 trip (:func:`~kernels.paged_attention_warp._bf16_trip`), split-K
 with the fused merge as there.
 
+``early`` (``EARLY``) goes one step further with programmatic dependent launch: everything no kernel of the step
+writes (the step's inputs, the first trip's cache blocks and keys and values, all from earlier steps) is read before
+``pdl_wait``, while the previous kernel is still running; only the projection's output waits. The new token's slot
+is read then too, before it is written, and its key and value go into the registers of the lane group that scores
+it from the values just prepared.
+
 Limits: bf16, head size 128, a bf16 cache; a decode step only (one new token per sequence, the last of its
 context); positions outside the RoPE table give NaN. ``python -m kernels.paged_decode_prep`` checks it against the
 two kernels it replaces.
@@ -48,6 +54,11 @@ from kernels.qkv_prep import _word, qkv_prep_ref, split_qkv
 
 DIM = 128  # the head size the kernel is written for: 16 lanes of 8 bf16 values
 LPR = DIM // 8  # lanes per head row
+EARLY = False  # the kernel reads what no kernel of this step writes before it waits for the previous kernel
+#   (kernels._pdl): the step's inputs (context lengths, positions, slots, block tables: copied or computed before the
+#   step's first PDL kernel, which no later kernel launches ahead of) and the first trip's keys and values (written
+#   by earlier steps; the new token's slot is read too, stale, and replaced from registers). So the first trip's
+#   cache reads overlap the previous kernel instead of following it. Off until timed on a GPU
 ENGINE = False  # the engine's decode steps take this kernel where it fits (minivllm.model.layers.decode_prep_fits);
 #   off until timed on a GPU (bench.latency's cuda_graphs_decode_prep against cuda_graphs)
 
@@ -96,9 +107,11 @@ def _prep_row(src, j, ww0, ww1, ww2, ww3, norm, eps, c, cos, sin):
 
 
 @functools.cache
-def _kernel(group: int, warps: int, unroll: int, dynamic: bool):
+def _kernel(group: int, warps: int, unroll: int, dynamic: bool, early: bool = False):
     """The kernel for one (group, warps, unroll): constants, so loops unroll and arrays live in registers.
-    ``dynamic``: ``tokens_per_split`` is ``-minimum``, each sequence's own chunks (as ``paged_attention_warp``'s)."""
+    ``dynamic``: ``tokens_per_split`` is ``-minimum``, each sequence's own chunks (as ``paged_attention_warp``'s).
+    ``early`` (``EARLY``): the step's inputs, the first trip's cache blocks and their keys and values are read
+    before ``pdl_wait``, and the new key and value go into the registers of the lane group that scores them."""
     vpl = 8  # bf16 values a lane holds of a row: one 16-byte load
     tpw = 32 // LPR  # tokens per warp per load instruction
     slots = warps * tpw  # online-softmax states per block (one per lane group)
@@ -133,7 +146,8 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool):
         qw0, qw1, qw2, qw3 = load_words(q_weight, c)  # weights: nobody writes them, so read before the wait
         kw0, kw1, kw2, kw3 = load_words(k_weight, c)
         pdl_trigger()  # the next kernel may launch (kernels._pdl)
-        pdl_wait()
+        if not early:
+            pdl_wait()
 
         kvh, seq, split = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
         q_heads, kv_heads = out.shape[1], kv_cache.shape[3]
@@ -154,6 +168,20 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool):
                 cos[i], sin[i] = cos_sin[p, e + i], cos_sin[p, e + i + DIM // 2]
             else:  # outside the table: NaN rather than a read out of bounds (as kernels.rope)
                 cos[i] = sin[i] = numba.float32(np.nan)
+        target = slot_mapping[seq]
+        for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
+            t = start + u * slots + slot
+            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+        if early:  # the first trip's keys and values: written by earlier steps (the new one's slot is patched below)
+            for u in range(unroll):
+                t = start + u * slots + slot
+                b, o = bt[u], mod_pow2(t, block_size, bsh)
+                kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
+                vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
+            for u in range(unroll):
+                t = start + span + u * slots + slot
+                bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+            pdl_wait()  # from here on: qkv, the previous kernel's output
         row = qkv[seq]
         for i in range(gd):
             qr[i] = acc[i] = 0.0
@@ -168,31 +196,36 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool):
             qr[j + 2], qr[j + 3] = bf16_lo(w1) * scale, bf16_hi(w1) * scale
             qr[j + 4], qr[j + 5] = bf16_lo(w2) * scale, bf16_hi(w2) * scale
             qr[j + 6], qr[j + 7] = bf16_lo(w3) * scale, bf16_hi(w3) * scale
-        target = slot_mapping[seq]
-        if target >= 0 and context > 0 and (context - 1) // tps == split:
+        new = target >= 0 and context > 0 and (context - 1) // tps == split
+        k0 = k1 = k2 = k3 = v0 = v1 = v2 = v3 = numba.int32(0)
+        if new:
             # this step's key (and value) into the cache: this split is the one that reads it. Every warp prepares
             # it (they would wait at the barrier below anyway; the simulator's shuffles want the block's warps
             # alike), the first row of lanes stores it
             k0, k1, k2, k3 = _prep_row(row, (q_heads + kvh) * LPR + c, kw0, kw1, kw2, kw3, norm, eps, c, cos, sin)
+            v0, v1, v2, v3 = load_words(row, (q_heads + kv_heads + kvh) * LPR + c)
             if tid < LPR:
                 b, o = div_pow2(target, block_size, bsh), mod_pow2(target, block_size, bsh)
                 store_words(kv_cache[b, 0, o, kvh], c, k0, k1, k2, k3)
-                v0, v1, v2, v3 = load_words(row, (q_heads + kv_heads + kvh) * LPR + c)
                 store_words(kv_cache[b, 1, o, kvh], c, v0, v1, v2, v3)
-        cuda.syncthreads()  # the stored key and value are visible to every warp of the block
+        if not early:
+            cuda.syncthreads()  # the stored key and value are visible to every warp of the block
 
-        for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
-            t = start + u * slots + slot
-            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
         for first in range(start, end, span):  # the same trips for every thread (the simulator's shuffles)
-            for u in range(unroll):
-                t = first + u * slots + slot
-                b, o = bt[u], mod_pow2(t, block_size, bsh)
-                kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
-                vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
-            for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight
-                t = first + span + u * slots + slot
-                bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+            if not early or first != start:  # (early: the first trip's were read before the wait)
+                for u in range(unroll):
+                    t = first + u * slots + slot
+                    b, o = bt[u], mod_pow2(t, block_size, bsh)
+                    kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
+                    vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
+                for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight
+                    t = first + span + u * slots + slot
+                    bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+            if early and new:  # the new key and value from registers (the cache held an old slot's when read)
+                for u in range(unroll):
+                    if first + u * slots + slot == context - 1:
+                        kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = k0, k1, k2, k3
+                        vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = v0, v1, v2, v3
             trip(qr, kw, vw, sc, m, l, acc, first, slot, end)
 
         for g in range(group):
@@ -208,16 +241,17 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool):
             _last_block_merges(counters, context_lens, tps, num_splits, partial_out, max_logits,
                                exp_sums, out, seq, kvh, group, DIM, tid, warps * 32, sm_last)
 
-    name = f"paged_decode_prep_g{group}_w{warps}_u{unroll}" + ("_dyn" if dynamic else "")
+    name = f"paged_decode_prep_g{group}_w{warps}_u{unroll}" + ("_dyn" if dynamic else "") + ("_early" if early else "")
     kernel.__name__ = kernel.__qualname__ = name
-    return mark(cuda.jit(fastmath=True)(kernel))
+    return mark(cuda.jit(fastmath=True)(kernel))  # early: 161-163 registers on sm_90, one 8-warp block an SM (bounded
+    #   to two blocks, 128 registers, it spilled 96-116 bytes); a batch-1 step's grid has about one block an SM
 
 
 _SIG = ("void(complex128[:, ::1], complex128[::1], complex128[::1], float32, boolean, int64[::1], float32[:, ::1], "
         "int64[::1], complex128[:, :, :, :, ::1], int32[:, ::1], int32[::1], float32, bfloat16[:, :, ::1], "
         "float32[:, :, :, ::1], float32[:, :, ::1], float32[:, :, ::1], int64, int64, int32[:, ::1])")
-SIGNATURES = {_kernel(2, fit_warps(2, DIM, WARPS, False), UNROLL16, dynamic): [_SIG] for dynamic in (False, True)}
-#   Qwen3's shape (group 2), static and dynamic splits
+SIGNATURES = {_kernel(2, fit_warps(2, DIM, WARPS, False), UNROLL16, dynamic, early): [_SIG]
+              for dynamic in (False, True) for early in (False, True)}  # Qwen3's shape (group 2)
 SIGNATURES[_squares] = ["float32(int32)"]
 SIGNATURES[_normed] = ["int32(int32, int32, float32)"]
 SIGNATURES[_rotated] = ["int32(int32, int32, boolean, float32[::1], float32[::1], int64)"]
@@ -246,7 +280,7 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
                       block_tables: torch.Tensor, context_lens: torch.Tensor, q_weight: torch.Tensor | None = None,
                       k_weight: torch.Tensor | None = None, eps: float = 1e-6, *, scale: float | None = None,
                       max_context_len: int | None = None, tokens_per_split: int | None = None,
-                      warps: int | None = None, dynamic_split: int | None = None,
+                      warps: int | None = None, dynamic_split: int | None = None, early: bool | None = None,
                       backend: str = "auto") -> torch.Tensor:
     """QK-norm (when weights are given), RoPE, the KV store and decode attention of one layer in one launch.
 
@@ -254,7 +288,9 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
     ``context_lens`` counts it, ``slot_mapping`` says where it goes, -1 nowhere); positions, slot_mapping: (seqs,)
     int64; cos_sin: (max_position, 128) float32; kv_cache: one layer's (blocks, 2, block_size, kv_heads, 128) bf16;
     block_tables (seqs, width) and context_lens (seqs,) int32. Returns (seqs, q_heads, 128). ``max_context_len``,
-    ``tokens_per_split``, ``warps``, ``dynamic_split``: as :func:`kernels.paged_attention_warp.paged_attention_warp`."""
+    ``tokens_per_split``, ``warps``, ``dynamic_split``: as :func:`kernels.paged_attention_warp.paged_attention_warp`.
+    ``early``: read the inputs and the first keys and values before waiting for the previous kernel; None:
+    ``EARLY``."""
     check_tensor("qkv", qkv, dtypes=(torch.bfloat16,), ndim=2)
     seqs = qkv.shape[0]
     if qkv.shape[1] != (q_heads + 2 * kv_heads) * DIM or q_heads % kv_heads:
@@ -284,7 +320,8 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
         q_weight = k_weight = torch.ones(DIM, dtype=qkv.dtype, device=qkv.device)  # unread: norm is False
     group = q_heads // kv_heads
     warps = fit_warps(group, DIM, WARPS if warps is None else warps, False)
-    kernel = _kernel(group, warps, UNROLL16, False)
+    early = EARLY if early is None else early
+    kernel = _kernel(group, warps, UNROLL16, False, early)
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
     picked = tokens_per_split is None  # split_size's choice, not the caller's
     if picked and where == "gpu":
@@ -294,7 +331,7 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
     least = (paw.MIN_SPLIT if paw.DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
     if least > 0 and splits > 1:
         tokens_per_split = -least  # each sequence cuts its own context into the splits (paw._split_keys)
-        kernel = _kernel(group, warps, UNROLL16, True)
+        kernel = _kernel(group, warps, UNROLL16, True, early)
     partial, m, l = split_buffers(out, splits)
     counters = _counters(qkv.device, seqs, kv_heads)
     c16 = torch.complex128

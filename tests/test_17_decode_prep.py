@@ -48,15 +48,18 @@ def _close(got, want):
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize(("lens", "split", "warps"), [((21, 5), None, 2), ((40, 17, 33), 16, 1), ((48, 1), 16, 2)])
-def test_kernel_matches_the_two_references_in_the_simulator(lens, split, warps):
+@pytest.mark.parametrize(("lens", "split", "warps", "early"), [
+    ((21, 5), None, 2, False), ((21, 5), None, 2, True), ((40, 17, 33), 16, 1, True), ((48, 1), 16, 2, False),
+    ((50, 3), 32, 1, True)])
+def test_kernel_matches_the_two_references_in_the_simulator(lens, split, warps, early):
     """The new token's key is read by the split that holds it (each case puts it in a different chunk), every
     split merged by the last block to finish; one warp a block, or two (whose lane groups read the new key the
-    other warp's lanes stored)."""
-    cos_sin = rope_cache(DIM, 64, 1e6, device="cpu")
+    other warp's lanes stored). ``early``: the first trip's keys read before the new one is stored, its own from
+    registers (50 keys in chunks of 32 on one warp: the new key in its block's third trip of 8)."""
+    cos_sin = rope_cache(DIM, 128, 1e6, device="cpu")
     case = _case(lens, seed=len(lens))
     want, want_cache = _run(paged_decode_prep_ref, case, cos_sin)
-    got, got_cache = _run(paged_decode_prep, case, cos_sin, warps=warps, tokens_per_split=split)
+    got, got_cache = _run(paged_decode_prep, case, cos_sin, warps=warps, tokens_per_split=split, early=early)
     _close(got, want)
     _close(got_cache, want_cache)  # the new keys (QK-norm + RoPE) and values, where the slots say
     assert not torch.equal(want_cache, case["kv_cache"])  # ... which the reference did store
@@ -142,7 +145,7 @@ def test_each_sequence_cuts_its_own_context_into_the_splits_in_the_simulator(ker
     want, want_cache = _run(paged_decode_prep_ref, case, cos_sin)
     if kernel == "prep":
         got, got_cache = _run(paged_decode_prep, case, cos_sin, warps=1, tokens_per_split=32, max_context_len=64,
-                              dynamic_split=4)
+                              dynamic_split=4, early=True)
     else:
         got_cache = want_cache
         q, _, _ = qkv_prep_ref(case["qkv"], 4, 2, case["positions"], cos_sin, case["kv_cache"].clone(),
