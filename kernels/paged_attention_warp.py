@@ -304,6 +304,56 @@ def _bf16_trip(group: int, unroll: int, slots: int, lpr: int):
     return cuda.jit(device=True, inline=True, fastmath=True)(trip)  # as the kernels that call it
 
 
+@functools.cache
+def _trip_reads(unroll: int, slots: int):
+    """Device functions of the 16-byte kernels' trips (``unroll`` tokens per lane group, ``slots`` lane groups):
+    ``blocks`` reads the cache blocks of the trip starting at ``first``; ``reads`` issues that trip's K and V
+    loads (16 bytes a row a lane, as bf16 pairs or e4m3 quads) and then the next trip's blocks, so a trip waits on
+    one memory round trip, not two in a row."""
+    span = slots * unroll
+
+    def blocks(bt, block_tables, seq, first, slot, end, block_size, bsh):
+        for u in range(unroll):  # (a token past the end reads block 0: never used)
+            t = first + u * slots + slot
+            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+
+    blocks = cuda.jit(device=True, inline=True)(blocks)
+
+    def reads(kw, vw, bt, kv_cache, block_tables, seq, kvh, c, first, slot, end, block_size, bsh):
+        for u in range(unroll):  # token first + u * slots + slot: neighbouring lane groups, neighbouring rows
+            t = first + u * slots + slot
+            b, o = bt[u], mod_pow2(t, block_size, bsh)
+            kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
+            vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
+        blocks(bt, block_tables, seq, first + span, slot, end, block_size, bsh)  # while these are in flight
+
+    return blocks, cuda.jit(device=True, inline=True)(reads)
+
+
+@functools.cache
+def _finish(group: int, dim: int, vpl: int, slots: int, threads: int, fused: bool):
+    """The 16-byte kernels' end: each lane group's online-softmax state into shared memory (its accumulators times
+    ``mul``), merged into the output or this split's partial result, and (``fused``, split-K) the merge of the
+    splits by the last block."""
+
+    def finish(m, l, acc, mul, sm_m, sm_l, sm_acc, sm_last, slot, c, tid, seq, kvh, split, num_splits, tps, out,
+               partial_out, max_logits, exp_sums, counters, context_lens):
+        for g in range(group):
+            if c == 0:
+                sm_m[slot, g] = m[g]
+                sm_l[slot, g] = l[g]
+            for i in range(vpl):
+                sm_acc[slot, g, c * vpl + i] = acc[g * vpl + i] * mul
+        cuda.syncthreads()
+        _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, threads, seq, kvh, split, num_splits, out,
+                      partial_out, max_logits, exp_sums)
+        if fused and num_splits > 1:
+            _last_block_merges(counters, context_lens, tps, num_splits, partial_out, max_logits, exp_sums, out, seq,
+                               kvh, group, dim, tid, threads, sm_last)
+
+    return cuda.jit(device=True, inline=True)(finish)
+
+
 def _kernel16(group: int, dim: int, warps: int, unroll: int, fp8: bool = False, cvt: bool = False,
               half2: bool = False, fused: bool = False, heads_first: bool = True, dynamic: bool = False):
     """The 16-byte kernel's build for these settings (:func:`_build16`), made once however the call spells them."""
@@ -356,6 +406,8 @@ def _build16(group: int, dim: int, warps: int, unroll: int, fp8: bool, cvt: bool
     pairs = gd // 2 if half2 else 1  # fp8 + half2: the queries (and a trip's weighted values) as fp16 pairs
     adj = 1 if cvt else 2  # the pair partner's offset within a word's 4 values: (0, 1) cvt, (0, 2) masks + shifts
     trip = _bf16_trip(group, unroll, slots, lpr)  # the bf16 cache's trip
+    blocks, reads = _trip_reads(unroll, slots)
+    finish = _finish(group, dim, vpl, slots, warps * 32, fused)
 
     def kernel(q, kv_cache, block_tables, context_lens, scale, out, partial_out, max_logits, exp_sums,
                tokens_per_split, num_splits, counters):
@@ -415,18 +467,9 @@ def _build16(group: int, dim: int, warps: int, unroll: int, fp8: bool, cvt: bool
                     qh[k] = f16x2_of(qr[j], qr[j + adj])
                     qh[k + 1] = f16x2_of(qr[j + 3 - adj], qr[j + 3])
 
-        for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
-            t = start + u * slots + slot
-            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+        blocks(bt, block_tables, seq, start, slot, end, block_size, bsh)  # the first trip's cache blocks
         for first in range(start, end, span):  # the same trips for every thread (see the simulator NOTE)
-            for u in range(unroll):  # token first + u * slots + slot: neighbouring lane groups, neighbouring rows
-                t = first + u * slots + slot
-                b, o = bt[u], mod_pow2(t, block_size, bsh)
-                kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
-                vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
-            for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight:
-                t = first + span + u * slots + slot  # a trip waits on one memory round trip, not two in a row
-                bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+            reads(kw, vw, bt, kv_cache, block_tables, seq, kvh, c, first, slot, end, block_size, bsh)
             seen = first + slot < end  # this lane group's first token of the chunk exists (so its scores count)
             if half2:  # fp16 pairs: each word's bytes widened once, two multiply-adds per instruction
                 for k in range(heads_per_trip):
@@ -511,18 +554,8 @@ def _build16(group: int, dim: int, warps: int, unroll: int, fp8: bool, cvt: bool
                 continue
             trip(qr, kw, vw, sc, m, l, acc, first, slot, end)
 
-        for g in range(group):
-            if c == 0:
-                sm_m[slot, g] = m[g]
-                sm_l[slot, g] = l[g]
-            for i in range(vpl):
-                sm_acc[slot, g, c * vpl + i] = acc[g * vpl + i] * qmul  # fp8: the values were read / 256
-        cuda.syncthreads()
-        _merge_states(sm_m, sm_l, sm_acc, slots, group, dim, tid, warps * 32, seq, kvh, split, num_splits, out,
-                      partial_out, max_logits, exp_sums)
-        if fused and num_splits > 1:
-            _last_block_merges(counters, context_lens, tps, num_splits, partial_out, max_logits,
-                               exp_sums, out, seq, kvh, group, dim, tid, warps * 32, sm_last)
+        finish(m, l, acc, qmul, sm_m, sm_l, sm_acc, sm_last, slot, c, tid, seq, kvh, split, num_splits, tps, out,
+               partial_out, max_logits, exp_sums, counters, context_lens)  # fp8: the values were read / 256
 
     kind = ("16_fp8cvt" if cvt else "16_fp8") + ("h2" if half2 else "") if fp8 else "16"
     kind += ("_fused" if fused else "") + ("_dyn" if dynamic else "")

@@ -48,8 +48,8 @@ from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words, store_words
 from kernels.paged_attention import paged_attention_ref, split_buffers
 import kernels.paged_attention_warp as paw
-from kernels.paged_attention_warp import (FULL_MASK, NEG_INF, UNROLL16, WARPS, _bf16_trip, _counters,
-                                          _last_block_merges, _merge_states, _split_keys, fit_warps, split_size)
+from kernels.paged_attention_warp import (FULL_MASK, NEG_INF, UNROLL16, WARPS, _bf16_trip, _counters, _finish,
+                                          _split_keys, _trip_reads, fit_warps, split_size)
 from kernels.qkv_prep import _word, qkv_prep_ref, split_qkv
 
 DIM = 128  # the head size the kernel is written for: 16 lanes of 8 bf16 values
@@ -119,6 +119,8 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool, early: bool = Fa
     words = 4 * unroll  # 32-bit words of K (or V) a lane holds per trip
     gd = group * vpl
     trip = _bf16_trip(group, unroll, slots, LPR)
+    blocks, reads = _trip_reads(unroll, slots)
+    finish = _finish(group, DIM, vpl, slots, warps * 32, True)
 
     def kernel(qkv, q_weight, k_weight, eps, norm, positions, cos_sin, slot_mapping, kv_cache, block_tables,
                context_lens, scale, out, partial_out, max_logits, exp_sums, tokens_per_split, num_splits, counters):
@@ -169,18 +171,9 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool, early: bool = Fa
             else:  # outside the table: NaN rather than a read out of bounds (as kernels.rope)
                 cos[i] = sin[i] = numba.float32(np.nan)
         target = slot_mapping[seq]
-        for u in range(unroll):  # the first trip's cache blocks (a token past the end reads block 0: never used)
-            t = start + u * slots + slot
-            bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+        blocks(bt, block_tables, seq, start, slot, end, block_size, bsh)  # the first trip's cache blocks
         if early:  # the first trip's keys and values: written by earlier steps (the new one's slot is patched below)
-            for u in range(unroll):
-                t = start + u * slots + slot
-                b, o = bt[u], mod_pow2(t, block_size, bsh)
-                kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
-                vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
-            for u in range(unroll):
-                t = start + span + u * slots + slot
-                bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+            reads(kw, vw, bt, kv_cache, block_tables, seq, kvh, c, start, slot, end, block_size, bsh)
             pdl_wait()  # from here on: qkv, the previous kernel's output
         row = qkv[seq]
         for i in range(gd):
@@ -213,14 +206,7 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool, early: bool = Fa
 
         for first in range(start, end, span):  # the same trips for every thread (the simulator's shuffles)
             if not early or first != start:  # (early: the first trip's were read before the wait)
-                for u in range(unroll):
-                    t = first + u * slots + slot
-                    b, o = bt[u], mod_pow2(t, block_size, bsh)
-                    kw[4 * u], kw[4 * u + 1], kw[4 * u + 2], kw[4 * u + 3] = load_words(kv_cache[b, 0, o, kvh], c)
-                    vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = load_words(kv_cache[b, 1, o, kvh], c)
-                for u in range(unroll):  # the next trip's cache blocks, read while this trip's K and V are in flight
-                    t = first + span + u * slots + slot
-                    bt[u] = block_tables[seq, div_pow2(t, block_size, bsh)] if t < end else 0
+                reads(kw, vw, bt, kv_cache, block_tables, seq, kvh, c, first, slot, end, block_size, bsh)
             if early and new:  # the new key and value from registers (the cache held an old slot's when read)
                 for u in range(unroll):
                     if first + u * slots + slot == context - 1:
@@ -228,18 +214,8 @@ def _kernel(group: int, warps: int, unroll: int, dynamic: bool, early: bool = Fa
                         vw[4 * u], vw[4 * u + 1], vw[4 * u + 2], vw[4 * u + 3] = v0, v1, v2, v3
             trip(qr, kw, vw, sc, m, l, acc, first, slot, end)
 
-        for g in range(group):
-            if c == 0:
-                sm_m[slot, g] = m[g]
-                sm_l[slot, g] = l[g]
-            for i in range(vpl):
-                sm_acc[slot, g, c * vpl + i] = acc[g * vpl + i]
-        cuda.syncthreads()
-        _merge_states(sm_m, sm_l, sm_acc, slots, group, DIM, tid, warps * 32, seq, kvh, split, num_splits, out,
-                      partial_out, max_logits, exp_sums)
-        if num_splits > 1:
-            _last_block_merges(counters, context_lens, tps, num_splits, partial_out, max_logits,
-                               exp_sums, out, seq, kvh, group, DIM, tid, warps * 32, sm_last)
+        finish(m, l, acc, numba.float32(1.0), sm_m, sm_l, sm_acc, sm_last, slot, c, tid, seq, kvh, split, num_splits,
+               tps, out, partial_out, max_logits, exp_sums, counters, context_lens)
 
     name = f"paged_decode_prep_g{group}_w{warps}_u{unroll}" + ("_dyn" if dynamic else "") + ("_early" if early else "")
     kernel.__name__ = kernel.__qualname__ = name
