@@ -115,11 +115,11 @@ def qkv_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Te
 
 def decode_prep_fits(qkv: torch.Tensor, kv_cache: torch.Tensor, head_dim: int, q_heads: int, kv_heads: int) -> bool:
     """Whether a decode step's layer prepares its inputs inside the attention kernel (``kernels.paged_decode_prep``:
-    QK-norm, RoPE, the KV store and attention in one launch): its switch ``ENGINE`` on, the shapes it takes, and no
-    learner's attention kernel to run instead."""
+    QK-norm, RoPE, the KV store and attention in one launch): its switch ``ENGINE`` on, a step of up to
+    ``ENGINE_MAX_SEQS`` sequences, the shapes it takes, and no learner's attention kernel to run instead."""
     module = kernel_module("paged_decode_prep")
-    return (module is not None and module.ENGINE and "paged_attention" not in LEARNER_KERNELS
-            and module.fits(qkv, kv_cache, head_dim, q_heads, kv_heads))
+    return (module is not None and module.ENGINE and qkv.shape[0] <= module.ENGINE_MAX_SEQS
+            and "paged_attention" not in LEARNER_KERNELS and module.fits(qkv, kv_cache, head_dim, q_heads, kv_heads))
 
 
 def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor,
