@@ -59,9 +59,9 @@ EARLY = False  # the kernel reads what no kernel of this step writes before it w
 #   step's first PDL kernel, which no later kernel launches ahead of) and the first trip's keys and values (written
 #   by earlier steps; the new token's slot is read too, stale, and replaced from registers). So the first trip's
 #   cache reads overlap the previous kernel instead of following it. Off until timed on a GPU
-ENGINE_MAX_SEQS = 1  # ... for decode steps of up to this many sequences (timed: batch 1, bench.latency)
 ENGINE = False  # the engine's decode steps take this kernel where it fits (minivllm.model.layers.decode_prep_fits);
 #   off until timed on a GPU (bench.latency's cuda_graphs_decode_prep against cuda_graphs)
+ENGINE_MAX_SEQS = 1  # ... steps of up to this many sequences (what bench.latency times: batch 1)
 
 
 @cuda.jit(device=True, inline=True, fastmath=True)
