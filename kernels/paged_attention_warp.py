@@ -633,6 +633,21 @@ def split_size(blocks: int, longest: int, slots: int) -> int | None:
     return None
 
 
+def plan_splits(blocks: int, longest: int, tokens_per_split: int | None, dynamic_split: int | None, kernel,
+                threads: int, device: torch.device, where: str) -> tuple[int, int, int]:
+    """Split-K for a grid of ``blocks`` (sequences x KV heads) over contexts of up to ``longest`` keys: (splits, keys
+    per split, the kernel's ``tokens_per_split`` argument: that, or ``-minimum`` when each sequence cuts its own
+    context, :func:`_split_keys`). ``tokens_per_split`` None: :func:`split_size` picks it on a GPU (none
+    elsewhere); ``dynamic_split``: as :func:`paged_attention_warp`'s."""
+    picked = tokens_per_split is None  # split_size's choice, not the caller's
+    if picked and where == "gpu":
+        tokens_per_split = split_size(blocks, longest, resident_blocks(kernel, threads, device))
+    splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
+    tokens_per_split = max(longest, 1) if splits == 1 else tokens_per_split
+    least = (MIN_SPLIT if DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
+    return splits, tokens_per_split, -least if least > 0 and splits > 1 else tokens_per_split
+
+
 def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, *, scale: float | None = None, out: torch.Tensor | None = None,
                          tokens_per_split: int | None = None, max_context_len: int | None = None,
@@ -681,16 +696,13 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
         warps, fused = WARPS_4B if warps is None else warps, None  # None: the 4-byte kernel (no counters argument)
         kernel = _kernel(q_heads // kv_heads, dim, warps, UNROLL if unroll is None else unroll)
         q_in, kv_in = q, kv_cache
-    picked = tokens_per_split is None  # split_size's choice, not the caller's
-    if picked and where == "gpu":
-        tokens_per_split = split_size(seqs * kv_heads, longest, resident_blocks(kernel, warps * 32, q.device))
-    splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
-    tokens_per_split = longest if splits == 1 else tokens_per_split
+    splits, tokens_per_split, keys = plan_splits(seqs * kv_heads, longest, tokens_per_split, dynamic_split, kernel,
+                                                 warps * 32, q.device, where)
     partial, m, l = split_buffers(q, splits)
-    least = (MIN_SPLIT if DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
-    keys = -least if least > 0 and fused and splits > 1 else tokens_per_split  # negative: _split_keys's own chunks
-    if keys < 0:
+    if keys < 0 and fused:
         kernel = _kernel16(*build, True)  # its build with _split_keys
+    else:
+        keys = tokens_per_split
     args = (q_in, kv_in, block_tables, context_lens, numba.float32(scale), out, partial, m, l, keys, splits)
     if fused is not None:  # the 16-byte kernel takes the fused merge's counters (a placeholder when unused)
         args += (_counters(q.device, seqs, kv_heads) if fused and splits > 1 else _NO_COUNTERS(q.device),)

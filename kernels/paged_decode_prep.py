@@ -43,13 +43,12 @@ from numba import cuda
 
 from kernels._checks import check_tensor
 from kernels._index import div_pow2, mod_pow2, pow2_shift
-from kernels._launch import cdiv, launch, resident_blocks, resolve_backend
+from kernels._launch import cdiv, launch, resolve_backend
 from kernels._pdl import mark, pdl_trigger, pdl_wait
 from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words, store_words
 from kernels.paged_attention import paged_attention_ref, split_buffers
-import kernels.paged_attention_warp as paw
 from kernels.paged_attention_warp import (FULL_MASK, NEG_INF, UNROLL16, WARPS, _bf16_trip, _counters, _finish,
-                                          _split_keys, _trip_reads, fit_warps, split_size)
+                                          _split_keys, _trip_reads, fit_warps, plan_splits)
 from kernels.qkv_prep import _word, qkv_prep_ref, split_qkv
 
 DIM = 128  # the head size the kernel is written for: 16 lanes of 8 bf16 values
@@ -300,14 +299,9 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
     early = EARLY if early is None else early
     kernel = _kernel(group, warps, UNROLL16, False, early)
     longest = int(context_lens.max()) if max_context_len is None else max_context_len
-    picked = tokens_per_split is None  # split_size's choice, not the caller's
-    if picked and where == "gpu":
-        tokens_per_split = split_size(seqs * kv_heads, longest, resident_blocks(kernel, warps * 32, qkv.device))
-    splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
-    tokens_per_split = max(longest, 1) if splits == 1 else tokens_per_split
-    least = (paw.MIN_SPLIT if paw.DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
-    if least > 0 and splits > 1:
-        tokens_per_split = -least  # each sequence cuts its own context into the splits (paw._split_keys)
+    splits, _, tokens_per_split = plan_splits(seqs * kv_heads, longest, tokens_per_split, dynamic_split, kernel,
+                                              warps * 32, qkv.device, where)
+    if tokens_per_split < 0:  # each sequence cuts its own context into the splits (paged_attention_warp._split_keys)
         kernel = _kernel(group, warps, UNROLL16, True, early)
     partial, m, l = split_buffers(out, splits)
     counters = _counters(qkv.device, seqs, kv_heads)
