@@ -56,11 +56,15 @@ LPR = DIM // 8  # lanes per head row
 EARLY = False  # the kernel reads what no kernel of this step writes before it waits for the previous kernel
 #   (kernels._pdl): the step's inputs (context lengths, positions, slots, block tables: copied or computed before the
 #   step's first PDL kernel, which no later kernel launches ahead of) and the first trip's keys and values (written
-#   by earlier steps; the new token's slot is read too, stale, and replaced from registers). So the first trip's
-#   cache reads overlap the previous kernel instead of following it. Off until timed on a GPU
-ENGINE = False  # the engine's decode steps take this kernel where it fits (minivllm.model.layers.decode_prep_fits);
-#   off until timed on a GPU (bench.latency's cuda_graphs_decode_prep against cuda_graphs)
-ENGINE_MAX_SEQS = 1  # ... steps of up to this many sequences (what bench.latency times: batch 1)
+#   by earlier steps; the new token's slot is read too, stale, and replaced from registers). Measured on the H100 in
+#   the engine, batch-1 decode: 0.931 ms/token against 0.950 for the default then, no faster than ENGINE alone
+#   (0.930), with 161-163 registers where ENGINE's build has 118 (h100/12_latency_cuda_decode_prep_early.json). Off
+ENGINE = True  # the engine's decode steps take this kernel where it fits (minivllm.model.layers.decode_prep_fits).
+#   Measured on the H100, batch-1 decode (bench.latency, CUDA graphs, 3 runs each): 0.930 ms/token against 0.949
+#   with qkv_prep + paged_attention_warp, 1.021x (h100/12_latency_cuda_decode_prep.json); the greedy tokens part from
+#   the default's at token 47 of 256, where cuBLAS's other roundings part too (h100/12_latency_cuda_token_control.json)
+ENGINE_MAX_SEQS = 1  # ... steps of up to this many sequences (what bench.latency times: batch 1; the offline
+#   workload's larger decode batches keep the two kernels until they are timed with this one)
 
 
 @cuda.jit(device=True, inline=True, fastmath=True)

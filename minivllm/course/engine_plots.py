@@ -314,12 +314,16 @@ def run_profile(result: dict) -> Figure:
 
 
 def latency(result: dict) -> Figure:
-    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, the other loop than the
-    default's, programmatic dependent launch or the small-step kernels switched off, eager), with targets."""
-    modes = [m for m in ("cuda_graphs", "cuda_graphs_no_pdl", "cuda_graphs_async", "cuda_graphs_no_async",
-                         "cuda_graphs_l2_prefetch", "cuda_graphs_no_prefetch", "cuda_graphs_unfused",
-                         "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
-    palette = {"cuda_graphs": DECODE, "cuda_graphs_no_pdl": "#f28e2b", "cuda_graphs_async": "#59a14f",
+    """Decode ms per token at batch 1 and TTFT of a long prompt, per mode (CUDA graphs, attention preparing its own
+    inputs switched, the other loop than the default's, programmatic dependent launch or the small-step kernels
+    switched off, eager), with targets."""
+    modes = [m for m in ("cuda_graphs", "cuda_graphs_decode_prep", "cuda_graphs_no_decode_prep",
+                         "cuda_graphs_decode_prep_early", "cuda_graphs_no_pdl", "cuda_graphs_async",
+                         "cuda_graphs_no_async", "cuda_graphs_l2_prefetch", "cuda_graphs_no_prefetch",
+                         "cuda_graphs_unfused", "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
+    palette = {"cuda_graphs": DECODE, "cuda_graphs_decode_prep": "#ff9da7", "cuda_graphs_no_decode_prep": "#ff9da7",
+               "cuda_graphs_decode_prep_early": "#d37295", "cuda_graphs_no_pdl": "#f28e2b",
+               "cuda_graphs_async": "#59a14f",
                "cuda_graphs_no_async": "#59a14f", "cuda_graphs_l2_prefetch": "#76b7b2",
                "cuda_graphs_no_prefetch": "#76b7b2", "cuda_graphs_unfused": "#edc948", "cuda_graphs_cublas": "#9c755f",
                "decode_graphs_only": "#b07aa1", "eager": PREFILL}

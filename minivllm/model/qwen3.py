@@ -6,8 +6,8 @@ One decoder layer, pre-norm, with the residual stream carried beside the hidden 
       RMSNorm ─► gate_up_proj ─► SiLU(gate) · up ─► down_proj ─► +
 
 ``[q_norm, k_norm]`` (RMSNorm over head_dim on every q and k head) is Qwen3's; Llama skips it. On a GPU, in
-the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``; with
-``kernels.paged_decode_prep.ENGINE`` on, a decode step does them inside its attention kernel), and a batch-1
+the engine's paged steps, QK-norm, RoPE and storing K and V are one kernel (``kernels.qkv_prep``; a batch-1 decode
+step does them inside its attention kernel, ``kernels.paged_decode_prep``), and a batch-1
 step folds the SiLU·mul into ``down_proj`` (``layers.silu_and_mul_linear``, ``kernels.gemv.gemv_silu``).
 Everything else is shared. As in vLLM, the model works on a batch of *flattened tokens*,
 ``input_ids (tokens,)`` with ``positions (tokens,)``, and the attention metadata says which cache
