@@ -15,8 +15,10 @@ The kinds, in every decoder layer:
 * ``norms``: the RMSNorms (``layers.rms_norm``, ``layers.fused_add_rms_norm``; the residual add goes with them);
 * ``qkv_proj``, ``o_proj``, ``gate_up_proj``: those matmuls (``layers.linear`` on that weight's shape);
 * ``down_proj``: SiLU·mul and ``down_proj`` (one kernel at batch 1, ``layers.silu_and_mul_linear``);
-* ``qkv_prep``: QK-norm + RoPE + the KV store (``layers.qkv_prep``);
-* ``attention``: paged decode attention;
+* ``qkv_prep``: QK-norm + RoPE + the KV store (``layers.qkv_prep``). A batch-1 step does them inside its attention
+  kernel (``kernels.paged_decode_prep``), so this knockout also sends the step back to attention alone (the kernel
+  that reads q, ``kernels.paged_attention_warp``): what remains is attention without any preparation;
+* ``attention``: paged decode attention (a batch-1 step's ``kernels.paged_decode_prep``, its preparation included);
 * ``layers``: all of the above: what is left is the embedding, the final norm, the LM head, sampling and the
   host's share of a step.
 
@@ -89,10 +91,14 @@ def knocked_out(kinds, config):
             stack.enter_context(mock.patch.object(layers, "fused_add_rms_norm", lambda x, r, w, eps: (x, r)))
         if "qkv_prep" in kinds:
             stack.enter_context(mock.patch.object(layers, "qkv_prep", fake_qkv_prep))
+            stack.enter_context(mock.patch.object(layers, "decode_prep_fits", lambda *a: False))
         if "attention" in kinds:
             stack.enter_context(mock.patch.object(
                 qwen3, "paged_attention", lambda q, k, v, layer, meta, stored=False: blank(
                     (q.shape[0], q.shape[1] * q.shape[2]), q)))
+            stack.enter_context(mock.patch.object(
+                layers, "paged_decode_prep", lambda qkv, q_heads, kv_heads, *a: blank(
+                    (qkv.shape[0], q_heads, config.head_dim), qkv)))
         if "down_proj" in kinds:
             stack.enter_context(mock.patch.object(
                 layers, "silu_and_mul_linear", lambda gate_up, weight: blank((gate_up.shape[0], weight.shape[0]),
