@@ -29,6 +29,8 @@ layer's QK-norm, RoPE and KV store done inside the attention kernel switched ("c
 ``kernels.paged_decode_prep.ENGINE``), and that kernel with its reads moved before the wait for the previous kernel
 ("cuda_graphs_decode_prep_early": ``EARLY`` too). On a CPU there are no graphs: the eager engine only. ``--modes``
 runs a subset (the derived speedups need all of them; the decode-prep ones only their mode and "cuda_graphs").
+``--max-model-len`` sets the engine's limit as a server's would be (the model's, 40,960 for Qwen3; by default the
+longest run + a block): a decode graph sizes its split-K grid by it (``kernels.paged_attention_warp.split_size``).
 Left out: latency under load (bench.throughput measures the batch; the server's phase measures online).
 """
 
@@ -89,7 +91,9 @@ def run(args: argparse.Namespace) -> dict:
     name, mc = model_spec(args.config, device)
     block_size = 16
     longest = max(args.prompt_len + args.output_len, args.ttft_len + 1)
-    options = dict(max_model_len=longest + block_size, max_num_seqs=args.max_num_seqs,
+    if args.max_model_len is not None and args.max_model_len < longest:
+        raise SystemExit(f"--max-model-len {args.max_model_len}: the runs need {longest} tokens")
+    options = dict(max_model_len=args.max_model_len or longest + block_size, max_num_seqs=args.max_num_seqs,
                    max_num_batched_tokens=max(2048, args.ttft_len), enable_prefix_caching=False,
                    num_kv_blocks=4 * cdiv(longest, block_size), block_size=block_size,
                    cuda_graph_max_batch=args.max_num_seqs)
@@ -199,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=256, help="decode run: output tokens")
     p.add_argument("--ttft-len", type=int, default=1024, help="TTFT run: prompt tokens")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's limit (default: the longest run + a block); a server's is the model's, 40,960 "
+                        "for Qwen3: decode graphs size their split-K grid by it")
     p.add_argument("--max-num-seqs", type=int, default=8, help="also the largest captured graph")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", metavar="MODE",
