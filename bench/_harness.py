@@ -1,6 +1,7 @@
 """Shared by every benchmark: where and how a result was measured, saving it as JSON, and the small helpers
 the engine benchmarks (throughput, latency, prefix) all use."""
 
+import argparse
 import datetime as _dt
 import functools
 import gc
@@ -80,6 +81,18 @@ def meta(name: str) -> dict:
         "versions": {d: _version(d) for d in ("torch", "numba", "numba-cuda", "numpy", "minivllm")},
         "hbm_peak_gbps": hbm_gbps() if gpu else None,  # measured: hbm_gbps()
     }
+
+
+def engine_parser(description: str) -> argparse.ArgumentParser:
+    """The options every engine benchmark takes: ``--device``, ``--config`` (the embedded model or a random one),
+    ``--seed`` and ``--out``; each benchmark adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--config", choices=["default", "qwen3-0.6b", "tiny"], default=None,
+                   help="model: default (embedded SmolLM2; CPU default), qwen3-0.6b (random; GPU default), tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
+    return p
 
 
 def save_tagged(prefix: str, data: dict, out_dir: Path = RESULTS) -> Path:

@@ -32,14 +32,13 @@ import random
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from unittest import mock
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: see bench/throughput.py
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa
+from bench._harness import engine_parser, engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa
 from bench._harness import save_tagged  # noqa: E402
 
 NAME = "17_knockout"
@@ -159,16 +158,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Batch-1 decode with each kind of step knocked out of the model")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--config", choices=["default", "qwen3-0.6b", "tiny"], default=None,
-                   help="model: qwen3-0.6b (random; GPU default), default (embedded SmolLM2; CPU default), tiny")
+    p = engine_parser("Batch-1 decode with each kind of step knocked out of the model")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--knockouts", nargs="+", choices=KNOCKOUTS, default=list(KNOCKOUTS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
 
 

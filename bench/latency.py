@@ -39,13 +39,12 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: see bench/throughput.py
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, save_tagged  # noqa: E402
+from bench._harness import engine_parser, save_tagged  # noqa: E402
 from bench._harness import engine_config, free_memory, model_spec, random_ids, resolve_device  # noqa: E402
 from minivllm.utils import cdiv  # noqa: E402
 
@@ -195,10 +194,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Batch-1 decode ms/token and time to first token, graphs vs eager")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--config", choices=["default", "qwen3-0.6b", "tiny"], default=None,
-                   help="model: qwen3-0.6b (random; GPU default), default (embedded SmolLM2; CPU default), tiny")
+    p = engine_parser("Batch-1 decode ms/token and time to first token, graphs vs eager")
     p.add_argument("--prompt-len", type=int, default=16, help="decode run: prompt tokens")
     p.add_argument("--output-len", type=int, default=256, help="decode run: output tokens")
     p.add_argument("--ttft-len", type=int, default=1024, help="TTFT run: prompt tokens")
@@ -207,10 +203,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the engine's limit (default: the longest run + a block); a server's is the model's, 40,960 "
                         "for Qwen3: decode graphs size their split-K grid by it")
     p.add_argument("--max-num-seqs", type=int, default=8, help="also the largest captured graph")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", metavar="MODE",
                    help="run only these modes (default: all)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
 
 

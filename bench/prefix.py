@@ -20,13 +20,12 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: see bench/throughput.py
 
 import torch  # noqa: E402
 
-from bench._harness import RESULTS, save_tagged  # noqa: E402
+from bench._harness import engine_parser, save_tagged  # noqa: E402
 from bench._harness import (  # noqa: E402
     engine_config, free_memory, model_spec, random_ids, resolve_device, same_tokens, sync)
 from minivllm.utils import cdiv  # noqa: E402
@@ -92,17 +91,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Prefix caching: a shared system prompt, cache on vs off")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--config", choices=["default", "qwen3-0.6b", "tiny"], default=None,
-                   help="model: qwen3-0.6b (random; GPU default), default (embedded SmolLM2; CPU default), tiny")
+    p = engine_parser("Prefix caching: a shared system prompt, cache on vs off")
     p.add_argument("--num-requests", type=int, default=None, help="GPU 64, CPU 8")
     p.add_argument("--shared-len", type=int, default=None, help="shared prompt tokens: GPU 2048, CPU 256")
     p.add_argument("--suffix-len", type=int, default=None, help="each request's own tokens: GPU 32, CPU 16")
     p.add_argument("--max-tokens", type=int, default=None, help="GPU 32, CPU 8")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="GPU 8192, CPU 2048")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
 
 

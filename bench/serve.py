@@ -25,11 +25,10 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from bench._harness import RESULTS, save_tagged
+from bench._harness import engine_parser, save_tagged
 from bench.models import RANDOM_MODELS
 
 TOPICS = ["the sea", "a lighthouse", "autumn leaves", "a robot", "the moon", "bread", "a train", "chess",
@@ -142,18 +141,13 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Concurrent streaming clients against the server: throughput, TTFT, ITL")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--config", choices=["default", *RANDOM_MODELS], default=None,
-                   help="model: default (embedded SmolLM2; CPU default), qwen3-0.6b (random; GPU default), tiny")
+    p = engine_parser("Concurrent streaming clients against the server: throughput, TTFT, ITL")
     p.add_argument("--model", default=None, help="a checkpoint directory or .gguf (instead of --config)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (EOS ignored)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of a random model's prompts")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
 
 

@@ -29,7 +29,6 @@ import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # OpenMP threads that sleep instead of spinning when they wait: on a shared or busy CPU (CI runs two test workers
@@ -38,12 +37,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench._harness import (RESULTS, dtype_of, engine_config, free_memory, model_spec, random_ids,  # noqa: E402
+from bench._harness import (engine_parser, dtype_of, engine_config, free_memory, model_spec, random_ids,  # noqa: E402
                             resolve_device, same_tokens, save_tagged, sync)
 from minivllm.config import KV_CACHE_DTYPES  # noqa: E402
 from minivllm.model.config import ModelConfig  # noqa: E402
 
-from bench.models import RANDOM_MODELS  # noqa: E402
 TARGETS = {"cuda": {"output_tokens_per_s": 20_000, "speedup_vs_transformers": 200},  # set for the H200
            "cpu": {"speedup_vs_transformers": 10, "speedup_vs_llama_cpp": 2}}
 QUESTIONS = [
@@ -309,10 +307,7 @@ def run_key(i: int, kv_cache_dtype: str, overlap: bool, first_overlap: bool) -> 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Offline throughput: minivllm vs transformers.generate (and llama.cpp)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--config", choices=["default", *RANDOM_MODELS], default=None,
-                   help="model: default (embedded SmolLM2 GGUF; CPU default), qwen3-0.6b (random; GPU default), tiny")
+    p = engine_parser("Offline throughput: minivllm vs transformers.generate (and llama.cpp)")
     p.add_argument("--num-requests", type=int, default=None, help="GPU/random: 256, CPU/default: 32")
     p.add_argument("--min-len", type=int, default=None, help="random workload: shortest prompt and output")
     p.add_argument("--max-len", type=int, default=None, help="random workload: longest prompt and output")
@@ -336,8 +331,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
                    help="one engine run per KV cache dtype, back to back (e.g. auto fp8: the second is saved as "
                         "minivllm_kv_fp8, with its ratio to the first)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
     return p
 
 
