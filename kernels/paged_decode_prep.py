@@ -49,7 +49,7 @@ from kernels._vec16 import aligned16, bf16_hi, bf16_lo, load_words, store_words
 from kernels.paged_attention import paged_attention_ref, split_buffers
 from kernels.paged_attention_warp import (FULL_MASK, NEG_INF, UNROLL16, WARPS, _bf16_trip, _counters, _finish,
                                           _split_keys, _trip_reads, fit_warps, plan_splits)
-from kernels.qkv_prep import _word, qkv_prep_ref, split_qkv
+from kernels.qkv_prep import _word, qkv_prep_ref
 
 DIM = 128  # the head size the kernel is written for: 16 lanes of 8 bf16 values
 LPR = DIM // 8  # lanes per head row
@@ -255,6 +255,12 @@ def fits(qkv: torch.Tensor, kv_cache: torch.Tensor, head_dim: int, q_heads: int,
             and q_heads // kv_heads <= 8 and aligned16(qkv, kv_cache) and qkv.is_contiguous())
 
 
+@functools.cache
+def _no_weights(device: torch.device) -> torch.Tensor:
+    """A placeholder for the norm's weights of a model without QK-norm, made once per device (not per call)."""
+    return torch.ones(DIM, dtype=torch.bfloat16, device=device)
+
+
 def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions: torch.Tensor,
                       cos_sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, q_weight: torch.Tensor | None = None,
@@ -297,7 +303,7 @@ def paged_decode_prep(qkv: torch.Tensor, q_heads: int, kv_heads: int, positions:
         return out
     norm = q_weight is not None
     if not norm:
-        q_weight = k_weight = torch.ones(DIM, dtype=qkv.dtype, device=qkv.device)  # unread: norm is False
+        q_weight = k_weight = _no_weights(qkv.device)  # unread: norm is False
     group = q_heads // kv_heads
     warps = fit_warps(group, DIM, WARPS if warps is None else warps, False)
     early = EARLY if early is None else early
