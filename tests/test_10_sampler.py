@@ -179,6 +179,11 @@ def test_greedy_rows_are_exactly_the_argmax_in_a_mixed_batch():
     assert out[5] == 10
     all_greedy = Sampler()(logits, SamplingBatch.from_requests([SamplingParams(temperature=0)] * 64)).token_ids
     assert np.array_equal(all_greedy.numpy(), want)
+    half = logits.to(torch.bfloat16)  # an all-greedy batch takes the argmax of the logits' own dtype: the same tokens
+    half[7, [3, 4000]] = half[7].max() + 1  # a tie the bf16 rounding must not break differently
+    greedy = SamplingBatch.from_requests([SamplingParams(temperature=0)] * 64)
+    assert torch.equal(Sampler()(half, greedy).token_ids, half.float().argmax(-1))
+    assert Sampler()(half, greedy).token_ids[7] == 3
 
 
 def _decode(rows: list[SamplingParams], steps: int, watch: int, logits_seed: int) -> list[int]:
