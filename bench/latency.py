@@ -27,7 +27,9 @@ with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGI
 ``kernels._launch.PDL``; it is on by default where the GPU has it, sm_90 and newer), and the default with each decode
 layer's QK-norm, RoPE and KV store done inside the attention kernel switched ("cuda_graphs_decode_prep":
 ``kernels.paged_decode_prep.ENGINE``), and that kernel with its reads moved before the wait for the previous kernel
-("cuda_graphs_decode_prep_early": ``EARLY`` too). On a CPU there are no graphs: the eager engine only. ``--modes``
+("cuda_graphs_decode_prep_early": ``EARLY`` too), and the default with each sequence cutting its own context into
+a decode graph's split-K grid switched ("cuda_graphs_dynamic_split": ``kernels.paged_attention_warp.DYNAMIC_SPLIT``;
+it matters under a long ``--max-model-len``). On a CPU there are no graphs: the eager engine only. ``--modes``
 runs a subset (the derived speedups need all of them; the decode-prep ones only their mode and "cuda_graphs").
 ``--max-model-len`` sets the engine's limit as a server's would be (the model's, 40,960 for Qwen3; by default the
 longest run + a block): a decode graph sizes its split-K grid by it (``kernels.paged_attention_warp.split_size``).
@@ -113,11 +115,15 @@ def run(args: argparse.Namespace) -> dict:
 
     default_prep, default_early = kernels.paged_decode_prep.ENGINE, kernels.paged_decode_prep.EARLY
     prep = "cuda_graphs_no_decode_prep" if default_prep else "cuda_graphs_decode_prep"  # switched
+    import kernels.paged_attention_warp
+
+    default_dynamic = kernels.paged_attention_warp.DYNAMIC_SPLIT
+    dynamic = "cuda_graphs_static_split" if default_dynamic else "cuda_graphs_dynamic_split"  # switched
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
     modes = ({"cuda_graphs": {}, "decode_graphs_only": {"cuda_graph_max_tokens": 0}, "eager": {"enforce_eager": True},
               loop: {"async_scheduling": not default_async}, other: {}, "cuda_graphs_unfused": {}, prefetch: {},
-              "cuda_graphs_no_pdl": {}, prep: {}, "cuda_graphs_decode_prep_early": {}}
+              "cuda_graphs_no_pdl": {}, prep: {}, "cuda_graphs_decode_prep_early": {}, dynamic: {}}
              if device.type == "cuda" else {"eager": {"enforce_eager": True}})
     if args.modes:
         unknown = sorted(set(args.modes) - set(modes))
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         kernels._launch.PDL = default_pdl and mode != "cuda_graphs_no_pdl"
         kernels.paged_decode_prep.ENGINE = default_prep != (mode == prep) or mode == "cuda_graphs_decode_prep_early"
         kernels.paged_decode_prep.EARLY = default_early or mode == "cuda_graphs_decode_prep_early"
+        kernels.paged_attention_warp.DYNAMIC_SPLIT = default_dynamic != (mode == dynamic)
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
@@ -147,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
                 setattr(kernels.gemv, k, v)
             kernels._launch.PDL = default_pdl
             kernels.paged_decode_prep.ENGINE, kernels.paged_decode_prep.EARLY = default_prep, default_early
+            kernels.paged_attention_warp.DYNAMIC_SPLIT = default_dynamic
         del llm
         free_memory()
     if all(m in result for m in ("cuda_graphs", "eager", "decode_graphs_only", "cuda_graphs_unfused", loop, prefetch,
@@ -185,6 +193,11 @@ def run(args: argparse.Namespace) -> dict:
         on, off = (("cuda_graphs", prep) if default_prep else (prep, "cuda_graphs"))
         result["decode_prep_speedup_decode"] = round(result[off]["decode_ms_per_token"]
                                                      / result[on]["decode_ms_per_token"], 3)
+    if "cuda_graphs" in result and dynamic in result:  # its own pair too; it matters under a long --max-model-len
+        result["engine_dynamic_split"] = default_dynamic
+        on, off = (("cuda_graphs", dynamic) if default_dynamic else (dynamic, "cuda_graphs"))
+        result["dynamic_split_speedup_decode"] = round(result[off]["decode_ms_per_token"]
+                                                       / result[on]["decode_ms_per_token"], 3)
     if "cuda_graphs" in result and "cuda_graphs_decode_prep_early" in result:
         base, early = result["cuda_graphs"], result["cuda_graphs_decode_prep_early"]
         result["decode_prep_early_speedup_decode"] = round(base["decode_ms_per_token"]
@@ -214,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("cuda_graphs", "decode_graphs_only", "eager", "cuda_graphs_async", "cuda_graphs_no_async",
                  "cuda_graphs_gemv", "cuda_graphs_cublas", "cuda_graphs_unfused", "cuda_graphs_no_prefetch",
                  "cuda_graphs_l2_prefetch", "cuda_graphs_no_pdl", "cuda_graphs_decode_prep",
-                 "cuda_graphs_no_decode_prep", "cuda_graphs_decode_prep_early"):
+                 "cuda_graphs_no_decode_prep", "cuda_graphs_decode_prep_early", "cuda_graphs_dynamic_split",
+                 "cuda_graphs_static_split"):
         if mode in data:
             r = data[mode]
             same = r.get("same_leading_tokens_as_cuda_graphs")
@@ -224,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     if "decode_prep_speedup_decode" in data:
         print(f"attention preparing its own inputs (kernels.paged_decode_prep): {data['decode_prep_speedup_decode']}x "
               "decode")
+    if "dynamic_split_speedup_decode" in data:
+        print(f"each sequence's own split-K chunks (kernels.paged_attention_warp.DYNAMIC_SPLIT): "
+              f"{data['dynamic_split_speedup_decode']}x decode")
     if "graph_speedup_decode" in data:
         print(f"CUDA graphs: {data['graph_speedup_decode']}x faster decode")
     print(f"saved {save_tagged('12_latency', data, args.out)}")

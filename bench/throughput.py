@@ -229,6 +229,11 @@ def run(args: argparse.Namespace) -> dict:
 
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     result["engine_async_scheduling"] = default_async  # the engine's default loop here
+    if device.type == "cuda":
+        import kernels.paged_decode_prep as prep
+        if args.decode_prep_max_seqs is not None:
+            prep.ENGINE_MAX_SEQS = args.decode_prep_max_seqs
+        result["decode_prep_max_seqs"] = prep.ENGINE_MAX_SEQS if prep.ENGINE else 0
     ours = None
     runs = engine_runs(args, default_async)
     for i, (kv_cache_dtype, overlap) in enumerate(runs):  # the first is "minivllm"; others are named
@@ -328,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--both-loops", "--also-async", dest="both_loops", action="store_true",
                    help="after the runs, each KV cache dtype again with the other loop (saved as minivllm_no_async, "
                         "minivllm_kv_fp8_no_async, ... on a GPU, minivllm_async, ... on a CPU)")
+    p.add_argument("--decode-prep-max-seqs", type=int, default=None,
+                   help="GPU: decode steps of up to this many sequences take kernels.paged_decode_prep (default: its "
+                        "ENGINE_MAX_SEQS; 0: none)")
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
                    help="one engine run per KV cache dtype, back to back (e.g. auto fp8: the second is saved as "
                         "minivllm_kv_fp8, with its ratio to the first)")
