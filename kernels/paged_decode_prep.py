@@ -65,8 +65,8 @@ ENGINE = True  # the engine's decode steps take this kernel where it fits (miniv
 #   the default's at token 47 of 256, where cuBLAS's other roundings part too (h100/12_latency_cuda_token_control.json)
 ENGINE_MAX_SEQS = 1  # ... steps of up to this many sequences (what bench.latency times: batch 1). Every decode step
 #   on it was much slower on the offline workload, H100 back to back: 12,911 against 18,589 tok/s with the two kernels
-#   above batch 1 (bench.throughput --decode-prep-max-seqs 256, h100/12_throughput_cuda_prep256.json / _prep1.json):
-#   each block redoes its query heads' prep, and the block that stores the new key waits at a barrier before its trip
+#   above batch 1 (bench.throughput --decode-prep-max-seqs 256, h100/12_throughput_cuda_prep256.json / _prep1.json).
+#   Not yet known why: the per-batch kernel times (python -m kernels.paged_decode_prep, batch 8 and 64) are unmeasured
 
 
 @cuda.jit(device=True, inline=True, fastmath=True)
