@@ -202,3 +202,18 @@ def test_run_profile_stacks_the_floor_the_busy_time_and_the_span():
     assert [round(sum(w), 6) for _, w in sorted(rows.items())] == [5.4, 7.5, 8.0]  # floor, busy, span
     assert sorted(rows[1]) == pytest.approx(sorted([5.5, 1.0, 0.0, 0.2, 0.8]))  # no qk-norm: 0; the rest 7.5 - 6.7
     assert "decode attention at 91% of its floor" in fig._suptitle.get_text()
+
+
+def test_knockout_plot_draws_each_saving_and_each_matmuls_floor_from_its_bytes():
+    saved = {"norms": 0.05, "qkv_proj": 0.09, "qkv_prep": 0.07, "attention": 0.2, "o_proj": 0.03,
+             "gate_up_proj": 0.12, "down_proj": 0.1, "layers": 0.4}
+    ko = {"config": "qwen3-0.6b", "meta": {"gpu": "H100", "hbm_peak_gbps": 2000.0}, "saved_ms_per_token": saved,
+          "knockouts": {"none": {"decode_ms_per_token": 0.9}, "layers": {"decode_ms_per_token": 0.5}}}
+    fig = ep.knockout(ko, layers=2, hidden=8, q=16, kv=4, intermediate=32)
+    left, right = fig.axes
+    assert [round(p.get_width(), 3) for p in left.patches] == [saved[k] for k in ep.KNOCKOUT_LABELS]
+    assert [p.get_width() for p in right.patches] == [0.9, 0.5]
+    floors = sorted(round(ln.get_xdata()[0], 9) for ln in left.get_lines() if len(ln.get_xdata()))
+    bytes_ = [2 * 2 * rows * cols for rows, cols in ((8, 24), (16, 8), (8, 64), (32, 8))]  # layers x bf16
+    assert floors == sorted(round(b / 2000e9 * 1e3, 9) for b in bytes_)
+    assert "H100" in fig._suptitle.get_text() and _overlapping_ticks(fig) == []

@@ -6,7 +6,8 @@ engine :class:`~minivllm.outputs.StepRecord` s as a Gantt chart in seconds (one 
 ``memory_timeline`` draw them too. :func:`install_scheduler` swaps the engine's scheduler (a policy
 subclass, other limits) between runs; :func:`policy_outcome` runs requests under a policy and returns
 what a check compares. :func:`throughput`, :func:`latency` and :func:`prefix` plot ``bench/results/12_*``;
-:func:`run_profile` a whole GPU run against its floor (``bench.profile_run``).
+:func:`run_profile` a whole GPU run against its floor (``bench.profile_run``); :func:`knockout` a batch-1 step with each
+kind of kernel knocked out in turn (``bench.knockout``).
 Each plot returns a closed matplotlib ``Figure``. Left out: live (streaming) plots while the engine runs.
 """
 
@@ -318,11 +319,13 @@ def latency(result: dict) -> Figure:
     inputs switched, the other loop than the default's, programmatic dependent launch or the small-step kernels
     switched off, eager), with targets."""
     modes = [m for m in ("cuda_graphs", "cuda_graphs_decode_prep", "cuda_graphs_no_decode_prep",
-                         "cuda_graphs_decode_prep_early", "cuda_graphs_no_pdl", "cuda_graphs_async",
+                         "cuda_graphs_decode_prep_early", "cuda_graphs_dynamic_split", "cuda_graphs_static_split",
+                         "cuda_graphs_no_pdl", "cuda_graphs_async",
                          "cuda_graphs_no_async", "cuda_graphs_l2_prefetch", "cuda_graphs_no_prefetch",
                          "cuda_graphs_unfused", "cuda_graphs_cublas", "decode_graphs_only", "eager") if m in result]
     palette = {"cuda_graphs": DECODE, "cuda_graphs_decode_prep": "#ff9da7", "cuda_graphs_no_decode_prep": "#ff9da7",
-               "cuda_graphs_decode_prep_early": "#d37295", "cuda_graphs_no_pdl": "#f28e2b",
+               "cuda_graphs_decode_prep_early": "#d37295", "cuda_graphs_dynamic_split": "#8cd17d",
+               "cuda_graphs_static_split": "#8cd17d", "cuda_graphs_no_pdl": "#f28e2b",
                "cuda_graphs_async": "#59a14f",
                "cuda_graphs_no_async": "#59a14f", "cuda_graphs_l2_prefetch": "#76b7b2",
                "cuda_graphs_no_prefetch": "#76b7b2", "cuda_graphs_unfused": "#edc948", "cuda_graphs_cublas": "#9c755f",
@@ -342,6 +345,50 @@ def latency(result: dict) -> Figure:
             ax.legend(fontsize=8, loc="lower right")
         ax.set_title(what, fontsize=9)
     fig.suptitle(f"{model_note(result)}\n{_where(result)}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+KNOCKOUT_LABELS = {"norms": "RMSNorms (2 a layer)", "qkv_proj": "qkv_proj", "qkv_prep": "attention's own prep\n"
+                   "(QK-norm, RoPE, KV store)", "attention": "attention, prep included", "o_proj": "o_proj",
+                   "gate_up_proj": "gate_up_proj", "down_proj": "SiLU·mul + down_proj"}
+_MATMUL_BYTES = {"qkv_proj": ("hidden_size", "qkv"), "o_proj": ("q", "hidden_size"),
+                 "gate_up_proj": ("hidden_size", "gate_up"), "down_proj": ("intermediate_size", "hidden_size")}
+
+
+def knockout(result: dict, *, layers: int = 28, hidden: int = 1024, q: int = 2048, kv: int = 1024,
+             intermediate: int = 3072) -> Figure:
+    """``17_knockout_cuda``: what a batch-1 decode step saves when each kind of kernel is knocked out (left), and the
+    whole step against the step with no decoder layer at all (right). A matmul's bar carries its floor: its weight
+    bytes in all layers over the GPU's copy bandwidth (``meta.hbm_peak_gbps``). Shapes: Qwen3-0.6B's by default."""
+    k = result["knockouts"]
+    saved = result["saved_ms_per_token"]
+    kinds = [kind for kind in KNOCKOUT_LABELS if kind in saved]
+    size = {"hidden_size": hidden, "q": q, "qkv": q + 2 * kv, "gate_up": 2 * intermediate,
+            "intermediate_size": intermediate}
+    gbps = result.get("meta", {}).get("hbm_peak_gbps")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(kinds) + 2.4), width_ratios=(3, 2))
+    plt.close(fig)
+    colors = ["#76b7b2" if kind in _MATMUL_BYTES else "#f28e2b" if kind in ("attention", "qkv_prep")
+              else "#edc948" for kind in kinds]
+    _bars(ax, [KNOCKOUT_LABELS[kind] for kind in kinds], [saved[kind] for kind in kinds], "{:.3f}", colors)
+    if gbps:
+        for i, kind in enumerate(kinds):
+            if kind in _MATMUL_BYTES:
+                rows, cols = (size[n] for n in _MATMUL_BYTES[kind])
+                floor_ms = layers * rows * cols * 2 / (gbps * 1e9) * 1e3
+                ax.plot([floor_ms, floor_ms], [i - 0.4, i + 0.4], color="black", lw=2)
+        ax.plot([], [], color="black", lw=2, label=f"weights' bytes at {gbps:,.0f} GB/s")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("ms per token saved without it (all layers)")
+    ax.set_title("what each kind of kernel costs the step", fontsize=9)
+    whole, bare = k["none"]["decode_ms_per_token"], k["layers"]["decode_ms_per_token"]
+    _bars(ax2, ["whole step", "no decoder layer\n(embedding, final norm,\nLM head, sampling, host)"], [whole, bare],
+          "{:.3f} ms", [DECODE, "#bab0ac"])
+    ax2.set_xlabel("ms per token")
+    ax2.set_title("the step, with and without its layers", fontsize=9)
+    fig.suptitle(f"Batch-1 decode, each kind of kernel knocked out of the CUDA graph in turn\n{_where(result)}",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
