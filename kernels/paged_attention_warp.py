@@ -78,7 +78,11 @@ FUSED_MERGE = True  # split-K steps merge in the kernel's last block instead of 
 DYNAMIC_SPLIT = False  # split-K with the fused merge, split size picked by the launcher: each sequence cuts its own
 #   context into the grid's splits (at least MIN_SPLIT keys each; _split_keys) instead of chunks sized for the longest
 #   context the grid allows. A CUDA graph's grid is sized for max_model_len: with the static chunks a 300-key request
-#   under a 40,960-key limit is one block per KV head. Off until timed on a GPU (python -m kernels.paged_decode_prep)
+#   under a 40,960-key limit is one block per KV head. Measured on the H100 (bench.latency, batch 1, 3 runs each):
+#   under --max-model-len 40960 with a 2,000-token prompt 1.193 against 1.676 ms/token
+#   (h100/12_latency_cuda_max_len_40960.json);
+#   at the default 1,041-key limit, where both cut the same chunks, 1.042 against 0.928 in one noisy run (1.21 / 1.04 /
+#   0.96; h100/12_latency_cuda_dynamic_split.json). Off until an A/B at the short limit says whether that was noise
 HEADS_FIRST = True  # the 16-byte kernel's grid (kv_heads, seqs, splits): the GPU dispatches blocks x first, so a
 #   sequence's KV heads go out one after another; with the scheduler's rows longest context first
 #   (minivllm.scheduler.row_order) the longest sequences' blocks all start first. (seqs, kv_heads, splits) sent
