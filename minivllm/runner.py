@@ -172,7 +172,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run one planned step; returns float logits (len(out.sample_indices), vocab), None for an empty step.
+        """Run one planned step; returns logits (len(out.sample_indices), vocab) in the model's dtype (the sampler
+        widens them to float32 where it computes with them), None for an empty step.
 
         ``input_ids``: the step's tokens already on the device (a step planned ahead, ``out.pending_inputs``)."""
         return self.launch(self.prepare(out), input_ids)
@@ -226,7 +227,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, step: "PreparedStep | None", input_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Queue the prepared step's forward pass (a graph replay or eager ops); returns its float logits."""
+        """Queue the prepared step's forward pass (a graph replay or eager ops); returns its logits, in the model's
+        dtype. A graph step's are a view of the graph's output buffer, which the next replay of that graph rewrites:
+        the engine queues the step's sampler before the next step's forward pass."""
         if step is None:
             return None
         if (input_ids is None) != (step.out.pending_inputs is None):
@@ -236,7 +239,7 @@ class ModelRunner:
             if input_ids is not None:
                 self.static["input_ids"][:n].copy_(input_ids)
             self.graphs[step.bucket].replay()
-            return self.static_logits[step.bucket][:n].float()
+            return self.static_logits[step.bucket][:n]
         if step.pieces:
             tokens = len(step.out.input_ids)
             if input_ids is not None:
@@ -245,7 +248,7 @@ class ModelRunner:
         else:
             input_ids = step.input_ids if input_ids is None else input_ids
             hidden = self.model(input_ids, step.positions, step.meta)  # (tokens, hidden)
-        return self.model.compute_logits(hidden if step.rows is None else hidden[step.rows]).float()
+        return self.model.compute_logits(hidden if step.rows is None else hidden[step.rows])
 
     def to_device(self, name: str, values, dtype) -> torch.Tensor:
         """A host array on the runner's device, copied asynchronously through the pinned buffer ``name``."""

@@ -608,3 +608,30 @@ def test_decode_steps_through_the_graph_buffers_give_the_eager_tokens(tokenizer,
                                    atol=1e-4, rtol=1e-4)
     assert sum(g.replays for g in e.runner.graphs.values()) > 20 and sum(r.graph for r in e.step_log) > 20
     assert len({b for b, g in e.runner.graphs.items() if g.replays}) >= 3  # several buckets, with padding rows
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_logits_reach_the_sampler_in_the_models_dtype_and_greedy_rows_are_their_argmax(overlap):
+    """The runner hands the sampler its logits as the model made them (bf16 here): no float32 copy for an all-greedy
+    batch, float32 inside the sampler otherwise (logprobs, a random row), and every greedy token is the argmax."""
+    engine = LLMEngine(model=TINY, device="cpu", dtype="bfloat16", max_model_len=64, async_scheduling=overlap)
+    seen, sampled = [], []
+    sample_tensors = engine.sample_tensors
+
+    def spy(logits, plan):
+        out = sample_tensors(logits, plan)
+        if logits is not None:
+            seen.append(logits.clone())
+            sampled.append(out)
+        return out
+
+    engine.sample_tensors = spy
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    engine.add_request([3, 1, 4, 1, 5], greedy)
+    engine.add_request([9, 2, 6], SamplingParams(temperature=0.8, seed=7, max_tokens=5, ignore_eos=True, logprobs=2))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert seen and all(logits.dtype == torch.bfloat16 for logits in seen)
+    for logits, out in zip(seen, sampled):
+        assert out.token_ids[0] == logits[0].float().argmax()  # row 0: the greedy request, every step
+        assert out.logprobs is not None and out.logprobs.logprobs.dtype == torch.float32
