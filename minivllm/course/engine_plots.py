@@ -352,7 +352,7 @@ def latency(result: dict) -> Figure:
 KNOCKOUT_LABELS = {"norms": "RMSNorms (2 a layer)", "qkv_proj": "qkv_proj", "qkv_prep": "attention's own prep\n"
                    "(QK-norm, RoPE, KV store)", "attention": "attention, prep included", "o_proj": "o_proj",
                    "gate_up_proj": "gate_up_proj", "down_proj": "SiLU·mul + down_proj"}
-_MATMUL_BYTES = {"qkv_proj": ("hidden_size", "qkv"), "o_proj": ("q", "hidden_size"),
+_MATMUL_SHAPES = {"qkv_proj": ("hidden_size", "qkv"), "o_proj": ("q", "hidden_size"),
                  "gate_up_proj": ("hidden_size", "gate_up"), "down_proj": ("intermediate_size", "hidden_size")}
 
 
@@ -369,13 +369,13 @@ def knockout(result: dict, *, layers: int = 28, hidden: int = 1024, q: int = 204
     gbps = result.get("meta", {}).get("hbm_peak_gbps")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(kinds) + 2.4), width_ratios=(3, 2))
     plt.close(fig)
-    colors = ["#76b7b2" if kind in _MATMUL_BYTES else "#f28e2b" if kind in ("attention", "qkv_prep")
+    colors = ["#76b7b2" if kind in _MATMUL_SHAPES else "#f28e2b" if kind in ("attention", "qkv_prep")
               else "#edc948" for kind in kinds]
     _bars(ax, [KNOCKOUT_LABELS[kind] for kind in kinds], [saved[kind] for kind in kinds], "{:.3f}", colors)
     if gbps:
         for i, kind in enumerate(kinds):
-            if kind in _MATMUL_BYTES:
-                rows, cols = (size[n] for n in _MATMUL_BYTES[kind])
+            if kind in _MATMUL_SHAPES:
+                rows, cols = (size[n] for n in _MATMUL_SHAPES[kind])
                 floor_ms = layers * rows * cols * 2 / (gbps * 1e9) * 1e3
                 ax.plot([floor_ms, floor_ms], [i - 0.4, i + 0.4], color="black", lw=2)
         ax.plot([], [], color="black", lw=2, label=f"weights' bytes at {gbps:,.0f} GB/s")
