@@ -74,3 +74,15 @@ def test_without_the_toolkit_wheels_it_says_what_to_install(monkeypatch):
                         lambda name, *a: None if name == "cuda.bindings" else real(name, *a))
     with pytest.raises(mc.ToolchainMissing, match=r"numba-cuda\[cu13\]"):
         machine_code(_constant_indexed, SIG)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_notebook_07s_report_compiles():
+    """Notebook 07's cell on a machine with a GPU: the package's flash-attention kernel at the notebook's signature.
+    The subprocess hides the GPU, so this machine compiles for sm_90 as a laptop does."""
+    from kernels import flash_attention as fa
+
+    sig = ("void(bfloat16[:, :, ::1], bfloat16[:, :, ::1], bfloat16[:, :, ::1], bfloat16[:, :, ::1], "
+           "int32[::1], int32[::1], float32, boolean, int64)")
+    code = machine_code(fa.flash_attention_kernel, sig)
+    assert 0 < code["registers"] <= 255 and code["warps_per_sm"] > 0, code

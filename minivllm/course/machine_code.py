@@ -89,7 +89,9 @@ def machine_code(kernel, signature: str, *, constants: dict | None = None, cc: t
         raise ToolchainMissing("machine_code needs the CUDA toolkit wheels: pip install 'numba-cuda[cu13]' "
                                "(make lab installs them)")
     job = _job(kernel, signature, constants, cc)
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    # NOTE: the report needs no GPU, so the subprocess sees none: a GPU machine takes the same path as a laptop
+    # (the target named by ``cc``, not the device's) instead of one that only GPU machines would exercise
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps(job), env=env, capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
