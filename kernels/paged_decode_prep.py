@@ -66,7 +66,9 @@ ENGINE = True  # the engine's decode steps take this kernel where it fits (miniv
 ENGINE_MAX_SEQS = 1  # ... steps of up to this many sequences (what bench.latency times: batch 1). Every decode step
 #   on it was much slower on the offline workload, H100 back to back: 12,911 against 18,589 tok/s with the two kernels
 #   above batch 1 (bench.throughput --decode-prep-max-seqs 256, h100/12_throughput_cuda_prep256.json / _prep1.json).
-#   Not yet known why: the per-batch kernel times (python -m kernels.paged_decode_prep, batch 8 and 64) are unmeasured
+#   Not the kernel alone: on the H200 (python -m kernels.paged_decode_prep) it took no longer than the two kernels at
+#   8 x 845 keys (14.9 against 15.5 us) and 64 x 2,048 (154.2 against 154.5; in graphs sized for 40,960 keys 140.7
+#   against 141.5; bench/results/17_paged_decode_prep_cuda_session21.json). Why the workload slows is unmeasured
 
 
 @cuda.jit(device=True, inline=True, fastmath=True)
