@@ -507,10 +507,11 @@ def host_overhead(result: dict, labels: Sequence[tuple[str, str]], *,
         ax.text(total, y, f" {total:.2f} ms", va="center", fontsize=9)
     workload = runs[0][0]["workload"] if runs else {}
     batch, context = workload.get("batch", "?"), workload.get("context_mean")
-    if isinstance(batch, int) and batch >= 256:  # the target is for a step of 256 sequences
+    target = isinstance(batch, int) and batch >= 256  # the 1 ms target is for a step of 256 sequences
+    if target:
         ax.axvline(1.0, color="black", ls="--", lw=1, label="target: 1 ms")
     ax.invert_yaxis()
-    ax.set_xlim(0, max([*left, 1.0 if isinstance(batch, int) and batch >= 256 else 0.0]) * 1.15)
+    ax.set_xlim(0, max([*left, 1.0 if target else 0.0]) * 1.15)
     ax.set_xlabel("host CPU ms per decode step (median), the forward pass left out")
     ax.legend(fontsize=8, ncol=4 if len(runs) > 2 else 1, loc="lower right" if len(runs) > 2 else "upper left",
               bbox_to_anchor=None if len(runs) > 2 else (1.01, 1.0))
