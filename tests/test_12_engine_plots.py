@@ -217,3 +217,22 @@ def test_knockout_plot_draws_each_saving_and_each_matmuls_floor_from_its_bytes()
     bytes_ = [2 * 2 * rows * cols for rows, cols in ((8, 24), (16, 8), (8, 64), (32, 8))]  # layers x bf16
     assert floors == sorted(round(b / 2000e9 * 1e3, 9) for b in bytes_)
     assert "H100" in fig._suptitle.get_text() and _overlapping_ticks(fig) == []
+
+
+def _host_run(batch: int, context: float, phases: dict[str, float], host: float) -> dict:
+    ms = {name: {"median": v} for name, v in phases.items()}
+    return {"workload": {"batch": batch, "context_mean": context}, "cpu_ms_per_step": {**ms, "host": {"median": host}}}
+
+
+def test_host_overhead_stacks_the_phases_to_the_host_total_and_draws_the_target_only_at_batch_256():
+    phases = dict.fromkeys((p for p, _ in ep.HOST_PHASES), 0.01)
+    phases["inputs"] = 0.2
+    for batch, context in ((1, 222.0), (256, 881.9)):
+        runs = {"a": _host_run(batch, context, phases, 0.5)}
+        fig = ep.host_overhead({"runs": runs}, [("a", "the run")])
+        ax = fig.axes[0]
+        widths = [p.get_width() for p in ax.patches]
+        assert sum(widths) == pytest.approx(0.5) and max(widths) == pytest.approx(0.5 - sum(phases.values()))
+        dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        assert len(dashed) == (batch >= 256)  # the 1 ms target belongs to the batch-256 step
+        assert f"batch {batch}, ~{context:.0f}-token contexts" in fig._suptitle.get_text()
