@@ -151,7 +151,11 @@ class LLMEngine:
         return self.processor.output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or self.loop.in_flight
+        """Whether some request has not been handed back finished yet (vLLM's meaning): a loop of ``step()`` while
+        this holds sees every request's last output. The overlapped loop may still have a step in flight after the
+        last one finished (its rows were wasted, ``minivllm.overlap``); that step is not a request, and the next
+        ``step()`` retires it."""
+        return self.scheduler.has_unfinished()
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -190,6 +194,8 @@ class LLMEngine:
         """Swap in another scheduler over the same KV blocks (a policy to try); only with no request in flight."""
         if self.has_unfinished_requests() or scheduler.allocator is not self.scheduler.allocator:
             raise RuntimeError("a new scheduler needs an idle engine and the engine's own BlockAllocator")
+        if self.loop.in_flight:  # only wasted rows (no request is unfinished): retired by the scheduler that planned it
+            self.loop.step(plan_ahead=False)
         self.scheduler = self.processor.scheduler = scheduler
         self.check_no_leaks()
 

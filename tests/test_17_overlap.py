@@ -635,3 +635,26 @@ def test_logits_reach_the_sampler_in_the_models_dtype_and_greedy_rows_are_their_
     for logits, out in zip(seen, sampled):
         assert out.token_ids[0] == logits[0].float().argmax()  # row 0: the greedy request, every step
         assert out.logprobs is not None and out.logprobs.logprobs.dtype == torch.float32
+
+
+def test_a_loop_that_keeps_only_the_last_steps_outputs_sees_each_request_finish(tokenizer):
+    """``has_unfinished_requests`` turns False with the step that hands back the last finished output, though the
+    overlapped loop still has a step of wasted rows in flight; the next request runs as on the plain engine."""
+    greedy = dict(temperature=0, max_tokens=24)
+    plain = engine(tokenizer, False)
+    plain.add_request([5, 6, 7], SamplingParams(**greedy))
+    ref = []
+    while plain.has_unfinished_requests():
+        ref += [c.token_ids for out in plain.step() for c in out.outputs if out.finished]
+    stop_at = ref[0][5]  # a token the request produces: it ends there (as by EOS), not at max_tokens
+    want = ref[0][: ref[0].index(stop_at) + 1]
+    e = engine(tokenizer, True)
+    for params in (SamplingParams(**greedy, stop_token_ids=[stop_at]), SamplingParams(**greedy)):
+        rid = e.add_request([5, 6, 7], params)
+        last = []
+        while e.has_unfinished_requests():
+            last = e.step()
+        assert [out.request_id for out in last if out.finished] == [rid]
+        assert last[-1].outputs[0].token_ids == (want if params.stop_token_ids else ref[0])
+        assert last[-1].outputs[0].finish_reason == ("stop" if params.stop_token_ids else "length")
+    e.check_no_leaks()
