@@ -2,7 +2,7 @@
 seconds and how many cells passed, failed or were skipped.
 
     python -m bench.notebooks                     # writes bench/results/00_notebooks_<cpu|cuda>.json
-    python -m bench.notebooks --workers 8 --out DIR
+    python -m bench.notebooks --workers 8 --out DIR [--log FILE]   # FILE: pytest's whole output
 
 The same nbval run as ``make test`` (``--nbval-lax --nbval-current-env``); on a GPU machine every notebook's
 ``env.on_gpu`` branches run: the kernels on the GPU, bf16, live timings. Not a benchmark of speed: a record
@@ -43,7 +43,7 @@ def summarize(junit_xml: Path) -> dict[str, dict]:
     return dict(sorted(rows.items()))
 
 
-def run(workers: int) -> dict:
+def run(workers: int, log: Path | None = None) -> dict:
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,6 +54,9 @@ def run(workers: int) -> dict:
             cmd += ["-n", str(workers), "--dist", "loadscope"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         notebooks = summarize(junit)
+    if log is not None:  # every failing cell's traceback (the JSON keeps the last 3,000 characters)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(proc.stdout + proc.stderr)
     return {"device": "cuda" if torch.cuda.is_available() else "cpu", "workers": workers,
             "pytest_returncode": proc.returncode, "num_notebooks": len(notebooks),
             "all_passed": proc.returncode == 0 and all(r["ok"] for r in notebooks.values()),
@@ -64,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=8, help="notebooks executed at once (pytest-xdist)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--log", type=Path, default=None, help="also write pytest's whole output here")
     args = p.parse_args(argv)
-    data = run(args.workers)
+    data = run(args.workers, args.log)
     path = save(f"00_notebooks_{data['device']}", data, args.out)
     for name, row in data["notebooks"].items():
         print(f"{name:40s} {row['seconds']:6.1f} s  {'ok' if row['ok'] else 'FAILED ' + ','.join(row['failing_cells'])}")
