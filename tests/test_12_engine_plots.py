@@ -237,20 +237,3 @@ def test_host_overhead_stacks_the_phases_to_the_host_total_and_draws_the_target_
         assert len(dashed) == (batch >= 256)  # the 1 ms target belongs to the batch-256 step
         assert f"batch {batch}, ~{context:.0f}-token contexts" in fig._suptitle.get_text()
 
-
-def test_targets_plot_draws_each_target_as_its_share_of_the_goal_colored_by_status():
-    def row(measure, figure, goal, higher, status):
-        return {"measure": measure, "figure": figure, "goal": goal, "higher_is_better": higher, "unit": "u",
-                "source": "", "detail": "", "status": status}
-    summary = {"targets": [row("tok/s", 30_000.0, 20_000, True, "met"), row("ms", 0.8, 0.6, False, "missed"),
-                           row("host", None, 1.0, False, "missing")],
-               "met": 1, "missed": 1, "missing": 1, "one_run": False, "commits": ["a", "b"], "gpus": ["H200"]}
-    fig = ep.targets(summary)
-    ax = fig.axes[0]
-    widths = [p.get_width() for p in ax.patches]
-    assert widths == pytest.approx([1.5, 0.75, 0.0])  # more is better: figure / goal; less is better: goal / figure
-    colors = [mcolors.to_hex(p.get_facecolor()) for p in ax.patches]
-    assert colors == [ep._STATUS_COLORS[s].lower() for s in ("met", "missed", "missing")]
-    labels = [t.get_text() for t in ax.texts]
-    assert labels == ["30,000 u (goal ≥ 20,000)", "0.8 u (goal ≤ 0.6)", "not measured"]
-    assert "NOT one run" in fig._suptitle.get_text() and "1 met, 1 missed, 1 not measured" in fig._suptitle.get_text()
