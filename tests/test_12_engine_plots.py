@@ -236,4 +236,3 @@ def test_host_overhead_stacks_the_phases_to_the_host_total_and_draws_the_target_
         dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
         assert len(dashed) == (batch >= 256)  # the 1 ms target belongs to the batch-256 step
         assert f"batch {batch}, ~{context:.0f}-token contexts" in fig._suptitle.get_text()
-

@@ -521,4 +521,3 @@ def host_overhead(result: dict, labels: Sequence[tuple[str, str]], *,
                  fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
     return fig
-
