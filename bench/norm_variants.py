@@ -1,6 +1,7 @@
 """RMSNorm's bf16 16-byte kernels built several ways, against ``torch.compile`` of the reference, in one run.
 
     python -m bench.norm_variants [--out DIR]     # GPU only; writes 17_norm_variants_cuda.json
+    python -m bench.norm_variants --defaults-only # the default path and torch.compile only (bench.targets)
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
 QK-norm's 128-wide heads the block-per-row kernel up to ``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels;
@@ -49,7 +50,8 @@ def _err(got, want) -> float:
     return max(((g.float() - w.float()).abs().max() / (w.float().abs().max() + 1e-6)).item() for g, w in zip(got, want))
 
 
-def run() -> dict:
+def run(defaults_only: bool = False) -> dict:
+    """``defaults_only``: the module's default path (with and without PDL) and ``torch.compile`` only, no builds."""
     from kernels import _launch as kl
     from kernels import _rmsnorm_vec as vec
     from kernels import rmsnorm as rn
@@ -89,7 +91,7 @@ def run() -> dict:
                     kl.PDL = before
 
             timed["default_no_pdl"] = no_pdl
-            for label, (cvt, early, chunks, divide, block) in BUILDS.items():
+            for label, (cvt, early, chunks, divide, block) in ({} if defaults_only else BUILDS).items():
                 kernel = vec.bf16_variant(cvt, early, chunks, divide)[1 if fused else 0]
 
                 def call(tensors=tensors, kernel=kernel, chunks=chunks, fused=fused, block=block, copy=False):
@@ -107,13 +109,13 @@ def run() -> dict:
 
                 row[f"{label}_err"] = _err(call(copy=True), want)
                 timed[label] = call
-            if name == "qk_norm":  # a block per head (the hidden-size rows' kernel; half its warp idles on 16 chunks)
+            if name == "qk_norm" and not defaults_only:  # a block per head (the hidden-size rows' kernel; half its warp idles on 16 chunks)
                 def per_head(tensors=tensors):
                     return rn.rms_norm(tensors[0], tensors[1], EPS, row=True)
 
                 row["row_err"] = _err(per_head(), want)
                 timed["row"] = per_head
-            if name != "qk_norm":  # hidden-size rows: a block per row of 4 warps (a chunk a thread), or of one warp
+            if name != "qk_norm" and not defaults_only:  # hidden-size rows: a block per row of 4 warps (a chunk a thread), or of one warp
                 for label, warps, per_thread, pdl in (("row_w4", 4, 1, True), ("row_w1c4", 1, 4, True),
                                                       ("row_w1c4_nopdl", 1, 4, False)):  # (4 chunks a thread)
                     kernel = vec.row_kernels(torch.bfloat16, warps, per_thread, pdl)[1 if fused else 0]
@@ -129,7 +131,7 @@ def run() -> dict:
 
                     row[f"{label}_err"] = _err(per_row(copy=True), want)
                     timed[label] = per_row
-            if not fused:
+            if not fused and not defaults_only:
                 kernel = vec.bf16_variant(True, True, 4, False, True)[0]
                 for waves in STREAM_WAVES:
                     def streamed(tensors=tensors, kernel=kernel, waves=waves):
@@ -153,7 +155,12 @@ def run() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return kernel_bench_main("bench.norm_variants", __doc__, NAME, run, argv)
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults_only = "--defaults-only" in argv
+    argv = [a for a in argv if a != "--defaults-only"]
+    return kernel_bench_main("bench.norm_variants", __doc__, NAME, lambda: run(defaults_only), argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ The parts, each its own benchmark (its command is in its file's ``meta``), all w
 * ``attention``: our tensor-core prefill against SDPA's flash backend, and paged decode attention against the
   bandwidth floor (``bench.attention``);
 * ``norms``: RMSNorm, fused add + RMSNorm and QK-norm against ``torch.compile`` of the same PyTorch code
-  (``bench.norm_variants``: the module's default path);
+  (``bench.norm_variants --defaults-only``: the module's default path);
 * ``host``: the host's work per decode step at batch 256, on the CPU with the tiny model and the forward pass
   replayed (``bench.host_overhead --forward replay --overlap --final-only``): what the overlapped loop must hide.
 
@@ -47,7 +47,7 @@ PARTS = {  # part -> (benchmark command without --out, the files it writes)
     "latency": (["bench.latency", "--device", "cuda", "--repeats", "3", "--modes", "cuda_graphs"],
                 ["12_latency_cuda"]),
     "attention": (["bench.attention"], ["07_attention", "08_paged_attention"]),
-    "norms": (["bench.norm_variants"], ["17_norm_variants_cuda"]),
+    "norms": (["bench.norm_variants", "--defaults-only"], ["17_norm_variants_cuda"]),
     "host": (["bench.host_overhead", "--device", "cpu", "--final-only", "--steps", "120", "--forward", "replay",
               "--overlap", "--label", "targets"], ["17_host_overhead_cpu"]),
 }
