@@ -16,7 +16,9 @@ The parts, each its own benchmark (its command is in its file's ``meta``), all w
 * ``norms``: RMSNorm, fused add + RMSNorm and QK-norm against ``torch.compile`` of the same PyTorch code
   (``bench.norm_variants --defaults-only``: the module's default path);
 * ``host``: the host's work per decode step at batch 256, on the CPU with the tiny model and the forward pass
-  replayed (``bench.host_overhead --forward replay --overlap --final-only``): what the overlapped loop must hide.
+  replayed (``bench.host_overhead --forward replay --overlap --final-only``): what the overlapped loop must hide;
+* ``knockout``: no target of its own; where a batch-1 token's time goes (``bench.knockout``: what the step saves
+  with each kind of kernel knocked out, and the step with no decoder layer at all), the table's ``batch1_breakdown``.
 
 The table (``17_targets_cuda.json`` in the same folder, and its picture ``17_targets_cuda.png``) says for each target its figure, the goal, and met or
 missed; a part that did not run is ``missing``. Every part's file must name the same commit and GPU, or the table
@@ -50,6 +52,7 @@ PARTS = {  # part -> (benchmark command without --out, the files it writes)
     "norms": (["bench.norm_variants", "--defaults-only"], ["17_norm_variants_cuda"]),
     "host": (["bench.host_overhead", "--device", "cpu", "--final-only", "--steps", "120", "--forward", "replay",
               "--overlap", "--label", "targets"], ["17_host_overhead_cpu"]),
+    "knockout": (["bench.knockout", "--device", "cuda"], ["17_knockout_cuda"]),
 }
 PREFILL_TOKENS = (4096, 8192, 16384)  # the prefill target's sizes
 NORMS = ("rms_norm", "fused_add_rms_norm", "qk_norm")
@@ -149,6 +152,16 @@ def provenance(folder: Path) -> dict[str, dict]:
     return found
 
 
+def breakdown(folder: Path) -> dict | None:
+    """The batch-1 step and what it saves without each kind of kernel (ms/token), from the knockout part."""
+    ko = _load(folder, "17_knockout_cuda")
+    if ko is None:
+        return None
+    return {"step_ms": ko["knockouts"]["none"]["decode_ms_per_token"],
+            "without_layers_ms": ko["knockouts"].get("layers", {}).get("decode_ms_per_token"),
+            "saved_ms": ko["saved_ms_per_token"]}
+
+
 def summarize(folder: Path) -> dict:
     table = targets(folder)
     files = provenance(folder)
@@ -158,7 +171,8 @@ def summarize(folder: Path) -> dict:
             "met": sum(t.status == "met" for t in table), "missed": sum(t.status == "missed" for t in table),
             "missing": sum(t.status == "missing" for t in table), "parts": files,
             "one_run": len(commits) == 1 and len(gpus) <= 1,
-            "commits": sorted(c or "unknown" for c in commits), "gpus": sorted(gpus)}
+            "commits": sorted(c or "unknown" for c in commits), "gpus": sorted(gpus),
+            "batch1_breakdown": breakdown(folder)}
 
 
 def _commit() -> str | None:
@@ -203,6 +217,11 @@ def print_table(summary: dict) -> None:
         sign = ">=" if t["higher_is_better"] else "<="
         print(f"{t['status']:>7}  {t['measure']}: {figure} {t['unit']} (target {sign} {t['goal']:g})"
               + (f"  [{t['detail']}]" if t["detail"] else ""))
+    b = summary.get("batch1_breakdown")
+    if b:
+        saved = ", ".join(f"{k} {v:.3f}" for k, v in sorted(b["saved_ms"].items(), key=lambda kv: -kv[1]))
+        print(f"batch-1 step {b['step_ms']:.3f} ms, {b['without_layers_ms']:.3f} without any decoder layer; "
+              f"saved without each kind (ms): {saved}")
     print(f"{summary['met']} met, {summary['missed']} missed, {summary['missing']} missing; "
           + ("one run" if summary["one_run"] else f"NOT one run: commits {summary['commits']}, GPUs {summary['gpus']}"))
 

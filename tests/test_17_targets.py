@@ -70,6 +70,17 @@ def test_the_host_part_is_read_from_its_own_entry(folder):
     assert (host.figure, host.status) == (0.4, "met")
 
 
+def test_the_knockout_part_gives_the_batch1_breakdown(folder):
+    assert tg.summarize(folder)["batch1_breakdown"] is None  # not run: no breakdown, no target missing for it
+    _write(folder, "17_knockout_cuda", {"knockouts": {"none": {"decode_ms_per_token": 0.9},
+                                                      "layers": {"decode_ms_per_token": 0.3}},
+                                        "saved_ms_per_token": {"attention": 0.2, "norms": 0.05}})
+    summary = tg.summarize(folder)
+    assert summary["batch1_breakdown"] == {"step_ms": 0.9, "without_layers_ms": 0.3,
+                                           "saved_ms": {"attention": 0.2, "norms": 0.05}}
+    assert summary["one_run"] and len(summary["parts"]) == 6
+
+
 def test_files_from_different_commits_are_not_one_run(folder):
     assert tg.summarize(folder)["one_run"]
     _write(folder, "12_latency_cuda", {"cuda_graphs": {"decode_ms_per_token": 0.5, "ttft_ms": 6.0}}, commit="fff0000")
