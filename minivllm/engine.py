@@ -152,9 +152,9 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Whether some request has not been handed back finished yet (vLLM's meaning): a loop of ``step()`` while
-        this holds sees every request's last output. The overlapped loop may still have a step in flight after the
-        last one finished (its rows were wasted, ``minivllm.overlap``); that step is not a request, and the next
-        ``step()`` retires it."""
+        this holds sees every request's last output. The overlapped loop retires its step of wasted rows in the call
+        that hands back the last output (``minivllm.overlap``); one still in flight after the last request was
+        aborted is not a request either, and the next ``step()`` retires it."""
         return self.scheduler.has_unfinished()
 
     @property

@@ -15,7 +15,9 @@ forward pass in flight::
 
 returns step N's outputs (one step later than the plain loop). A sequence that N's token ends by an EOS, a stop
 token or a stop string has computed one wasted token in N+1, which ``postprocess`` drops (one that reaches
-``max_tokens`` in N is left out of N+1). Its KV blocks are freed before N+1 has run, which is safe because the
+``max_tokens`` in N is left out of N+1). When N finished the last request, N+1 (wasted rows only) is retired in the
+same call, so an idle engine holds no step in flight and the call that returns the last output is the last one
+needed. Its KV blocks are freed before N+1 has run, which is safe because the
 device runs every later use of those blocks after N+1. N's sampler is queued only after N-1 was post-processed,
 so penalties, ``min_tokens`` and grammars see every token before it. When N+1 cannot be planned ahead (someone
 may be admitted, memory is short, a prefill is running), the call ends like a plain step.
@@ -124,4 +126,7 @@ class OverlappedLoop:
         except BaseException:  # N+1 was planned on N's tokens, which never arrived: drop it, the next call plans
             self.now = None  # from the scheduler's state again (N not advanced: a retry recomputes N, as the
             raise  # plain loop's does)
-        return engine.processor.process(now.plan, tokens, now.start, graph=now.graph)
+        outputs = engine.processor.process(now.plan, tokens, now.start, graph=now.graph)
+        if self.now is not None and not scheduler.has_unfinished():  # N finished the last request: N+1 holds only
+            outputs += self.step(plan_ahead=False)  # wasted rows; retired now (no output), not on some later call
+        return outputs

@@ -638,8 +638,8 @@ def test_logits_reach_the_sampler_in_the_models_dtype_and_greedy_rows_are_their_
 
 
 def test_a_loop_that_keeps_only_the_last_steps_outputs_sees_each_request_finish(tokenizer):
-    """``has_unfinished_requests`` turns False with the step that hands back the last finished output, though the
-    overlapped loop still has a step of wasted rows in flight; the next request runs as on the plain engine."""
+    """``has_unfinished_requests`` turns False with the step that hands back the last finished output, and that step
+    retires the overlapped loop's step of wasted rows; the next request runs as on the plain engine."""
     greedy = dict(temperature=0, max_tokens=24)
     plain = engine(tokenizer, False)
     plain.add_request([5, 6, 7], SamplingParams(**greedy))
@@ -657,4 +657,5 @@ def test_a_loop_that_keeps_only_the_last_steps_outputs_sees_each_request_finish(
         assert [out.request_id for out in last if out.finished] == [rid]
         assert last[-1].outputs[0].token_ids == (want if params.stop_token_ids else ref[0])
         assert last[-1].outputs[0].finish_reason == ("stop" if params.stop_token_ids else "length")
+        assert not e.loop.in_flight  # the step of wasted rows was retired with the last output, not left for later
     e.check_no_leaks()
