@@ -109,13 +109,15 @@ def run(defaults_only: bool = False) -> dict:
 
                 row[f"{label}_err"] = _err(call(copy=True), want)
                 timed[label] = call
-            if name == "qk_norm" and not defaults_only:  # a block per head (the hidden-size rows' kernel; half its warp idles on 16 chunks)
+            if name == "qk_norm" and not defaults_only:  # a block per head (the hidden-size rows' kernel; half its
+                #                                            warp idles on 16 chunks)
                 def per_head(tensors=tensors):
                     return rn.rms_norm(tensors[0], tensors[1], EPS, row=True)
 
                 row["row_err"] = _err(per_head(), want)
                 timed["row"] = per_head
-            if name != "qk_norm" and not defaults_only:  # hidden-size rows: a block per row of 4 warps (a chunk a thread), or of one warp
+            if name != "qk_norm" and not defaults_only:  # hidden-size rows: a block per row of 4 warps (a chunk a
+                #                                            thread), or of one warp
                 for label, warps, per_thread, pdl in (("row_w4", 4, 1, True), ("row_w1c4", 1, 4, True),
                                                       ("row_w1c4_nopdl", 1, 4, False)):  # (4 chunks a thread)
                     kernel = vec.row_kernels(torch.bfloat16, warps, per_thread, pdl)[1 if fused else 0]

@@ -20,9 +20,9 @@ The parts, each its own benchmark (its command is in its file's ``meta``), all w
 * ``knockout``: no target of its own; where a batch-1 token's time goes (``bench.knockout``: what the step saves
   with each kind of kernel knocked out, and the step with no decoder layer at all), the table's ``batch1_breakdown``.
 
-The table (``17_targets_cuda.json`` in the same folder, and its picture ``17_targets_cuda.png``) says for each target its figure, the goal, and met or
-missed; a part that did not run is ``missing``. Every part's file must name the same commit and GPU, or the table
-says which differ (figures from different runs do not make one run).
+The table (``17_targets_cuda.json`` in the same folder, and its picture ``17_targets_cuda.png``) says for each
+target its figure, the goal, and met or missed; a part that did not run is ``missing``. Every part's file must name
+the same commit and GPU, or the table says which differ (figures from different runs do not make one run).
 """
 
 import argparse
