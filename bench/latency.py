@@ -28,8 +28,9 @@ with the L2 prefetch of each layer's later weights switched (``kernels.gemv.ENGI
 layer's QK-norm, RoPE and KV store done inside the attention kernel switched ("cuda_graphs_decode_prep":
 ``kernels.paged_decode_prep.ENGINE``), and that kernel with its reads moved before the wait for the previous kernel
 ("cuda_graphs_decode_prep_early": ``EARLY`` too), and the default with each sequence cutting its own context into
-a decode graph's split-K grid switched ("cuda_graphs_dynamic_split": ``kernels.paged_attention_warp.DYNAMIC_SPLIT``;
-it matters under a long ``--max-model-len``). On a CPU there are no graphs: the eager engine only. ``--modes``
+a decode graph's split-K grid switched ("cuda_graphs_dynamic_split", or "cuda_graphs_static_split" where the default
+cuts them: ``kernels.paged_attention_warp.DYNAMIC_SPLIT``, by default on for limits of ``DYNAMIC_SPLIT_MIN_KEYS`` keys
+or more; it matters under a long ``--max-model-len``). On a CPU there are no graphs: the eager engine only. ``--modes``
 runs a subset (the derived speedups need all of them; the decode-prep ones only their mode and "cuda_graphs").
 ``--max-model-len`` sets the engine's limit as a server's would be (the model's, 40,960 for Qwen3; by default the
 longest run + a block): a decode graph sizes its split-K grid by it (``kernels.paged_attention_warp.split_size``).
@@ -117,7 +118,9 @@ def run(args: argparse.Namespace) -> dict:
     prep = "cuda_graphs_no_decode_prep" if default_prep else "cuda_graphs_decode_prep"  # switched
     import kernels.paged_attention_warp
 
-    default_dynamic = kernels.paged_attention_warp.DYNAMIC_SPLIT
+    switch = kernels.paged_attention_warp.DYNAMIC_SPLIT  # None: a rule on the graphs' key limit (max_model_len)
+    default_dynamic = (options["max_model_len"] >= kernels.paged_attention_warp.DYNAMIC_SPLIT_MIN_KEYS
+                       if switch is None else switch)  # what the default does in this run
     dynamic = "cuda_graphs_static_split" if default_dynamic else "cuda_graphs_dynamic_split"  # switched
     default_async = EngineConfig.from_kwargs(**engine_config(name, mc, device, **options)).overlaps
     loop = "cuda_graphs_no_async" if default_async else "cuda_graphs_async"  # the default's loop, switched
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
         kernels._launch.PDL = default_pdl and mode != "cuda_graphs_no_pdl"
         kernels.paged_decode_prep.ENGINE = default_prep != (mode == prep) or mode == "cuda_graphs_decode_prep_early"
         kernels.paged_decode_prep.EARLY = default_early or mode == "cuda_graphs_decode_prep_early"
-        kernels.paged_attention_warp.DYNAMIC_SPLIT = default_dynamic != (mode == dynamic)
+        kernels.paged_attention_warp.DYNAMIC_SPLIT = (not default_dynamic) if mode == dynamic else switch
         try:
             start = time.perf_counter()
             llm = LLM(**engine_config(name, mc, device, seed=args.seed, **options, **mode_options))
@@ -154,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
                 setattr(kernels.gemv, k, v)
             kernels._launch.PDL = default_pdl
             kernels.paged_decode_prep.ENGINE, kernels.paged_decode_prep.EARLY = default_prep, default_early
-            kernels.paged_attention_warp.DYNAMIC_SPLIT = default_dynamic
+            kernels.paged_attention_warp.DYNAMIC_SPLIT = switch
         del llm
         free_memory()
     if all(m in result for m in ("cuda_graphs", "eager", "decode_graphs_only", "cuda_graphs_unfused", loop, prefetch,

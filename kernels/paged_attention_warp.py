@@ -75,14 +75,18 @@ FUSED_MERGE = True  # split-K steps merge in the kernel's last block instead of 
 #   kernel; one launch fewer per layer at small decode batches). Measured on the H100 (bench.paged_decode, CUDA-graph
 #   replay): batch 1 x 300 tokens 8.2 against 9.2 us, batch 8 mixed 27.2 against 28.4
 #   (bench/results/h100/17_paged_decode_cuda.json, 12-05 session 8)
-DYNAMIC_SPLIT = False  # split-K with the fused merge, split size picked by the launcher: each sequence cuts its own
+DYNAMIC_SPLIT = None  # split-K with the fused merge, split size picked by the launcher: each sequence cuts its own
 #   context into the grid's splits (at least MIN_SPLIT keys each; _split_keys) instead of chunks sized for the longest
-#   context the grid allows. A CUDA graph's grid is sized for max_model_len: with the static chunks a 300-key request
-#   under a 40,960-key limit is one block per KV head. Measured on the H100 (bench.latency, batch 1, 3 runs each):
-#   under --max-model-len 40960 with a 2,000-token prompt 1.193 against 1.676 ms/token
+#   context the grid allows. True / False: always / never; None: for grids sized for DYNAMIC_SPLIT_MIN_KEYS keys or
+#   more. A CUDA graph's grid is sized for max_model_len: with the static chunks a 300-key request under a 40,960-key
+#   limit is one block per KV head. Measured with bench.latency, batch 1, 3 runs each: on the H100 under
+#   --max-model-len 40960 with a 2,000-token prompt 1.193 against 1.676 ms/token
 #   (h100/12_latency_cuda_max_len_40960.json);
-#   at the default 1,041-key limit, where both cut the same chunks, 1.042 against 0.928 in one noisy run (1.21 / 1.04 /
-#   0.96; h100/12_latency_cuda_dynamic_split.json). Off until an A/B at the short limit says whether that was noise
+#   at the default 1,041-key limit, where both cut the same chunks, 0.862 against 0.829 on the H200
+#   (12_latency_cuda_session21.json; on the H100 1.042 against 0.928 in one noisy run,
+#   h100/12_latency_cuda_dynamic_split.json)
+DYNAMIC_SPLIT_MIN_KEYS = 32768  # ... hence on under Qwen3's own limit (40,960), off under short ones; limits between
+#   1,041 and 40,960 keys are unmeasured
 HEADS_FIRST = True  # the 16-byte kernel's grid (kv_heads, seqs, splits): the GPU dispatches blocks x first, so a
 #   sequence's KV heads go out one after another; with the scheduler's rows longest context first
 #   (minivllm.scheduler.row_order) the longest sequences' blocks all start first. (seqs, kv_heads, splits) sent
@@ -648,7 +652,8 @@ def plan_splits(blocks: int, longest: int, tokens_per_split: int | None, dynamic
         tokens_per_split = split_size(blocks, longest, resident_blocks(kernel, threads, device))
     splits = 1 if tokens_per_split is None else cdiv(longest, tokens_per_split)
     tokens_per_split = max(longest, 1) if splits == 1 else tokens_per_split
-    least = (MIN_SPLIT if DYNAMIC_SPLIT and picked else 0) if dynamic_split is None else dynamic_split
+    dynamic = longest >= DYNAMIC_SPLIT_MIN_KEYS if DYNAMIC_SPLIT is None else DYNAMIC_SPLIT
+    least = (MIN_SPLIT if dynamic and picked else 0) if dynamic_split is None else dynamic_split
     return splits, tokens_per_split, -least if least > 0 and splits > 1 else tokens_per_split
 
 
@@ -673,7 +678,7 @@ def paged_attention_warp(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     (the 16-byte kernel): split-K partial results merged by the kernel's last block, not a second kernel; None:
     ``FUSED_MERGE``. ``dynamic_split`` (split-K with the fused merge): each sequence cuts its own context into the
     grid's splits, chunks of at least this many keys (:func:`_split_keys`); 0: chunks of ``tokens_per_split``; None:
-    ``MIN_SPLIT`` where ``DYNAMIC_SPLIT`` is on and the split size is picked here, else 0.
+    ``MIN_SPLIT`` where ``DYNAMIC_SPLIT`` says so (for ``max_context_len``) and the split size is picked here, else 0.
     """
     _check(q, kv_cache, block_tables, context_lens, fp8=True)
     seqs, q_heads, dim = q.shape

@@ -128,3 +128,46 @@ def test_the_kernel_the_defaults_launch_is_compiled_by_the_gpu_check(monkeypatch
     kernel = factory(*picked[0])
     assert kernel in paw.SIGNATURES, kernel.py_func.__name__
     assert (paw.MIN_TARGETS.get(kernel) == paw.CVT_CC) == (fp8 and has_cvt), kernel.py_func.__name__
+
+
+def test_each_sequence_cuts_its_own_splits_only_under_a_long_key_limit(monkeypatch):
+    """``DYNAMIC_SPLIT`` None (the default): a grid sized for ``DYNAMIC_SPLIT_MIN_KEYS`` keys or more (a CUDA graph
+    under a long ``max_model_len``) has each sequence cut its own context (``-MIN_SPLIT``: ``_split_keys``); a shorter
+    one keeps chunks sized for the limit; True / False force either; a caller's own split size is left alone."""
+    import kernels.paged_attention_warp as paw
+
+    monkeypatch.setattr(paw, "resident_blocks", lambda kernel, threads, device: 128)  # a GPU's slots, on a CPU
+    monkeypatch.setattr(paw, "DYNAMIC_SPLIT", None)
+
+    def plan(longest, tokens_per_split=None):
+        return paw.plan_splits(8, longest, tokens_per_split, None, None, 128, torch.device("cpu"), "gpu")
+
+    limit = paw.DYNAMIC_SPLIT_MIN_KEYS
+    splits, keys, arg = plan(limit)
+    assert splits == 16 and keys == limit // 16 and arg == -paw.MIN_SPLIT  # 128 slots / 8 blocks: 16 splits, dynamic
+    assert plan(1041) == (16, 66, 66)  # a short limit: static chunks of cdiv(1041, 16) keys
+    assert plan(limit, tokens_per_split=4096)[2] == 4096  # the caller's split size: static
+    monkeypatch.setattr(paw, "DYNAMIC_SPLIT", False)
+    assert plan(limit)[2] == limit // 16
+    monkeypatch.setattr(paw, "DYNAMIC_SPLIT", True)
+    assert plan(1041)[2] == -paw.MIN_SPLIT
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_each_sequences_own_splits_give_the_reference_result(fp8):
+    """``dynamic_split``: a grid sized for 32 keys (8 splits of 4), each sequence cutting its own 3 or 13 keys into
+    those splits (chunks of at least 2): the fused merge's result equals the reference's."""
+    g = torch.Generator().manual_seed(9)
+    seqs, q_heads, kv_heads, dim, bs = 2, 2, 1, 64, 4
+    lens = torch.tensor([3, 13], dtype=torch.int32)
+    tables = torch.randperm(16, generator=g)[:16].view(seqs, 8).to(torch.int32)
+    cache = torch.randn(16, 2, bs, kv_heads, dim, generator=g)
+    cache = cache.to(torch.float8_e4m3fn) if fp8 else cache.to(torch.bfloat16)
+    q = torch.randn(seqs, q_heads, dim, generator=g).to(torch.bfloat16)
+    static = paged_attention_warp(q, cache, tables, lens, warps=1, tokens_per_split=4, max_context_len=32,
+                                  fused_merge=True, dynamic_split=0)
+    for _ in range(2):  # a second launch (a graph replay) finds the counters reset
+        got = paged_attention_warp(q, cache, tables, lens, warps=1, tokens_per_split=4, max_context_len=32,
+                                   fused_merge=True, dynamic_split=2)
+        torch.testing.assert_close(got.float(), static.float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), paged_attention_ref(q, cache, tables, lens).float(), atol=3e-2, rtol=3e-2)
