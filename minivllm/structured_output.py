@@ -31,6 +31,7 @@ fill is under 1% of a CPU decode step, less than the step times vary on a shared
 import json
 import re
 from dataclasses import dataclass
+from importlib import metadata
 
 import torch
 
@@ -117,6 +118,19 @@ class GrammarMatcher:
         return self._m.get_error() if self._m.is_error() else None
 
 
+MIN_LLGUIDANCE = (1, 7)  # 1.6 takes a single EOS id where we hand LLTokenizer every one (pyproject.toml pins it too)
+
+
+def check_llguidance_version() -> None:
+    """``RuntimeError`` saying what to install when the installed llguidance is older than ``MIN_LLGUIDANCE``."""
+    have = metadata.version("llguidance")
+    numbers = tuple(int(part) for part in re.findall(r"\d+", have)[:2])
+    if numbers < MIN_LLGUIDANCE:
+        need = ".".join(map(str, MIN_LLGUIDANCE))
+        raise RuntimeError(f"structured output needs llguidance>={need}, this environment has {have}: "
+                           f"pip install -U 'llguidance>={need}'")
+
+
 class GrammarCompiler:
     """Grammars for one tokenizer: ``compile(params)`` per request, ``matcher(grammar)`` per sequence.
 
@@ -135,6 +149,7 @@ class GrammarCompiler:
         if self._lltokenizer is None:
             import llguidance
 
+            check_llguidance_version()
             tok = self.tokenizer
             tokens = [tok.token_bytes(i) for i in range(tok.vocab_size)]  # b"": an id the vocabulary leaves unused
 

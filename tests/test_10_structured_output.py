@@ -9,8 +9,8 @@ End to end, ``LLM.generate`` with ``structured_outputs`` on the real model retur
 """
 
 import json
-import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +20,8 @@ from minivllm.sampling_params import SamplingParams
 from minivllm.structured_output import (GrammarCompiler, StructuredOutputsParams, allowed_tokens, apply_bitmask,
                                         fill_bitmask)
 from minivllm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CHOICES = ["Paris", "Par", "London", "a.b (c)"]
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
@@ -155,3 +157,17 @@ def test_bench_dry_run_counts_valid_outputs_and_identical_threaded_tokens(tmp_pa
     assert row["free"]["mask_fill_ms_median"] == 0.0 and row["schema"]["mask_fill_ms_median"] > 0
     assert row["schema"]["decode_steps"] == row["schema+thread"]["decode_steps"] >= 1
     assert all(json.loads(text) in ({"ok": True}, {"ok": False}) for text in row["example_outputs"])
+
+
+def test_an_llguidance_older_than_the_pin_is_named_with_what_to_install(monkeypatch, tok):
+    """llguidance 1.6's tokenizer takes one EOS id and fails deep inside with a TypeError; the compiler says instead
+    which version it needs (the same lower bound as pyproject.toml's)."""
+    from minivllm import structured_output as so
+
+    pinned = re.search(r'"llguidance>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert ".".join(map(str, so.MIN_LLGUIDANCE)) == pinned
+    monkeypatch.setattr(so.metadata, "version", lambda dist: "1.6.1")
+    with pytest.raises(RuntimeError, match=rf"llguidance>={re.escape(pinned)}, this environment has 1.6.1"):
+        so.GrammarCompiler(tok, {0}).lltokenizer
+    monkeypatch.setattr(so.metadata, "version", lambda dist: pinned + ".0")
+    assert so.GrammarCompiler(tok, {0}).lltokenizer is not None
