@@ -123,7 +123,10 @@ MIN_LLGUIDANCE = (1, 7)  # 1.6 takes a single EOS id where we hand LLTokenizer e
 
 def check_llguidance_version() -> None:
     """``RuntimeError`` saying what to install when the installed llguidance is older than ``MIN_LLGUIDANCE``."""
-    have = metadata.version("llguidance")
+    try:
+        have = metadata.version("llguidance")
+    except metadata.PackageNotFoundError:  # importable without its metadata (a vendored copy): nothing to compare
+        return
     numbers = tuple(int(part) for part in re.findall(r"\d+", have)[:2])
     if numbers < MIN_LLGUIDANCE:
         need = ".".join(map(str, MIN_LLGUIDANCE))
