@@ -23,6 +23,7 @@ Measured on an H100 (bf16, 16,384 tokens, kernel time; 3.0 TB/s copy bandwidth):
 Limits: contiguous tensors, weight of the same dtype; ``python -m kernels.rmsnorm`` checks and times it.
 """
 
+import functools
 import math
 
 import numba
@@ -53,6 +54,11 @@ ROW_WARP_ROWS = (2048, 6144)  # (fewest, most) rows: RMSNorm (not the fused add 
 #   blocks with PDL and 4.76 for torch.compile (a first experiment outside the bench: 4.5-4.6); the same one-warp
 #   build with PDL took 5.64 there (its griddepcontrol.wait keeps blocks resident). At 1k and 8k tokens the 4-warp
 #   blocks with PDL are faster (2.13 / 11.65 against 2.74 / 12.35), hence the range
+ROW_WARP_ROWS_BY_GPU = {"H200": (2048, 2**31 - 1)}  # GPU name (a part of it) -> ROW_WARP_ROWS there. On the H200
+#   the one-warp blocks without PDL win at every size from 4k rows up: 8.69 / 19.60 us at 8k / 16k tokens against
+#   11.31 / 22.16 for the 4-warp blocks with PDL, where the H100 measured the opposite (11.65 / 24.81 against 12.35 /
+#   25.56); torch.compile 8.57 / 19.36 there (bench.norm_variants at ef9f7a1, 17_norm_variants_cuda_session21.json,
+#   against h100/17_norm_variants_cuda_session18.json)
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on
@@ -186,14 +192,30 @@ def _kernel(fused: bool, dtype: torch.dtype, vec: bool):
     return (_rmsnorm_vec.FUSED_KERNELS if fused else _rmsnorm_vec.NORM_KERNELS)[dtype]
 
 
+@functools.cache
+def _gpu_name(index: int) -> str:
+    from kernels._env import gpu_capability
+
+    return gpu_capability(index)[0]
+
+
+def row_warp_rows(device: torch.device) -> tuple[int, int] | None:
+    """The (fewest, most) rows of RMSNorm given a block of one warp on ``device``: ``ROW_WARP_ROWS``, or the range
+    ``ROW_WARP_ROWS_BY_GPU`` measured for that GPU; None (off) when ``ROW_WARP_ROWS`` is None."""
+    if ROW_WARP_ROWS is None or device.type != "cuda":
+        return ROW_WARP_ROWS
+    name = _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
+    return next((rows for part, rows in ROW_WARP_ROWS_BY_GPU.items() if part in name), ROW_WARP_ROWS)
+
+
 def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool | None):
     """The block-per-row kernel for this call, or None: ``row`` True/False, or None for ``ROW_PER_BLOCK`` on a GPU
     at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks, or of ``NARROW_ROW_MIN_CHUNKS`` and more when there are at most
     ``NARROW_ROW_MAX_ROWS`` of them (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
     chunks = x.shape[-1] * x.element_size() // 16
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not fused and ROW_WARP_ROWS and ROW_WARP_ROWS[0] <= rows <= ROW_WARP_ROWS[1]
-            and ROW_MIN_CHUNKS <= chunks <= 4 * WARP):
+    warp_rows = row_warp_rows(x.device) if not fused else None
+    if warp_rows and warp_rows[0] <= rows <= warp_rows[1] and ROW_MIN_CHUNKS <= chunks <= 4 * WARP:
         pair = _rmsnorm_vec.row_kernels(x.dtype, 1, cdiv(chunks, WARP), pdl=False) if vec else None
     else:
         pair = _rmsnorm_vec.row_kernels(x.dtype, cdiv(chunks, WARP)) if vec and 0 < chunks <= MAX_THREADS else None

@@ -193,6 +193,26 @@ def test_rms_norm_of_many_rows_takes_one_warp_a_row_without_pdl_when_it_is_on(mo
     assert rmsnorm._row_kernel(False, narrow, True, "gpu", None) is None
 
 
+def test_the_one_warp_range_is_the_gpus_own_where_one_was_measured(monkeypatch):
+    """``rmsnorm.row_warp_rows``: an H200 gives RMSNorm of 2k rows and more the one-warp blocks (measured faster
+    there at 8k and 16k), another GPU the H100's range; the CPU keeps ``ROW_WARP_ROWS``; None switches it off."""
+    names = {0: "NVIDIA H200", 1: "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(rmsnorm, "_gpu_name", lambda index: names[index])
+    h200, h100 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert rmsnorm.row_warp_rows(h200) == (2048, 2**31 - 1) and rmsnorm.row_warp_rows(h100) == (2048, 6144)
+    assert rmsnorm.row_warp_rows(torch.device("cpu")) == rmsnorm.ROW_WARP_ROWS
+    many = torch.empty(8192, 1024, dtype=torch.bfloat16)  # _row_kernel asks row_warp_rows for the tensor's device
+    monkeypatch.setattr(rmsnorm, "row_warp_rows", lambda device: (2048, 2**31 - 1))
+    assert rmsnorm._row_kernel(False, many, True, "gpu", None) \
+        is _rmsnorm_vec.row_kernels(torch.bfloat16, 1, 4, pdl=False)[0]
+    monkeypatch.setattr(rmsnorm, "row_warp_rows", lambda device: (2048, 6144))
+    assert rmsnorm._row_kernel(False, many, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0]
+    monkeypatch.undo()
+    monkeypatch.setattr(rmsnorm, "_gpu_name", lambda index: names[index])
+    monkeypatch.setattr(rmsnorm, "ROW_WARP_ROWS", None)
+    assert rmsnorm.row_warp_rows(h200) is None and rmsnorm.row_warp_rows(h100) is None
+
+
 def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
     x, _, w = _inputs((2, 64), torch.float32, "cpu")
     with pytest.raises(ValueError, match="row=True needs bf16 rows"):
