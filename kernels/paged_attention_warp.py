@@ -86,7 +86,8 @@ DYNAMIC_SPLIT = None  # split-K with the fused merge, split size picked by the l
 #   (12_latency_cuda_session21.json; on the H100 1.042 against 0.928 in one noisy run,
 #   h100/12_latency_cuda_dynamic_split.json)
 DYNAMIC_SPLIT_MIN_KEYS = 32768  # ... hence on under Qwen3's own limit (40,960), off under short ones; limits between
-#   1,041 and 40,960 keys are unmeasured
+#   1,041 and 40,960 keys are unmeasured. The rule's own first GPU run (H100, e7d9119, same settings as above): 1.292
+#   against 1.610 ms/token for the static chunks (h100/12_latency_cuda_max_len_40960_session23.json)
 HEADS_FIRST = True  # the 16-byte kernel's grid (kv_heads, seqs, splits): the GPU dispatches blocks x first, so a
 #   sequence's KV heads go out one after another; with the scheduler's rows longest context first
 #   (minivllm.scheduler.row_order) the longest sequences' blocks all start first. (seqs, kv_heads, splits) sent
