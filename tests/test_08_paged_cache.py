@@ -66,6 +66,20 @@ def test_gpu_budget_leaves_room_for_the_profiled_peak():
         gpu_kv_budget("cuda", 1.5)
 
 
+def test_the_gpu_budget_arithmetic_names_memory_held_elsewhere_when_nothing_is_left():
+    """``kv_budget`` (gpu_kv_budget's arithmetic, without a GPU): 90% of 80 GiB, less the rest of the GPU's use and
+    this engine's peak; a GPU already filled by another engine raises an error that says so."""
+    from minivllm.cache.kv_cache import GIB, kv_budget
+
+    total = 80 * GIB
+    # an idle GPU: 0.5 GiB of CUDA context, this process has reserved 2 GiB and peaked at 1.5
+    want = 72 * GIB - GIB // 2 - 3 * GIB // 2
+    assert kv_budget(total, total - 2 * GIB - GIB // 2, 2 * GIB, 3 * GIB // 2, 0.9) == want
+    # another engine holds 71 GiB: nothing is left for a second one
+    with pytest.raises(RuntimeError, match=r"rest of the GPU holds 71\.5 GiB .*another engine.*num_kv_blocks"):
+        kv_budget(total, total - 2 * GIB - 71 * GIB - GIB // 2, 2 * GIB, 3 * GIB // 2, 0.9)
+
+
 # ----------------------------------------------------------------------------- block tables
 def test_block_table_grows_one_block_at_a_time_and_releases_everything():
     alloc = BlockAllocator(6)

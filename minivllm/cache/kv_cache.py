@@ -85,10 +85,30 @@ def gpu_kv_budget(device: torch.device | str, gpu_memory_utilization: float = 0.
         torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     ours_now = torch.cuda.memory_reserved(device)
-    others = total - free - ours_now  # other processes (and the CUDA context)
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()
-    return max(0, int(total * gpu_memory_utilization) - others - peak)
+    return kv_budget(total, free, ours_now, peak, gpu_memory_utilization)
+
+
+GIB = 2**30
+
+
+def kv_budget(total: int, free: int, ours: int, peak: int, gpu_memory_utilization: float) -> int:
+    """:func:`gpu_kv_budget`'s arithmetic: ``gpu_memory_utilization`` of the ``total`` bytes, less what the rest of
+    the GPU holds (``total - free - ours``: other processes and the CUDA contexts) and this process's ``peak``.
+    Raises, naming the memory held elsewhere, when nothing is left: on a GPU shared with another engine (a second
+    notebook's, a server's) the first one's cache takes the room, and raising ``gpu_memory_utilization`` would not
+    help."""
+    others = total - free - ours  # other processes (and the CUDA context)
+    budget = int(total * gpu_memory_utilization) - others - peak
+    if budget <= 0:
+        raise RuntimeError(
+            f"no GPU memory is left for the KV cache: gpu_memory_utilization={gpu_memory_utilization:g} allows "
+            f"{total * gpu_memory_utilization / GIB:.1f} of the GPU's {total / GIB:.1f} GiB; this engine's weights "
+            f"and largest step take {peak / GIB:.1f} GiB and the rest of the GPU holds {others / GIB:.1f} GiB (other "
+            f"processes: another engine, a notebook kernel that still holds one, a server). Free that memory (shut "
+            f"the other engine down or restart its kernel), or size the cache yourself with num_kv_blocks=")
+    return budget
 
 
 class PagedKVCache:
