@@ -4,13 +4,16 @@
     python -m bench.norm_variants --defaults-only # the default path and torch.compile only (bench.targets)
 
 The module's defaults (``default``: for hidden-size rows the block-per-row kernels, ``rmsnorm.ROW_PER_BLOCK``; for
-QK-norm's 128-wide heads the block-per-row kernel up to ``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels;
+QK-norm's 128-wide heads the head kernels, ``rmsnorm.HEAD_LAYOUTS`` (until session 23: the block-per-row kernel up to
+``rmsnorm.NARROW_ROW_MAX_ROWS`` heads, else the warp kernels);
 hidden-size rows a block of 4 warps, one chunk a thread (``row_w4``), or, for RMSNorm of ``rmsnorm.ROW_WARP_ROWS`` rows
 when that is set, a block of one warp, 4 chunks a thread, launched without PDL and compiled without its instructions
 (``row_w1c4_nopdl``; ``row_w1c4`` with PDL): all three are timed at every size;
 on sm_90+ launched with programmatic dependent launch, kernels._pdl, and
 ``default_no_pdl`` the same without it) against the warp kernels (``warp``), QK-norm on the block-per-row kernel
-(``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks), and the builds
+(``row``: a 32-thread block per head, 16 of its threads holding the head's 16 chunks) and on the head kernels
+(``heads_*``, ``HEAD_BUILDS`` below: several heads a block, a head's threads reducing by shuffles alone; the default
+for QK-norm since session 23, ``rmsnorm.HEAD_LAYOUTS``), and the builds
 (kernels._rmsnorm_vec.bf16_variant, ``BUILDS`` below): the rounding to
 bf16 by integer arithmetic or by the GPU's ``cvt.rn.bf16x2.f32``; the weight loaded after the row's reduction or
 with the row; 2, 4, 8 or 16 chunks of 16 bytes per thread; a thread's row and lane by int64 ``//`` and ``%`` or by a
@@ -40,6 +43,13 @@ BUILDS = {  # label -> (cvt, weight_early, chunks per thread, divide, threads pe
     "c8": (True, True, 8, False, 64),  # more chunks a thread: QK-norm's 16-chunk heads on 2 threads, or 1 (c16;
     "c16": (True, False, 16, False, 64),  # its weight loaded late: 64 words of row are already held)
     "c16_block32": (True, False, 16, False, 32),
+}
+HEAD_BUILDS = {  # QK-norm's head kernels (kernels._rmsnorm_vec.make_head_kernel): (threads a head, heads a thread,
+    "heads_t16": (16, 1, 256),  # threads a block); rmsnorm.HEAD_LAYOUTS picks one of them by the number of heads
+    "heads_t16_b128": (16, 1, 128),
+    "heads_t8": (8, 1, 128),
+    "heads_t4r4": (4, 4, 64),
+    "heads_t4r2": (4, 2, 64),
 }
 STREAM_WAVES = (1, 2)  # the streaming RMSNorm kernel (rms_norm only) on a grid of 1 or 2 waves of resident blocks
 HIDDEN, HEADS, HEAD_DIM, EPS = 1024, 16, 128, 1e-6
@@ -116,6 +126,16 @@ def run(defaults_only: bool = False) -> dict:
 
                 row["row_err"] = _err(per_head(), want)
                 timed["row"] = per_head
+                for label, layout in HEAD_BUILDS.items():  # the head kernels, each layout at every size
+                    kernel = vec.head_kernel(*layout)
+
+                    def heads(tensors=tensors, kernel=kernel):
+                        out = torch.empty_like(tensors[0])
+                        rn._run(kernel, tensors[0], out, tensors[1], EPS, True, "gpu", row=True)
+                        return out
+
+                    row[f"{label}_err"] = _err(heads(), want)
+                    timed[label] = heads
             if name != "qk_norm" and not defaults_only:  # hidden-size rows: a block per row of 4 warps (a chunk a
                 #                                            thread), or of one warp
                 for label, warps, per_thread, pdl in (("row_w4", 4, 1, True), ("row_w1c4", 1, 4, True),

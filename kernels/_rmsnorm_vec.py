@@ -361,6 +361,88 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
     return pair
 
 
+HEAD_CHUNKS = 16  # the head kernels' row: 16 chunks, a 128-wide bf16 head (Qwen3's QK-norm)
+
+
+def make_head_kernel(unpack, pack, per_chunk: int, name: str, threads: int, rows_per_thread: int, block: int,
+                     pdl: bool = True):
+    """RMSNorm of **many narrow rows** (QK-norm's 128-wide heads, ``HEAD_CHUNKS`` chunks each): ``threads`` threads a
+    row (a power of two, at most a warp; ``HEAD_CHUNKS // threads`` chunks a thread), ``block // threads`` groups of
+    them a block, each group ``rows_per_thread`` rows (all their loads issued before any is used). The sum of squares
+    is reduced by ``shfl_xor`` within the row's threads alone: no shared memory, no barrier, no loop over rows.
+
+    Built for the heads, where the warp kernels above (4 threads a head, 64-thread blocks, a loop over rows) trailed
+    ``torch.compile`` at 256-1,024 tokens: measured on the H100 (a development script of session 23, graph replay,
+    16 heads a token), 16 threads a head in 128- or 256-thread blocks took 0.99 / 1.34 / 2.28 µs at 16 / 256 / 1,024
+    tokens against 1.21 / 2.52 / 3.45 for the warp kernels, and at 4,096 tokens 4 threads a head of 4 rows each
+    10.19 against 10.94 (``rmsnorm.HEAD_LAYOUTS`` picks between them; ``bench.norm_variants`` times both). Like the
+    block-per-row kernels, the weight, which no kernel writes, is loaded before the PDL wait."""
+    per_thread = HEAD_CHUNKS // threads
+    n_words, w_words = 4 * per_thread * rows_per_thread, 4 * per_thread
+    groups = block // threads  # row groups per block
+    shift = threads.bit_length() - 1
+    offsets = tuple(threads >> i for i in range(1, shift + 1))  # the shuffle distances within a row's threads
+    inv_width = 1.0 / (HEAD_CHUNKS * per_chunk)
+
+    def norm_heads(x, out, weight, eps):
+        # x, out: (rows, HEAD_CHUNKS) complex128; weight: (HEAD_CHUNKS,) complex128
+        w = cuda.local.array(n_words, numba.int32)
+        wt = cuda.local.array(w_words, numba.int32)
+        vals = cuda.local.array(8, numba.float32)
+        wvals = cuda.local.array(8, numba.float32)
+        acc = cuda.local.array(rows_per_thread, numba.float32)
+        rows = x.shape[0]
+        tid = cuda.threadIdx.x
+        lane = tid & (threads - 1)
+        first = (cuda.blockIdx.x * groups + (tid >> shift)) * rows_per_thread
+        if pdl:
+            pdl_trigger()
+        for k in range(per_thread):  # the weight, which no kernel writes, while the previous kernel may still run
+            wt[4 * k], wt[4 * k + 1], wt[4 * k + 2], wt[4 * k + 3] = load_words(weight, lane + k * threads)
+        if pdl:
+            pdl_wait()
+        for r in range(rows_per_thread):  # every load issued before any value is used (a row past the end: the
+            row = min(first + r, rows - 1)  # last row again, so that every lane takes part in the shuffles)
+            for k in range(per_thread):
+                a = 4 * (r * per_thread + k)
+                w[a], w[a + 1], w[a + 2], w[a + 3] = load_words(x[row], lane + k * threads)
+        for r in range(rows_per_thread):
+            total = numba.float32(0.0)
+            for k in range(per_thread):
+                unpack(w, 4 * (r * per_thread + k), vals)
+                for i in range(per_chunk):
+                    total += vals[i] * vals[i]
+            for offset in offsets:
+                total += cuda.shfl_xor_sync(0xFFFFFFFF, total, offset)
+            acc[r] = total
+        for r in range(rows_per_thread):
+            row = first + r
+            inv_rms = numba.float32(1.0) / math.sqrt(acc[r] * numba.float32(inv_width) + eps)
+            if row < rows:
+                for k in range(per_thread):
+                    a = 4 * (r * per_thread + k)
+                    unpack(w, a, vals)
+                    unpack(wt, 4 * k, wvals)
+                    for i in range(per_chunk):
+                        vals[i] = (vals[i] * inv_rms) * wvals[i]
+                    pack(vals, w, a)
+                    store_words(out[row], lane + k * threads, w[a], w[a + 1], w[a + 2], w[a + 3])
+
+    tag = f"t{threads}r{rows_per_thread}b{block}" + ("" if pdl else "_nopdl")
+    norm_heads.__name__ = norm_heads.__qualname__ = f"rms_norm_heads_{name}_{tag}_kernel"
+    kernel = cuda.jit(norm_heads)
+    if pdl:
+        kernel = mark(kernel)
+    kernel.row_block, kernel.rows_per_block = block, groups * rows_per_thread
+    return kernel
+
+
+@functools.cache
+def head_kernel(threads: int, rows_per_thread: int, block: int, pdl: bool = True):
+    """The bf16 RMSNorm head kernel of that layout (:func:`make_head_kernel`)."""
+    return make_head_kernel(unpack_bf16, pack_bf16x8_cvt, 8, "bf16", threads, rows_per_thread, block, pdl)
+
+
 rms_norm_bf16_kernel, fused_add_rms_norm_bf16_kernel = make_kernels(unpack_bf16, pack_bf16x8_cvt, 8, "bf16")
 rms_norm_f16_kernel, fused_add_rms_norm_f16_kernel = make_kernels(unpack_f16, pack_f16x8, 8, "f16")
 rms_norm_f32_kernel, fused_add_rms_norm_f32_kernel = make_kernels(unpack_f32, pack_f32x4, 4, "f32")
@@ -399,4 +481,6 @@ SIGNATURES = {
     **{k: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"] for w in (1, ROW_SIGNATURE_WARPS)
        for k in row_kernels(torch.bfloat16, w)},  # QK-norm's 16-chunk heads (rmsnorm.NARROW_ROW_MAX_ROWS); hidden rows
     row_kernels(torch.bfloat16, 1, 4, pdl=False)[0]: [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"],  # ROW_WARP_ROWS
+    **{head_kernel(*layout): [f"void({_ROWS}, {_ROWS}, {_VEC}, float32)"]
+       for layout in ((16, 1, 256), (4, 4, 64))},  # QK-norm's heads (rmsnorm.HEAD_LAYOUTS)
 }

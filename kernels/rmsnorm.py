@@ -59,6 +59,13 @@ ROW_WARP_ROWS_BY_GPU = {"H200": (2048, 2**31 - 1)}  # GPU name (a part of it) ->
 #   11.31 / 22.16 for the 4-warp blocks with PDL, where the H100 measured the opposite (11.65 / 24.81 against 12.35 /
 #   25.56); torch.compile 8.57 / 19.36 there (bench.norm_variants at ef9f7a1, 17_norm_variants_cuda_session21.json,
 #   against h100/17_norm_variants_cuda_session18.json)
+HEAD_LAYOUTS = ((16384, (16, 1, 256)), (None, (4, 4, 64)))  # RMSNorm of rows of 16 chunks (QK-norm's 128-wide bf16
+#   heads) on a GPU: (most rows, (threads a head, heads a thread, threads a block)) of the head kernels
+#   (kernels._rmsnorm_vec.make_head_kernel), the first that takes the row count; () switches them off (the warp
+#   kernels, or a block per head up to NARROW_ROW_MAX_ROWS). Measured on the H100 (session 23, graph replay, 16 heads
+#   a token): 16 threads a head 0.99 / 1.34-1.37 / 2.28 us at 16 / 256 / 1,024 tokens (the warp kernels 1.21 / 2.52 /
+#   3.45, torch.compile 1.47 / 2.48 / 3.35-11.4); at 4,096 tokens 4 threads a head, 4 heads each, 10.19 (16 threads
+#   11.48, the warp kernels 10.94, torch.compile 10.75-11.74)
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on
@@ -208,12 +215,24 @@ def row_warp_rows(device: torch.device) -> tuple[int, int] | None:
     return next((rows for part, rows in ROW_WARP_ROWS_BY_GPU.items() if part in name), ROW_WARP_ROWS)
 
 
+def head_layout(rows: int) -> tuple[int, int, int] | None:
+    """(threads a head, heads a thread, threads a block) of the head kernel ``HEAD_LAYOUTS`` gives ``rows`` heads,
+    or None (off)."""
+    return next((layout for most, layout in HEAD_LAYOUTS if most is None or rows <= most), None)
+
+
 def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool | None):
-    """The block-per-row kernel for this call, or None: ``row`` True/False, or None for ``ROW_PER_BLOCK`` on a GPU
-    at rows of ``ROW_MIN_CHUNKS`` to 1,024 chunks, or of ``NARROW_ROW_MIN_CHUNKS`` and more when there are at most
+    """The block-per-row kernel for this call, or None: ``row`` True/False, or None for the head kernels
+    (``HEAD_LAYOUTS``) on RMSNorm of 16-chunk bf16 rows on a GPU, else ``ROW_PER_BLOCK`` on a GPU at rows of
+    ``ROW_MIN_CHUNKS`` to 1,024 chunks, or of ``NARROW_ROW_MIN_CHUNKS`` and more when there are at most
     ``NARROW_ROW_MAX_ROWS`` of them (bf16 only; 16-byte chunks, so ``vec`` must hold)."""
     chunks = x.shape[-1] * x.element_size() // 16
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (row is None and not fused and vec and where == "gpu" and x.dtype == torch.bfloat16
+            and chunks == _rmsnorm_vec.HEAD_CHUNKS):  # QK-norm's heads: the head kernels (HEAD_LAYOUTS)
+        layout = head_layout(rows)
+        if layout is not None:
+            return _rmsnorm_vec.head_kernel(*layout)
     warp_rows = row_warp_rows(x.device) if not fused else None
     if warp_rows and warp_rows[0] <= rows <= warp_rows[1] and ROW_MIN_CHUNKS <= chunks <= 4 * WARP:
         pair = _rmsnorm_vec.row_kernels(x.dtype, 1, cdiv(chunks, WARP), pdl=False) if vec else None
@@ -242,8 +261,9 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
     a, b = a.view(rows, width), b.view(rows, width)
     if vec:
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
-    if row:  # a block per row: the kernel's warps (the row's chunks rounded up to whole warps, or one warp)
-        launch(kernel, rows, kernel.row_block, a, b, weight, numba.float32(eps), backend=where)
+    if row:  # a block per row (the row's chunks rounded up to whole warps, or one warp), or per group of heads
+        blocks = cdiv(rows, getattr(kernel, "rows_per_block", 1))
+        launch(kernel, blocks, kernel.row_block, a, b, weight, numba.float32(eps), backend=where)
         return
     group, block, blocks = launch_config(a.shape[1], rows, where,
                                         (max_chunks or _rmsnorm_vec.MAX_CHUNKS) if vec else None)

@@ -40,6 +40,7 @@ NO_SPILLS = [  # no spill stores and no local memory (LDL/STL)
     "fused_add_rms_norm_bf16_kernel",
     "rms_norm_row_bf16_w4_kernel",
     "fused_add_rms_norm_row_bf16_w4_kernel",
+    "rms_norm_heads_bf16_",
     "qkv_prep_kernel",
     "qkv_prep_fp8_kernel",
     "qkv_prep_vec_",
@@ -57,6 +58,7 @@ WIDE_LOADS = {  # at least this many 16-byte global loads (LDG.E.128), one for e
     "fused_add_rms_norm_bf16_kernel": 3,  # x, residual, weight
     "rms_norm_row_bf16_w4_kernel": 2,
     "fused_add_rms_norm_row_bf16_w4_kernel": 3,
+    "rms_norm_heads_bf16_": 2,  # x, weight
     "rope_bf16_kernel": 2,  # the head, cos / sin
     "silu_and_mul_bf16_kernel": 2,  # gate, up
     **{prefix: 2 for prefix in DECODE},  # K, V (numba's own complex128 access would be two 8-byte loads each)

@@ -187,10 +187,10 @@ def test_rms_norm_of_many_rows_takes_one_warp_a_row_without_pdl_when_it_is_on(mo
             is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[0]
     many = torch.empty(lo, 1024, dtype=torch.bfloat16)  # the fused add + norm keeps 4 warps
     assert rmsnorm._row_kernel(True, many, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
-    heads = torch.empty(lo, 16, 128, dtype=torch.bfloat16)  # QK-norm's heads are not hidden-size rows
-    assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is None
+    heads = torch.empty(lo, 16, 128, dtype=torch.bfloat16)  # QK-norm's heads are not hidden-size rows: a head
+    assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is _rmsnorm_vec.head_kernel(4, 4, 64)  # kernel's
     narrow = torch.empty(lo, 128, dtype=torch.bfloat16)  # 16 chunks: not a hidden-size row either
-    assert rmsnorm._row_kernel(False, narrow, True, "gpu", None) is None
+    assert rmsnorm._row_kernel(False, narrow, True, "gpu", None) is _rmsnorm_vec.head_kernel(16, 1, 256)
 
 
 def test_the_one_warp_range_is_the_gpus_own_where_one_was_measured(monkeypatch):
@@ -213,6 +213,40 @@ def test_the_one_warp_range_is_the_gpus_own_where_one_was_measured(monkeypatch):
     assert rmsnorm.row_warp_rows(h200) is None and rmsnorm.row_warp_rows(h100) is None
 
 
+@needs_sim
+@pytest.mark.parametrize("layout", [(16, 1, 256), (4, 4, 64), (8, 2, 128)])
+def test_the_head_kernels_give_the_warp_kernels_values(layout):
+    """QK-norm's head kernels (``make_head_kernel``: ``threads`` a 128-wide head, ``rows_per_thread`` heads a thread)
+    against the answer key and the warp kernels: a last grid block only partly filled (heads past the end are read
+    again from the last one and not written), and in place."""
+    threads, per_thread, block = layout
+    torch.manual_seed(threads)
+    x, _, w = _inputs((3, 16, 128), torch.bfloat16, "cpu")  # 48 heads: 16 / 64 / 32 heads a block
+    kernel = _rmsnorm_vec.head_kernel(*layout)
+    assert kernel.row_block == block and kernel.rows_per_block == block // threads * per_thread
+    got = torch.full_like(x, float("nan"))
+    rmsnorm._run(kernel, x, got, w, EPS, True, "simulator", row=True)
+    _assert_close(got, key(x, w), torch.bfloat16)
+    assert _within_one_bf16_step(got, rmsnorm.rms_norm(x, w, EPS, row=False, backend="numba"))
+    inplace = x.clone()
+    rmsnorm._run(kernel, inplace, inplace, w, EPS, True, "simulator", row=True)
+    assert torch.equal(inplace, got)
+
+
+def test_qk_norms_heads_take_the_head_kernel_of_their_row_count(monkeypatch):
+    """``rmsnorm.HEAD_LAYOUTS`` on a GPU: 16 threads a head up to 16,384 heads, then 4 threads of 4 heads each; not
+    for the fused norm, other widths or dtypes, ``row=False``, or when switched off."""
+    def pick(rows, width=128, dtype=torch.bfloat16, fused=False, row=None, where="gpu"):
+        return rmsnorm._row_kernel(fused, torch.empty(rows, width, dtype=dtype), True, where, row)
+
+    assert pick(16) is pick(16384) is _rmsnorm_vec.head_kernel(16, 1, 256)
+    assert pick(16385) is pick(262144) is _rmsnorm_vec.head_kernel(4, 4, 64)
+    assert pick(4096, fused=True) is None and pick(4096, row=False) is None and pick(4096, where="simulator") is None
+    assert pick(4096, width=64) is None and pick(4096, dtype=torch.float16) is None
+    monkeypatch.setattr(rmsnorm, "HEAD_LAYOUTS", ())
+    assert pick(4096) is None and pick(16) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1)[0]  # a block per head
+
+
 def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
     x, _, w = _inputs((2, 64), torch.float32, "cpu")
     with pytest.raises(ValueError, match="row=True needs bf16 rows"):
@@ -222,9 +256,13 @@ def test_the_block_per_row_kernel_is_bf16_and_16_byte_chunks_only():
     assert rmsnorm._row_kernel(True, wide, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 4)[1]
     assert rmsnorm._row_kernel(True, wide, True, "simulator", None) is None  # the simulator: only when asked
     heads = torch.empty(16, 16, 128, dtype=torch.bfloat16)  # QK-norm's heads, 16 tokens: a 32-thread block per head
-    assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1)[0]
-    more = torch.empty(17, 16, 128, dtype=torch.bfloat16)  # 272 heads: the warp kernels (several heads a block)
-    assert rmsnorm._row_kernel(False, more, True, "gpu", None) is None
+    assert rmsnorm._row_kernel(False, heads, True, "gpu", True) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1)[0]
+    assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is _rmsnorm_vec.head_kernel(16, 1, 256)  # by default
+    with pytest.MonkeyPatch.context() as patch:  # without the head kernels: a block per head up to 256 heads
+        patch.setattr(rmsnorm, "HEAD_LAYOUTS", ())
+        assert rmsnorm._row_kernel(False, heads, True, "gpu", None) is _rmsnorm_vec.row_kernels(torch.bfloat16, 1)[0]
+        more = torch.empty(17, 16, 128, dtype=torch.bfloat16)  # 272 heads: the warp kernels (several heads a block)
+        assert rmsnorm._row_kernel(False, more, True, "gpu", None) is None
 
 
 def test_empty_batch_and_torch_backend():
