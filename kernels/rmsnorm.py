@@ -59,13 +59,15 @@ ROW_WARP_ROWS_BY_GPU = {"H200": (2048, 2**31 - 1)}  # GPU name (a part of it) ->
 #   11.31 / 22.16 for the 4-warp blocks with PDL, where the H100 measured the opposite (11.65 / 24.81 against 12.35 /
 #   25.56); torch.compile 8.57 / 19.36 there (bench.norm_variants at ef9f7a1, 17_norm_variants_cuda_session21.json,
 #   against h100/17_norm_variants_cuda_session18.json)
-HEAD_LAYOUTS = ((16384, (16, 1, 256)), (None, (4, 4, 64)))  # RMSNorm of rows of 16 chunks (QK-norm's 128-wide bf16
-#   heads) on a GPU: (most rows, (threads a head, heads a thread, threads a block)) of the head kernels
-#   (kernels._rmsnorm_vec.make_head_kernel), the first that takes the row count; () switches them off (the warp
-#   kernels, or a block per head up to NARROW_ROW_MAX_ROWS). Measured on the H100 (session 23, graph replay, 16 heads
-#   a token): 16 threads a head 0.99 / 1.34-1.37 / 2.28 us at 16 / 256 / 1,024 tokens (the warp kernels 1.21 / 2.52 /
-#   3.45, torch.compile 1.47 / 2.48 / 3.35-11.4); at 4,096 tokens 4 threads a head, 4 heads each, 10.19 (16 threads
-#   11.48, the warp kernels 10.94, torch.compile 10.75-11.74)
+HEAD_LAYOUTS = ((16384, (16, 1, 256)), (65536, (4, 4, 64)), (None, (16, 1, 256)))  # RMSNorm of rows of 16 chunks
+#   (QK-norm's 128-wide bf16 heads) on a GPU: (most rows, (threads a head, heads a thread, threads a block)) of the
+#   head kernels (kernels._rmsnorm_vec.make_head_kernel), the first that takes the row count; () switches them off (the
+#   warp kernels, or a block per head up to NARROW_ROW_MAX_ROWS). Measured on the H100 (bench.norm_variants at b6782e2,
+#   h100/17_norm_variants_cuda_session23.json, graph replay, 16 heads a token): 16 threads a head 0.97 / 1.03 / 1.36
+#   / 2.24 us at 1 / 16 / 256 / 1,024 tokens (the warp kernels 1.82 / 1.90 / 2.51 / 3.37, torch.compile 1.43 / 1.55 /
+#   2.01 / 2.95) and 24.6 / 47.9 at 8k / 16k tokens (warp 25.2 / 48.2, compile 25.3 / 49.6); at 4k tokens 4 threads
+#   a head of 4 heads each 10.19 (16 threads 11.73, warp 11.13, compile 10.63). Counts between the measured ones
+#   (16k-64k heads: 1k-4k tokens) are unmeasured
 ROW_MIN_CHUNKS = 32  # the narrowest row (in chunks: 256 bf16) a block of its own is given on a GPU, at any row count
 NARROW_ROW_MIN_CHUNKS, NARROW_ROW_MAX_ROWS = 16, 256  # rows of 16-31 chunks (QK-norm's 128-wide heads) get a block
 #   each too when there are at most 256 of them (16 tokens of 16 heads), half the block's threads idle. Measured on

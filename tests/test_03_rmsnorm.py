@@ -234,13 +234,13 @@ def test_the_head_kernels_give_the_warp_kernels_values(layout):
 
 
 def test_qk_norms_heads_take_the_head_kernel_of_their_row_count(monkeypatch):
-    """``rmsnorm.HEAD_LAYOUTS`` on a GPU: 16 threads a head up to 16,384 heads, then 4 threads of 4 heads each; not
+    """``rmsnorm.HEAD_LAYOUTS`` on a GPU: 16 threads a head, but 4 threads of 4 heads each at 16k-64k heads; not
     for the fused norm, other widths or dtypes, ``row=False``, or when switched off."""
     def pick(rows, width=128, dtype=torch.bfloat16, fused=False, row=None, where="gpu"):
         return rmsnorm._row_kernel(fused, torch.empty(rows, width, dtype=dtype), True, where, row)
 
-    assert pick(16) is pick(16384) is _rmsnorm_vec.head_kernel(16, 1, 256)
-    assert pick(16385) is pick(262144) is _rmsnorm_vec.head_kernel(4, 4, 64)
+    assert pick(16) is pick(16384) is pick(65537) is pick(262144) is _rmsnorm_vec.head_kernel(16, 1, 256)
+    assert pick(16385) is pick(65536) is _rmsnorm_vec.head_kernel(4, 4, 64)
     assert pick(4096, fused=True) is None and pick(4096, row=False) is None and pick(4096, where="simulator") is None
     assert pick(4096, width=64) is None and pick(4096, dtype=torch.float16) is None
     monkeypatch.setattr(rmsnorm, "HEAD_LAYOUTS", ())
