@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
                                                                       "model's)")
     srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                     help="share of GPU memory for weights, activations and the KV cache (default: 0.9)")
+                     help="this server's share of GPU memory for weights, activations and the KV cache; memory "
+                          "other processes hold does not count, and the cache takes at most what is free "
+                          "(default: 0.9)")
     srv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                      help="auto = the model's dtype; fp8 = K and V as e4m3 bytes: half the memory and of decode "
                           "attention's reads, a little less exact (default: auto)")

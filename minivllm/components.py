@@ -43,9 +43,10 @@ def _fast(model, config: EngineConfig):
     return model
 
 
-def num_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
+def num_kv_blocks(config: EngineConfig, model, max_model_len: int, baseline=None) -> int:
     """``config.num_kv_blocks``, or what the memory budget holds: on a GPU what a profiling forward pass
-    of the largest step leaves of ``gpu_memory_utilization``; on a CPU ``kv_cache_memory`` bytes."""
+    of the largest step leaves of ``gpu_memory_utilization`` (this engine's own share when ``baseline``, the GPU's
+    memory when the engine began, is given: ``minivllm.cache.gpu_kv_budget``); on a CPU ``kv_cache_memory`` bytes."""
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     device, dtype = config.torch_device, config.torch_kv_cache_dtype
@@ -57,7 +58,7 @@ def num_kv_blocks(config: EngineConfig, model, max_model_len: int) -> int:
             hidden = model(ids, torch.arange(tokens, device=device))
             model.compute_logits(hidden[: config.max_num_seqs])
 
-        budget = gpu_kv_budget(device, config.gpu_memory_utilization, profile)
+        budget = gpu_kv_budget(device, config.gpu_memory_utilization, profile, baseline)
     else:
         budget = config.kv_cache_memory
     return blocks_for_budget(model.config.kv_shape, budget, dtype, config.block_size)

@@ -78,7 +78,8 @@ class EngineConfig:
     #                                            leave a decode step every few tenths of a second: bench/cpu_fast.py)
     block_size: int = _S.block_size  # tokens per KV block
     enable_prefix_caching: bool = _S.enable_prefix_caching  # reuse cached prompt prefixes (radix cache)
-    # KV cache size: GPU -> gpu_memory_utilization of the device; CPU -> kv_cache_memory bytes;
+    # KV cache size: GPU -> this engine's share gpu_memory_utilization of the device (at most what is free:
+    # minivllm.cache.kv_budget); CPU -> kv_cache_memory bytes;
     # num_kv_blocks overrides both (tests force preemption with a tiny pool)
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): K and V stored as e4m3 bytes,

@@ -30,7 +30,7 @@ from collections import deque
 
 import torch
 
-from minivllm.cache import PagedKVCache
+from minivllm.cache import PagedKVCache, gpu_memory_baseline
 from minivllm.components import load_model_and_tokenizer, num_kv_blocks
 from minivllm.config import EngineConfig
 from minivllm import learner
@@ -58,14 +58,15 @@ class LLMEngine:
 
             self.tp = TensorParallelExecutor.start(config)  # workers started; this rank's shard loaded
             self.model, self.tokenizer = self.tp.model, self.tp.tokenizer
-        else:
+        else:  # what the GPU holds before this engine's weights: its gpu_memory_utilization is its own share
+            baseline = gpu_memory_baseline(self.device) if self.device.type == "cuda" else None
             self.model, self.tokenizer = load_model_and_tokenizer(config)
         mc = self.model.config
         # NOTE: values discovered at run time, set here and only here
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer is not None else ())
         if self.tp is None:
-            self.num_kv_blocks = num_kv_blocks(config, self.model, self.max_model_len)
+            self.num_kv_blocks = num_kv_blocks(config, self.model, self.max_model_len, baseline)
         else:  # every rank's budget for its own KV heads; the smallest wins
             self.num_kv_blocks = self.tp.agree_num_kv_blocks(self.max_model_len)
         kv_shape = mc.kv_shape if self.tp is None else self.model.shard_config.kv_shape  # this rank's KV heads

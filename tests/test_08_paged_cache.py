@@ -66,9 +66,25 @@ def test_gpu_budget_leaves_room_for_the_profiled_peak():
         gpu_kv_budget("cuda", 1.5)
 
 
+@pytest.mark.gpu
+def test_with_a_baseline_the_budget_is_the_engines_own_share_and_fits_what_is_free():
+    from minivllm.cache.kv_cache import gpu_kv_budget, gpu_memory_baseline
+
+    free, total = torch.cuda.mem_get_info()
+    alone = gpu_kv_budget("cuda", 0.9, baseline=gpu_memory_baseline("cuda"))
+    assert 0 < alone <= 0.9 * total
+    held = torch.empty(int(free * 0.6), dtype=torch.uint8, device="cuda")  # held before the engine began
+    beside = gpu_kv_budget("cuda", 0.9, baseline=gpu_memory_baseline("cuda"))
+    now, _ = torch.cuda.mem_get_info()
+    assert 0 < beside <= now + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    small = gpu_kv_budget("cuda", 0.05, baseline=gpu_memory_baseline("cuda"))  # a share that fits: all of it
+    assert 0.04 * total < small <= 0.05 * total
+    del held
+
+
 def test_the_gpu_budget_arithmetic_names_memory_held_elsewhere_when_nothing_is_left():
-    """``kv_budget`` (gpu_kv_budget's arithmetic, without a GPU): 90% of 80 GiB, less the rest of the GPU's use and
-    this engine's peak; a GPU already filled by another engine raises an error that says so."""
+    """``kv_budget`` without a baseline (gpu_kv_budget's arithmetic, no GPU needed): 90% of 80 GiB, less the rest of
+    the GPU's use and this engine's peak; a GPU already filled by another engine raises an error that says so."""
     from minivllm.cache.kv_cache import GIB, kv_budget
 
     total = 80 * GIB
@@ -78,6 +94,42 @@ def test_the_gpu_budget_arithmetic_names_memory_held_elsewhere_when_nothing_is_l
     # another engine holds 71 GiB: nothing is left for a second one
     with pytest.raises(RuntimeError, match=r"rest of the GPU holds 71\.5 GiB .*another engine.*num_kv_blocks"):
         kv_budget(total, total - 2 * GIB - 71 * GIB - GIB // 2, 2 * GIB, 3 * GIB // 2, 0.9)
+
+
+def test_with_a_baseline_the_share_is_the_engines_own_and_never_more_than_is_free():
+    """``kv_budget`` with the GPU's memory when the engine began (vLLM's meaning of gpu_memory_utilization): other
+    processes' memory is not counted against the share, what this process took outside torch since then is, and the
+    cache never takes more than is free less ``KV_HEADROOM``: a second engine beside a first starts with what fits."""
+    from minivllm.cache.kv_cache import GIB, KV_HEADROOM, MemoryBaseline, kv_budget
+
+    total, tenth = 80 * GIB, 8 * GIB // 10
+    # alone: the CUDA context (0.5 GiB) came before the baseline; weights + step peak 1.5, 1.2 held, 2 reserved,
+    # and 0.3 GiB of compiled kernels outside torch since
+    alone = MemoryBaseline(free=total - GIB // 2, reserved=0)
+    free = alone.free - 2 * GIB - 3 * tenth // 8
+    outside = alone.free - free - 2 * GIB
+    got = kv_budget(total, free, 2 * GIB, 3 * GIB // 2, 0.9, alone, 12 * GIB // 10)
+    assert got == int(total * 0.9) - 3 * GIB // 2 - outside
+    # beside an engine that holds 72.5 GiB: 7 GiB were free at the start; its share (0.9) is more than is free
+    beside = MemoryBaseline(free=7 * GIB, reserved=0)
+    free = beside.free - 2 * GIB - outside
+    fits = free + 2 * GIB - 12 * GIB // 10 - KV_HEADROOM
+    assert kv_budget(total, free, 2 * GIB, 3 * GIB // 2, 0.9, beside, 12 * GIB // 10) == fits
+    # ... and a share that fits: 5% of the GPU is 4 GiB, less its own peak and what it took outside torch
+    assert kv_budget(total, free, 2 * GIB, 3 * GIB // 2, 0.05, beside, 12 * GIB // 10) == \
+        int(total * 0.05) - 3 * GIB // 2 - outside
+    # beside an engine of the same process (a notebook's earlier one, 72.5 GiB reserved, 72 allocated): its memory is
+    # not this engine's peak; the cache gets what is free, with torch's unused reserve
+    earlier = MemoryBaseline(free=7 * GIB, reserved=72 * GIB + GIB // 2, allocated=72 * GIB)
+    free, ours = earlier.free - 2 * GIB - outside, earlier.reserved + 2 * GIB
+    fits = free + ours - (72 * GIB + 12 * GIB // 10) - KV_HEADROOM
+    assert kv_budget(total, free, ours, 72 * GIB + 3 * GIB // 2, 0.9, earlier, 72 * GIB + 12 * GIB // 10) == fits
+    assert kv_budget(total, free, ours, 72 * GIB + 3 * GIB // 2, 0.05, earlier, 72 * GIB + 12 * GIB // 10) == \
+        int(total * 0.05) - 3 * GIB // 2 - outside
+    # nothing free: the clear error
+    full = MemoryBaseline(free=2 * GIB + 4 * tenth // 8, reserved=0)  # 0.1 GiB free once this one has loaded
+    with pytest.raises(RuntimeError, match="no GPU memory is left for the KV cache"):
+        kv_budget(total, full.free - 2 * GIB - outside, 2 * GIB, 3 * GIB // 2, 0.9, full, 12 * GIB // 10)
 
 
 # ----------------------------------------------------------------------------- block tables

@@ -8,7 +8,8 @@ into are the pool (:class:`PagedKVCache`).
 from minivllm.cache.block_allocator import BlockAllocator, OutOfBlocksError
 from minivllm.cache.block_table import (PAD_BLOCK, BlockTable, block_table_array, block_tables_tensor, blocks_needed,
                                         decode_slot_mapping, slot_mapping)
-from minivllm.cache.kv_cache import BLOCK_SIZE, KVShape, PagedKVCache, blocks_for_budget, bytes_per_block, gpu_kv_budget
+from minivllm.cache.kv_cache import (BLOCK_SIZE, KVShape, MemoryBaseline, PagedKVCache, blocks_for_budget,
+                                     bytes_per_block, gpu_kv_budget, gpu_memory_baseline)
 from minivllm.cache.radix import CacheStats, InsertResult, MatchResult, RadixCache, RadixNode
 
 __all__ = [
@@ -31,5 +32,7 @@ __all__ = [
     "bytes_per_block",
     "decode_slot_mapping",
     "gpu_kv_budget",
+    "gpu_memory_baseline",
+    "MemoryBaseline",
     "slot_mapping",
 ]

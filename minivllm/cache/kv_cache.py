@@ -64,13 +64,34 @@ def blocks_for_budget(shape: KVShape, budget_bytes: int, dtype: torch.dtype,
     return num_blocks
 
 
+class MemoryBaseline(NamedTuple):
+    """What the GPU had free, and what this process's torch had reserved and allocated (another engine of the same
+    process: a notebook's earlier one), when an engine began (:func:`gpu_memory_baseline`)."""
+
+    free: int
+    reserved: int = 0
+    allocated: int = 0
+
+
+def gpu_memory_baseline(device: torch.device | str) -> MemoryBaseline:
+    """The GPU's free bytes and this process's torch reserve now: taken before an engine loads its weights, so that
+    :func:`gpu_kv_budget` can tell what this engine took from what other processes hold. (Asking creates the CUDA
+    context first, so the context is not counted as the engine's.)"""
+    device = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return MemoryBaseline(free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
+
+
 def gpu_kv_budget(device: torch.device | str, gpu_memory_utilization: float = 0.9,
-                  profile: Callable[[], object] | None = None) -> int:
+                  profile: Callable[[], object] | None = None, baseline: MemoryBaseline | None = None) -> int:
     """Bytes left for the KV cache on ``device``, after the weights (already loaded) and ``profile``'s peak.
 
     ``profile`` runs a forward pass of the largest batch the engine will schedule; its peak memory
     (weights + activations, as torch's allocator saw it) is what the KV cache must leave room for.
-    Memory used by other processes on the GPU counts against the budget too.
+    With ``baseline`` (:func:`gpu_memory_baseline`, taken when the engine began) ``gpu_memory_utilization`` is this
+    engine's own share of the GPU, as in vLLM: memory held by other processes, or by this process before the engine
+    began, does not count against it, but the cache never takes more than the GPU has free (:func:`kv_budget`).
+    Without it, memory used by other processes counts against the share.
     """
     if not 0.0 < gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -86,28 +107,43 @@ def gpu_kv_budget(device: torch.device | str, gpu_memory_utilization: float = 0.
     free, total = torch.cuda.mem_get_info(device)
     ours_now = torch.cuda.memory_reserved(device)
     peak = torch.cuda.max_memory_allocated(device)
+    allocated = torch.cuda.memory_allocated(device)
     torch.cuda.empty_cache()
-    return kv_budget(total, free, ours_now, peak, gpu_memory_utilization)
+    return kv_budget(total, free, ours_now, peak, gpu_memory_utilization, baseline, allocated)
 
 
 GIB = 2**30
+KV_HEADROOM = GIB  # bytes (at most 5% of the GPU) a cache limited by the GPU's free memory leaves free beside it:
+#                    the CUDA graphs captured after it and the libraries' workspaces need some
 
 
-def kv_budget(total: int, free: int, ours: int, peak: int, gpu_memory_utilization: float) -> int:
-    """:func:`gpu_kv_budget`'s arithmetic: ``gpu_memory_utilization`` of the ``total`` bytes, less what the rest of
-    the GPU holds (``total - free - ours``: other processes and the CUDA contexts) and this process's ``peak``.
-    Raises, naming the memory held elsewhere, when nothing is left: on a GPU shared with another engine (a second
-    notebook's, a server's) the first one's cache takes the room, and raising ``gpu_memory_utilization`` would not
-    help."""
-    others = total - free - ours  # other processes (and the CUDA context)
-    budget = int(total * gpu_memory_utilization) - others - peak
+def kv_budget(total: int, free: int, ours: int, peak: int, gpu_memory_utilization: float,
+              baseline: MemoryBaseline | None = None, allocated: int | None = None) -> int:
+    """:func:`gpu_kv_budget`'s arithmetic, bytes: ``total`` and ``free`` the GPU's, ``ours`` this process's torch
+    reserve, ``peak`` its peak allocation (weights + the profiled step), ``allocated`` what it holds now (default
+    ``peak``).
+
+    Without ``baseline``: ``gpu_memory_utilization`` of ``total``, less what the rest of the GPU holds
+    (``total - free - ours``: other processes and the CUDA context) and ``peak``. With it: the share less this engine's
+    own peak (``peak`` less what the process held at the baseline) and what the process took outside torch since then
+    (compiled kernels, library handles), and at most what is free now (with torch's unused reserve) less
+    ``KV_HEADROOM``, so a second engine on a GPU already in use starts with the cache that fits instead of failing.
+    Raises, naming the memory held elsewhere, when nothing is left."""
+    held_elsewhere = total - free - ours  # other processes (and the CUDA context)
+    if baseline is None:
+        budget = int(total * gpu_memory_utilization) - held_elsewhere - peak
+    else:
+        outside = max(0, (baseline.free - free) - (ours - baseline.reserved))
+        own_peak = max(0, peak - baseline.allocated)
+        fits = free + ours - (peak if allocated is None else allocated) - min(KV_HEADROOM, total // 20)
+        budget = min(int(total * gpu_memory_utilization) - own_peak - outside, fits)
     if budget <= 0:
         raise RuntimeError(
             f"no GPU memory is left for the KV cache: gpu_memory_utilization={gpu_memory_utilization:g} allows "
             f"{total * gpu_memory_utilization / GIB:.1f} of the GPU's {total / GIB:.1f} GiB; this engine's weights "
-            f"and largest step take {peak / GIB:.1f} GiB and the rest of the GPU holds {others / GIB:.1f} GiB (other "
-            f"processes: another engine, a notebook kernel that still holds one, a server). Free that memory (shut "
-            f"the other engine down or restart its kernel), or size the cache yourself with num_kv_blocks=")
+            f"and largest step take {peak / GIB:.1f} GiB and the rest of the GPU holds {held_elsewhere / GIB:.1f} GiB "
+            f"(other processes: another engine, a notebook kernel that still holds one, a server). Free that memory "
+            f"(shut the other engine down or restart its kernel), or size the cache yourself with num_kv_blocks=")
     return budget
 
 
