@@ -501,7 +501,7 @@ def test_overlapped_engine_on_a_gpu(tokenizer, eager):
     """On the GPU: CUDA graphs (or eager), pinned copies behind an event, input tokens gathered on the device."""
     reqs = [(p, params, fo) for p, params, fo in requests(4) if params.n == 1]
     kw = dict(device="cuda", enforce_eager=eager, num_kv_blocks=512)  # a fixed pool: the two engines live at once,
-    #                                      and a fraction of the GPU counts the memory the first one already holds
+    #                                      and with a fraction of the GPU the second gets only what the first left free
     plain = drive(engine(tokenizer, False, **kw), reqs, {3: 6})
     e, ahead = engine(tokenizer, True, **kw), []
     schedule_ahead = e.scheduler.schedule_ahead
