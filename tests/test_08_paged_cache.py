@@ -82,6 +82,53 @@ def test_with_a_baseline_the_budget_is_the_engines_own_share_and_fits_what_is_fr
     del held
 
 
+_ENGINE_PROCESS = """
+import sys
+from bench.models import TINY
+from minivllm.engine import LLMEngine
+from minivllm.sampling_params import SamplingParams
+e = LLMEngine(model=TINY, device="cuda", dtype="float32", max_model_len=256, enforce_eager=True,
+              gpu_memory_utilization=float(sys.argv[1]))
+print("blocks", e.num_kv_blocks, flush=True)
+e.add_request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+tokens = 0
+while e.has_unfinished_requests():
+    tokens += sum(len(o.outputs[0].token_ids) for o in e.step() if o.finished)
+print("tokens", tokens, flush=True)
+sys.stdin.readline()  # holds its memory until told
+"""
+
+
+@pytest.mark.gpu
+def test_a_second_engine_process_starts_beside_a_first_with_its_own_share():
+    """Two engine processes on one GPU (make test's workers, two notebooks): the second one's
+    gpu_memory_utilization is its own share, so the first one's memory does not count against it (before, 0.1 of
+    the GPU less the first one's 0.2 left nothing, and it failed)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+
+    def start(share):
+        return subprocess.Popen([sys.executable, "-c", _ENGINE_PROCESS, str(share)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env)
+
+    first = start(0.2)
+    try:
+        held = first.stdout.readline().split()
+        assert held[:1] == ["blocks"] and first.stdout.readline().split() == ["tokens", "4"], first.stderr.read()
+        second = start(0.1)
+        out, err = second.communicate("\n", timeout=300)
+        lines = [line.split() for line in out.splitlines()]
+        assert second.returncode == 0 and lines[1] == ["tokens", "4"], err[-3000:]
+        assert 0 < int(lines[0][1]) < int(held[1])  # a cache sized by its own (smaller) share
+    finally:
+        first.communicate("\n", timeout=120)
+
+
 def test_the_gpu_budget_arithmetic_names_memory_held_elsewhere_when_nothing_is_left():
     """``kv_budget`` without a baseline (gpu_kv_budget's arithmetic, no GPU needed): 90% of 80 GiB, less the rest of
     the GPU's use and this engine's peak; a GPU already filled by another engine raises an error that says so."""
