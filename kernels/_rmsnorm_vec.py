@@ -357,7 +357,7 @@ def make_row_kernels(unpack, pack, per_chunk: int, name: str, warps: int, per_th
     if pdl:  # launched with programmatic dependent launch (griddepcontrol does nothing in a launch without it)
         pair = tuple(mark(kernel) for kernel in pair)
     for kernel in pair:
-        kernel.row_block = stride  # threads per block
+        kernel.row_block, kernel.rows_per_block = stride, 1  # threads per block, rows per block
     return pair
 
 

@@ -235,8 +235,8 @@ def _row_kernel(fused: bool, x: torch.Tensor, vec: bool, where: str, row: bool |
         layout = head_layout(rows)
         if layout is not None:
             return _rmsnorm_vec.head_kernel(*layout)
-    warp_rows = row_warp_rows(x.device) if not fused else None
-    if warp_rows and warp_rows[0] <= rows <= warp_rows[1] and ROW_MIN_CHUNKS <= chunks <= 4 * WARP:
+    warp_rows = row_warp_rows(x.device) if not fused and ROW_MIN_CHUNKS <= chunks <= 4 * WARP else None
+    if warp_rows and warp_rows[0] <= rows <= warp_rows[1]:
         pair = _rmsnorm_vec.row_kernels(x.dtype, 1, cdiv(chunks, WARP), pdl=False) if vec else None
     else:
         pair = _rmsnorm_vec.row_kernels(x.dtype, cdiv(chunks, WARP)) if vec and 0 < chunks <= MAX_THREADS else None
@@ -264,8 +264,8 @@ def _run(kernel, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, eps: fl
     if vec:
         a, b, weight = a.view(torch.complex128), b.view(torch.complex128), weight.view(torch.complex128)
     if row:  # a block per row (the row's chunks rounded up to whole warps, or one warp), or per group of heads
-        blocks = cdiv(rows, getattr(kernel, "rows_per_block", 1))
-        launch(kernel, blocks, kernel.row_block, a, b, weight, numba.float32(eps), backend=where)
+        launch(kernel, cdiv(rows, kernel.rows_per_block), kernel.row_block, a, b, weight, numba.float32(eps),
+               backend=where)
         return
     group, block, blocks = launch_config(a.shape[1], rows, where,
                                         (max_chunks or _rmsnorm_vec.MAX_CHUNKS) if vec else None)
