@@ -372,11 +372,11 @@ def make_head_kernel(unpack, pack, per_chunk: int, name: str, threads: int, rows
     is reduced by ``shfl_xor`` within the row's threads alone: no shared memory, no barrier, no loop over rows.
 
     Built for the heads, where the warp kernels above (4 threads a head, 64-thread blocks, a loop over rows) trailed
-    ``torch.compile`` at 256-1,024 tokens: measured on the H100 (a development script of session 23, graph replay,
-    16 heads a token), 16 threads a head in 128- or 256-thread blocks took 0.99 / 1.34 / 2.28 µs at 16 / 256 / 1,024
-    tokens against 1.21 / 2.52 / 3.45 for the warp kernels, and at 4,096 tokens 4 threads a head of 4 rows each
-    10.19 against 10.94 (``rmsnorm.HEAD_LAYOUTS`` picks between them; ``bench.norm_variants`` times both). Like the
-    block-per-row kernels, the weight, which no kernel writes, is loaded before the PDL wait."""
+    ``torch.compile`` at 256-1,024 tokens: measured on the H100 (``bench.norm_variants`` at b6782e2, graph replay,
+    16 heads a token; bench/results/h100/17_norm_variants_cuda_session23.json), 16 threads a head in 256-thread blocks
+    took 1.03 / 1.36 / 2.24 µs at 16 / 256 / 1,024 tokens against 1.90 / 2.51 / 3.37 for the warp kernels, and at
+    4,096 tokens 4 threads a head of 4 rows each 10.19 against 11.13 (``rmsnorm.HEAD_LAYOUTS`` picks between them).
+    Like the block-per-row kernels, the weight, which no kernel writes, is loaded before the PDL wait."""
     per_thread = HEAD_CHUNKS // threads
     n_words, w_words = 4 * per_thread * rows_per_thread, 4 * per_thread
     groups = block // threads  # row groups per block
