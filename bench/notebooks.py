@@ -10,6 +10,7 @@ of which notebooks execute where, and how long each took (wall time of its cells
 """
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench._harness import RESULTS, save
+from minivllm.config import GPU_MEMORY_UTILIZATION_ENV, default_gpu_memory_utilization
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +45,14 @@ def summarize(junit_xml: Path) -> dict[str, dict]:
     return dict(sorted(rows.items()))
 
 
+def notebook_share(workers: int) -> float:
+    """Each notebook's engines' share of the GPU when ``workers`` notebooks run at once: this process's own share
+    ($MINIVLLM_GPU_MEMORY_UTILIZATION, as a pytest-xdist worker of a test run sets it; else 0.8) split evenly.
+    (Left to the workers' own conftest, each would inherit a share meant for one process.)"""
+    own = default_gpu_memory_utilization() if os.environ.get(GPU_MEMORY_UTILIZATION_ENV, "").strip() else 0.8
+    return own / workers
+
+
 def run(workers: int, log: Path | None = None) -> dict:
     import torch
 
@@ -50,9 +60,11 @@ def run(workers: int, log: Path | None = None) -> dict:
         junit = Path(tmp) / "notebooks.xml"
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "notebooks", "solutions", "--nbval-lax",
                "--nbval-current-env", "--nbval-cell-timeout=300", f"--junitxml={junit}", "-q"]
+        env = dict(os.environ)
         if workers > 1:
             cmd += ["-n", str(workers), "--dist", "loadscope"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            env[GPU_MEMORY_UTILIZATION_ENV] = f"{notebook_share(workers):.3f}"
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         notebooks = summarize(junit)
     if log is not None:  # every failing cell's traceback (the JSON keeps the last 3,000 characters)
         log.parent.mkdir(parents=True, exist_ok=True)

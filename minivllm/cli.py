@@ -57,10 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens per step (default: 2048 on a GPU, 64 on a CPU so decodes keep flowing)")
     srv.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the "
                                                                       "model's)")
-    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    srv.add_argument("--gpu-memory-utilization", type=float, default=None,
                      help="this server's share of GPU memory for weights, activations and the KV cache; memory "
                           "other processes hold does not count, and the cache takes at most what is free "
-                          "(default: 0.9)")
+                          "(default: $MINIVLLM_GPU_MEMORY_UTILIZATION, else 0.9)")
     srv.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                      help="auto = the model's dtype; fp8 = K and V as e4m3 bytes: half the memory and of decode "
                           "attention's reads, a little less exact (default: auto)")
@@ -188,11 +188,13 @@ def _generate_with_engine(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from minivllm.server import serve
 
+    # no flag: the engine's default share (0.9, or $MINIVLLM_GPU_MEMORY_UTILIZATION)
+    share = {} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
           max_queued_requests=args.max_queued_requests, device=args.device or "auto", dtype=args.dtype,
           quantization=args.quantization,
           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-          max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+          max_model_len=args.max_model_len, **share,
           kv_cache_dtype=args.kv_cache_dtype,
           enforce_eager=args.enforce_eager, cuda_graph_max_tokens=args.cuda_graph_max_tokens,
           async_scheduling=args.async_scheduling, seed=args.seed,

@@ -9,7 +9,8 @@ Left out: pipeline parallelism, quantization beyond the CPU's fp16/int8/Q4_1/Q8_
 decoding, swap space.
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,27 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names: "auto" = the mode
 # streams: beside 8 decoding chats and a 4k prompt, 64 gave a 0.38 s longest gap, 2048 gave 7.5 s
 # (bench/results/14_cpu_fast.json; 128 gave 3.4 s under a load average of 4-5).
 CPU_MAX_NUM_BATCHED_TOKENS = 64
+
+
+GPU_MEMORY_UTILIZATION_ENV = "MINIVLLM_GPU_MEMORY_UTILIZATION"
+
+
+def default_gpu_memory_utilization() -> float:
+    """The engine's share of the GPU when none is given: ``$MINIVLLM_GPU_MEMORY_UTILIZATION``, else 0.9.
+
+    Several engines on one GPU (two notebooks' kernels, the workers of ``pytest -n 2``, a server beside a notebook)
+    each take their own share, so at 0.9 the first one leaves the next nothing; setting the variable once sizes every
+    engine started from that environment (notebook kernels and subprocesses inherit it)."""
+    raw = os.environ.get(GPU_MEMORY_UTILIZATION_ENV, "").strip()
+    if not raw:
+        return 0.9
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:  # (NaN fails this too)
+        raise ValueError(f"${GPU_MEMORY_UTILIZATION_ENV} must be a number in (0, 1], got {raw!r}")
+    return value
 
 
 def default_max_num_batched_tokens(device: torch.device, max_num_seqs: int) -> int:
@@ -80,8 +102,9 @@ class EngineConfig:
     enable_prefix_caching: bool = _S.enable_prefix_caching  # reuse cached prompt prefixes (radix cache)
     # KV cache size: GPU -> this engine's share gpu_memory_utilization of the device (at most what is free:
     # minivllm.cache.kv_budget); CPU -> kv_cache_memory bytes;
-    # num_kv_blocks overrides both (tests force preemption with a tiny pool)
-    gpu_memory_utilization: float = 0.9
+    # num_kv_blocks overrides both (tests force preemption with a tiny pool). Default 0.9, or
+    # $MINIVLLM_GPU_MEMORY_UTILIZATION (default_gpu_memory_utilization: several engines on one GPU)
+    gpu_memory_utilization: float = field(default_factory=default_gpu_memory_utilization)
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8" (= "fp8_e4m3"): K and V stored as e4m3 bytes,
     #                               half of bf16's, so decode reads half the bytes and twice the tokens fit (lossy:
     #                               3 mantissa bits, no scales). vLLM's --kv-cache-dtype. bf16 models on a GPU, or CPU

@@ -20,6 +20,11 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(_name, _threads)
+    # Likewise the GPU: each engine takes its own share of the device (gpu_memory_utilization, default 0.9), so one
+    # worker's engine at 0.9 left the other worker's engines nothing (H100, pytest -n 2: "no GPU memory is left for
+    # the KV cache ... the rest of the GPU holds 78.8 GiB"). Each worker's engines, and its notebooks', share 80%.
+    os.environ.setdefault("MINIVLLM_GPU_MEMORY_UTILIZATION",
+                          f"{0.8 / int(os.environ['PYTEST_XDIST_WORKER_COUNT']):.2f}")
 
 import pytest
 

@@ -179,6 +179,42 @@ def test_with_a_baseline_the_share_is_the_engines_own_and_never_more_than_is_fre
         kv_budget(total, full.free - 2 * GIB - outside, 2 * GIB, 3 * GIB // 2, 0.9, full, 12 * GIB // 10)
 
 
+def test_the_default_share_comes_from_the_environment_when_set(monkeypatch):
+    """Several engines on one GPU (two notebooks, a test run's workers) each take their own share, so one variable,
+    inherited by every kernel and subprocess, sizes them all: ``$MINIVLLM_GPU_MEMORY_UTILIZATION``, else 0.9. An
+    explicit argument wins; a bad value is a clear error naming the variable."""
+    from minivllm.cli import _cmd_serve, build_parser
+    from minivllm.config import GPU_MEMORY_UTILIZATION_ENV, EngineConfig, default_gpu_memory_utilization
+
+    monkeypatch.delenv(GPU_MEMORY_UTILIZATION_ENV, raising=False)
+    assert default_gpu_memory_utilization() == 0.9 and EngineConfig().gpu_memory_utilization == 0.9
+    monkeypatch.setenv(GPU_MEMORY_UTILIZATION_ENV, " 0.35 ")
+    assert EngineConfig().gpu_memory_utilization == 0.35
+    assert EngineConfig(gpu_memory_utilization=0.6).gpu_memory_utilization == 0.6
+    for bad in ("half", "0", "1.5", "nan", "-0.2"):
+        monkeypatch.setenv(GPU_MEMORY_UTILIZATION_ENV, bad)
+        with pytest.raises(ValueError, match=f"\\${GPU_MEMORY_UTILIZATION_ENV} must be a number in \\(0, 1\\]"):
+            EngineConfig()
+    # the server: no flag leaves the share to the engine's default, the flag passes its value
+    passed = []
+    monkeypatch.setattr("minivllm.server.serve", lambda *a, **kw: passed.append(kw))
+    _cmd_serve(build_parser().parse_args(["serve"]))
+    _cmd_serve(build_parser().parse_args(["serve", "--gpu-memory-utilization", "0.5"]))
+    assert "gpu_memory_utilization" not in passed[0] and passed[1]["gpu_memory_utilization"] == 0.5
+
+
+def test_notebooks_run_at_once_split_their_process_share_of_the_gpu(monkeypatch):
+    """``bench.notebooks`` (every notebook on a GPU, 8 at once) gives each notebook an even part of its own share:
+    0.8 / 8 alone, and a test worker's 0.4 / 8 when it runs inside ``pytest -n 2``."""
+    from bench.notebooks import notebook_share
+    from minivllm.config import GPU_MEMORY_UTILIZATION_ENV
+
+    monkeypatch.delenv(GPU_MEMORY_UTILIZATION_ENV, raising=False)
+    assert notebook_share(8) == pytest.approx(0.1)
+    monkeypatch.setenv(GPU_MEMORY_UTILIZATION_ENV, "0.4")
+    assert notebook_share(8) == pytest.approx(0.05)
+
+
 # ----------------------------------------------------------------------------- block tables
 def test_block_table_grows_one_block_at_a_time_and_releases_everything():
     alloc = BlockAllocator(6)
