@@ -29,7 +29,6 @@ import argparse
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,11 +36,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: the table's picture is written to a file, never shown
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 
 from bench._harness import RESULTS, save  # noqa: E402
+from minivllm.course import engine_plots  # noqa: E402
 
 NAME = "17_targets_cuda"
 PARTS = {  # part -> (benchmark command without --out, the files it writes)
@@ -226,44 +223,9 @@ def print_table(summary: dict) -> None:
           + ("one run" if summary["one_run"] else f"NOT one run: commits {summary['commits']}, GPUs {summary['gpus']}"))
 
 
-_STATUS_COLORS = {"met": "#59A14F", "missed": "#E15759", "missing": "#BAB0AC"}
-
-
-def plot(summary: dict) -> Figure:
-    """Each target of the GPU engine as the share of its goal reached (a
-    figure over its goal where more is better, the goal over the figure where less is), 1 = exactly on target; the
-    bar's label gives the figure itself. Green met, red missed, grey not measured."""
-    rows = summary["targets"]
-    share = []
-    for t in rows:
-        f, goal = t["figure"], t["goal"]
-        share.append(0.0 if f is None else f / goal if t["higher_is_better"] else goal / f if f else 0.0)
-    fig, ax = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.8))
-    plt.close(fig)
-    labels = [textwrap.fill(t["measure"], 46) for t in rows]
-    bars = ax.barh(labels, share, color=[_STATUS_COLORS[t["status"]] for t in rows])
-
-    def text(t) -> str:
-        f = t["figure"]
-        if f is None:
-            return "not measured"
-        value = f"{f:,.0f}" if abs(f) >= 100 else f"{f:.3g}"
-        return f"{value} {t['unit']} (goal {'≥' if t['higher_is_better'] else '≤'} {t['goal']:,g})"
-    ax.bar_label(bars, labels=[text(t) for t in rows], padding=3, fontsize=8)
-    ax.axvline(1.0, color="black", lw=1, ls="--")
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(share + [1.0]) * 1.6)
-    ax.set_xlabel("share of the goal reached (1 = on target)")
-    ax.tick_params(axis="y", labelsize=8)
-    ax.legend(handles=[Patch(color=c, label=s) for s, c in _STATUS_COLORS.items()], fontsize=8, loc="lower right")
-    gpus = ", ".join(summary.get("gpus") or ["?"])
-    commits = ", ".join(summary.get("commits") or ["?"])
-    run = "one run" if summary.get("one_run") else "NOT one run"
-    date = str(summary.get("meta", {}).get("date", ""))[:10]
-    fig.suptitle(f"The GPU engine's targets: {summary['met']} met, {summary['missed']} missed, {summary['missing']} "
-                 f"not measured\n{gpus}, commit {commits} ({run}), {date}  ·  `python -m bench.targets`", fontsize=9)
-    fig.tight_layout()
-    return fig
+# the picture lives with the notebooks' plots (notebook 12 draws a saved table with it)
+plot = engine_plots.targets
+_STATUS_COLORS = engine_plots.TARGET_COLORS
 
 
 def main(argv: list[str] | None = None) -> int:
