@@ -223,11 +223,6 @@ def print_table(summary: dict) -> None:
           + ("one run" if summary["one_run"] else f"NOT one run: commits {summary['commits']}, GPUs {summary['gpus']}"))
 
 
-# the picture lives with the notebooks' plots (notebook 12 draws a saved table with it)
-plot = engine_plots.targets
-_STATUS_COLORS = engine_plots.TARGET_COLORS
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
@@ -251,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary)
     print(f"saved {save(NAME, summary, folder)}")
     summary["meta"] = json.loads((folder / f"{NAME}.json").read_text())["meta"]
-    plot(summary).savefig(folder / f"{NAME}.png", dpi=100)
+    engine_plots.targets(summary).savefig(folder / f"{NAME}.png", dpi=100)
     print(f"saved {folder / f'{NAME}.png'}")
     return 0
 

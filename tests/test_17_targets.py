@@ -7,6 +7,7 @@ import matplotlib.colors as mcolors
 import pytest
 
 from bench import targets as tg
+from minivllm.course import engine_plots
 
 
 def _write(folder, name, data, commit="abc1234", gpu="NVIDIA H200"):
@@ -108,12 +109,12 @@ def test_targets_plot_draws_each_target_as_its_share_of_the_goal_colored_by_stat
     summary = {"targets": [row("tok/s", 30_000.0, 20_000, True, "met"), row("ms", 0.8, 0.6, False, "missed"),
                            row("host", None, 1.0, False, "missing")],
                "met": 1, "missed": 1, "missing": 1, "one_run": False, "commits": ["a", "b"], "gpus": ["H200"]}
-    fig = tg.plot(summary)
+    fig = engine_plots.targets(summary)  # the picture bench.targets saves
     ax = fig.axes[0]
     widths = [p.get_width() for p in ax.patches]
     assert widths == pytest.approx([1.5, 0.75, 0.0])  # more is better: figure / goal; less is better: goal / figure
     colors = [mcolors.to_hex(p.get_facecolor()) for p in ax.patches]
-    assert colors == [tg._STATUS_COLORS[s].lower() for s in ("met", "missed", "missing")]
+    assert colors == [engine_plots.TARGET_COLORS[s].lower() for s in ("met", "missed", "missing")]
     labels = [t.get_text() for t in ax.texts]
     assert labels == ["30,000 u (goal ≥ 20,000)", "0.8 u (goal ≤ 0.6)", "not measured"]
     assert "NOT one run" in fig._suptitle.get_text() and "1 met, 1 missed, 1 not measured" in fig._suptitle.get_text()
